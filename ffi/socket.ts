@@ -1,0 +1,167 @@
+// AF_UNIX stream sockets with SCM_RIGHTS fd passing (sendmsg/recvmsg). Struct layouts are the
+// x86_64 glibc ones: msghdr 56 bytes, iovec 16, cmsghdr header 16, sockaddr_un 110.
+import { ptr } from "bun:ffi";
+import { libc, check, checkAllow, close, EAGAIN, EINTR } from "./libc.ts";
+
+const AF_UNIX = 1;
+const SOCK_STREAM = 1;
+const SOCK_NONBLOCK = 0o4000;
+const SOCK_CLOEXEC = 0o2000000;
+const SOL_SOCKET = 1;
+const SCM_RIGHTS = 1;
+export const MSG_CMSG_CLOEXEC = 0x40000000;
+export const MSG_NOSIGNAL = 0x4000;
+const MSG_CTRUNC = 0x8;
+const SOCKADDR_UN_LEN = 110;
+
+/** Largest fd count we accept in one message: the spec's front-ends send at most 8. */
+export const MAX_FDS = 8;
+const cmsgSpace = (n: number) => 16 + ((4 * n + 7) & ~7);
+
+function sockaddrUn(path: string): Uint8Array {
+  const bytes = Buffer.from(path);
+  if (bytes.length >= SOCKADDR_UN_LEN - 2) throw new Error(`socket path too long: ${path}`);
+  const sa = new Uint8Array(SOCKADDR_UN_LEN);
+  sa[0] = AF_UNIX;
+  sa.set(bytes, 2);
+  return sa;
+}
+
+/** Creates, binds and listens on a unix socket at `path` (which must not exist). */
+export function listenUnix(path: string, backlog = 1): number {
+  const fd = check(libc.socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0), "socket");
+  try {
+    check(libc.bind(fd, sockaddrUn(path), SOCKADDR_UN_LEN), `bind(${path})`);
+    check(libc.listen(fd, backlog), "listen");
+  } catch (e) {
+    close(fd);
+    throw e;
+  }
+  return fd;
+}
+
+export function connectUnix(path: string): number {
+  const fd = check(libc.socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0), "socket");
+  try {
+    check(libc.connect(fd, sockaddrUn(path), SOCKADDR_UN_LEN), `connect(${path})`);
+  } catch (e) {
+    close(fd);
+    throw e;
+  }
+  return fd;
+}
+
+/** accept4 with CLOEXEC (and NONBLOCK when asked); returns -EAGAIN when nothing is pending. */
+export function accept(listenFd: number, nonBlocking = false): number {
+  for (;;) {
+    const r = checkAllow(
+      libc.accept4(listenFd, null, null, SOCK_CLOEXEC | (nonBlocking ? SOCK_NONBLOCK : 0)),
+      "accept4",
+      EAGAIN,
+      EINTR,
+    );
+    if (r !== -EINTR) return r;
+  }
+}
+
+export function socketPair(): [number, number] {
+  const fds = new Int32Array(2);
+  check(libc.socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, fds), "socketpair");
+  return [fds[0]!, fds[1]!];
+}
+
+/** Whether `fd` is a listening socket (SO_ACCEPTCONN); throws ENOTSOCK for other fds. */
+export function isListening(fd: number): boolean {
+  const val = new Int32Array(1);
+  const len = new Uint32Array([4]);
+  check(libc.getsockopt(fd, SOL_SOCKET, 30 /* SO_ACCEPTCONN */, val, len), "getsockopt(SO_ACCEPTCONN)");
+  return val[0] !== 0;
+}
+
+/** SO_RCVTIMEO/SO_SNDTIMEO, so blocking calls on `fd` give up after `ms` with EAGAIN. */
+export function setTimeouts(fd: number, ms: number): void {
+  const tv = new BigInt64Array([BigInt(Math.floor(ms / 1000)), BigInt((ms % 1000) * 1000)]);
+  check(libc.setsockopt(fd, SOL_SOCKET, 20 /* SO_RCVTIMEO */, tv, 16), "setsockopt(SO_RCVTIMEO)");
+  check(libc.setsockopt(fd, SOL_SOCKET, 21 /* SO_SNDTIMEO */, tv, 16), "setsockopt(SO_SNDTIMEO)");
+}
+
+export function shutdown(fd: number): void {
+  libc.shutdown(fd, 2 /* SHUT_RDWR */);
+}
+
+/**
+ * Reusable msghdr + iovec + control buffers for one socket direction. Keeping them allocated
+ * avoids building structs per message and keeps every pointed-to object alive.
+ */
+export class MsgIo {
+  private readonly msg = new Uint8Array(56);
+  private readonly msgView = new DataView(this.msg.buffer);
+  private readonly iov = new Uint8Array(16);
+  private readonly iovView = new DataView(this.iov.buffer);
+  private readonly control = new Uint8Array(cmsgSpace(MAX_FDS * 4));
+  private readonly controlView = new DataView(this.control.buffer);
+
+  constructor() {
+    this.msgView.setBigUint64(16, BigInt(ptr(this.iov)), true);
+    this.msgView.setBigUint64(24, 1n, true);
+  }
+
+  private setIov(base: number, len: number): void {
+    this.iovView.setBigUint64(0, BigInt(base), true);
+    this.iovView.setBigUint64(8, BigInt(len), true);
+  }
+
+  /**
+   * recvmsg into `buf[off..off+len)`. Returns bytes read (0 = peer closed, -EAGAIN = nothing yet),
+   * the fds that came with them (CLOEXEC), and whether the kernel truncated the fd list.
+   */
+  recv(fd: number, buf: Uint8Array, off: number, len: number): { n: number; fds: number[]; truncated: boolean } {
+    this.setIov(ptr(buf) + off, len);
+    this.msgView.setBigUint64(32, BigInt(ptr(this.control)), true);
+    this.msgView.setBigUint64(40, BigInt(this.control.length), true);
+    this.msgView.setInt32(48, 0, true);
+    let n: number;
+    for (;;) {
+      n = checkAllow(libc.recvmsg(fd, this.msg, MSG_CMSG_CLOEXEC), "recvmsg", EAGAIN, EINTR);
+      if (n !== -EINTR) break;
+    }
+    const fds: number[] = [];
+    if (n < 0) return { n, fds, truncated: false };
+    const controlLen = Number(this.msgView.getBigUint64(40, true));
+    const flags = this.msgView.getInt32(48, true) & ~MSG_CMSG_CLOEXEC;
+    let o = 0;
+    while (o + 16 <= controlLen) {
+      const cmsgLen = Number(this.controlView.getBigUint64(o, true));
+      if (cmsgLen < 16 || o + cmsgLen > controlLen) break;
+      const level = this.controlView.getInt32(o + 8, true);
+      const type = this.controlView.getInt32(o + 12, true);
+      if (level === SOL_SOCKET && type === SCM_RIGHTS) {
+        for (let i = 16; i + 4 <= cmsgLen; i += 4) fds.push(this.controlView.getInt32(o + i, true));
+      }
+      o += (cmsgLen + 7) & ~7;
+    }
+    return { n, fds, truncated: (flags & MSG_CTRUNC) !== 0 };
+  }
+
+  /** sendmsg of `buf[0..len)` with `fds` attached; returns bytes sent or -EAGAIN. */
+  send(fd: number, buf: Uint8Array, len: number, fds: readonly number[] = []): number {
+    this.setIov(ptr(buf), len);
+    if (fds.length > 0) {
+      if (fds.length > MAX_FDS) throw new Error(`too many fds to send: ${fds.length}`);
+      const cmsgLen = 16 + 4 * fds.length;
+      this.controlView.setBigUint64(0, BigInt(cmsgLen), true);
+      this.controlView.setInt32(8, SOL_SOCKET, true);
+      this.controlView.setInt32(12, SCM_RIGHTS, true);
+      fds.forEach((f, i) => this.controlView.setInt32(16 + 4 * i, f, true));
+      this.msgView.setBigUint64(32, BigInt(ptr(this.control)), true);
+      this.msgView.setBigUint64(40, BigInt(cmsgSpace(fds.length)), true);
+    } else {
+      this.msgView.setBigUint64(32, 0n, true);
+      this.msgView.setBigUint64(40, 0n, true);
+    }
+    for (;;) {
+      const r = checkAllow(libc.sendmsg(fd, this.msg, MSG_NOSIGNAL), "sendmsg", EAGAIN, EINTR);
+      if (r !== -EINTR) return r;
+    }
+  }
+}

@@ -1,0 +1,560 @@
+// The common vhost-user request handler (crosvm's DeviceRequestHandler): negotiation, guest memory,
+// ring state and snapshots, for any VhostUserDevice. It is transport-agnostic: `handle` takes a
+// decoded message and returns the reply payload (or null); the session does the socket side.
+import { close } from "../ffi/libc.ts";
+import { EPOLLIN } from "../ffi/epoll.ts";
+import { read } from "../ffi/io.ts";
+import { MsgIo } from "../ffi/socket.ts";
+import { EAGAIN } from "../ffi/libc.ts";
+import {
+  Req, reqName, pf, ProtocolFeature, HANDLER_PROTOCOL_FEATURES, F_PROTOCOL_FEATURES, MAX_MEM_SLOTS,
+  TRANSFER_SAVE, TRANSFER_LOAD, PHASE_STOPPED, DEVICE_STATE_NO_FD, BackendReq, VERSION,
+} from "./protocol/constants.ts";
+import { type Message, type MemoryRegionDesc, u64Bytes, vringStateBytes, configBytes, encodeHeader } from "./protocol/codec.ts";
+import { GuestMemory, MemoryRegion } from "./memory.ts";
+import { Virtqueue, MAX_QUEUE_SIZE } from "./virtqueue.ts";
+import { VIRTIO_F_EVENT_IDX, VIRTIO_F_INDIRECT_DESC, type VhostUserDevice } from "./device.ts";
+import type { EventLoop } from "./event_loop.ts";
+import { encodeEnvelope, decodeEnvelope, StateReader, StateWriter, SNAPSHOT_FORMAT_VERSION } from "./snapshot.ts";
+import { log } from "./log.ts";
+
+/** A request the handler refuses; the session replies with an error and goes on. */
+export class RequestError extends Error {}
+
+/** Requests whose reply carries a value (sent whether or not NEED_REPLY is set). */
+export const VALUE_REPLIES: ReadonlySet<number> = new Set([
+  Req.GET_FEATURES, Req.GET_PROTOCOL_FEATURES, Req.GET_VRING_BASE, Req.GET_QUEUE_NUM, Req.GET_CONFIG,
+  Req.GET_MAX_MEM_SLOTS, Req.GET_STATUS, Req.SET_DEVICE_STATE_FD, Req.CHECK_DEVICE_STATE,
+  Req.SET_LOG_BASE, Req.IOTLB_MSG, Req.POSTCOPY_END,
+]);
+
+/** The error reply for a value request: shaped like the real one where the spec defines an error value. */
+export function errorReply(code: number, msg?: Message): Uint8Array {
+  switch (code) {
+    case Req.GET_CONFIG: {
+      const b = msg?.body;
+      return configBytes(b?.kind === "config" ? b.offset : 0, b?.kind === "config" ? b.flags : 0, new Uint8Array(0));
+    }
+    case Req.SET_DEVICE_STATE_FD:
+      return u64Bytes(DEVICE_STATE_NO_FD | 1);
+    case Req.CHECK_DEVICE_STATE:
+    case Req.SET_LOG_BASE:
+    case Req.IOTLB_MSG:
+    case Req.POSTCOPY_END:
+      return u64Bytes(1);
+    default:
+      // No error value exists (GET_VRING_BASE...): an empty payload makes the front-end fail the
+      // request cleanly instead of waiting for a reply that never comes.
+      return new Uint8Array(0);
+  }
+}
+
+interface Vring {
+  num: number;
+  addr: { desc: number; used: number; avail: number } | null;
+  base: number;
+  kickFd: number;
+  callFd: number;
+  errFd: number;
+  enabled: boolean;
+  started: boolean;
+  queue: Virtqueue | null;
+}
+
+function newVring(): Vring {
+  return { num: 0, addr: null, base: 0, kickFd: -1, callFd: -1, errFd: -1, enabled: false, started: false, queue: null };
+}
+
+type Transfer = { kind: "save"; writer: StateWriter } | { kind: "load"; reader: StateReader };
+
+export class VhostUserHandler {
+  private owner = false;
+  private ackedFeatures = 0n;
+  private ackedProtocol = 0n;
+  private status = 0;
+  private readonly mem = new GuestMemory();
+  private vrings: Vring[];
+  private backendFd = -1;
+  private readonly backendIo = new MsgIo();
+  private transfer: Transfer | null = null;
+  private suspended = false;
+
+  constructor(private readonly device: VhostUserDevice, private readonly loop: EventLoop) {
+    this.vrings = Array.from({ length: device.maxQueues() }, newVring);
+  }
+
+  offeredFeatures(): bigint {
+    return this.device.features() | F_PROTOCOL_FEATURES;
+  }
+
+  offeredProtocolFeatures(): bigint {
+    return HANDLER_PROTOCOL_FEATURES | this.device.protocolFeatures();
+  }
+
+  hasProtocol(bit: number): boolean {
+    return (this.ackedProtocol & pf(bit)) !== 0n;
+  }
+
+  /** Handles one request; returns the reply payload for value requests, null otherwise. */
+  handle(msg: Message): Uint8Array | null {
+    const b = msg.body;
+    switch (msg.header.code) {
+      case Req.GET_FEATURES:
+        return u64Bytes(this.offeredFeatures());
+      case Req.SET_FEATURES:
+        this.setFeatures(b.kind === "u64" ? b.value : 0n);
+        return null;
+      case Req.SET_OWNER:
+        if (this.owner) throw new RequestError("SET_OWNER: session already has an owner");
+        this.owner = true;
+        return null;
+      case Req.RESET_OWNER:
+        this.resetDevice();
+        this.owner = false;
+        return null;
+      case Req.GET_PROTOCOL_FEATURES:
+        return u64Bytes(this.offeredProtocolFeatures());
+      case Req.SET_PROTOCOL_FEATURES: {
+        const v = b.kind === "u64" ? b.value : 0n;
+        const unknown = v & ~this.offeredProtocolFeatures();
+        if (unknown) throw new RequestError(`SET_PROTOCOL_FEATURES: bits 0x${unknown.toString(16)} were not offered`);
+        this.ackedProtocol = v;
+        return null;
+      }
+      case Req.GET_QUEUE_NUM:
+        return u64Bytes(this.device.maxQueues());
+      case Req.SET_MEM_TABLE:
+        this.requireOwner(msg);
+        if (b.kind === "memTable") this.setMemTable(b.regions, msg.fds);
+        return null;
+      case Req.GET_MAX_MEM_SLOTS:
+        return u64Bytes(MAX_MEM_SLOTS);
+      case Req.ADD_MEM_REG:
+        this.requireOwner(msg);
+        if (b.kind === "memRegion") this.addMemRegion(b.region, msg.fds[0]!);
+        return null;
+      case Req.REM_MEM_REG:
+        this.requireOwner(msg);
+        for (const fd of msg.fds) close(fd);
+        if (b.kind === "memRegion") this.removeMemRegion(b.region);
+        return null;
+      case Req.SET_VRING_NUM:
+        if (b.kind === "vringState") this.setVringNum(b.index, b.num);
+        return null;
+      case Req.SET_VRING_ADDR:
+        if (b.kind === "vringAddr") this.setVringAddr(b.index, b.flags, b.desc, b.used, b.avail);
+        return null;
+      case Req.SET_VRING_BASE:
+        if (b.kind === "vringState") this.setVringBase(b.index, b.num);
+        return null;
+      case Req.GET_VRING_BASE:
+        if (b.kind !== "vringState") return null;
+        return vringStateBytes(b.index, this.getVringBase(b.index));
+      case Req.SET_VRING_KICK:
+      case Req.SET_VRING_CALL:
+      case Req.SET_VRING_ERR:
+        if (b.kind === "vringFd") this.setVringFd(msg.header.code, b.index, b.noFd ? -1 : msg.fds[0]!);
+        return null;
+      case Req.SET_VRING_ENABLE:
+        if (b.kind === "vringState") this.setVringEnable(b.index, b.num);
+        return null;
+      case Req.GET_CONFIG: {
+        if (b.kind !== "config") return null;
+        const data = this.device.readConfig(b.offset, b.size);
+        if (data === null || data.length !== b.size) {
+          throw new RequestError(`GET_CONFIG: range ${b.offset}+${b.size} is outside the config space`);
+        }
+        return configBytes(b.offset, b.flags, data);
+      }
+      case Req.SET_CONFIG:
+        if (b.kind !== "config") return null;
+        if (b.flags > 1) throw new RequestError(`SET_CONFIG: unknown flags ${b.flags}`);
+        if (!this.device.writeConfig(b.offset, b.data)) {
+          throw new RequestError(`SET_CONFIG: range ${b.offset}+${b.size} is not writable`);
+        }
+        return null;
+      case Req.SET_BACKEND_REQ_FD:
+        this.setBackendFd(msg.fds[0]!);
+        return null;
+      case Req.RESET_DEVICE:
+        this.resetDevice();
+        return null;
+      case Req.SET_STATUS: {
+        const v = b.kind === "u64" ? b.value : 0n;
+        if (v > 0xffn) throw new RequestError(`SET_STATUS: status 0x${v.toString(16)} does not fit a byte`);
+        this.status = Number(v);
+        return null;
+      }
+      case Req.GET_STATUS:
+        return u64Bytes(this.status);
+      case Req.SET_DEVICE_STATE_FD:
+        if (b.kind !== "deviceStateFd") return null;
+        return u64Bytes(this.setDeviceStateFd(b.direction, b.phase, msg.fds[0]!));
+      case Req.CHECK_DEVICE_STATE:
+        return u64Bytes(this.checkDeviceState());
+      default:
+        for (const fd of msg.fds) close(fd);
+        throw new RequestError(`${reqName(msg.header.code)} is not supported by this backend`);
+    }
+  }
+
+  private requireOwner(msg: Message): void {
+    if (!this.owner) {
+      for (const fd of msg.fds) close(fd);
+      throw new RequestError(`${reqName(msg.header.code)} before SET_OWNER`);
+    }
+  }
+
+  private vring(index: number, what: string): Vring {
+    const v = this.vrings[index];
+    if (v === undefined) throw new RequestError(`${what}: queue ${index} does not exist (device has ${this.vrings.length})`);
+    return v;
+  }
+
+  // ---- features ----
+
+  private setFeatures(features: bigint): void {
+    if (!this.owner) throw new RequestError("SET_FEATURES before SET_OWNER");
+    const unknown = features & ~this.offeredFeatures();
+    if (unknown) throw new RequestError(`SET_FEATURES: bits 0x${unknown.toString(16)} were not offered`);
+    if (this.vrings.some((v) => v.queue !== null) && features !== this.ackedFeatures) {
+      throw new RequestError("SET_FEATURES: cannot change features while rings are running");
+    }
+    this.ackedFeatures = features;
+    this.device.ackFeatures(features & ~F_PROTOCOL_FEATURES);
+    // Without VHOST_USER_F_PROTOCOL_FEATURES rings are born enabled; with it they wait for
+    // SET_VRING_ENABLE (crosvm gets this backwards).
+    if ((features & F_PROTOCOL_FEATURES) === 0n) {
+      this.vrings.forEach((v, i) => {
+        v.enabled = true;
+        this.activate(i);
+      });
+    }
+  }
+
+  // ---- memory ----
+
+  private setMemTable(regions: MemoryRegionDesc[], fds: number[]): void {
+    const fresh = new GuestMemory();
+    const fail = (consumed: number, e: unknown): never => {
+      for (let j = consumed; j < fds.length; j++) close(fds[j]!);
+      fresh.clear();
+      throw new RequestError(`SET_MEM_TABLE: ${(e as Error).message}`);
+    };
+    for (let i = 0; i < regions.length; i++) {
+      let region: MemoryRegion;
+      try {
+        region = MemoryRegion.map(regions[i]!, fds[i]!); // closes fds[i] either way
+      } catch (e) {
+        return fail(i + 1, e);
+      }
+      try {
+        fresh.add(region);
+      } catch (e) {
+        region.unmap();
+        return fail(i + 1, e);
+      }
+    }
+    this.withRingsPaused(() => {
+      this.mem.clear();
+      for (const r of fresh.list()) this.mem.add(r);
+    });
+  }
+
+  private addMemRegion(desc: MemoryRegionDesc, fd: number): void {
+    let region: MemoryRegion;
+    try {
+      region = MemoryRegion.map(desc, fd);
+    } catch (e) {
+      throw new RequestError(`ADD_MEM_REG: ${(e as Error).message}`);
+    }
+    if (this.mem.regionCount >= MAX_MEM_SLOTS) {
+      region.unmap();
+      throw new RequestError(`ADD_MEM_REG: all ${MAX_MEM_SLOTS} memory slots are in use`);
+    }
+    try {
+      this.mem.add(region);
+    } catch (e) {
+      region.unmap();
+      throw new RequestError(`ADD_MEM_REG: ${(e as Error).message}`);
+    }
+    // A ring that could not start for want of this region may start now.
+    this.vrings.forEach((_, i) => this.activate(i));
+  }
+
+  private removeMemRegion(desc: MemoryRegionDesc): void {
+    let found = false;
+    this.withRingsPaused(() => {
+      found = this.mem.remove(desc);
+    });
+    if (!found) throw new RequestError(`REM_MEM_REG: no region at 0x${desc.gpa.toString(16)}+0x${desc.size.toString(16)}`);
+  }
+
+  /** Stops running rings (their views point into the old mapping), runs `fn`, restarts them. */
+  private withRingsPaused(fn: () => void): void {
+    const paused: number[] = [];
+    this.vrings.forEach((v, i) => {
+      if (v.queue !== null) {
+        this.deactivate(i);
+        paused.push(i);
+      }
+    });
+    try {
+      fn();
+    } finally {
+      for (const i of paused) this.activate(i);
+    }
+  }
+
+  // ---- rings ----
+
+  private requireStopped(v: Vring, index: number, what: string): void {
+    if (v.queue !== null) throw new RequestError(`${what}: queue ${index} is running`);
+  }
+
+  private setVringNum(index: number, num: number): void {
+    const v = this.vring(index, "SET_VRING_NUM");
+    this.requireStopped(v, index, "SET_VRING_NUM");
+    if (num === 0 || num > MAX_QUEUE_SIZE || (num & (num - 1)) !== 0) {
+      throw new RequestError(`SET_VRING_NUM: size ${num} is not a power of 2 in 1..${MAX_QUEUE_SIZE}`);
+    }
+    v.num = num;
+  }
+
+  private setVringAddr(index: number, flags: number, desc: number, used: number, avail: number): void {
+    const v = this.vring(index, "SET_VRING_ADDR");
+    this.requireStopped(v, index, "SET_VRING_ADDR");
+    if (flags & ~1) throw new RequestError(`SET_VRING_ADDR: unknown flags 0x${flags.toString(16)}`);
+    v.addr = { desc, used, avail };
+    this.activate(index);
+  }
+
+  private setVringBase(index: number, base: number): void {
+    const v = this.vring(index, "SET_VRING_BASE");
+    this.requireStopped(v, index, "SET_VRING_BASE");
+    if (base > 0xffff) throw new RequestError(`SET_VRING_BASE: ${base} is not a split-ring index`);
+    v.base = base;
+  }
+
+  private getVringBase(index: number): number {
+    const v = this.vring(index, "GET_VRING_BASE");
+    this.deactivate(index);
+    v.started = false;
+    if (v.kickFd >= 0) close(v.kickFd);
+    v.kickFd = -1;
+    if (!this.suspended && this.vrings.every((r) => !r.started)) {
+      this.suspended = true;
+      this.device.enterSuspendedState();
+    }
+    return v.base;
+  }
+
+  private setVringFd(code: number, index: number, fd: number): void {
+    const v = this.vrings[index];
+    if (v === undefined) {
+      if (fd >= 0) close(fd);
+      throw new RequestError(`${reqName(code)}: queue ${index} does not exist`);
+    }
+    if (code === Req.SET_VRING_KICK) {
+      if (fd < 0) throw new RequestError("SET_VRING_KICK without an fd: polling mode is not supported");
+      this.deactivate(index);
+      if (v.kickFd >= 0) close(v.kickFd);
+      v.kickFd = fd;
+      v.started = true;
+      this.suspended = false;
+      this.activate(index);
+    } else if (code === Req.SET_VRING_CALL) {
+      if (v.callFd >= 0) close(v.callFd);
+      v.callFd = fd;
+      if (v.queue !== null) v.queue.callFd = fd;
+    } else {
+      if (v.errFd >= 0) close(v.errFd);
+      v.errFd = fd;
+      if (v.queue !== null) v.queue.errFd = fd;
+    }
+  }
+
+  private setVringEnable(index: number, num: number): void {
+    const v = this.vring(index, "SET_VRING_ENABLE");
+    if (num > 1) throw new RequestError(`SET_VRING_ENABLE: ${num} is neither 0 nor 1`);
+    v.enabled = num === 1;
+    if (v.enabled) this.activate(index);
+    else this.deactivate(index);
+  }
+
+  /** Hands the ring to the device once it is started, enabled and fully described. */
+  private activate(index: number): void {
+    const v = this.vrings[index]!;
+    if (v.queue !== null || !v.started || !v.enabled || v.addr === null || v.num === 0 || this.mem.regionCount === 0) return;
+    const { desc, used, avail } = v.addr;
+    const descGpa = this.mem.vaToGpa(desc, 16 * v.num);
+    const availGpa = this.mem.vaToGpa(avail, 6 + 2 * v.num);
+    const usedGpa = this.mem.vaToGpa(used, 6 + 8 * v.num);
+    if (descGpa === null || availGpa === null || usedGpa === null) {
+      log.warn(`queue ${index}: ring addresses are not in the memory table; not started`);
+      return;
+    }
+    try {
+      v.queue = new Virtqueue(this.mem, {
+        index, size: v.num, descGpa, availGpa, usedGpa,
+        eventIdx: (this.ackedFeatures & VIRTIO_F_EVENT_IDX) !== 0n,
+        indirect: (this.ackedFeatures & VIRTIO_F_INDIRECT_DESC) !== 0n,
+        nextAvail: v.base, kickFd: v.kickFd, callFd: v.callFd, errFd: v.errFd,
+      });
+    } catch (e) {
+      log.warn(`queue ${index}: ${(e as Error).message}; not started`);
+      return;
+    }
+    log.debug(`queue ${index}: started (size ${v.num}, base ${v.base})`);
+    this.device.startQueue(v.queue, this.mem);
+  }
+
+  /** Takes the ring back from the device; its position becomes the next base. */
+  private deactivate(index: number): void {
+    const v = this.vrings[index]!;
+    if (v.queue === null) return;
+    this.device.stopQueue(index);
+    v.base = v.queue.nextAvail;
+    v.queue = null;
+    log.debug(`queue ${index}: stopped at ${v.base}`);
+  }
+
+  // ---- backend channel ----
+
+  private setBackendFd(fd: number): void {
+    this.closeBackendChannel();
+    this.backendFd = fd;
+    // Replies the front-end sends on this channel are not needed (we never ask for any); read and
+    // drop whatever arrives so the socket cannot fill up, and notice when it closes.
+    const sink = new Uint8Array(4096);
+    this.loop.add(fd, EPOLLIN, () => {
+      try {
+        for (;;) {
+          const n = read(fd, sink, sink.length);
+          if (n === -EAGAIN) return;
+          if (n === 0) break;
+        }
+      } catch {
+        /* fall through to close */
+      }
+      this.closeBackendChannel();
+    });
+  }
+
+  private closeBackendChannel(): void {
+    if (this.backendFd < 0) return;
+    this.loop.remove(this.backendFd);
+    close(this.backendFd);
+    this.backendFd = -1;
+  }
+
+  /** BACKEND_CONFIG_CHANGE_MSG: the front-end re-reads the config space. */
+  notifyConfigChanged(): boolean {
+    if (this.backendFd < 0 || !this.hasProtocol(ProtocolFeature.BACKEND_REQ)) return false;
+    try {
+      const n = this.backendIo.send(this.backendFd, encodeHeader(BackendReq.CONFIG_CHANGE_MSG, VERSION, 0), 12);
+      return n === 12;
+    } catch (e) {
+      log.warn(`config change message failed: ${(e as Error).message}`);
+      return false;
+    }
+  }
+
+  // ---- device state ----
+
+  private setDeviceStateFd(direction: number, phase: number, fd: number): bigint {
+    try {
+      if (!this.hasProtocol(ProtocolFeature.DEVICE_STATE)) throw new RequestError("SET_DEVICE_STATE_FD: DEVICE_STATE was not negotiated");
+      if (phase !== PHASE_STOPPED) throw new RequestError(`SET_DEVICE_STATE_FD: phase ${phase} is not supported (only 0, stopped)`);
+      if (direction !== TRANSFER_SAVE && direction !== TRANSFER_LOAD) throw new RequestError(`SET_DEVICE_STATE_FD: direction ${direction}`);
+      if (this.vrings.some((v) => v.started)) throw new RequestError("SET_DEVICE_STATE_FD: rings must be stopped first");
+      if (this.transfer !== null && !this.transferDone()) throw new RequestError("SET_DEVICE_STATE_FD: a transfer is already in progress");
+    } catch (e) {
+      close(fd);
+      throw e;
+    }
+    if (direction === TRANSFER_SAVE) {
+      let blob: Uint8Array;
+      try {
+        blob = encodeEnvelope({
+          formatVersion: SNAPSHOT_FORMAT_VERSION,
+          device: this.device.name,
+          virtioId: this.device.virtioId,
+          ackedFeatures: this.ackedFeatures.toString(),
+          ackedProtocolFeatures: this.ackedProtocol.toString(),
+          state: this.device.snapshot(),
+        });
+      } catch (e) {
+        close(fd);
+        throw new RequestError(`SET_DEVICE_STATE_FD: snapshot failed: ${(e as Error).message}`);
+      }
+      this.transfer = { kind: "save", writer: new StateWriter(this.loop, fd, blob) };
+    } else {
+      this.transfer = { kind: "load", reader: new StateReader(this.loop, fd) };
+    }
+    return BigInt(DEVICE_STATE_NO_FD); // success; we never supply our own fd
+  }
+
+  private transferDone(): boolean {
+    const t = this.transfer!;
+    return t.kind === "save" ? t.writer.done : t.reader.done;
+  }
+
+  private checkDeviceState(): bigint {
+    const t = this.transfer;
+    this.transfer = null;
+    if (t === null) throw new RequestError("CHECK_DEVICE_STATE: no transfer took place");
+    if (t.kind === "save") {
+      if (!t.writer.done) {
+        t.writer.cancel();
+        throw new RequestError("CHECK_DEVICE_STATE: the front-end did not read the whole state");
+      }
+      if (t.writer.error) throw new RequestError(`CHECK_DEVICE_STATE: ${t.writer.error}`);
+      return 0n;
+    }
+    if (!t.reader.pump()) {
+      t.reader.cancel();
+      throw new RequestError("CHECK_DEVICE_STATE: the state pipe was not closed by the front-end");
+    }
+    if (t.reader.error) throw new RequestError(`CHECK_DEVICE_STATE: ${t.reader.error}`);
+    try {
+      const env = decodeEnvelope(t.reader.bytes(), this.device.name, this.device.virtioId);
+      const features = BigInt(env.ackedFeatures);
+      const protocol = BigInt(env.ackedProtocolFeatures);
+      if (features & ~this.offeredFeatures()) throw new Error("saved features are not offered by this device");
+      if (protocol & ~this.offeredProtocolFeatures()) throw new Error("saved protocol features are not offered by this backend");
+      this.device.restore(env.state); // validates fully before changing anything
+      this.ackedFeatures = features;
+      this.ackedProtocol = protocol;
+      this.device.ackFeatures(features & ~F_PROTOCOL_FEATURES);
+    } catch (e) {
+      throw new RequestError(`CHECK_DEVICE_STATE: restore refused: ${(e as Error).message}`);
+    }
+    log.info("device state restored");
+    return 0n;
+  }
+
+  // ---- reset and teardown ----
+
+  private resetDevice(): void {
+    this.vrings.forEach((_, i) => this.deactivate(i));
+    for (const v of this.vrings) for (const fd of [v.kickFd, v.callFd, v.errFd]) if (fd >= 0) close(fd);
+    this.vrings = this.vrings.map(newVring);
+    this.device.reset();
+    this.ackedFeatures = 0n;
+    this.status = 0;
+    this.suspended = false;
+  }
+
+  /** The front-end went away: stop everything, reset the device, release every resource. */
+  dispose(): void {
+    if (this.transfer) {
+      if (this.transfer.kind === "save") this.transfer.writer.cancel();
+      else this.transfer.reader.cancel();
+      this.transfer = null;
+    }
+    this.resetDevice();
+    this.closeBackendChannel();
+    this.mem.clear();
+  }
+}

@@ -1,0 +1,162 @@
+// Guest memory: the regions the front-end shares as fds, mapped into this process. Every access
+// the backend makes on behalf of the guest goes through `translate`, which checks the whole range
+// against one region (no wrap-around, no straddling). Views are long-lived: one set per window.
+import { toArrayBuffer } from "bun:ffi";
+import { mmap, munmap, PROT_READ, PROT_WRITE, MAP_SHARED } from "../ffi/mem.ts";
+import { close } from "../ffi/libc.ts";
+import type { MemoryRegionDesc } from "./protocol/codec.ts";
+
+const PAGE = 4096;
+/** An ArrayBuffer cannot exceed 4 GiB, so larger regions get overlapping 2 GiB windows every
+ * 1 GiB: any range of at most 1 GiB then lies inside one window. */
+const SINGLE_VIEW_MAX = 2 ** 32;
+const WINDOW_STRIDE = 2 ** 30;
+const WINDOW_LEN = 2 ** 31;
+
+export interface Window {
+  /** Offset of the window inside its region. */
+  start: number;
+  u8: Uint8Array;
+  dv: DataView;
+  u16: Uint16Array;
+  u32: Uint32Array;
+}
+
+export class MemoryRegion {
+  /** Host address of guest address `gpa`. */
+  readonly host: number;
+  private readonly windows: Window[] = [];
+
+  private constructor(
+    readonly desc: MemoryRegionDesc,
+    private readonly mapBase: number,
+    private readonly mapLen: number,
+    delta: number,
+  ) {
+    this.host = mapBase + delta;
+    const { size } = desc;
+    const makeWindow = (start: number, len: number): Window => {
+      const ab = toArrayBuffer(this.host as never, start, len);
+      return { start, u8: new Uint8Array(ab), dv: new DataView(ab), u16: new Uint16Array(ab, 0, len >>> 1), u32: new Uint32Array(ab, 0, Math.floor(len / 4)) };
+    };
+    if (size <= SINGLE_VIEW_MAX) this.windows.push(makeWindow(0, size));
+    else for (let s = 0; s < size; s += WINDOW_STRIDE) this.windows.push(makeWindow(s, Math.min(WINDOW_LEN, size - s)));
+  }
+
+  /** Maps `fd` for `desc`; the fd is closed either way (the mapping keeps the memory). */
+  static map(desc: MemoryRegionDesc, fd: number): MemoryRegion {
+    try {
+      if (desc.size === 0) throw new Error("memory region of size 0");
+      const aligned = desc.mmapOffset - (desc.mmapOffset % PAGE);
+      const delta = desc.mmapOffset - aligned;
+      const len = desc.size + delta;
+      const base = mmap(len, PROT_READ | PROT_WRITE, MAP_SHARED, fd, aligned);
+      return new MemoryRegion(desc, base, len, delta);
+    } finally {
+      close(fd);
+    }
+  }
+
+  get gpa(): number {
+    return this.desc.gpa;
+  }
+  get size(): number {
+    return this.desc.size;
+  }
+
+  /** The window holding [offset, offset+len), or null if the range is larger than a window allows. */
+  window(offset: number, len: number): Window | null {
+    if (this.windows.length === 1) return this.windows[0]!;
+    const w = this.windows[Math.floor(offset / WINDOW_STRIDE)];
+    if (w === undefined || offset + len > w.start + w.u8.byteLength) return null;
+    return w;
+  }
+
+  unmap(): void {
+    munmap(this.mapBase, this.mapLen);
+  }
+}
+
+/** A checked guest range: which region it lies in, and where. */
+export interface GuestRange {
+  region: MemoryRegion;
+  /** Offset of the range inside the region. */
+  offset: number;
+}
+
+export class GuestMemory {
+  private regions: MemoryRegion[] = [];
+  private last: MemoryRegion | null = null;
+
+  get regionCount(): number {
+    return this.regions.length;
+  }
+
+  list(): readonly MemoryRegion[] {
+    return this.regions;
+  }
+
+  /** Adds a mapped region; refuses one that overlaps another in guest or front-end address space. */
+  add(region: MemoryRegion): void {
+    const d = region.desc;
+    if (d.gpa + d.size > Number.MAX_SAFE_INTEGER || d.uaddr + d.size > Number.MAX_SAFE_INTEGER) {
+      throw new Error("memory region end out of range");
+    }
+    for (const r of this.regions) {
+      const o = r.desc;
+      if (d.gpa < o.gpa + o.size && o.gpa < d.gpa + d.size) {
+        throw new Error(`memory region 0x${d.gpa.toString(16)}+0x${d.size.toString(16)} overlaps 0x${o.gpa.toString(16)}+0x${o.size.toString(16)}`);
+      }
+      if (d.uaddr < o.uaddr + o.size && o.uaddr < d.uaddr + d.size) {
+        throw new Error(`memory region user address 0x${d.uaddr.toString(16)} overlaps another region`);
+      }
+    }
+    this.regions.push(region);
+    this.regions.sort((a, b) => a.gpa - b.gpa);
+  }
+
+  /** Removes and unmaps the region matching `desc` exactly (gpa, size, user address). */
+  remove(desc: MemoryRegionDesc): boolean {
+    const i = this.regions.findIndex((r) => r.desc.gpa === desc.gpa && r.desc.size === desc.size && r.desc.uaddr === desc.uaddr);
+    if (i < 0) return false;
+    const [r] = this.regions.splice(i, 1);
+    r!.unmap();
+    this.last = null;
+    return true;
+  }
+
+  /**
+   * The region and offset of guest range [gpa, gpa+len), or null when any byte of it lies outside
+   * guest memory. A zero-length range must still start inside a region.
+   */
+  translate(gpa: number, len: number): GuestRange | null {
+    const last = this.last;
+    if (last !== null && gpa >= last.desc.gpa && gpa + len <= last.desc.gpa + last.desc.size && gpa < last.desc.gpa + last.desc.size) {
+      return { region: last, offset: gpa - last.desc.gpa };
+    }
+    for (const r of this.regions) {
+      const d = r.desc;
+      if (gpa >= d.gpa && gpa < d.gpa + d.size && gpa + len <= d.gpa + d.size) {
+        this.last = r;
+        return { region: r, offset: gpa - d.gpa };
+      }
+    }
+    return null;
+  }
+
+  /** Front-end virtual address → guest physical address (ring addresses arrive as VMM VAs). */
+  vaToGpa(va: number, len: number): number | null {
+    for (const r of this.regions) {
+      const d = r.desc;
+      if (va >= d.uaddr && va < d.uaddr + d.size && va + len <= d.uaddr + d.size) return d.gpa + (va - d.uaddr);
+    }
+    return null;
+  }
+
+  /** Unmaps everything. */
+  clear(): void {
+    for (const r of this.regions) r.unmap();
+    this.regions = [];
+    this.last = null;
+  }
+}

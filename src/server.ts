@@ -1,0 +1,132 @@
+// The socket side of a backend: accepts one front-end at a time on the listening socket, frames
+// its messages, runs them through a fresh VhostUserHandler, and sends replies. A framing error or
+// a disconnect ends that session only; the device is reset and the next front-end is accepted
+// (crosvm exits instead).
+import { EPOLLIN, EPOLLHUP, EPOLLERR } from "../ffi/epoll.ts";
+import { accept } from "../ffi/socket.ts";
+import { close, EAGAIN } from "../ffi/libc.ts";
+import { setNonBlocking } from "../ffi/io.ts";
+import { Connection } from "./protocol/connection.ts";
+import { decodeMessage, encodeReply, u64Bytes, FramingError, MessageError, type Message } from "./protocol/codec.ts";
+import { reqName, ProtocolFeature } from "./protocol/constants.ts";
+import { VhostUserHandler, RequestError, VALUE_REPLIES, errorReply } from "./handler.ts";
+import type { EventLoop } from "./event_loop.ts";
+import type { VhostUserDevice } from "./device.ts";
+import { log } from "./log.ts";
+
+export interface ServerOptions {
+  /** A listening socket to accept front-ends on... */
+  listenFd?: number;
+  /** ...or one already-connected socket (the session ends the server). */
+  connectedFd?: number;
+  /** Called when a connected-fd session ends (there is nothing to accept afterwards). */
+  onFinished?: () => void;
+}
+
+export class BackendServer {
+  private conn: Connection | null = null;
+  private handler: VhostUserHandler | null = null;
+  sessions = 0;
+
+  constructor(private readonly loop: EventLoop, readonly device: VhostUserDevice, private readonly opts: ServerOptions) {
+    if (opts.listenFd !== undefined) {
+      setNonBlocking(opts.listenFd);
+      loop.add(opts.listenFd, EPOLLIN, () => this.acceptOne());
+    } else if (opts.connectedFd !== undefined) {
+      this.startSession(opts.connectedFd);
+    } else {
+      throw new Error("BackendServer needs a listening or a connected socket");
+    }
+  }
+
+  /** The current session's handler (for config-change notifications). */
+  get current(): VhostUserHandler | null {
+    return this.handler;
+  }
+
+  private acceptOne(): void {
+    const fd = accept(this.opts.listenFd!, true);
+    if (fd === -EAGAIN) return;
+    // One front-end at a time: stop accepting until this session ends.
+    this.loop.remove(this.opts.listenFd!);
+    this.startSession(fd);
+  }
+
+  private startSession(fd: number): void {
+    setNonBlocking(fd);
+    this.sessions++;
+    this.conn = new Connection(fd);
+    this.handler = new VhostUserHandler(this.device, this.loop);
+    log.info(`front-end connected (session ${this.sessions})`);
+    this.loop.add(fd, EPOLLIN | EPOLLHUP | EPOLLERR, () => this.onReadable());
+  }
+
+  private onReadable(): void {
+    const conn = this.conn;
+    if (conn === null) return;
+    try {
+      const messages = conn.readMessages();
+      if (messages === null) return this.endSession("front-end disconnected");
+      for (const raw of messages) {
+        if (this.conn !== conn) {
+          for (const fd of raw.fds) close(fd);
+          continue;
+        }
+        this.dispatch(raw.header, raw.payload, raw.fds);
+      }
+    } catch (e) {
+      if (e instanceof FramingError) return this.endSession(`dropping front-end: ${e.message}`, "warn");
+      log.error("session failed:", e);
+      this.endSession("dropping front-end after an internal error", "error");
+    }
+  }
+
+  private dispatch(header: Message["header"], payload: Uint8Array, fds: number[]): void {
+    const conn = this.conn!;
+    const handler = this.handler!;
+    const code = header.code;
+    let msg: Message | null = null;
+    try {
+      msg = decodeMessage(header, payload, fds);
+      log.debug(`<- ${reqName(code)}`);
+      const reply = handler.handle(msg);
+      if (reply !== null) conn.send(encodeReply(code, reply));
+      else if (msg.needReply && handler.hasProtocol(ProtocolFeature.REPLY_ACK)) conn.send(encodeReply(code, u64Bytes(0)));
+    } catch (e) {
+      if (e instanceof FramingError) throw e;
+      if (msg === null) for (const fd of fds) close(fd); // refused before the handler took the fds
+      const known = e instanceof RequestError || e instanceof MessageError;
+      if (known) log.warn(`refused ${reqName(code)}: ${(e as Error).message}`);
+      else log.error(`${reqName(code)} failed:`, e);
+      const needReply = (header.flags & 0x8) !== 0;
+      if (VALUE_REPLIES.has(code)) conn.send(encodeReply(code, errorReply(code, msg ?? undefined)));
+      else if (needReply && handler.hasProtocol(ProtocolFeature.REPLY_ACK)) conn.send(encodeReply(code, u64Bytes(1)));
+    }
+  }
+
+  private endSession(reason: string, level: "info" | "warn" | "error" = "info"): void {
+    log[level](reason);
+    const conn = this.conn;
+    if (conn !== null) {
+      this.loop.remove(conn.fd);
+      conn.dispose();
+    }
+    try {
+      this.handler?.dispose();
+    } catch (e) {
+      log.error("device reset after disconnect failed:", e);
+    }
+    this.conn = null;
+    this.handler = null;
+    if (this.opts.listenFd !== undefined) this.loop.add(this.opts.listenFd, EPOLLIN, () => this.acceptOne());
+    else this.opts.onFinished?.();
+  }
+
+  dispose(): void {
+    if (this.conn !== null) this.endSession("shutting down");
+    if (this.opts.listenFd !== undefined) {
+      this.loop.remove(this.opts.listenFd);
+      close(this.opts.listenFd);
+    }
+  }
+}

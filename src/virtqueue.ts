@@ -1,0 +1,328 @@
+// The device side of a split virtqueue (virtio 1.2 §2.7). Guest memory is untrusted and shared:
+// each descriptor field is read exactly once, every buffer is checked against the memory table,
+// chains are bounded (so loops end), and index publication uses Atomics for the memory barriers.
+import type { GuestMemory, MemoryRegion, Window } from "./memory.ts";
+import { signal } from "../ffi/eventfd.ts";
+import { log } from "./log.ts";
+
+export const VIRTQ_DESC_F_NEXT = 1;
+export const VIRTQ_DESC_F_WRITE = 2;
+export const VIRTQ_DESC_F_INDIRECT = 4;
+const VIRTQ_USED_F_NO_NOTIFY = 1;
+const VIRTQ_AVAIL_F_NO_INTERRUPT = 1;
+export const MAX_QUEUE_SIZE = 32768;
+
+/** One checked guest buffer of a chain. */
+export interface Segment {
+  /** Host address of the first byte (for preadv/pwritev/readv/writev). */
+  addr: number;
+  len: number;
+  region: MemoryRegion;
+  /** Offset of the buffer inside its region. */
+  offset: number;
+}
+
+/** A popped request: device-readable buffers first, then device-writable ones (spec order). */
+export class DescriptorChain {
+  readonly readable: Segment[] = [];
+  readonly writable: Segment[] = [];
+  readableLen = 0;
+  writableLen = 0;
+  constructor(readonly head: number) {}
+}
+
+export class ChainError extends Error {}
+
+export interface VirtqueueConfig {
+  index: number;
+  size: number;
+  descGpa: number;
+  availGpa: number;
+  usedGpa: number;
+  eventIdx: boolean;
+  indirect: boolean;
+  nextAvail: number;
+  kickFd: number;
+  callFd: number;
+  errFd: number;
+}
+
+interface Located {
+  win: Window;
+  /** Byte offset of the structure inside `win`. */
+  off: number;
+}
+
+function locate(mem: GuestMemory, gpa: number, len: number, align: number, what: string): Located {
+  if (gpa % align !== 0) throw new Error(`${what} at 0x${gpa.toString(16)} is not ${align}-byte aligned`);
+  const r = mem.translate(gpa, len);
+  const win = r === null ? null : r.region.window(r.offset, len);
+  if (r === null || win === null) throw new Error(`${what} 0x${gpa.toString(16)}+${len} is outside guest memory`);
+  return { win, off: r.offset - win.start };
+}
+
+/** Errors a guest can cause are logged this many times per queue, then counted silently. */
+const LOGGED_ERRORS_PER_QUEUE = 8;
+
+export class Virtqueue {
+  readonly index: number;
+  readonly size: number;
+  readonly eventIdx: boolean;
+  private readonly indirect: boolean;
+  kickFd: number;
+  callFd: number;
+  errFd: number;
+  /** Next available-ring slot to take (free-running u16). */
+  nextAvail: number;
+  /** Next used-ring slot to fill (free-running u16). */
+  nextUsed: number;
+  /** Set when the guest broke the ring protocol; the queue does nothing more until reset. */
+  broken = false;
+  errors = 0;
+  private signalledUsed: number | null = null;
+  private unpublished = false;
+
+  private readonly desc: Located;
+  private readonly availU16: Uint16Array;
+  private readonly availFlags: number;
+  private readonly availIdx: number;
+  private readonly availRing: number;
+  private readonly usedEvent: number;
+  private readonly usedDv: DataView;
+  private readonly usedU16: Uint16Array;
+  private readonly usedFlags: number;
+  private readonly usedIdx: number;
+  private readonly usedRing: number;
+  private readonly availEvent: number;
+
+  constructor(private readonly mem: GuestMemory, c: VirtqueueConfig) {
+    if (c.size === 0 || c.size > MAX_QUEUE_SIZE || (c.size & (c.size - 1)) !== 0) {
+      throw new Error(`queue ${c.index}: size ${c.size} is not a power of 2 in 1..${MAX_QUEUE_SIZE}`);
+    }
+    this.index = c.index;
+    this.size = c.size;
+    this.eventIdx = c.eventIdx;
+    this.indirect = c.indirect;
+    this.kickFd = c.kickFd;
+    this.callFd = c.callFd;
+    this.errFd = c.errFd;
+    this.nextAvail = c.nextAvail & 0xffff;
+    this.desc = locate(mem, c.descGpa, 16 * c.size, 16, `queue ${c.index} descriptor table`);
+    const avail = locate(mem, c.availGpa, 6 + 2 * c.size, 2, `queue ${c.index} available ring`);
+    const used = locate(mem, c.usedGpa, 6 + 8 * c.size, 4, `queue ${c.index} used ring`);
+    this.availU16 = avail.win.u16;
+    this.availFlags = avail.off / 2;
+    this.availIdx = this.availFlags + 1;
+    this.availRing = this.availFlags + 2;
+    this.usedEvent = this.availRing + c.size;
+    this.usedDv = used.win.dv;
+    this.usedU16 = used.win.u16;
+    this.usedFlags = used.off / 2;
+    this.usedIdx = this.usedFlags + 1;
+    this.usedRing = used.off + 4;
+    this.availEvent = (used.off + 4 + 8 * c.size) / 2;
+    // The used index in guest memory is where the previous owner of the ring stopped.
+    this.nextUsed = Atomics.load(this.usedU16, this.usedIdx);
+  }
+
+  /** Logs a guest-caused error (rate-limited) and counts it. */
+  private guestError(message: string): void {
+    this.errors++;
+    if (this.errors <= LOGGED_ERRORS_PER_QUEUE) log.warn(`queue ${this.index}: ${message}`);
+    if (this.errors === LOGGED_ERRORS_PER_QUEUE) log.warn(`queue ${this.index}: further guest errors are counted, not logged`);
+  }
+
+  /** Marks the ring unusable and tells the front-end through the error eventfd. */
+  private breakRing(message: string): void {
+    this.guestError(`${message}; queue stopped until reset`);
+    this.broken = true;
+    if (this.errFd >= 0) signal(this.errFd);
+  }
+
+  /** Number of chains the driver has made available and we have not taken. */
+  pending(): number {
+    return (Atomics.load(this.availU16, this.availIdx) - this.nextAvail) & 0xffff;
+  }
+
+  /**
+   * Takes the next available chain, or null when there is none. A malformed chain is logged and
+   * completed with length 0 (so the guest gets its buffers back), and the next one is tried.
+   */
+  pop(): DescriptorChain | null {
+    for (;;) {
+      if (this.broken) return null;
+      const pending = this.pending();
+      if (pending === 0) return null;
+      if (pending > this.size) {
+        this.breakRing(`available index moved ${pending} entries ahead (queue size ${this.size})`);
+        return null;
+      }
+      const head = this.availU16[this.availRing + (this.nextAvail & (this.size - 1))]!;
+      this.nextAvail = (this.nextAvail + 1) & 0xffff;
+      if (head >= this.size) {
+        this.guestError(`available ring names descriptor ${head} (queue size ${this.size}); skipped`);
+        continue;
+      }
+      try {
+        return this.walk(head);
+      } catch (e) {
+        if (!(e instanceof ChainError)) throw e;
+        this.guestError(`bad descriptor chain at head ${head}: ${e.message}; completed with length 0`);
+        this.add(head, 0);
+      }
+    }
+  }
+
+  /** Walks and checks the chain starting at `head`. */
+  private walk(head: number): DescriptorChain {
+    const chain = new DescriptorChain(head);
+    let dv = this.desc.win.dv;
+    let base = this.desc.off;
+    let tableSize = this.size;
+    let inIndirect = false;
+    let idx = head;
+    let count = 0;
+    for (;;) {
+      if (idx >= tableSize) throw new ChainError(`next index ${idx} outside table of ${tableSize}`);
+      if (++count > tableSize) throw new ChainError(`chain longer than ${tableSize} descriptors (loop?)`);
+      const o = base + idx * 16;
+      const addrLo = dv.getUint32(o, true);
+      const addrHi = dv.getUint32(o + 4, true);
+      const len = dv.getUint32(o + 8, true);
+      const flags = dv.getUint16(o + 12, true);
+      const next = dv.getUint16(o + 14, true);
+      const gpa = addrHi * 0x1_0000_0000 + addrLo;
+      if (flags & VIRTQ_DESC_F_INDIRECT) {
+        if (!this.indirect) throw new ChainError("indirect descriptor without VIRTIO_F_INDIRECT_DESC");
+        if (inIndirect) throw new ChainError("nested indirect table");
+        if (flags & VIRTQ_DESC_F_NEXT) throw new ChainError("indirect descriptor with NEXT set");
+        if (len === 0 || len % 16 !== 0 || len / 16 > this.size) {
+          throw new ChainError(`indirect table of ${len} bytes (needs 16..${16 * this.size}, a multiple of 16)`);
+        }
+        const r = this.mem.translate(gpa, len);
+        const win = r === null ? null : r.region.window(r.offset, len);
+        if (r === null || win === null) throw new ChainError(`indirect table 0x${gpa.toString(16)}+${len} outside guest memory`);
+        dv = win.dv;
+        base = r.offset - win.start;
+        tableSize = len / 16;
+        inIndirect = true;
+        idx = 0;
+        count = 0;
+        continue;
+      }
+      const writable = (flags & VIRTQ_DESC_F_WRITE) !== 0;
+      if (!writable && chain.writable.length > 0) throw new ChainError("device-readable descriptor after a device-writable one");
+      const r = this.mem.translate(gpa, len);
+      if (r === null) throw new ChainError(`buffer 0x${gpa.toString(16)}+${len} outside guest memory`);
+      const seg: Segment = { addr: r.region.host + r.offset, len, region: r.region, offset: r.offset };
+      if (writable) {
+        chain.writable.push(seg);
+        chain.writableLen += len;
+      } else {
+        chain.readable.push(seg);
+        chain.readableLen += len;
+      }
+      if ((flags & VIRTQ_DESC_F_NEXT) === 0) return chain;
+      idx = next;
+    }
+  }
+
+  /** Puts `head` back at the front of the available ring (for a request the device could not start). */
+  undoPop(): void {
+    this.nextAvail = (this.nextAvail - 1) & 0xffff;
+  }
+
+  /** Writes a used element; it becomes visible to the driver at the next flush(). */
+  add(head: number, len: number): void {
+    const o = this.usedRing + (this.nextUsed & (this.size - 1)) * 8;
+    this.usedDv.setUint32(o, head, true);
+    this.usedDv.setUint32(o + 4, len, true);
+    this.nextUsed = (this.nextUsed + 1) & 0xffff;
+    this.unpublished = true;
+  }
+
+  /** Publishes the used index (a full barrier) and notifies the driver if it asked to be. */
+  flush(): void {
+    if (!this.unpublished) return;
+    this.unpublished = false;
+    Atomics.store(this.usedU16, this.usedIdx, this.nextUsed);
+    if (this.needsNotification()) this.notify();
+  }
+
+  private needsNotification(): boolean {
+    if (!this.eventIdx) return (Atomics.load(this.availU16, this.availFlags) & VIRTQ_AVAIL_F_NO_INTERRUPT) === 0;
+    const newIdx = this.nextUsed;
+    const old = this.signalledUsed;
+    this.signalledUsed = newIdx;
+    if (old === null) return true;
+    const usedEvent = Atomics.load(this.availU16, this.usedEvent);
+    // vring_need_event(): notify if used_event lies in [old, new).
+    return ((newIdx - usedEvent - 1) & 0xffff) < ((newIdx - old) & 0xffff);
+  }
+
+  notify(): void {
+    if (this.callFd >= 0) signal(this.callFd);
+  }
+
+  /** Asks the driver not to kick (used only without EVENT_IDX; with it, not re-arming is enough). */
+  disableNotification(): void {
+    if (!this.eventIdx) Atomics.store(this.usedU16, this.usedFlags, VIRTQ_USED_F_NO_NOTIFY);
+  }
+
+  /**
+   * Asks the driver to kick on new buffers; returns true if buffers arrived meanwhile (the caller
+   * must then process them, or the kick may be lost).
+   */
+  enableNotification(): boolean {
+    if (this.eventIdx) Atomics.store(this.usedU16, this.availEvent, this.nextAvail);
+    else Atomics.store(this.usedU16, this.usedFlags, 0);
+    return this.pending() !== 0;
+  }
+}
+
+// ---- copying between guest buffers and host bytes (for devices that do not use host pointers) ----
+
+function segmentBytes(seg: Segment): Uint8Array | null {
+  const win = seg.region.window(seg.offset, seg.len);
+  if (win === null) return null;
+  const start = seg.offset - win.start;
+  return win.u8.subarray(start, start + seg.len);
+}
+
+/** Copies up to dst.length bytes from the chain's readable buffers, from byte `skip` on. */
+export function readFromChain(chain: DescriptorChain, dst: Uint8Array, skip = 0): number {
+  let copied = 0;
+  for (const seg of chain.readable) {
+    if (copied >= dst.length) break;
+    if (skip >= seg.len) {
+      skip -= seg.len;
+      continue;
+    }
+    const bytes = segmentBytes(seg);
+    if (bytes === null) break;
+    const n = Math.min(seg.len - skip, dst.length - copied);
+    dst.set(bytes.subarray(skip, skip + n), copied);
+    copied += n;
+    skip = 0;
+  }
+  return copied;
+}
+
+/** Copies `src` into the chain's writable buffers from byte `skip` on; returns bytes copied. */
+export function writeToChain(chain: DescriptorChain, src: Uint8Array, skip = 0): number {
+  let copied = 0;
+  for (const seg of chain.writable) {
+    if (copied >= src.length) break;
+    if (skip >= seg.len) {
+      skip -= seg.len;
+      continue;
+    }
+    const bytes = segmentBytes(seg);
+    if (bytes === null) break;
+    const n = Math.min(seg.len - skip, src.length - copied);
+    bytes.set(src.subarray(copied, copied + n), skip);
+    copied += n;
+    skip = 0;
+  }
+  return copied;
+}

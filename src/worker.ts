@@ -1,0 +1,74 @@
+// A device's thread: its own epoll loop runs the vhost-user session and the device's queues, so
+// the main thread stays free for signals and the CLI (a blocked ffi call there would stall Bun's
+// timers and signal handlers, measured here).
+import { EventLoop } from "./event_loop.ts";
+import { BackendServer } from "./server.ts";
+import { DEVICES } from "../devices/index.ts";
+import { log, setLogLevel } from "./log.ts";
+import type { DeviceDefinition, VhostUserDevice } from "./device.ts";
+
+declare const self: Worker;
+
+export interface WorkerStart {
+  type: "start";
+  device: string;
+  /** Test hook: a module whose default export is the DeviceDefinition to serve. */
+  module?: string;
+  options: Record<string, unknown>;
+  listenFd?: number;
+  connectedFd?: number;
+  logLevel: string;
+}
+
+export type ToWorker = WorkerStart | { type: "host-event"; name: string } | { type: "stop" };
+export type FromWorker =
+  | { type: "ready"; wakeFd: number }
+  | { type: "fatal"; message: string }
+  | { type: "finished" }
+  | { type: "stopped" };
+
+let loop: EventLoop | null = null;
+let device: VhostUserDevice | null = null;
+let server: BackendServer | null = null;
+
+function post(msg: FromWorker): void {
+  self.postMessage(msg);
+}
+
+async function start(msg: WorkerStart): Promise<void> {
+  setLogLevel(msg.logLevel);
+  const def = msg.module !== undefined ? ((await import(msg.module)).default as DeviceDefinition) : DEVICES[msg.device];
+  if (def === undefined) throw new Error(`unknown device '${msg.device}'`);
+  loop = new EventLoop();
+  const l = loop;
+  device = def.create(msg.options, { loop: l, configChanged: () => void server?.current?.notifyConfigChanged() });
+  server = new BackendServer(l, device, {
+    listenFd: msg.listenFd,
+    connectedFd: msg.connectedFd,
+    onFinished: () => post({ type: "finished" }),
+  });
+  post({ type: "ready", wakeFd: l.wakeFd });
+  l.run();
+}
+
+function stop(): void {
+  try {
+    server?.dispose();
+    device?.dispose?.();
+  } catch (e) {
+    log.error("shutdown:", e);
+  }
+  loop?.stop();
+  post({ type: "stopped" });
+}
+
+self.onmessage = (ev: MessageEvent<ToWorker>) => {
+  const msg = ev.data;
+  try {
+    if (msg.type === "start") start(msg).catch((e) => post({ type: "fatal", message: (e as Error).message }));
+    else if (msg.type === "stop") stop();
+    else if (msg.type === "host-event") device?.hostEvent?.(msg.name);
+  } catch (e) {
+    post({ type: "fatal", message: (e as Error).message });
+  }
+};
