@@ -4,6 +4,7 @@
 import type { EventLoop } from "./event_loop.ts";
 import type { Virtqueue } from "./virtqueue.ts";
 import type { GuestMemory } from "./memory.ts";
+import type { QueueRunnerModule } from "./queue_thread.ts";
 
 /** What a device may ask of the backend that hosts it. */
 export interface DeviceContext {
@@ -68,4 +69,6 @@ export interface DeviceDefinition<Options = Record<string, unknown>> {
   validate?(options: Options): void;
   /** Builds the device inside the worker. */
   create(options: Options, ctx: DeviceContext): VhostUserDevice;
+  /** Per-queue processing that can run in a queue thread of its own (see src/queue_thread.ts). */
+  queueRunner?: QueueRunnerModule;
 }

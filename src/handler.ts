@@ -363,14 +363,19 @@ export class VhostUserHandler {
       v.started = true;
       this.suspended = false;
       this.activate(index);
-    } else if (code === Req.SET_VRING_CALL) {
-      if (v.callFd >= 0) close(v.callFd);
-      v.callFd = fd;
-      if (v.queue !== null) v.queue.callFd = fd;
     } else {
-      if (v.errFd >= 0) close(v.errFd);
-      v.errFd = fd;
-      if (v.queue !== null) v.queue.errFd = fd;
+      // A running ring is restarted around the swap: it may be served by another thread, which
+      // then picks up the new fd with the rest of the ring description.
+      const running = v.queue !== null;
+      this.deactivate(index);
+      if (code === Req.SET_VRING_CALL) {
+        if (v.callFd >= 0) close(v.callFd);
+        v.callFd = fd;
+      } else {
+        if (v.errFd >= 0) close(v.errFd);
+        v.errFd = fd;
+      }
+      if (running) this.activate(index);
     }
   }
 

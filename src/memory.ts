@@ -30,6 +30,7 @@ export class MemoryRegion {
   private constructor(
     readonly desc: MemoryRegionDesc,
     private readonly mapBase: number,
+    /** 0 for a borrowed view of another thread's mapping (never unmapped here). */
     private readonly mapLen: number,
     delta: number,
   ) {
@@ -57,6 +58,14 @@ export class MemoryRegion {
     }
   }
 
+  /**
+   * A view of a region another thread of this process has mapped at `host`. The owner unmaps it,
+   * and only after every borrower has stopped using it (rings are stopped first).
+   */
+  static borrow(desc: MemoryRegionDesc, host: number): MemoryRegion {
+    return new MemoryRegion(desc, host, 0, 0);
+  }
+
   get gpa(): number {
     return this.desc.gpa;
   }
@@ -73,7 +82,7 @@ export class MemoryRegion {
   }
 
   unmap(): void {
-    munmap(this.mapBase, this.mapLen);
+    if (this.mapLen > 0) munmap(this.mapBase, this.mapLen);
   }
 }
 

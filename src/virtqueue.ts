@@ -42,6 +42,8 @@ export interface VirtqueueConfig {
   eventIdx: boolean;
   indirect: boolean;
   nextAvail: number;
+  /** Where the used ring continues; read from guest memory when absent. */
+  nextUsed?: number;
   kickFd: number;
   callFd: number;
   errFd: number;
@@ -80,6 +82,8 @@ export class Virtqueue {
   broken = false;
   errors = 0;
   private signalledUsed: number | null = null;
+  /** What this queue was built from (to rebuild it in another thread). */
+  readonly config: VirtqueueConfig;
   private unpublished = false;
 
   private readonly desc: Located;
@@ -122,7 +126,8 @@ export class Virtqueue {
     this.usedRing = used.off + 4;
     this.availEvent = (used.off + 4 + 8 * c.size) / 2;
     // The used index in guest memory is where the previous owner of the ring stopped.
-    this.nextUsed = Atomics.load(this.usedU16, this.usedIdx);
+    this.nextUsed = c.nextUsed ?? Atomics.load(this.usedU16, this.usedIdx);
+    this.config = { ...c };
   }
 
   /** Logs a guest-caused error (rate-limited) and counts it. */

@@ -73,11 +73,10 @@ async function runSetup(mode: "all" | "base"): Promise<Rig> {
   const json = join(dir, "rig.json");
   const logPath = join(tmpdir(), `vhost-backend-e2e-setup-${process.pid}-${mode}.log`);
   // Output goes to a file, not the test output: a warm run is quiet, a failing one is reported below.
-  const proc = Bun.spawn(["bash", SETUP_SH, mode], {
-    env: { ...process.env, E2E_CACHE: cacheDir, E2E_RIG_JSON: json, CI: process.env.CI ?? "" },
+  // (One shell redirect, so stdout and stderr share a file offset and do not overwrite each other.)
+  const proc = Bun.spawn(["bash", "-c", 'exec bash "$0" "$1" >"$2" 2>&1', SETUP_SH, mode, logPath], {
+    env: { ...process.env, E2E_CACHE: cacheDir, E2E_RIG_JSON: json },
     stdin: "ignore",
-    stdout: Bun.file(logPath),
-    stderr: Bun.file(logPath),
   });
   const code = await proc.exited;
   try {
@@ -85,6 +84,7 @@ async function runSetup(mode: "all" | "base"): Promise<Rig> {
       const log = existsSync(logPath) ? readFileSync(logPath, "utf8") : "";
       throw new Error(`test/e2e/setup.sh ${mode} failed (exit ${code}); log ${logPath}:\n${tail(log, 40)}`);
     }
+    rmSync(logPath, { force: true });
     return JSON.parse(readFileSync(json, "utf8")) as Rig;
   } finally {
     rmSync(dir, { recursive: true, force: true });

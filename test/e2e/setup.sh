@@ -18,7 +18,9 @@
 #    the host's /boot.
 #  - A tiny busybox initramfs whose /init runs the command handed in through fw_cfg and prints
 #    E2E-EXIT-STATUS=<n> on the serial console, so one QEMU process == one test command.
-set -euo pipefail
+set -Eeuo pipefail
+# Under set -e a failing command exits silently: say which one.
+trap 'echo "[e2e-setup] ERROR: line $LINENO: \"$BASH_COMMAND\" failed (exit $?)" >&2' ERR
 
 CACHE="${E2E_CACHE:-/var/cache/vhost-backend-e2e}"
 QEMU_UPSTREAM_VERSION=10.0.2
@@ -91,7 +93,8 @@ detect_mirror() {
     key="-"
   fi
   [ -n "$uri" ] || uri="http://deb.debian.org/debian"
-  if [ -z "$key" ] || [ "$key" = "-" ]; then key="/usr/share/keyrings/debian-archive-keyring.gpg"; fi
+  # No keyring path (one-line sources, or an inline armored key): Debian's archive keyring.
+  case "$key" in /*) ;; *) key="/usr/share/keyrings/debian-archive-keyring.gpg" ;; esac
   echo "$uri $key"
 }
 
@@ -165,7 +168,7 @@ step_kernel() {
   # The meta package depends on the versioned image package (e.g. linux-image-6.12.xx+bpo-amd64).
   local pkg
   pkg="$(apt-cache -t bookworm-backports depends linux-image-amd64 2>/dev/null \
-         | awk '$1 == "Depends:" && $2 ~ /^linux-image-[0-9]/ { print $2; exit }')"
+         | awk '!found && $1 == "Depends:" && $2 ~ /^linux-image-[0-9]/ { print $2; found = 1 }')"
   [ -n "$pkg" ] || die "cannot resolve linux-image-amd64 in bookworm-backports (apt lists missing?)"
   KERNEL_DIR="$CACHE/kernel/$pkg"
   if [ ! -e "$KERNEL_DIR/.done" ]; then
@@ -216,7 +219,7 @@ mount -t tmpfs tmpfs /run
 exec </dev/console >/dev/console 2>&1
 # Modules in dependency order (resolved from modules.dep when the initramfs was built).
 while read -r m; do
-  [ -n "$m" ] && insmod "$m" 2>/dev/null
+  [ -z "$m" ] || insmod "$m" || echo "E2E-WARNING: insmod $m failed"
 done </etc/e2e-modules
 echo "E2E-GUEST-UP uptime=$(cut -d" " -f1 /proc/uptime)"
 cmd=/sys/firmware/qemu_fw_cfg/by_name/opt/cmd/raw
@@ -356,8 +359,9 @@ step_qemu_console() {
   orig="$(ls "$work"/qemu_"$QEMU_UPSTREAM_VERSION"*.orig.tar.* 2>/dev/null | head -n1)"
   [ -n "$orig" ] || die "no qemu_${QEMU_UPSTREAM_VERSION}*.orig.tar.* from apt-get source: $(cat "$work/source.err")"
   local want
+  # (awk reads all input: exiting early would SIGPIPE apt-cache and fail the pipeline under pipefail.)
   want="$(apt-cache showsrc qemu 2>/dev/null \
-          | awk -v f="$(basename "$orig")" '/^Checksums-Sha256:/ { c = 1; next } /^[^ ]/ { c = 0 } c && $3 == f { print $1; exit }')"
+          | awk -v f="$(basename "$orig")" '/^Checksums-Sha256:/ { c = 1; next } /^[^ ]/ { c = 0 } c && $3 == f && !n++ { print $1 }')"
   [ -n "$want" ] || die "no sha256 for $(basename "$orig") in the Sources index"
   echo "$want  $orig" | sha256sum -c --quiet - || die "checksum mismatch for $orig"
   tar -xf "$orig" -C "$work"

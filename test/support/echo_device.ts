@@ -3,7 +3,27 @@
 // snapshot/restore and config access have something real to carry.
 import { COMMON_FEATURES, type DeviceDefinition, type VhostUserDevice, type DeviceContext } from "../../src/device.ts";
 import { readFromChain, writeToChain, type Virtqueue } from "../../src/virtqueue.ts";
+import type { GuestMemory } from "../../src/memory.ts";
 import { watchKick, processQueue } from "../../src/kick.ts";
+import { QueueThread, type QueueRunnerModule } from "../../src/queue_thread.ts";
+import type { EventLoop } from "../../src/event_loop.ts";
+
+/** Echoes every chain of `queue`; returns the function that stops it. */
+function runEcho(loop: EventLoop, queue: Virtqueue, onRequest: () => void): () => void {
+  const scratch = new Uint8Array(65536);
+  return watchKick(loop, queue, () =>
+    processQueue(queue, (chain) => {
+      const n = readFromChain(chain, scratch.subarray(0, Math.min(chain.readableLen, scratch.length)));
+      queue.add(chain.head, writeToChain(chain, scratch.subarray(0, n)));
+      onRequest();
+      return true;
+    }));
+}
+
+/** The same echo, run in queue threads of its own when the device is created with `threaded`. */
+const echoRunner: QueueRunnerModule = {
+  runQueue: (queue, _mem, loop) => ({ stop: runEcho(loop, queue, () => {}) }),
+};
 
 export const ECHO_QUEUES = 2;
 const CONFIG_SIZE = 16;
@@ -17,7 +37,9 @@ class EchoDevice implements VhostUserDevice {
   acked = 0n;
   private stops = new Map<number, () => void>();
 
-  constructor(private readonly ctx: DeviceContext) {
+  private threads = new Map<number, QueueThread>();
+
+  constructor(private readonly ctx: DeviceContext, private readonly threaded: boolean) {
     this.config.set(MAGIC, 0);
   }
 
@@ -34,20 +56,26 @@ class EchoDevice implements VhostUserDevice {
     this.ctx.configChanged();
     return true;
   }
-  startQueue(queue: Virtqueue) {
-    const scratch = new Uint8Array(65536);
-    this.stops.set(queue.index, watchKick(this.ctx.loop, queue, () =>
-      processQueue(queue, (chain) => {
-        const n = readFromChain(chain, scratch.subarray(0, Math.min(chain.readableLen, scratch.length)));
-        const w = writeToChain(chain, scratch.subarray(0, n));
-        queue.add(chain.head, w);
-        this.processed++;
-        return true;
-      })));
+  startQueue(queue: Virtqueue, mem: GuestMemory) {
+    if (this.threaded) {
+      let t = this.threads.get(queue.index);
+      if (t === undefined) {
+        t = new QueueThread("echo", {}, "silent", new URL("./echo_device.ts", import.meta.url).href);
+        this.threads.set(queue.index, t);
+      }
+      t.start(queue, mem);
+      const thread = t;
+      this.stops.set(queue.index, () => thread.stop(queue));
+      return;
+    }
+    this.stops.set(queue.index, runEcho(this.ctx.loop, queue, () => this.processed++));
   }
   stopQueue(index: number) {
     this.stops.get(index)?.();
     this.stops.delete(index);
+  }
+  dispose() {
+    for (const t of this.threads.values()) t.terminate();
   }
   reset() {
     this.config.fill(0, 8);
@@ -71,6 +99,7 @@ const definition: DeviceDefinition = {
   name: "echo",
   description: "test echo device",
   args: {},
-  create: (_opts, ctx) => new EchoDevice(ctx),
+  create: (opts, ctx) => new EchoDevice(ctx, opts.threaded === true),
+  queueRunner: echoRunner,
 };
 export default definition;

@@ -291,3 +291,31 @@ describe("rejections", () => {
     expect(await echo(vmm.queues[0]!, "usable")).toBe("usable");
   });
 });
+
+describe("queue threads", () => {
+  test("queues served in threads of their own: echo, stop with position, restart, memory change", async () => {
+    const threaded = new BackendUnderTest("echo", { threaded: true }, ECHO);
+    await threaded.ready;
+    const v = new Vmm(threaded, ram);
+    try {
+      v.activate(2, 32);
+      const [q0, q1] = v.queues as [DriverQueue, DriverQueue];
+      for (let i = 0; i < 20; i++) {
+        expect(await echo(q0, `zero ${i}`)).toBe(`zero ${i}`);
+        expect(await echo(q1, `one ${i}`, true)).toBe(`one ${i}`);
+      }
+      expect(v.stopAll()).toEqual([20, 20]);
+      v.startQueue(q0, 20);
+      expect(await echo(q0, "after restart")).toBe("after restart");
+      // A new memory table pauses and resumes the ring in its thread.
+      v.setMemTable();
+      expect(await echo(q0, "after mem table")).toBe("after mem table");
+      // Swapping the call fd while running restarts the ring with the new fd.
+      expect(v.conn.ack(Req.SET_VRING_CALL, u64(0), [q0.call])).toBe(0n);
+      expect(await echo(q0, "after call swap")).toBe("after call swap");
+    } finally {
+      v.dispose();
+      await threaded.stop();
+    }
+  });
+});
