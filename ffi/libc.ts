@@ -93,10 +93,10 @@ export function check(ret: number | bigint, call: string): number {
  * Like check(), but returns -errno for the errnos the caller handles itself (EAGAIN, EINTR...),
  * so non-blocking loops need no try/catch on the hot path.
  */
-export function checkAllow(ret: number | bigint, call: string, ...allowed: number[]): number {
+export function checkAllow(ret: number | bigint, call: string, allowed: number, allowed2 = allowed): number {
   if (ret >= 0) return Number(ret);
   const e = errno();
-  if (allowed.includes(e)) return -e;
+  if (e === allowed || e === allowed2) return -e;
   throw new SysError(call, e);
 }
 
