@@ -4,6 +4,19 @@
 import { toArrayBuffer } from "bun:ffi";
 import { mmap, munmap, PROT_READ, PROT_WRITE, MAP_SHARED } from "../ffi/mem.ts";
 import { close } from "../ffi/libc.ts";
+import { fstat, fcntl, S_IFMT, S_IFREG } from "../ffi/io.ts";
+import { log } from "./log.ts";
+
+const F_GET_SEALS = 1034;
+const F_SEAL_SHRINK = 0x0002;
+
+function sealedAgainstShrinking(fd: number): boolean {
+  try {
+    return (fcntl(fd, F_GET_SEALS) & F_SEAL_SHRINK) !== 0;
+  } catch {
+    return false; // not a memfd: seals do not apply
+  }
+}
 import type { MemoryRegionDesc } from "./protocol/codec.ts";
 
 const PAGE = 4096;
@@ -48,6 +61,15 @@ export class MemoryRegion {
   static map(desc: MemoryRegionDesc, fd: number): MemoryRegion {
     try {
       if (desc.size === 0) throw new Error("memory region of size 0");
+      // Touching a mapped page beyond the end of the file raises SIGBUS, which would kill the
+      // process: a region must lie inside its file.
+      const st = fstat(fd);
+      if ((st.mode & S_IFMT) === S_IFREG && st.size < desc.mmapOffset + desc.size) {
+        throw new Error(`region ${desc.mmapOffset}+${desc.size} extends past the end of its ${st.size}-byte file`);
+      }
+      if ((st.mode & S_IFMT) === S_IFREG && !sealedAgainstShrinking(fd)) {
+        log.debug("memory region fd is not sealed against shrinking (memory-backend-memfd seal=on prevents that)");
+      }
       const aligned = desc.mmapOffset - (desc.mmapOffset % PAGE);
       const delta = desc.mmapOffset - aligned;
       const len = desc.size + delta;

@@ -258,8 +258,10 @@ describe("rejections", () => {
     }
   });
 
-  test("memory regions that overflow are refused", () => {
+  test("memory regions that overflow or extend past their file are refused", () => {
     vmm.handshake();
+    expect(vmm.conn.ack(Req.SET_MEM_TABLE, memTable([{ gpa: 0, size: ram.size * 2, uaddr: ram.uaddr, offset: 0 }]), [ram.fd])).not.toBe(0n);
+    expect(vmm.conn.ack(Req.ADD_MEM_REG, memRegion({ gpa: 0, size: ram.size, uaddr: ram.uaddr, offset: 4096 }), [ram.fd])).not.toBe(0n);
     const t = memTable([{ gpa: 0, size: ram.size, uaddr: ram.uaddr, offset: 0 }]);
     new DataView(t.buffer).setBigUint64(8, 0xffff_ffff_ffff_f000n, true);
     expect(vmm.conn.ack(Req.SET_MEM_TABLE, t, [ram.fd])).not.toBe(0n);
