@@ -245,8 +245,9 @@ export class FrontendConnection {
   private readonly io = new MsgIo();
   private readonly buf = new Uint8Array(HEADER_SIZE + 4096);
 
-  constructor(path: string, timeoutMs = 5000) {
-    this.fd = connectUnix(path);
+  /** Connects to `target` (a socket path) or adopts an already-connected socket fd. */
+  constructor(target: string | number, timeoutMs = 5000) {
+    this.fd = typeof target === "number" ? target : connectUnix(target);
     setTimeouts(this.fd, timeoutMs);
   }
 
