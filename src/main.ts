@@ -39,7 +39,9 @@ async function runDevice(def: DeviceDefinition, args: Record<string, unknown>): 
   if (sources !== 1) throw new Error("give exactly one of --socket PATH, --socket-path PATH or --fd N");
   def.validate?.(args);
 
-  const start: ToWorker = { type: "start", device: def.name, options: args, logLevel: String(args["log-level"]) };
+  // citty's parsed args are not structured-cloneable as they are: pass plain data to the worker.
+  const options = JSON.parse(JSON.stringify(args)) as Record<string, unknown>;
+  const start: ToWorker = { type: "start", device: def.name, options, logLevel: String(args["log-level"]) };
   if (args.fd !== undefined) {
     const fd = Number(args.fd);
     if (!Number.isInteger(fd) || fd < 0) throw new Error(`--fd ${String(args.fd)} is not a file descriptor number`);

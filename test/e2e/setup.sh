@@ -222,7 +222,7 @@ GUEST_MODULES=(
   virtio_blk
   failover net_failover virtio_net
   soundcore snd snd-timer snd-pcm virtio_snd
-  ext2 ext4
+  crc32c_generic ext2 ext4
 )
 # Host binaries copied in (with their shared libraries, found with ldd).
 # These go to /usr/{s,}bin, ahead of busybox's applet links of the same name in PATH.
