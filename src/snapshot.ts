@@ -2,7 +2,7 @@
 // state, plus the non-blocking pipe transfers that move it. Transfers run on the event loop, so a
 // front-end that is slow to drain (or fill) the pipe never blocks the control path.
 import { Encoder } from "cbor-x";
-import { EPOLLIN, EPOLLOUT, EPOLLERR, EPOLLHUP } from "../ffi/epoll.ts";
+import { EPOLLIN, EPOLLOUT } from "../ffi/epoll.ts";
 import { read, write, setNonBlocking } from "../ffi/io.ts";
 import { close, EAGAIN } from "../ffi/libc.ts";
 import type { EventLoop } from "./event_loop.ts";
@@ -50,36 +50,25 @@ export function decodeEnvelope(bytes: Uint8Array, expectDevice: string, expectVi
   return env as unknown as Envelope;
 }
 
-/** Writes `data` into a pipe as it drains, then closes it. */
-export class StateWriter {
+/** One end of a state pipe, pumped by the event loop until done; closed when it ends. */
+abstract class PipeTransfer {
   done = false;
   error: string | null = null;
-  private off = 0;
 
-  constructor(private readonly loop: EventLoop, private readonly fd: number, private readonly data: Uint8Array) {
+  constructor(protected readonly loop: EventLoop, protected readonly fd: number, events: number) {
     setNonBlocking(fd);
-    loop.add(fd, EPOLLOUT, (ev) => this.pump(ev));
+    loop.add(fd, events, () => this.pump());
   }
 
-  private pump(events: number): void {
-    try {
-      while (this.off < this.data.length) {
-        const n = write(this.fd, this.data.subarray(this.off), this.data.length - this.off);
-        if (n === -EAGAIN) return;
-        this.off += n;
-      }
-      this.finish(null);
-    } catch (e) {
-      this.finish(`writing device state: ${(e as Error).message}`);
-    }
-    void events;
-  }
+  /** Moves what can be moved now; returns true once the transfer has ended. */
+  abstract pump(): boolean;
 
-  private finish(error: string | null): void {
+  protected finish(error: string | null): true {
     this.error = error;
     this.done = true;
     this.loop.remove(this.fd);
     close(this.fd);
+    return true;
   }
 
   cancel(): void {
@@ -87,63 +76,56 @@ export class StateWriter {
   }
 }
 
+/** Writes `data` into a pipe as it drains, then closes it. */
+export class StateWriter extends PipeTransfer {
+  private off = 0;
+
+  constructor(loop: EventLoop, fd: number, private readonly data: Uint8Array) {
+    super(loop, fd, EPOLLOUT);
+  }
+
+  pump(): boolean {
+    if (this.done) return true;
+    try {
+      while (this.off < this.data.length) {
+        const n = write(this.fd, this.data.subarray(this.off), this.data.length - this.off);
+        if (n === -EAGAIN) return false;
+        this.off += n;
+      }
+      return this.finish(null);
+    } catch (e) {
+      return this.finish(`writing device state: ${(e as Error).message}`);
+    }
+  }
+}
+
 /** Reads a pipe to EOF into memory. */
-export class StateReader {
-  done = false;
-  error: string | null = null;
+export class StateReader extends PipeTransfer {
   private chunks: Uint8Array[] = [];
   private total = 0;
   private readonly buf = new Uint8Array(65536);
 
-  constructor(private readonly loop: EventLoop, private readonly fd: number) {
-    setNonBlocking(fd);
-    loop.add(fd, EPOLLIN, (ev) => {
-      if (ev & (EPOLLIN | EPOLLHUP | EPOLLERR)) this.pump();
-    });
+  constructor(loop: EventLoop, fd: number) {
+    super(loop, fd, EPOLLIN);
   }
 
-  /** Reads what is there; returns true once EOF (or an error) ended the transfer. */
   pump(): boolean {
     if (this.done) return true;
     try {
       for (;;) {
         const n = read(this.fd, this.buf, this.buf.length);
         if (n === -EAGAIN) return false;
-        if (n === 0) {
-          this.finish(null);
-          return true;
-        }
+        if (n === 0) return this.finish(null);
         this.total += n;
-        if (this.total > MAX_STATE_BYTES) {
-          this.finish(`device state larger than ${MAX_STATE_BYTES} bytes`);
-          return true;
-        }
+        if (this.total > MAX_STATE_BYTES) return this.finish(`device state larger than ${MAX_STATE_BYTES} bytes`);
         this.chunks.push(this.buf.slice(0, n));
       }
     } catch (e) {
-      this.finish(`reading device state: ${(e as Error).message}`);
-      return true;
+      return this.finish(`reading device state: ${(e as Error).message}`);
     }
   }
 
   bytes(): Uint8Array {
-    const out = new Uint8Array(this.total);
-    let o = 0;
-    for (const c of this.chunks) {
-      out.set(c, o);
-      o += c.length;
-    }
-    return out;
-  }
-
-  private finish(error: string | null): void {
-    this.error = error;
-    this.done = true;
-    this.loop.remove(this.fd);
-    close(this.fd);
-  }
-
-  cancel(): void {
-    if (!this.done) this.finish("transfer cancelled");
+    return Buffer.concat(this.chunks, this.total);
   }
 }
