@@ -11,6 +11,11 @@ export const VIRTQ_DESC_F_INDIRECT = 4;
 const VIRTQ_USED_F_NO_NOTIFY = 1;
 const VIRTQ_AVAIL_F_NO_INTERRUPT = 1;
 export const MAX_QUEUE_SIZE = 32768;
+/**
+ * Largest indirect table accepted. Linux sizes indirect tables by its segment count (virtio-blk's
+ * seg_max + 2), which may exceed a small ring; QEMU and libvhost-user accept up to 1024 entries.
+ */
+export const MAX_INDIRECT_ENTRIES = 1024;
 
 /** One checked guest buffer of a chain. */
 export interface Segment {
@@ -71,6 +76,7 @@ export class Virtqueue {
   readonly size: number;
   readonly eventIdx: boolean;
   private readonly indirect: boolean;
+  private readonly maxIndirect: number;
   kickFd: number;
   callFd: number;
   errFd: number;
@@ -107,6 +113,7 @@ export class Virtqueue {
     this.size = c.size;
     this.eventIdx = c.eventIdx;
     this.indirect = c.indirect;
+    this.maxIndirect = Math.max(c.size, MAX_INDIRECT_ENTRIES);
     this.kickFd = c.kickFd;
     this.callFd = c.callFd;
     this.errFd = c.errFd;
@@ -201,8 +208,8 @@ export class Virtqueue {
         if (!this.indirect) throw new ChainError("indirect descriptor without VIRTIO_F_INDIRECT_DESC");
         if (inIndirect) throw new ChainError("nested indirect table");
         if (flags & VIRTQ_DESC_F_NEXT) throw new ChainError("indirect descriptor with NEXT set");
-        if (len === 0 || len % 16 !== 0 || len / 16 > this.size) {
-          throw new ChainError(`indirect table of ${len} bytes (needs 16..${16 * this.size}, a multiple of 16)`);
+        if (len === 0 || len % 16 !== 0 || len / 16 > this.maxIndirect) {
+          throw new ChainError(`indirect table of ${len} bytes (needs 16..${16 * this.maxIndirect}, a multiple of 16)`);
         }
         const r = this.mem.translate(gpa, len);
         const win = r === null ? null : r.region.window(r.offset, len);

@@ -2,7 +2,7 @@
 // side of split rings, eventfds for kicks and calls, and a blocking client of the backend socket.
 // The backend runs in a real Worker (src/worker.ts), exactly as in the binary.
 import { toArrayBuffer } from "bun:ffi";
-import { mkdtempSync } from "node:fs";
+import { mkdtempSync, rmSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { memfdCreate, mmap, munmap, PROT_READ, PROT_WRITE, MAP_SHARED } from "../../ffi/mem.ts";
@@ -236,6 +236,7 @@ export class BackendUnderTest {
     if (this.wakeFd >= 0) signal(this.wakeFd);
     await Bun.sleep(20);
     this.worker.terminate();
+    rmSync(this.dir, { recursive: true, force: true });
   }
 }
 

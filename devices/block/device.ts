@@ -1,0 +1,202 @@
+// The virtio-blk device (virtio id 2): features, config space, cache mode, per-queue processors and
+// snapshots. The image and the queue processors do the I/O; this class only wires them.
+import { COMMON_FEATURES, type DeviceContext, type VhostUserDevice } from "../../src/device.ts";
+import type { GuestMemory } from "../../src/memory.ts";
+import type { Virtqueue } from "../../src/virtqueue.ts";
+import { watchKick } from "../../src/kick.ts";
+import { log } from "../../src/log.ts";
+import { BlockImage } from "./image.ts";
+import { QueueProcessor, type BlockPolicy } from "./queue_processor.ts";
+import { segMaxFor, type BlockOptions } from "./options.ts";
+import { validateBlockState, BLOCK_STATE_VERSION, type BlockState, type BlockStateSelf } from "./state.ts";
+import {
+  buildConfig, CONFIG_SIZE, CFG_WRITEBACK, VIRTIO_BLK_ID_BYTES, type BlockGeometry,
+  VIRTIO_BLK_F_SEG_MAX, VIRTIO_BLK_F_RO, VIRTIO_BLK_F_BLK_SIZE, VIRTIO_BLK_F_FLUSH, VIRTIO_BLK_F_TOPOLOGY,
+  VIRTIO_BLK_F_CONFIG_WCE, VIRTIO_BLK_F_MQ, VIRTIO_BLK_F_DISCARD, VIRTIO_BLK_F_WRITE_ZEROES,
+} from "./config.ts";
+
+/** The GET_ID answer when --serial is not given: the file's device and inode numbers in hex. */
+export function defaultSerial(dev: number, ino: number): string {
+  const s = `${dev.toString(16)}-${ino.toString(16)}`;
+  return s.length <= VIRTIO_BLK_ID_BYTES ? s : s.slice(s.length - VIRTIO_BLK_ID_BYTES);
+}
+
+/** Cache mode after reset: writeback (the guest sends FLUSH when it needs stability). */
+const DEFAULT_WRITEBACK = 1;
+
+export class BlockDevice implements VhostUserDevice {
+  readonly name = "block";
+  readonly virtioId = 2;
+  readonly image: BlockImage;
+  private readonly serial: string;
+  private readonly geometry: BlockGeometry;
+  private readonly policy: BlockPolicy;
+  private readonly offered: bigint;
+  private acked = 0n;
+  private writeback = DEFAULT_WRITEBACK;
+  private readonly queues = new Map<number, { processor: QueueProcessor; unwatch: () => void }>();
+
+  constructor(private readonly opts: BlockOptions, private readonly ctx: DeviceContext) {
+    const image = BlockImage.open(opts.file, { readOnly: opts.readOnly, direct: opts.direct });
+    this.image = image;
+    if (image.size % image.blkSize !== 0) {
+      log.warn(`${opts.file}: size ${image.size} is not a multiple of ${image.blkSize}; the last ${image.size % image.blkSize} bytes are not addressable`);
+    }
+    this.serial = opts.serial ?? defaultSerial(image.dev, image.ino);
+    const writable = !opts.readOnly;
+    const segMax = segMaxFor(opts.queueSize);
+    const physicalBlockExp = Math.min(15, Math.log2(image.physicalBlockSize / image.blkSize));
+    this.geometry = {
+      capacitySectors: image.capacitySectors,
+      segMax,
+      blkSize: image.blkSize,
+      physicalBlockExp,
+      minIoSize: 1,
+      optIoSize: 0,
+      numQueues: opts.numQueues,
+      discard: writable && opts.sparse,
+      writeZeroes: writable,
+      writeZeroesMayUnmap: opts.sparse,
+    };
+    const serialBytes = new Uint8Array(VIRTIO_BLK_ID_BYTES);
+    serialBytes.set(Buffer.from(this.serial).subarray(0, VIRTIO_BLK_ID_BYTES));
+    this.policy = {
+      readOnly: opts.readOnly,
+      discard: this.geometry.discard,
+      writeZeroes: this.geometry.writeZeroes,
+      mayUnmap: opts.sparse,
+      writethrough: false,
+      serial: serialBytes,
+      capacitySectors: this.geometry.capacitySectors,
+      blkSize: image.blkSize,
+      segMax,
+    };
+    this.offered =
+      COMMON_FEATURES | VIRTIO_BLK_F_SEG_MAX | VIRTIO_BLK_F_BLK_SIZE | VIRTIO_BLK_F_TOPOLOGY | VIRTIO_BLK_F_FLUSH |
+      VIRTIO_BLK_F_CONFIG_WCE | VIRTIO_BLK_F_MQ |
+      (opts.readOnly ? VIRTIO_BLK_F_RO : 0n) |
+      (this.geometry.discard ? VIRTIO_BLK_F_DISCARD : 0n) |
+      (this.geometry.writeZeroes ? VIRTIO_BLK_F_WRITE_ZEROES : 0n);
+    this.updateWriteMode();
+    log.info(
+      `block: ${opts.file} (${image.isBlockDevice ? "block device" : "file"}, ${image.size} bytes, ` +
+        `${image.blkSize}-byte blocks, ${opts.readOnly ? "read-only" : "read-write"}${opts.direct ? ", O_DIRECT" : ""}), ` +
+        `serial '${this.serial}', ${opts.numQueues} queue(s)`,
+    );
+  }
+
+  maxQueues(): number {
+    return this.opts.numQueues;
+  }
+
+  features(): bigint {
+    return this.offered;
+  }
+
+  ackFeatures(features: bigint): void {
+    this.acked = features;
+    // virtio 1.2 §5.2.5.2: with CONFIG_WCE but no FLUSH the device starts in writethrough.
+    if ((features & VIRTIO_BLK_F_CONFIG_WCE) !== 0n && (features & VIRTIO_BLK_F_FLUSH) === 0n) this.writeback = 0;
+    this.updateWriteMode();
+  }
+
+  protocolFeatures(): bigint {
+    return 0n;
+  }
+
+  /** Writes are stable at completion unless the driver negotiated FLUSH and the cache is writeback. */
+  private updateWriteMode(): void {
+    this.policy.writethrough = !this.image.readOnly && ((this.acked & VIRTIO_BLK_F_FLUSH) === 0n || this.writeback === 0);
+  }
+
+  readConfig(offset: number, size: number): Uint8Array | null {
+    if (offset < 0 || size < 0 || offset + size > CONFIG_SIZE) return null;
+    return buildConfig(this.geometry, this.writeback).subarray(offset, offset + size);
+  }
+
+  /** Only `writeback` is writable (CONFIG_WCE), with 0 (writethrough) or 1 (writeback). */
+  writeConfig(offset: number, data: Uint8Array): boolean {
+    if (offset !== CFG_WRITEBACK || data.length !== 1 || data[0]! > 1) return false;
+    this.writeback = data[0]!;
+    this.updateWriteMode();
+    log.debug(`block: cache mode ${this.writeback ? "writeback" : "writethrough"}`);
+    return true;
+  }
+
+  startQueue(queue: Virtqueue, _mem: GuestMemory): void {
+    this.stopQueue(queue.index);
+    if (queue.size < this.geometry.segMax + 2) {
+      // Linux sizes its chains by seg_max, not by the ring: chains may be longer than this ring.
+      log.warn(
+        `block queue ${queue.index}: ring of ${queue.size} entries, but seg_max ${this.geometry.segMax} lets the guest build ` +
+          `chains of ${this.geometry.segMax + 2} descriptors; give --queue-size ${queue.size} to match the front-end`,
+      );
+    }
+    const processor = new QueueProcessor(queue, this.image, this.policy);
+    const unwatch = watchKick(this.ctx.loop, queue, () => processor.run());
+    this.queues.set(queue.index, { processor, unwatch });
+  }
+
+  /** Requests complete synchronously inside run(), so none is in flight here: stop watching. */
+  stopQueue(index: number): void {
+    const q = this.queues.get(index);
+    if (q === undefined) return;
+    q.unwatch();
+    this.queues.delete(index);
+  }
+
+  reset(): void {
+    for (const i of [...this.queues.keys()]) this.stopQueue(i);
+    this.acked = 0n;
+    this.writeback = DEFAULT_WRITEBACK;
+    this.updateWriteMode();
+  }
+
+  /** The VM is stopping (or about to be saved): make what the guest wrote stable. */
+  enterSuspendedState(): void {
+    try {
+      this.image.flush();
+    } catch (e) {
+      log.warn(`block: flush on suspend failed: ${(e as Error).message}`);
+    }
+  }
+
+  private self(): BlockStateSelf {
+    return {
+      image: { path: this.image.path, ...this.image.identity() },
+      serial: this.serial,
+      explicitSerial: this.opts.serial !== null,
+      capacitySectors: this.geometry.capacitySectors,
+      blkSize: this.geometry.blkSize,
+      segMax: this.geometry.segMax,
+      readOnly: this.opts.readOnly,
+    };
+  }
+
+  snapshot(): BlockState {
+    return { version: BLOCK_STATE_VERSION, ...this.self(), ackedFeatures: this.acked.toString(), writeback: this.writeback };
+  }
+
+  restore(state: unknown): void {
+    const self = this.self();
+    // The image may have been resized on the host since we opened it: compare against now.
+    self.image.size = this.image.currentSize();
+    if (self.image.size !== this.image.size) {
+      throw new Error(`block state: ${this.image.path} changed size since this backend opened it (${this.image.size} → ${self.image.size} bytes); restart the backend`);
+    }
+    const s = validateBlockState(state, self, this.offered);
+    this.acked = BigInt(s.ackedFeatures);
+    this.writeback = s.writeback;
+    this.updateWriteMode();
+  }
+
+  /** Per-queue counters of the running queues. */
+  stats(): Record<number, QueueProcessor["stats"]> {
+    return Object.fromEntries([...this.queues].map(([i, q]) => [i, q.processor.stats]));
+  }
+
+  dispose(): void {
+    for (const i of [...this.queues.keys()]) this.stopQueue(i);
+    this.image.close();
+  }
+}

@@ -1,0 +1,32 @@
+// `backend device block --socket PATH --file IMAGE`: a virtio-blk device over a raw image file or a
+// host block device (qemu-storage-daemon's vhost-user-blk export, crosvm's `device block`).
+import { accessSync, constants, statSync } from "node:fs";
+import type { DeviceDefinition } from "../../src/device.ts";
+import { BLOCK_ARGS, parseBlockOptions } from "./options.ts";
+import { BlockDevice } from "./device.ts";
+
+export const blockDevice: DeviceDefinition<Record<string, unknown>> = {
+  name: "block",
+  description: "virtio-blk over a raw disk image or a block device",
+  args: BLOCK_ARGS,
+  validate(raw) {
+    const o = parseBlockOptions(raw);
+    let st;
+    try {
+      st = statSync(o.file);
+    } catch {
+      throw new Error(`--file ${o.file}: no such file`);
+    }
+    if (!st.isFile() && !st.isBlockDevice()) throw new Error(`--file ${o.file}: neither a regular file nor a block device`);
+    try {
+      accessSync(o.file, o.readOnly ? constants.R_OK : constants.R_OK | constants.W_OK);
+    } catch {
+      throw new Error(`--file ${o.file}: not ${o.readOnly ? "readable" : "readable and writable (use --read-only to serve it read-only)"}`);
+    }
+  },
+  create(raw, ctx) {
+    return new BlockDevice(parseBlockOptions(raw), ctx);
+  },
+};
+
+export default blockDevice;

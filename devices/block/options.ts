@@ -1,0 +1,75 @@
+// `backend device block` options: the citty definitions and one parser shared by the main thread
+// (validate) and the worker (create), so both read the command line the same way.
+import { IOV_MAX, VIRTIO_BLK_ID_BYTES } from "./config.ts";
+
+export const BLOCK_ARGS = {
+  file: { type: "string", description: "Disk image: a raw image file or a block device (required)" },
+  "read-only": { type: "boolean", default: false, description: "Expose the disk read-only (VIRTIO_BLK_F_RO); writes fail" },
+  serial: { type: "string", description: `Disk serial for GET_ID (at most ${VIRTIO_BLK_ID_BYTES} bytes; default derived from the file's device and inode)` },
+  "num-queues": { type: "string", default: "16", description: "Number of request queues offered (1-256)" },
+  "queue-size": { type: "string", default: "128", description: "The front-end's ring size (QEMU's queue-size); seg_max is queue-size - 2" },
+  direct: { type: "boolean", default: false, description: "Open the image with O_DIRECT (bypass the host page cache)" },
+  sparse: { type: "boolean", default: true, negativeDescription: "Do not offer DISCARD and never deallocate on write-zeroes", description: "Offer DISCARD and deallocate discarded ranges (punch holes)" },
+} as const;
+
+export interface BlockOptions {
+  file: string;
+  readOnly: boolean;
+  /** null: derive from the file. */
+  serial: string | null;
+  numQueues: number;
+  queueSize: number;
+  direct: boolean;
+  sparse: boolean;
+}
+
+export const MAX_NUM_QUEUES = 256;
+/** QEMU's vhost-user-blk-pci default queue-size; seg_max 126, as qemu-storage-daemon offers. */
+export const DEFAULT_QUEUE_SIZE = 128;
+const MAX_QUEUE_SIZE = 32768;
+
+function bool(raw: Record<string, unknown>, name: string, dflt: boolean): boolean {
+  const v = raw[name];
+  if (v === undefined || v === null) return dflt;
+  if (typeof v === "boolean") return v;
+  if (v === "true" || v === "on" || v === "1" || v === "") return true;
+  if (v === "false" || v === "off" || v === "0") return false;
+  throw new Error(`--${name}: '${String(v)}' is not a boolean`);
+}
+
+function int(raw: Record<string, unknown>, name: string, dflt: number, min: number, max: number): number {
+  const v = raw[name];
+  if (v === undefined || v === null || v === "") return dflt;
+  const n = typeof v === "number" ? v : /^[0-9]+$/.test(String(v)) ? Number(v) : NaN;
+  if (!Number.isInteger(n) || n < min || n > max) throw new Error(`--${name}: '${String(v)}' is not an integer in ${min}..${max}`);
+  return n;
+}
+
+/** Parses and checks the options (no file system access); throws a message naming the option. */
+export function parseBlockOptions(raw: Record<string, unknown>): BlockOptions {
+  const file = raw.file;
+  if (typeof file !== "string" || file === "") throw new Error("--file PATH is required (a raw disk image or a block device)");
+  const serialRaw = raw.serial;
+  let serial: string | null = null;
+  if (serialRaw !== undefined && serialRaw !== null) {
+    serial = String(serialRaw);
+    if (Buffer.byteLength(serial) > VIRTIO_BLK_ID_BYTES) throw new Error(`--serial: '${serial}' is longer than ${VIRTIO_BLK_ID_BYTES} bytes`);
+  }
+  const queueSize = int(raw, "queue-size", DEFAULT_QUEUE_SIZE, 4, MAX_QUEUE_SIZE);
+  if ((queueSize & (queueSize - 1)) !== 0) throw new Error(`--queue-size: ${queueSize} is not a power of 2`);
+  return {
+    file,
+    readOnly: bool(raw, "read-only", false),
+    serial,
+    numQueues: int(raw, "num-queues", 16, 1, MAX_NUM_QUEUES),
+    queueSize,
+    direct: bool(raw, "direct", false),
+    sparse: bool(raw, "sparse", true),
+  };
+}
+
+/** seg_max: data segments per request. A chain has at most queue-size descriptors (header and
+ * status take two), and one preadv/pwritev takes at most IOV_MAX iovecs. */
+export function segMaxFor(queueSize: number): number {
+  return Math.min(queueSize, IOV_MAX) - 2;
+}

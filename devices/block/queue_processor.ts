@@ -1,0 +1,262 @@
+// Serves one virtio-blk request queue. It depends only on (queue, image, policy), so it can run on
+// any thread that has the queue: the image is an fd plus geometry, the policy is plain data.
+//
+// I/O path per request: the chain is walked (core), the header read from guest memory in place,
+// iovecs built pointing straight into the mapped guest regions, then ONE preadv/pwritev between
+// the image and guest memory (no copy), the status byte stored, and a used entry added. Used
+// entries are published once per batch (processQueue), which notifies at most once, as EVENT_IDX
+// allows. Requests complete synchronously, so nothing is in flight between two batches.
+import { IovecArray } from "../../ffi/io.ts";
+import { SysError } from "../../ffi/libc.ts";
+import { processQueue } from "../../src/kick.ts";
+import { readFromChain, writeToChain, type DescriptorChain, type Virtqueue } from "../../src/virtqueue.ts";
+import { log } from "../../src/log.ts";
+import type { BlockImage } from "./image.ts";
+import { RequestHeader, buildIovecs, statusSegment, writeStatus } from "./request.ts";
+import {
+  VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT, VIRTIO_BLK_T_FLUSH, VIRTIO_BLK_T_GET_ID, VIRTIO_BLK_T_DISCARD,
+  VIRTIO_BLK_T_WRITE_ZEROES, VIRTIO_BLK_S_OK, VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_UNSUPP,
+  REQUEST_HEADER_SIZE, DISCARD_SEGMENT_SIZE, VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP, VIRTIO_BLK_ID_BYTES,
+  SECTOR_SHIFT, MAX_REQUEST_BYTES, MAX_DISCARD_SECTORS, MAX_DISCARD_SEGMENTS,
+} from "./config.ts";
+
+/** What a queue needs to know about the device besides the image. `writethrough` may change. */
+export interface BlockPolicy {
+  readOnly: boolean;
+  /** DISCARD offered (--sparse on a writable image). */
+  discard: boolean;
+  /** WRITE_ZEROES offered (writable image). */
+  writeZeroes: boolean;
+  /** May WRITE_ZEROES with UNMAP deallocate (--sparse)? */
+  mayUnmap: boolean;
+  /** Every completed write is made stable before it completes (no FLUSH, or writeback = 0). */
+  writethrough: boolean;
+  /** GET_ID answer: exactly 20 bytes, NUL-padded. */
+  serial: Uint8Array;
+  capacitySectors: number;
+  /** Logical block size in bytes: offsets and lengths must be multiples of it. */
+  blkSize: number;
+  /** Most data segments (iovecs) per request. */
+  segMax: number;
+}
+
+/** Per-queue counters, for logs and tests. */
+export interface QueueStats {
+  requests: number;
+  bytesRead: number;
+  bytesWritten: number;
+  errors: number;
+  unsupported: number;
+}
+
+const LOGGED_ERRORS = 8;
+
+export class QueueProcessor {
+  readonly stats: QueueStats = { requests: 0, bytesRead: 0, bytesWritten: 0, errors: 0, unsupported: 0 };
+  private readonly iov: IovecArray;
+  private readonly header = new RequestHeader();
+  private readonly segments = new Uint8Array(MAX_DISCARD_SEGMENTS * DISCARD_SEGMENT_SIZE);
+  private readonly segmentsView = new DataView(this.segments.buffer);
+  private readonly handleChain = (chain: DescriptorChain): boolean => {
+    this.queue.add(chain.head, this.handle(chain));
+    return true;
+  };
+  /** Sectors per logical block, minus 1: sector numbers and counts must have these bits clear
+   * (`&` sees the low 32 bits of the exact integer, which is all the mask needs). */
+  private readonly sectorMask: number;
+
+  constructor(readonly queue: Virtqueue, private readonly image: BlockImage, private readonly policy: BlockPolicy) {
+    this.iov = new IovecArray(policy.segMax);
+    this.sectorMask = (policy.blkSize >> SECTOR_SHIFT) - 1;
+  }
+
+  /** Serves every available request, publishing the completions once at the end. */
+  run(): void {
+    processQueue(this.queue, this.handleChain);
+  }
+
+  /** Handles one chain; returns the used length (0 when there is no byte to put a status in). */
+  handle(chain: DescriptorChain): number {
+    this.stats.requests++;
+    const statusIndex = statusSegment(chain);
+    if (statusIndex < 0) {
+      this.guestError(chain, "request has no writable byte for its status; completed with length 0");
+      return 0;
+    }
+    let status: number;
+    if (!this.header.read(chain)) {
+      this.guestError(chain, `request header shorter than ${REQUEST_HEADER_SIZE} bytes`);
+      status = VIRTIO_BLK_S_IOERR;
+    } else {
+      status = this.execute(chain);
+    }
+    if (status === VIRTIO_BLK_S_IOERR) this.stats.errors++;
+    else if (status === VIRTIO_BLK_S_UNSUPP) this.stats.unsupported++;
+    if (!writeStatus(chain, statusIndex, status)) return 0;
+    // Like QEMU: the whole device-writable part counts as written (data for reads, then status).
+    return chain.writableLen;
+  }
+
+  private execute(chain: DescriptorChain): number {
+    const p = this.policy;
+    const { type, sector } = this.header;
+    switch (type) {
+      case VIRTIO_BLK_T_IN: {
+        const len = chain.writableLen - 1;
+        if (!this.checkRange(chain, sector, len, "read")) return VIRTIO_BLK_S_IOERR;
+        if (!buildIovecs(this.iov, chain.writable, 0, len)) return this.tooManySegments(chain);
+        if (len === 0) return VIRTIO_BLK_S_OK;
+        try {
+          this.image.read(this.iov, sector * 512, len);
+        } catch (e) {
+          return this.hostError("read", sector, len, e);
+        }
+        this.stats.bytesRead += len;
+        return VIRTIO_BLK_S_OK;
+      }
+      case VIRTIO_BLK_T_OUT: {
+        if (p.readOnly) return this.refuseReadOnly(chain, "write");
+        const len = chain.readableLen - REQUEST_HEADER_SIZE;
+        if (!this.checkRange(chain, sector, len, "write")) return VIRTIO_BLK_S_IOERR;
+        if (!buildIovecs(this.iov, chain.readable, REQUEST_HEADER_SIZE, len)) return this.tooManySegments(chain);
+        if (len === 0) return VIRTIO_BLK_S_OK;
+        try {
+          this.image.write(this.iov, sector * 512, len);
+          if (p.writethrough) this.image.flush();
+        } catch (e) {
+          return this.hostError("write", sector, len, e);
+        }
+        this.stats.bytesWritten += len;
+        return VIRTIO_BLK_S_OK;
+      }
+      case VIRTIO_BLK_T_FLUSH:
+        try {
+          this.image.flush();
+        } catch (e) {
+          return this.hostError("flush", 0, 0, e);
+        }
+        return VIRTIO_BLK_S_OK;
+      case VIRTIO_BLK_T_GET_ID:
+        if (chain.writableLen - 1 < VIRTIO_BLK_ID_BYTES) {
+          this.guestError(chain, `GET_ID buffer of ${chain.writableLen - 1} bytes (needs ${VIRTIO_BLK_ID_BYTES})`);
+          return VIRTIO_BLK_S_IOERR;
+        }
+        writeToChain(chain, p.serial);
+        return VIRTIO_BLK_S_OK;
+      case VIRTIO_BLK_T_DISCARD:
+      case VIRTIO_BLK_T_WRITE_ZEROES:
+        return this.discardOrZero(chain, type === VIRTIO_BLK_T_WRITE_ZEROES);
+      default:
+        this.guestError(chain, `unsupported request type ${type}`);
+        return VIRTIO_BLK_S_UNSUPP;
+    }
+  }
+
+  /** IN/OUT: length a multiple of the block size, sector aligned to it, range inside the disk. */
+  private checkRange(chain: DescriptorChain, sector: number, len: number, what: string): boolean {
+    const p = this.policy;
+    if (len > MAX_REQUEST_BYTES) {
+      this.guestError(chain, `${what} of ${len} bytes exceeds the ${MAX_REQUEST_BYTES}-byte request limit`);
+      return false;
+    }
+    if (len % p.blkSize !== 0 || (sector & this.sectorMask) !== 0) {
+      this.guestError(chain, `${what} of ${len} bytes at sector ${sector} is not aligned to ${p.blkSize}-byte blocks`);
+      return false;
+    }
+    if (sector > p.capacitySectors || len / 512 > p.capacitySectors - sector) {
+      this.guestError(chain, `${what} of ${len} bytes at sector ${sector} is beyond the disk's ${p.capacitySectors} sectors`);
+      return false;
+    }
+    return true;
+  }
+
+  private discardOrZero(chain: DescriptorChain, zero: boolean): number {
+    const p = this.policy;
+    const what = zero ? "write zeroes" : "discard";
+    if (p.readOnly) return this.refuseReadOnly(chain, what);
+    if (!(zero ? p.writeZeroes : p.discard)) {
+      this.guestError(chain, `${what} is not offered by this device`);
+      return VIRTIO_BLK_S_UNSUPP;
+    }
+    const bytes = chain.readableLen - REQUEST_HEADER_SIZE;
+    if (bytes <= 0 || bytes % DISCARD_SEGMENT_SIZE !== 0) {
+      this.guestError(chain, `${what} payload of ${bytes} bytes is not a list of 16-byte segments`);
+      return VIRTIO_BLK_S_IOERR;
+    }
+    const count = bytes / DISCARD_SEGMENT_SIZE;
+    if (count > MAX_DISCARD_SEGMENTS) {
+      this.guestError(chain, `${what} with ${count} segments (at most ${MAX_DISCARD_SEGMENTS})`);
+      return VIRTIO_BLK_S_UNSUPP;
+    }
+    readFromChain(chain, this.segments.subarray(0, bytes), REQUEST_HEADER_SIZE);
+    const v = this.segmentsView;
+    // Check every segment before touching the image.
+    for (let i = 0; i < count; i++) {
+      const o = i * DISCARD_SEGMENT_SIZE;
+      const sector = v.getUint32(o, true) + v.getUint32(o + 4, true) * 0x1_0000_0000;
+      const sectors = v.getUint32(o + 8, true);
+      const flags = v.getUint32(o + 12, true);
+      const allowed = zero ? VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP : 0;
+      if ((flags & ~allowed) !== 0) {
+        this.guestError(chain, `${what} segment with flags 0x${flags.toString(16)}`);
+        return VIRTIO_BLK_S_UNSUPP;
+      }
+      if (sectors > MAX_DISCARD_SECTORS) {
+        this.guestError(chain, `${what} of ${sectors} sectors (at most ${MAX_DISCARD_SECTORS})`);
+        return VIRTIO_BLK_S_IOERR;
+      }
+      if (((sector & this.sectorMask) | (sectors & this.sectorMask)) !== 0) {
+        this.guestError(chain, `${what} at sector ${sector} (+${sectors}) is not aligned to ${p.blkSize}-byte blocks`);
+        return VIRTIO_BLK_S_IOERR;
+      }
+      if (sector > p.capacitySectors || sectors > p.capacitySectors - sector) {
+        this.guestError(chain, `${what} at sector ${sector} (+${sectors}) is beyond the disk's ${p.capacitySectors} sectors`);
+        return VIRTIO_BLK_S_IOERR;
+      }
+    }
+    for (let i = 0; i < count; i++) {
+      const o = i * DISCARD_SEGMENT_SIZE;
+      const sector = v.getUint32(o, true) + v.getUint32(o + 4, true) * 0x1_0000_0000;
+      const sectors = v.getUint32(o + 8, true);
+      const unmap = (v.getUint32(o + 12, true) & VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP) !== 0;
+      try {
+        if (zero) this.image.writeZeroes(sector * 512, sectors * 512, unmap && p.mayUnmap);
+        else this.image.discard(sector * 512, sectors * 512);
+      } catch (e) {
+        return this.hostError(what, sector, sectors * 512, e);
+      }
+    }
+    if (zero && p.writethrough) {
+      try {
+        this.image.flush();
+      } catch (e) {
+        return this.hostError("flush", 0, 0, e);
+      }
+    }
+    return VIRTIO_BLK_S_OK;
+  }
+
+  private refuseReadOnly(chain: DescriptorChain, what: string): number {
+    this.guestError(chain, `${what} on a read-only disk`);
+    return VIRTIO_BLK_S_IOERR;
+  }
+
+  private tooManySegments(chain: DescriptorChain): number {
+    this.guestError(chain, `request with more than ${this.policy.segMax} data segments (seg_max)`);
+    return VIRTIO_BLK_S_IOERR;
+  }
+
+  /** Guest mistakes: debug-level (a guest may probe), rate-limited. */
+  private guestError(chain: DescriptorChain, message: string): void {
+    if (this.stats.errors + this.stats.unsupported < LOGGED_ERRORS) log.debug(`block queue ${this.queue.index}: head ${chain.head}: ${message}`);
+  }
+
+  /** Host I/O failures: the guest sees IOERR; we log (rate-limited) since the host has a problem. */
+  private hostError(what: string, sector: number, len: number, e: unknown): number {
+    if (this.stats.errors < LOGGED_ERRORS) {
+      const why = e instanceof SysError ? e.message : String((e as Error)?.message ?? e);
+      log.warn(`block queue ${this.queue.index}: ${what} of ${len} bytes at sector ${sector} failed: ${why}`);
+    }
+    return VIRTIO_BLK_S_IOERR;
+  }
+}
