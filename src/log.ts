@@ -15,3 +15,8 @@ export function setLogLevel(name: string): void {
 }
 
 export type { LogType };
+
+/** The name of the current level (to hand the same level to other threads). */
+export function logLevelName(): string {
+  return Object.entries(LOG_LEVELS).find(([, v]) => v === log.level)?.[0] ?? "info";
+}

@@ -4,7 +4,9 @@ import { COMMON_FEATURES, type DeviceContext, type VhostUserDevice } from "../..
 import type { GuestMemory } from "../../src/memory.ts";
 import type { Virtqueue } from "../../src/virtqueue.ts";
 import { watchKick } from "../../src/kick.ts";
-import { log } from "../../src/log.ts";
+import { QueueThread } from "../../src/queue_thread.ts";
+import { sharedPolicy, type BlockThreadOptions } from "./queue_runner.ts";
+import { log, logLevelName } from "../../src/log.ts";
 import { BlockImage } from "./image.ts";
 import { QueueProcessor, type BlockPolicy } from "./queue_processor.ts";
 import { segMaxFor, type BlockOptions } from "./options.ts";
@@ -34,7 +36,11 @@ export class BlockDevice implements VhostUserDevice {
   private readonly offered: bigint;
   private acked = 0n;
   private writeback = DEFAULT_WRITEBACK;
-  private readonly queues = new Map<number, { processor: QueueProcessor; unwatch: () => void }>();
+  private readonly queues = new Map<number, { processor: QueueProcessor | null; unwatch: () => void }>();
+  /** Word 0: 1 when writes must be stable at completion; shared with queue threads. */
+  private readonly cacheMode = new Int32Array(new SharedArrayBuffer(4));
+  /** Queue threads, created on first use; queue i runs on thread i % threads. */
+  private readonly pool: QueueThread[] = [];
 
   constructor(private readonly opts: BlockOptions, private readonly ctx: DeviceContext) {
     const image = BlockImage.open(opts.file, { readOnly: opts.readOnly, direct: opts.direct });
@@ -60,17 +66,16 @@ export class BlockDevice implements VhostUserDevice {
     };
     const serialBytes = new Uint8Array(VIRTIO_BLK_ID_BYTES);
     serialBytes.set(Buffer.from(this.serial).subarray(0, VIRTIO_BLK_ID_BYTES));
-    this.policy = {
+    this.policy = sharedPolicy({
       readOnly: opts.readOnly,
       discard: this.geometry.discard,
       writeZeroes: this.geometry.writeZeroes,
       mayUnmap: opts.sparse,
-      writethrough: false,
       serial: serialBytes,
       capacitySectors: this.geometry.capacitySectors,
       blkSize: image.blkSize,
       segMax,
-    };
+    }, this.cacheMode);
     this.offered =
       COMMON_FEATURES | VIRTIO_BLK_F_SEG_MAX | VIRTIO_BLK_F_BLK_SIZE | VIRTIO_BLK_F_TOPOLOGY | VIRTIO_BLK_F_FLUSH |
       VIRTIO_BLK_F_CONFIG_WCE | VIRTIO_BLK_F_MQ |
@@ -81,7 +86,7 @@ export class BlockDevice implements VhostUserDevice {
     log.info(
       `block: ${opts.file} (${image.isBlockDevice ? "block device" : "file"}, ${image.size} bytes, ` +
         `${image.blkSize}-byte blocks, ${opts.readOnly ? "read-only" : "read-write"}${opts.direct ? ", O_DIRECT" : ""}), ` +
-        `serial '${this.serial}', ${opts.numQueues} queue(s)`,
+        `serial '${this.serial}', ${opts.numQueues} queue(s), ${opts.threads === 0 ? "served in the device thread" : `${opts.threads} queue thread(s)`}`,
     );
   }
 
@@ -106,7 +111,8 @@ export class BlockDevice implements VhostUserDevice {
 
   /** Writes are stable at completion unless the driver negotiated FLUSH and the cache is writeback. */
   private updateWriteMode(): void {
-    this.policy.writethrough = !this.image.readOnly && ((this.acked & VIRTIO_BLK_F_FLUSH) === 0n || this.writeback === 0);
+    const writethrough = !this.image.readOnly && ((this.acked & VIRTIO_BLK_F_FLUSH) === 0n || this.writeback === 0);
+    Atomics.store(this.cacheMode, 0, writethrough ? 1 : 0);
   }
 
   readConfig(offset: number, size: number): Uint8Array | null {
@@ -123,7 +129,7 @@ export class BlockDevice implements VhostUserDevice {
     return true;
   }
 
-  startQueue(queue: Virtqueue, _mem: GuestMemory): void {
+  startQueue(queue: Virtqueue, mem: GuestMemory): void {
     this.stopQueue(queue.index);
     if (queue.size < this.geometry.segMax + 2) {
       // Linux sizes its chains by seg_max, not by the ring: chains may be longer than this ring.
@@ -132,12 +138,33 @@ export class BlockDevice implements VhostUserDevice {
           `chains of ${this.geometry.segMax + 2} descriptors; give --queue-size ${queue.size} to match the front-end`,
       );
     }
+    if (this.opts.threads > 0) {
+      const thread = this.thread(queue.index % this.opts.threads);
+      thread.start(queue, mem);
+      this.queues.set(queue.index, { processor: null, unwatch: () => thread.stop(queue) });
+      return;
+    }
     const processor = new QueueProcessor(queue, this.image, this.policy);
     const unwatch = watchKick(this.ctx.loop, queue, () => processor.run());
     this.queues.set(queue.index, { processor, unwatch });
   }
 
-  /** Requests complete synchronously inside run(), so none is in flight here: stop watching. */
+  private thread(i: number): QueueThread {
+    let t = this.pool[i];
+    if (t === undefined) {
+      const { writethrough: _, ...policy } = this.policy;
+      const options: BlockThreadOptions = {
+        file: this.opts.file, readOnly: this.opts.readOnly, direct: this.opts.direct,
+        policy, cacheMode: this.cacheMode.buffer as SharedArrayBuffer,
+      };
+      t = new QueueThread("block", options, logLevelName());
+      this.pool[i] = t;
+    }
+    return t;
+  }
+
+  /** Requests complete synchronously inside run() (in whichever thread serves the queue), so
+   * none is in flight once the queue is stopped. */
   stopQueue(index: number): void {
     const q = this.queues.get(index);
     if (q === undefined) return;
@@ -192,11 +219,12 @@ export class BlockDevice implements VhostUserDevice {
 
   /** Per-queue counters of the running queues. */
   stats(): Record<number, QueueProcessor["stats"]> {
-    return Object.fromEntries([...this.queues].map(([i, q]) => [i, q.processor.stats]));
+    return Object.fromEntries([...this.queues].flatMap(([i, q]) => (q.processor ? [[i, q.processor.stats]] : [])));
   }
 
   dispose(): void {
     for (const i of [...this.queues.keys()]) this.stopQueue(i);
+    for (const t of this.pool) t.terminate();
     this.image.close();
   }
 }

@@ -4,6 +4,7 @@ import { accessSync, constants, statSync } from "node:fs";
 import type { DeviceDefinition } from "../../src/device.ts";
 import { BLOCK_ARGS, parseBlockOptions } from "./options.ts";
 import { BlockDevice } from "./device.ts";
+import { blockQueueRunner } from "./queue_runner.ts";
 
 export const blockDevice: DeviceDefinition<Record<string, unknown>> = {
   name: "block",
@@ -27,6 +28,7 @@ export const blockDevice: DeviceDefinition<Record<string, unknown>> = {
   create(raw, ctx) {
     return new BlockDevice(parseBlockOptions(raw), ctx);
   },
+  queueRunner: blockQueueRunner,
 };
 
 export default blockDevice;

@@ -1,5 +1,6 @@
 // `backend device block` options: the citty definitions and one parser shared by the main thread
 // (validate) and the worker (create), so both read the command line the same way.
+import { availableParallelism } from "node:os";
 import { IOV_MAX, VIRTIO_BLK_ID_BYTES } from "./config.ts";
 
 export const BLOCK_ARGS = {
@@ -9,6 +10,7 @@ export const BLOCK_ARGS = {
   "num-queues": { type: "string", default: "16", description: "Number of request queues offered (1-256)" },
   "queue-size": { type: "string", default: "128", description: "The front-end's ring size (QEMU's queue-size); seg_max is queue-size - 2" },
   direct: { type: "boolean", default: false, description: "Open the image with O_DIRECT (bypass the host page cache)" },
+  threads: { type: "string", description: "Queue threads serving the queues in parallel (0: all queues in the device thread; default: one per queue, up to the number of CPUs, 0 for a single queue)" },
   sparse: { type: "boolean", default: true, negativeDescription: "Do not offer DISCARD and never deallocate on write-zeroes", description: "Offer DISCARD and deallocate discarded ranges (punch holes)" },
 } as const;
 
@@ -21,6 +23,8 @@ export interface BlockOptions {
   queueSize: number;
   direct: boolean;
   sparse: boolean;
+  /** Queue threads (0: serve the queues in the device thread). */
+  threads: number;
 }
 
 export const MAX_NUM_QUEUES = 256;
@@ -57,11 +61,14 @@ export function parseBlockOptions(raw: Record<string, unknown>): BlockOptions {
   }
   const queueSize = int(raw, "queue-size", DEFAULT_QUEUE_SIZE, 4, MAX_QUEUE_SIZE);
   if ((queueSize & (queueSize - 1)) !== 0) throw new Error(`--queue-size: ${queueSize} is not a power of 2`);
+  const numQueues = int(raw, "num-queues", 16, 1, MAX_NUM_QUEUES);
+  const defaultThreads = numQueues === 1 ? 0 : Math.min(numQueues, availableParallelism());
   return {
     file,
     readOnly: bool(raw, "read-only", false),
     serial,
-    numQueues: int(raw, "num-queues", 16, 1, MAX_NUM_QUEUES),
+    numQueues,
+    threads: int(raw, "threads", defaultThreads, 0, numQueues),
     queueSize,
     direct: bool(raw, "direct", false),
     sparse: bool(raw, "sparse", true),
