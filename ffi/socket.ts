@@ -5,6 +5,7 @@ import { libc, check, checkAllow, close, EAGAIN, EINTR } from "./libc.ts";
 
 const AF_UNIX = 1;
 const SOCK_STREAM = 1;
+const SOCK_DGRAM = 2;
 const SOCK_NONBLOCK = 0o4000;
 const SOCK_CLOEXEC = 0o2000000;
 const SOL_SOCKET = 1;
@@ -27,12 +28,11 @@ function sockaddrUn(path: string): Uint8Array {
   return sa;
 }
 
-/** Creates, binds and listens on a unix socket at `path` (which must not exist). */
-export function listenUnix(path: string, backlog = 1): number {
-  const fd = check(libc.socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0), "socket");
+/** A new unix socket of `type`, set up by `setup` (closed again if that throws). */
+function unixSocket(type: number, setup: (fd: number) => void): number {
+  const fd = check(libc.socket(AF_UNIX, type | SOCK_CLOEXEC, 0), "socket");
   try {
-    check(libc.bind(fd, sockaddrUn(path), SOCKADDR_UN_LEN), `bind(${path})`);
-    check(libc.listen(fd, backlog), "listen");
+    setup(fd);
   } catch (e) {
     close(fd);
     throw e;
@@ -40,15 +40,27 @@ export function listenUnix(path: string, backlog = 1): number {
   return fd;
 }
 
+/** Creates, binds and listens on a unix stream socket at `path` (which must not exist). */
+export function listenUnix(path: string, backlog = 1): number {
+  return unixSocket(SOCK_STREAM, (fd) => {
+    check(libc.bind(fd, sockaddrUn(path), SOCKADDR_UN_LEN), `bind(${path})`);
+    check(libc.listen(fd, backlog), "listen");
+  });
+}
+
 export function connectUnix(path: string): number {
-  const fd = check(libc.socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0), "socket");
-  try {
-    check(libc.connect(fd, sockaddrUn(path), SOCKADDR_UN_LEN), `connect(${path})`);
-  } catch (e) {
-    close(fd);
-    throw e;
-  }
-  return fd;
+  return unixSocket(SOCK_STREAM, (fd) => check(libc.connect(fd, sockaddrUn(path), SOCKADDR_UN_LEN), `connect(${path})`));
+}
+
+/** A datagram socket connected to `path` (the syslog socket, /dev/log), non-blocking unless told otherwise. */
+export function connectUnixDatagram(path: string, nonBlocking = true): number {
+  return unixSocket(SOCK_DGRAM | (nonBlocking ? SOCK_NONBLOCK : 0), (fd) =>
+    check(libc.connect(fd, sockaddrUn(path), SOCKADDR_UN_LEN), `connect(${path})`));
+}
+
+/** A non-blocking datagram socket bound at `path` (which must not exist). */
+export function bindUnixDatagram(path: string): number {
+  return unixSocket(SOCK_DGRAM | SOCK_NONBLOCK, (fd) => check(libc.bind(fd, sockaddrUn(path), SOCKADDR_UN_LEN), `bind(${path})`));
 }
 
 /** accept4 with CLOEXEC (and NONBLOCK when asked); returns -EAGAIN when nothing is pending. */

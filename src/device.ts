@@ -65,6 +65,8 @@ export interface DeviceDefinition<Options = Record<string, unknown>> {
   description: string;
   /** citty argument definitions for `backend device <name>`. */
   args: Record<string, unknown>;
+  /** Options that may be given more than once; they arrive as arrays of strings. */
+  repeatable?: string[];
   /** Validates options in the main thread so bad options fail before the socket is created. */
   validate?(options: Options): void;
   /** Builds the device inside the worker. */

@@ -10,6 +10,7 @@ import { unlink } from "../ffi/io.ts";
 import { signal } from "../ffi/eventfd.ts";
 import { log, setLogLevel, LOG_LEVELS } from "./log.ts";
 import { capabilities } from "./capabilities.ts";
+import { repeatedOption } from "./cli_args.ts";
 import type { FromWorker, ToWorker } from "./worker.ts";
 import pkg from "../package.json" with { type: "json" };
 
@@ -37,6 +38,9 @@ async function runDevice(def: DeviceDefinition, args: Record<string, unknown>): 
   const socketPath = (args.socket ?? args["socket-path"]) as string | undefined;
   const sources = [args.socket, args["socket-path"], args.fd].filter((x) => x !== undefined).length;
   if (sources !== 1) throw new Error("give exactly one of --socket PATH, --socket-path PATH or --fd N");
+  for (const name of def.repeatable ?? []) {
+    if (args[name] !== undefined) args[name] = repeatedOption(process.argv, name);
+  }
   def.validate?.(args);
 
   // citty's parsed args are not structured-cloneable as they are: pass plain data to the worker.

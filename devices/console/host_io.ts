@@ -1,0 +1,318 @@
+// The host ends of a console port: where guest output goes (stdout, a file, a FIFO, syslog) and where
+// guest input comes from (stdin, a file, a FIFO, a terminal). Everything is non-blocking or never
+// blocks for long (regular files), so the worker's event loop never stalls on a host endpoint.
+//
+// stdin/stdout are reopened through /proc/self/fd when they are pipes or terminals: the new open
+// file description can be made O_NONBLOCK without changing the one the shell shares with us.
+import { toArrayBuffer, type Pointer } from "bun:ffi";
+import {
+  open, read, write, fstat, fcntl, setNonBlocking, isatty, tcgetattr, tcsetattr, ioctl,
+  O_RDONLY, O_WRONLY, O_RDWR, O_CREAT, O_APPEND, O_NONBLOCK, F_GETFL, F_SETFL,
+  S_IFMT, S_IFREG, S_IFBLK, S_IFIFO, type Buf,
+} from "../../ffi/io.ts";
+import { close, EAGAIN, SysError } from "../../ffi/libc.ts";
+import { connectUnixDatagram } from "../../ffi/socket.ts";
+import type { WindowSize } from "./config.ts";
+import { log } from "../../src/log.ts";
+
+const O_NOCTTY = 0o400;
+const ENXIO = 6;
+const TIOCGWINSZ = 0x5413;
+
+// struct termios (x86_64): c_iflag@0 c_oflag@4 c_cflag@8 c_lflag@12 c_line@16 c_cc[32]@17.
+const C_LFLAG = 12;
+const C_CC = 17;
+const VTIME = 5;
+const VMIN = 6;
+const ISIG = 0o1;
+const ICANON = 0o2;
+const ECHO = 0o10;
+
+/** Where a port's guest input comes from. */
+export interface InputSource {
+  /** For log messages ("stdin", "/tmp/in.fifo"). */
+  readonly what: string;
+  readonly fd: number;
+  /**
+   * True when reads can find nothing yet (pipes, FIFOs, terminals): read on EPOLLIN only. False for
+   * regular files and block devices, which are read directly as receive buffers free up.
+   */
+  readonly pollable: boolean;
+  readonly terminal: boolean;
+  /** read(2): bytes read, 0 at end of input, -EAGAIN when nothing is there now. */
+  read(buf: Uint8Array, len: number): number;
+  /** The terminal's size, or null when the input is not a terminal. */
+  windowSize(): WindowSize | null;
+  /** Restores what we changed (terminal mode, fd flags) and closes what we opened. */
+  close(): void;
+}
+
+/** Where a port's guest output goes. */
+export interface OutputSink {
+  readonly what: string;
+  /** The fd to wait on with EPOLLOUT after write() returned -EAGAIN. */
+  readonly fd: number;
+  /** Writes from a Uint8Array or a host address: bytes taken (≥ 1 when len > 0), or -EAGAIN. */
+  write(buf: Buf, len: number): number;
+  close(): void;
+}
+
+interface FdOwnership {
+  /** We opened it and close it. */
+  owned: boolean;
+  /** File status flags to put back on a shared fd we had to make non-blocking ourselves. */
+  restoreFlags: number | null;
+}
+
+function fileType(fd: number): number {
+  return fstat(fd).mode & S_IFMT;
+}
+
+function isDirect(type: number): boolean {
+  return type === S_IFREG || type === S_IFBLK;
+}
+
+function release(fd: number, own: FdOwnership): void {
+  try {
+    if (own.restoreFlags !== null) fcntl(fd, F_SETFL, own.restoreFlags);
+  } catch {
+    /* the fd may be gone already */
+  }
+  if (own.owned) close(fd);
+}
+
+/**
+ * A non-blocking fd for inherited stdio `fd`: a fresh open file description through /proc when
+ * possible, else the fd itself made non-blocking (its flags restored on close).
+ */
+function reopenStdio(fd: number, flags: number): { fd: number } & FdOwnership {
+  try {
+    return { fd: open(`/proc/self/fd/${fd}`, flags | O_NONBLOCK | O_NOCTTY), owned: true, restoreFlags: null };
+  } catch {
+    // Sockets cannot be reopened (ENXIO).
+    const old = fcntl(fd, F_GETFL);
+    setNonBlocking(fd);
+    return { fd, owned: false, restoreFlags: old };
+  }
+}
+
+// ---- input ----
+
+class FdInput implements InputSource {
+  readonly terminal: boolean;
+  private savedTermios: Uint8Array | null = null;
+  private readonly winsize = new Uint8Array(8);
+
+  constructor(readonly what: string, readonly fd: number, readonly pollable: boolean, private readonly own: FdOwnership) {
+    this.terminal = isatty(fd);
+    if (this.terminal) this.makeRaw();
+  }
+
+  /**
+   * Raw mode as crosvm sets it: no line editing, no echo, no signals from ^C/^Z (they go to the
+   * guest). Output processing stays on, so host-side newlines are unaffected.
+   */
+  private makeRaw(): void {
+    const saved = tcgetattr(this.fd);
+    const raw = saved.slice();
+    const v = new DataView(raw.buffer);
+    v.setUint32(C_LFLAG, v.getUint32(C_LFLAG, true) & ~(ICANON | ECHO | ISIG), true);
+    raw[C_CC + VMIN] = 1;
+    raw[C_CC + VTIME] = 0;
+    tcsetattr(this.fd, raw);
+    this.savedTermios = saved;
+  }
+
+  read(buf: Uint8Array, len: number): number {
+    return read(this.fd, buf, len);
+  }
+
+  windowSize(): WindowSize | null {
+    if (!this.terminal) return null;
+    try {
+      ioctl(this.fd, TIOCGWINSZ, this.winsize);
+    } catch {
+      return null;
+    }
+    const v = new DataView(this.winsize.buffer);
+    return { rows: v.getUint16(0, true), cols: v.getUint16(2, true) };
+  }
+
+  close(): void {
+    if (this.savedTermios !== null) {
+      try {
+        tcsetattr(this.fd, this.savedTermios);
+      } catch (e) {
+        log.warn(`${this.what}: could not restore the terminal mode: ${(e as Error).message}`);
+      }
+      this.savedTermios = null;
+    }
+    release(this.fd, this.own);
+  }
+}
+
+/** stdin, or null when the process has none (fd 0 closed). */
+export function openStdin(): InputSource | null {
+  let type: number;
+  try {
+    type = fileType(0);
+  } catch {
+    return null;
+  }
+  if (isDirect(type)) return new FdInput("stdin", 0, false, { owned: false, restoreFlags: null });
+  const r = reopenStdio(0, O_RDONLY);
+  return new FdInput("stdin", r.fd, true, r);
+}
+
+/** A file, FIFO or terminal to read guest input from. Opening a FIFO does not wait for a writer. */
+export function openInputFile(path: string): InputSource {
+  const fd = open(path, O_RDONLY | O_NONBLOCK | O_NOCTTY);
+  try {
+    return new FdInput(path, fd, !isDirect(fileType(fd)), { owned: true, restoreFlags: null });
+  } catch (e) {
+    close(fd);
+    throw e;
+  }
+}
+
+// ---- output ----
+
+class FdOutput implements OutputSink {
+  constructor(readonly what: string, readonly fd: number, private readonly own: FdOwnership) {}
+
+  write(buf: Buf, len: number): number {
+    return write(this.fd, buf, len);
+  }
+
+  close(): void {
+    release(this.fd, this.own);
+  }
+}
+
+/** stdout (or stderr, fd 2). */
+export function openStdStream(fd: 1 | 2): OutputSink {
+  const what = fd === 1 ? "stdout" : "stderr";
+  if (isDirect(fileType(fd))) return new FdOutput(what, fd, { owned: false, restoreFlags: null });
+  const r = reopenStdio(fd, O_WRONLY);
+  return new FdOutput(what, r.fd, r);
+}
+
+/**
+ * An output file: appended to, created if missing. A FIFO is opened read-write, which never
+ * waits for a reader and never fails for want of one: output stays in the pipe (and then in the
+ * guest's ring) until a reader comes.
+ */
+export function openOutputFile(path: string): OutputSink {
+  let fd: number;
+  let readWrite = false;
+  try {
+    fd = open(path, O_WRONLY | O_CREAT | O_APPEND | O_NONBLOCK | O_NOCTTY);
+  } catch (e) {
+    if (!(e instanceof SysError && e.errno === ENXIO)) throw e; // ENXIO: a FIFO without a reader
+    fd = open(path, O_RDWR | O_NONBLOCK);
+    readWrite = true;
+  }
+  try {
+    if (fileType(fd) === S_IFIFO && !readWrite) {
+      close(fd);
+      fd = open(path, O_RDWR | O_NONBLOCK);
+    }
+  } catch (e) {
+    close(fd);
+    throw e;
+  }
+  return new FdOutput(path, fd, { owned: true, restoreFlags: null });
+}
+
+// ---- syslog ----
+
+const SYSLOG_LINE_MAX = 1024;
+const LOG_USER_INFO = (1 << 3) | 6;
+const MONTHS = ["Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec"];
+
+function syslogTimestamp(d: Date): string {
+  const p2 = (n: number) => String(n).padStart(2, "0");
+  return `${MONTHS[d.getMonth()]} ${String(d.getDate()).padStart(2, " ")} ${p2(d.getHours())}:${p2(d.getMinutes())}:${p2(d.getSeconds())}`;
+}
+
+/**
+ * Guest output as syslog messages, one per line (long lines split at 1 KiB), sent to the syslog
+ * socket as glibc's syslog(3) does (RFC 3164 framing). The socket is non-blocking: a message the
+ * daemon cannot take yet is held, and the sink reports -EAGAIN until it has gone, which leaves the
+ * rest of the guest's output in its ring.
+ */
+class SyslogOutput implements OutputSink {
+  readonly what: string;
+  private readonly line = new Uint8Array(SYSLOG_LINE_MAX);
+  private lineLen = 0;
+  private unsent: Uint8Array | null = null;
+  private warned = false;
+
+  constructor(readonly fd: number, socketPath: string, private readonly tag: string) {
+    this.what = `syslog (${socketPath})`;
+  }
+
+  write(buf: Buf, len: number): number {
+    if (len === 0) return 0;
+    if (this.unsent !== null) {
+      if (!this.send(this.unsent)) return -EAGAIN;
+      this.unsent = null;
+    }
+    const bytes = typeof buf === "number" ? new Uint8Array(toArrayBuffer(buf as unknown as Pointer, 0, len)) : buf.subarray(0, len);
+    for (let i = 0; i < len; i++) {
+      const b = bytes[i]!;
+      if (b !== 10) this.line[this.lineLen++] = b;
+      if (b === 10 || this.lineLen === SYSLOG_LINE_MAX) {
+        if (!this.flushLine()) return i + 1; // these bytes are ours now; the rest waits
+      }
+    }
+    return len;
+  }
+
+  /** Sends the assembled line; false when the socket is full (the message is kept as unsent). */
+  private flushLine(): boolean {
+    let end = this.lineLen;
+    if (end > 0 && this.line[end - 1] === 13) end--; // a guest tty sends \r\n
+    this.lineLen = 0;
+    if (end === 0) return true;
+    const head = Buffer.from(`<${LOG_USER_INFO}>${syslogTimestamp(new Date())} ${this.tag}[${process.pid}]: `);
+    const msg = new Uint8Array(head.length + end);
+    msg.set(head, 0);
+    msg.set(this.line.subarray(0, end), head.length);
+    if (this.send(msg)) return true;
+    this.unsent = msg;
+    return false;
+  }
+
+  /** One datagram; true once it is sent or given up on, false when the socket is full. */
+  private send(msg: Uint8Array): boolean {
+    try {
+      return write(this.fd, msg, msg.length) !== -EAGAIN;
+    } catch (e) {
+      // A restarted daemon refuses the old association; anything else loses this one message.
+      if (!this.warned) log.warn(`${this.what}: ${(e as Error).message}; messages are being dropped`);
+      this.warned = true;
+      return true;
+    }
+  }
+
+  close(): void {
+    if (this.lineLen > 0) this.flushLine();
+    close(this.fd);
+  }
+}
+
+/**
+ * A syslog sink; when no syslog daemon listens at `socketPath`, guest output goes to stderr
+ * instead (with a warning), rather than nowhere.
+ */
+export function openSyslog(tag: string, socketPath: string): OutputSink {
+  let fd: number;
+  try {
+    fd = connectUnixDatagram(socketPath);
+  } catch (e) {
+    log.warn(`syslog: ${(e as Error).message}; guest output goes to stderr instead`);
+    return openStdStream(2);
+  }
+  return new SyslogOutput(fd, socketPath, tag);
+}
