@@ -1,0 +1,213 @@
+// The two vhost-user-blk backends under comparison (ours and qemu-storage-daemon), their RAM-backed
+// images, and host CPU accounting from /proc/PID/stat.
+import type { Subprocess } from "bun";
+import { existsSync, readdirSync, readFileSync, rmSync, statSync } from "node:fs";
+import { join } from "node:path";
+
+/** Clock ticks per second for /proc/PID/stat's utime/stime (USER_HZ; 100 on every Linux we know). */
+export const CLK_TCK = (() => {
+  const r = Bun.spawnSync(["getconf", "CLK_TCK"]);
+  const n = Number(r.stdout.toString().trim());
+  return Number.isInteger(n) && n > 0 ? n : 100;
+})();
+
+/**
+ * utime+stime of the whole process in clock ticks. /proc/PID/stat of the thread-group leader sums
+ * every live thread plus the threads that already exited (qsd's thread pool comes and goes), so the
+ * queue threads of ours and qsd's aio workers are included. Children (cutime) are not: neither
+ * backend forks.
+ */
+export function cpuTicks(pid: number): number {
+  let text: string;
+  try {
+    text = readFileSync(`/proc/${pid}/stat`, "utf8");
+  } catch (e) {
+    throw new Error(`cannot read /proc/${pid}/stat (backend gone?): ${(e as Error).message}`);
+  }
+  // comm (field 2) is in parentheses and may contain spaces: split after the last ')'.
+  const rest = text.slice(text.lastIndexOf(")") + 2).split(" ");
+  // rest[0] is field 3 (state); utime is field 14, stime field 15.
+  if (rest[0] === "Z" || rest[0] === "X") throw new Error(`backend pid ${pid} is a zombie (it died)`);
+  return Number(rest[11]) + Number(rest[12]);
+}
+
+export type BackendKind = "ours" | "qsd";
+
+export interface Backend {
+  /** "ours" or "qsd" — which implementation serves the disk. */
+  kind: BackendKind;
+  /** Slot label used in results: "ours" or "qsd" (in --peer-only mode the "ours" slot is a second qsd). */
+  label: BackendKind;
+  socket: string;
+  image: string;
+  proc: Subprocess;
+  pid: number;
+  argv: string[];
+  /** Captured output (stderr+stdout), for failure messages. */
+  output(): string;
+  /** Throws if the process has exited. */
+  assertAlive(): void;
+  stop(): Promise<void>;
+}
+
+export interface BackendOptions {
+  image: string;
+  socket: string;
+  numQueues: number;
+  queueSize: number;
+}
+
+export interface OursOptions extends BackendOptions {
+  /** argv prefix that runs the backend CLI, e.g. ["/work/main/dist/backend"] or ["bun", "src/main.ts"]. */
+  command: string[];
+  /** Extra args for `device block` (e.g. ["--direct"]). */
+  extraArgs: string[];
+  env?: Record<string, string>;
+}
+
+export interface QsdOptions extends BackendOptions {
+  qsd: string;
+  /** aio= of the file driver: "threads" (qsd's default), "io_uring" or "native". */
+  aio: string;
+  /** Run the export in a dedicated iothread (qsd serves it from the main loop by default). */
+  iothread: boolean;
+}
+
+export async function startOurs(label: BackendKind, o: OursOptions): Promise<Backend> {
+  const argv = [
+    ...o.command,
+    "device", "block",
+    "--socket", o.socket,
+    "--file", o.image,
+    "--num-queues", String(o.numQueues),
+    "--queue-size", String(o.queueSize),
+    "--log-level", "warn",
+    ...o.extraArgs,
+  ];
+  return spawnBackend("ours", label, argv, o, o.env);
+}
+
+export async function startQsd(label: BackendKind, o: QsdOptions): Promise<Backend> {
+  const argv = [
+    o.qsd,
+    ...(o.iothread ? ["--object", "iothread,id=io0"] : []),
+    // driver=file directly (no raw format layer on top): the same raw image ours serves.
+    // cache.direct=off: buffered, like ours without --direct (and O_DIRECT on tmpfs is moot anyway).
+    "--blockdev", `driver=file,node-name=f,filename=${o.image},cache.direct=off,aio=${o.aio}`,
+    "--export",
+    `type=vhost-user-blk,id=e,node-name=f,addr.type=unix,addr.path=${o.socket},writable=on,` +
+      `num-queues=${o.numQueues}${o.iothread ? ",iothread=io0" : ""}`,
+  ];
+  return spawnBackend("qsd", label, argv, o);
+}
+
+async function spawnBackend(
+  kind: BackendKind,
+  label: BackendKind,
+  argv: string[],
+  o: BackendOptions,
+  env?: Record<string, string>,
+): Promise<Backend> {
+  rmSync(o.socket, { force: true });
+  const proc = Bun.spawn(argv, {
+    stdin: "ignore",
+    stdout: "pipe",
+    stderr: "pipe",
+    env: { ...process.env, ...env },
+  });
+  let out = "";
+  const drain = async (s: ReadableStream<Uint8Array>) => {
+    const d = new TextDecoder();
+    for await (const b of s) out += d.decode(b, { stream: true });
+  };
+  void drain(proc.stdout as ReadableStream<Uint8Array>);
+  void drain(proc.stderr as ReadableStream<Uint8Array>);
+  const b: Backend = {
+    kind,
+    label,
+    socket: o.socket,
+    image: o.image,
+    proc,
+    pid: proc.pid,
+    argv,
+    output: () => out,
+    assertAlive() {
+      if (proc.exitCode !== null || proc.signalCode !== null) {
+        throw new Error(
+          `${label} backend (${kind}, pid ${proc.pid}) died: exit ${proc.exitCode} signal ${proc.signalCode}\n` +
+            `argv: ${argv.join(" ")}\noutput:\n${tail(out, 30)}`,
+        );
+      }
+    },
+    async stop() {
+      if (proc.exitCode !== null || proc.signalCode !== null) return;
+      proc.kill("SIGTERM");
+      const t = setTimeout(() => proc.kill("SIGKILL"), 5000);
+      await proc.exited;
+      clearTimeout(t);
+    },
+  };
+  // Both must listen before QEMU starts (vhost-user-blk-pci connects at realize).
+  const deadline = Date.now() + 15_000;
+  while (!existsSync(o.socket)) {
+    b.assertAlive();
+    if (Date.now() > deadline) {
+      proc.kill("SIGKILL");
+      throw new Error(`${label} backend did not create ${o.socket} within 15 s\nargv: ${argv.join(" ")}\n${tail(out, 30)}`);
+    }
+    await Bun.sleep(20);
+  }
+  return b;
+}
+
+/**
+ * A fully allocated image on /dev/shm: every page exists before the guest writes, so writes do not
+ * pay for allocation. fallocate on tmpfs allocates the pages but leaves them "not uptodate": the
+ * first access to each still clears it (shmem zeroes falloc'd pages lazily), which made the first
+ * write job on an image measurably dearer than later ones. Writing zeros over the whole image once
+ * (in place, conv=notrunc) settles every page.
+ */
+export function createImage(path: string, sizeBytes: number): void {
+  rmSync(path, { force: true });
+  const r = Bun.spawnSync(["fallocate", "-l", String(sizeBytes), path], { stderr: "pipe" });
+  if (r.exitCode !== 0) throw new Error(`fallocate -l ${sizeBytes} ${path} failed: ${r.stderr.toString()}`);
+  const mib = Math.ceil(sizeBytes / (1 << 20));
+  const z = Bun.spawnSync(["dd", "if=/dev/zero", `of=${path}`, "bs=1M", `count=${mib}`, "conv=notrunc", "status=none"], {
+    stderr: "pipe",
+  });
+  if (z.exitCode !== 0) throw new Error(`zero-filling ${path} failed: ${z.stderr.toString()}`);
+  // On tmpfs, st_blocks tells whether the pages are really there.
+  const st = statSync(path);
+  if (st.size !== sizeBytes || st.blocks * 512 < sizeBytes) {
+    throw new Error(`${path} is not fully allocated (size ${st.size}, ${st.blocks} blocks)`);
+  }
+}
+
+export function tail(text: string, lines: number): string {
+  return text.split("\n").slice(-lines).join("\n");
+}
+
+export function socketPath(dir: string, name: string): string {
+  return join(dir, `${name}.sock`);
+}
+
+/** Busy CPU time of the whole host (all CPUs, everything but idle and iowait), in clock ticks. */
+export function hostBusyTicks(): number {
+  const line = readFileSync("/proc/stat", "utf8").split("\n", 1)[0]!;
+  // cpu user nice system idle iowait irq softirq steal guest guest_nice (guest is inside user)
+  const f = line.trim().split(/\s+/).slice(1).map(Number);
+  return f[0]! + f[1]! + f[2]! + f[5]! + f[6]! + f[7]!;
+}
+
+/** The pid of the process whose command line contains `needle` (e.g. a unique socket path), or null. */
+export function findPidByCmdline(needle: string): number | null {
+  for (const e of readdirSync("/proc")) {
+    if (!/^\d+$/.test(e)) continue;
+    try {
+      if (readFileSync(`/proc/${e}/cmdline`, "utf8").includes(needle)) return Number(e);
+    } catch {
+      // gone
+    }
+  }
+  return null;
+}
