@@ -1,7 +1,8 @@
 // The common handler, driven by our in-process front-end through a real socket and a real worker:
 // the lifecycle crosvm's handler test walks, then one test per rejection rule.
 import { describe, test, expect, beforeEach, afterEach } from "bun:test";
-import { BackendUnderTest, GuestRam, Vmm, DriverQueue, Req, u64, vringState, vringAddr, memTable, memRegion, configPayload, deviceStateFd, pipe } from "../support/frontend.ts";
+import { socketPair } from "../../ffi/socket.ts";
+import { BackendUnderTest, FrontendConnection, GuestRam, Vmm, DriverQueue, Req, u64, vringState, vringAddr, memTable, memRegion, configPayload, deviceStateFd, pipe } from "../support/frontend.ts";
 import { close } from "../../ffi/libc.ts";
 import { eventfd } from "../../ffi/eventfd.ts";
 import { HANDLER_PROTOCOL_FEATURES, F_PROTOCOL_FEATURES } from "../../src/protocol/constants.ts";
@@ -197,6 +198,45 @@ describe("lifecycle", () => {
     expect(c.ack(Req.SET_CONFIG, configPayload(0, 4, 0, Buffer.from("XXXX")))).not.toBe(0n);
     expect(c.ack(Req.SET_CONFIG, configPayload(8, 4, 0, Buffer.from("abcd")))).toBe(0n);
     close(be);
+  });
+});
+
+describe("framing", () => {
+  test("a request that arrives a byte at a time is reassembled, fds with its first byte", async () => {
+    vmm.handshake();
+    const payload = memTable([{ gpa: 0, size: ram.size, uaddr: ram.uaddr, offset: 0 }]);
+    const msg = new Uint8Array(12 + payload.length);
+    const v = new DataView(msg.buffer);
+    v.setUint32(0, Req.SET_MEM_TABLE, true);
+    v.setUint32(4, 0x1 | 0x8, true);
+    v.setUint32(8, payload.length, true);
+    msg.set(payload, 12);
+    vmm.conn.sendRaw(msg.subarray(0, 1), [ram.fd]);
+    for (let i = 1; i < msg.length; i++) {
+      vmm.conn.sendRaw(msg.subarray(i, i + 1));
+      if (i % 50 === 0) await Bun.sleep(1);
+    }
+    const r = vmm.conn.recv();
+    expect(r.code).toBe(Req.SET_MEM_TABLE);
+    expect(new DataView(r.payload.buffer).getBigUint64(0, true)).toBe(0n);
+    const q = new DriverQueue(ram, 0, 16);
+    vmm.queues = [q];
+    vmm.startQueue(q);
+    expect(await echo(q, "reassembled")).toBe("reassembled");
+  });
+
+  test("config changes are announced on the backend channel", () => {
+    vmm.handshake();
+    const [ours, theirs] = socketPair();
+    expect(vmm.conn.ack(Req.SET_BACKEND_REQ_FD, new Uint8Array(0), [theirs])).toBe(0n);
+    close(theirs);
+    expect(vmm.conn.ack(Req.SET_CONFIG, configPayload(8, 2, 0, Buffer.from("hi")))).toBe(0n);
+    const backendChannel = new FrontendConnection(ours);
+    const m = backendChannel.recv();
+    expect(m.code).toBe(2); // BACKEND_CONFIG_CHANGE_MSG
+    expect(m.flags & 0x3).toBe(1);
+    expect(m.payload.length).toBe(0);
+    backendChannel.close();
   });
 });
 
