@@ -1,0 +1,61 @@
+// The compiled single binary, as users get it: help, capabilities, and a device served from it.
+import { beforeAll, describe, expect, test } from "bun:test";
+import { existsSync, mkdtempSync, rmSync } from "node:fs";
+import { tmpdir } from "node:os";
+import { join } from "node:path";
+import { FrontendConnection, Req } from "../support/frontend.ts";
+import { waitForPath } from "./rig.ts";
+
+const ROOT = join(import.meta.dir, "../..");
+const BINARY = join(ROOT, "dist/backend");
+const plain = (s: string) => s.replace(/\x1b\[[0-9;]*m/g, "");
+
+beforeAll(() => {
+  if (!existsSync(BINARY)) {
+    const b = Bun.spawnSync([process.execPath, "run", "build"], { cwd: ROOT, stdout: "pipe", stderr: "pipe" });
+    if (b.exitCode !== 0) throw new Error(`build failed: ${b.stderr.toString()}`);
+  }
+}, 120_000);
+
+function run(args: string[]) {
+  const p = Bun.spawnSync([BINARY, ...args], { stdout: "pipe", stderr: "pipe" });
+  return { code: p.exitCode, out: plain(p.stdout.toString() + p.stderr.toString()) };
+}
+
+describe("dist/backend", () => {
+  test("--help lists the devices", () => {
+    const r = run(["--help"]);
+    expect(r.code).toBe(0);
+    expect(r.out).toContain("device");
+    const d = run(["device", "--help"]);
+    expect(d.out).toContain("block");
+    expect(d.out).toContain("console");
+  });
+
+  test("--print-capabilities prints the spec's JSON", () => {
+    const blk = run(["device", "block", "--print-capabilities"]);
+    expect(blk.code).toBe(0);
+    expect(JSON.parse(blk.out)).toEqual({ type: "blk", features: ["blk-file", "read-only"] });
+    const con = JSON.parse(run(["device", "console", "--print-capabilities"]).out);
+    expect(con.type).toBe("console");
+  });
+
+  test("serves a device from its embedded worker, then exits 0 on SIGTERM", async () => {
+    const dir = mkdtempSync(join(tmpdir(), "vhu-bin-"));
+    try {
+      const sock = join(dir, "blk.sock");
+      const img = join(dir, "disk.img");
+      await Bun.write(img, new Uint8Array(1 << 20));
+      const p = Bun.spawn([BINARY, "device", "block", "--socket", sock, "--file", img, "--num-queues", "2"], { stdout: "pipe", stderr: "pipe" });
+      await waitForPath(sock, 10_000);
+      const c = new FrontendConnection(sock);
+      expect(c.requestU64(Req.GET_QUEUE_NUM)).toBe(2n);
+      c.close();
+      p.kill("SIGTERM");
+      expect(await p.exited).toBe(0);
+      expect(existsSync(sock)).toBe(false);
+    } finally {
+      rmSync(dir, { recursive: true, force: true });
+    }
+  });
+});
