@@ -421,7 +421,7 @@ export class Vmm {
   conn: FrontendConnection;
   queues: DriverQueue[] = [];
 
-  constructor(readonly backend: BackendUnderTest, readonly ram: GuestRam) {
+  constructor(readonly backend: { socketPath: string }, readonly ram: GuestRam) {
     this.conn = new FrontendConnection(backend.socketPath);
   }
 
