@@ -2,20 +2,17 @@
 // ring state and snapshots, for any VhostUserDevice. It is transport-agnostic: `handle` takes a
 // decoded message and returns the reply payload (or null); the session does the socket side.
 import { close } from "../ffi/libc.ts";
-import { EPOLLIN } from "../ffi/epoll.ts";
-import { read } from "../ffi/io.ts";
-import { MsgIo } from "../ffi/socket.ts";
-import { EAGAIN } from "../ffi/libc.ts";
 import {
   Req, reqName, pf, ProtocolFeature, HANDLER_PROTOCOL_FEATURES, F_PROTOCOL_FEATURES, MAX_MEM_SLOTS,
-  TRANSFER_SAVE, TRANSFER_LOAD, PHASE_STOPPED, DEVICE_STATE_NO_FD, BackendReq, VERSION,
+  TRANSFER_SAVE, TRANSFER_LOAD, PHASE_STOPPED, DEVICE_STATE_NO_FD,
 } from "./protocol/constants.ts";
-import { type Message, type MemoryRegionDesc, u64Bytes, vringStateBytes, configBytes, encodeHeader } from "./protocol/codec.ts";
+import { type Message, type MemoryRegionDesc, u64Bytes, vringStateBytes, configBytes } from "./protocol/codec.ts";
 import { GuestMemory, MemoryRegion } from "./memory.ts";
 import { Virtqueue, MAX_QUEUE_SIZE } from "./virtqueue.ts";
 import { VIRTIO_F_EVENT_IDX, VIRTIO_F_INDIRECT_DESC, type VhostUserDevice } from "./device.ts";
 import type { EventLoop } from "./event_loop.ts";
-import { encodeEnvelope, decodeEnvelope, StateReader, StateWriter, SNAPSHOT_FORMAT_VERSION } from "./snapshot.ts";
+import { encodeEnvelope, decodeEnvelope, StateTransfer, SNAPSHOT_FORMAT_VERSION } from "./snapshot.ts";
+import { BackendChannel } from "./backend_channel.ts";
 import { log } from "./log.ts";
 
 /** A request the handler refuses; the session replies with an error and goes on. */
@@ -65,8 +62,6 @@ function newVring(): Vring {
   return { num: 0, addr: null, base: 0, kickFd: -1, callFd: -1, errFd: -1, enabled: false, started: false, queue: null };
 }
 
-type Transfer = { kind: "save"; writer: StateWriter } | { kind: "load"; reader: StateReader };
-
 export class VhostUserHandler {
   private owner = false;
   private ackedFeatures = 0n;
@@ -74,13 +69,13 @@ export class VhostUserHandler {
   private status = 0;
   private readonly mem = new GuestMemory();
   private vrings: Vring[];
-  private backendFd = -1;
-  private readonly backendIo = new MsgIo();
-  private transfer: Transfer | null = null;
+  private backend: BackendChannel | null = null;
+  private readonly transfer: StateTransfer;
   private suspended = false;
 
   constructor(private readonly device: VhostUserDevice, private readonly loop: EventLoop) {
     this.vrings = Array.from({ length: device.maxQueues() }, newVring);
+    this.transfer = new StateTransfer(loop);
   }
 
   offeredFeatures(): bigint {
@@ -427,42 +422,14 @@ export class VhostUserHandler {
   // ---- backend channel ----
 
   private setBackendFd(fd: number): void {
-    this.closeBackendChannel();
-    this.backendFd = fd;
-    // Replies the front-end sends on this channel are not needed (we never ask for any); read and
-    // drop whatever arrives so the socket cannot fill up, and notice when it closes.
-    const sink = new Uint8Array(4096);
-    this.loop.add(fd, EPOLLIN, () => {
-      try {
-        for (;;) {
-          const n = read(fd, sink, sink.length);
-          if (n === -EAGAIN) return;
-          if (n === 0) break;
-        }
-      } catch {
-        /* fall through to close */
-      }
-      this.closeBackendChannel();
-    });
-  }
-
-  private closeBackendChannel(): void {
-    if (this.backendFd < 0) return;
-    this.loop.remove(this.backendFd);
-    close(this.backendFd);
-    this.backendFd = -1;
+    this.backend?.close();
+    this.backend = new BackendChannel(this.loop, fd);
   }
 
   /** BACKEND_CONFIG_CHANGE_MSG: the front-end re-reads the config space. */
   notifyConfigChanged(): boolean {
-    if (this.backendFd < 0 || !this.hasProtocol(ProtocolFeature.BACKEND_REQ)) return false;
-    try {
-      const n = this.backendIo.send(this.backendFd, encodeHeader(BackendReq.CONFIG_CHANGE_MSG, VERSION, 0), 12);
-      return n === 12;
-    } catch (e) {
-      log.warn(`config change message failed: ${(e as Error).message}`);
-      return false;
-    }
+    if (this.backend === null || !this.hasProtocol(ProtocolFeature.BACKEND_REQ)) return false;
+    return this.backend.configChanged();
   }
 
   // ---- device state ----
@@ -473,12 +440,14 @@ export class VhostUserHandler {
       if (phase !== PHASE_STOPPED) throw new RequestError(`SET_DEVICE_STATE_FD: phase ${phase} is not supported (only 0, stopped)`);
       if (direction !== TRANSFER_SAVE && direction !== TRANSFER_LOAD) throw new RequestError(`SET_DEVICE_STATE_FD: direction ${direction}`);
       if (this.vrings.some((v) => v.started)) throw new RequestError("SET_DEVICE_STATE_FD: rings must be stopped first");
-      if (this.transfer !== null && !this.transferDone()) throw new RequestError("SET_DEVICE_STATE_FD: a transfer is already in progress");
+      if (this.transfer.busy) throw new RequestError("SET_DEVICE_STATE_FD: a transfer is already in progress");
     } catch (e) {
       close(fd);
       throw e;
     }
-    if (direction === TRANSFER_SAVE) {
+    if (direction === TRANSFER_LOAD) {
+      this.transfer.load(fd);
+    } else {
       let blob: Uint8Array;
       try {
         blob = encodeEnvelope({
@@ -493,37 +462,21 @@ export class VhostUserHandler {
         close(fd);
         throw new RequestError(`SET_DEVICE_STATE_FD: snapshot failed: ${(e as Error).message}`);
       }
-      this.transfer = { kind: "save", writer: new StateWriter(this.loop, fd, blob) };
-    } else {
-      this.transfer = { kind: "load", reader: new StateReader(this.loop, fd) };
+      this.transfer.save(fd, blob);
     }
     return BigInt(DEVICE_STATE_NO_FD); // success; we never supply our own fd
   }
 
-  private transferDone(): boolean {
-    const t = this.transfer!;
-    return t.kind === "save" ? t.writer.done : t.reader.done;
-  }
-
   private checkDeviceState(): bigint {
-    const t = this.transfer;
-    this.transfer = null;
-    if (t === null) throw new RequestError("CHECK_DEVICE_STATE: no transfer took place");
-    if (t.kind === "save") {
-      if (!t.writer.done) {
-        t.writer.cancel();
-        throw new RequestError("CHECK_DEVICE_STATE: the front-end did not read the whole state");
-      }
-      if (t.writer.error) throw new RequestError(`CHECK_DEVICE_STATE: ${t.writer.error}`);
-      return 0n;
-    }
-    if (!t.reader.pump()) {
-      t.reader.cancel();
-      throw new RequestError("CHECK_DEVICE_STATE: the state pipe was not closed by the front-end");
-    }
-    if (t.reader.error) throw new RequestError(`CHECK_DEVICE_STATE: ${t.reader.error}`);
+    let loaded: Uint8Array | null;
     try {
-      const env = decodeEnvelope(t.reader.bytes(), this.device.name, this.device.virtioId);
+      loaded = this.transfer.finish();
+    } catch (e) {
+      throw new RequestError(`CHECK_DEVICE_STATE: ${(e as Error).message}`);
+    }
+    if (loaded === null) return 0n; // a save that completed
+    try {
+      const env = decodeEnvelope(loaded, this.device.name, this.device.virtioId);
       const features = BigInt(env.ackedFeatures);
       const protocol = BigInt(env.ackedProtocolFeatures);
       if (features & ~this.offeredFeatures()) throw new Error("saved features are not offered by this device");
@@ -553,13 +506,10 @@ export class VhostUserHandler {
 
   /** The front-end went away: stop everything, reset the device, release every resource. */
   dispose(): void {
-    if (this.transfer) {
-      if (this.transfer.kind === "save") this.transfer.writer.cancel();
-      else this.transfer.reader.cancel();
-      this.transfer = null;
-    }
+    this.transfer.cancel();
     this.resetDevice();
-    this.closeBackendChannel();
+    this.backend?.close();
+    this.backend = null;
     this.mem.clear();
   }
 }

@@ -129,3 +129,57 @@ export class StateReader extends PipeTransfer {
     return Buffer.concat(this.chunks, this.total);
   }
 }
+
+/**
+ * The one device-state transfer a session may have at a time (SET_DEVICE_STATE_FD starts it,
+ * CHECK_DEVICE_STATE finishes it).
+ */
+export class StateTransfer {
+  private current: StateWriter | StateReader | null = null;
+
+  constructor(private readonly loop: EventLoop) {}
+
+  /** A transfer was started and has not ended yet. */
+  get busy(): boolean {
+    return this.current !== null && !this.current.done;
+  }
+
+  save(fd: number, blob: Uint8Array): void {
+    this.cancel();
+    this.current = new StateWriter(this.loop, fd, blob);
+  }
+
+  load(fd: number): void {
+    this.cancel();
+    this.current = new StateReader(this.loop, fd);
+  }
+
+  /**
+   * Ends the transfer: returns the loaded bytes, or null after a completed save. Throws a clear
+   * error when there was none, or it did not complete.
+   */
+  finish(): Uint8Array | null {
+    const t = this.current;
+    this.current = null;
+    if (t === null) throw new Error("no transfer took place");
+    if (t instanceof StateWriter) {
+      if (!t.done) {
+        t.cancel();
+        throw new Error("the front-end did not read the whole state");
+      }
+      if (t.error) throw new Error(t.error);
+      return null;
+    }
+    if (!t.pump()) {
+      t.cancel();
+      throw new Error("the state pipe was not closed by the front-end");
+    }
+    if (t.error) throw new Error(t.error);
+    return t.bytes();
+  }
+
+  cancel(): void {
+    this.current?.cancel();
+    this.current = null;
+  }
+}
