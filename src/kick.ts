@@ -24,9 +24,10 @@ export function watchKick(loop: EventLoop, queue: Virtqueue, onKick: () => void)
 /**
  * Pops and handles every available chain. `handle` returns false when the device cannot take more
  * now (it must then have put the chain back with undoPop, and call this again later). Used entries
- * are published once, at the end.
+ * are published once, at the end, after `beforePublish` (where an asynchronous device submits the
+ * batch's I/O and adds the completions that are ready already, so they share the notification).
  */
-export function processQueue(queue: Virtqueue, handle: (chain: DescriptorChain) => boolean): void {
+export function processQueue(queue: Virtqueue, handle: (chain: DescriptorChain) => boolean, beforePublish?: () => void): void {
   try {
     for (;;) {
       queue.disableNotification();
@@ -36,6 +37,10 @@ export function processQueue(queue: Virtqueue, handle: (chain: DescriptorChain) 
       if (!queue.enableNotification()) return;
     }
   } finally {
-    queue.flush();
+    try {
+      beforePublish?.();
+    } finally {
+      queue.flush();
+    }
   }
 }

@@ -3,13 +3,13 @@
 import { COMMON_FEATURES, type DeviceContext, type VhostUserDevice } from "../../src/device.ts";
 import type { GuestMemory } from "../../src/memory.ts";
 import type { Virtqueue } from "../../src/virtqueue.ts";
-import { watchKick } from "../../src/kick.ts";
 import { QueueThread } from "../../src/queue_thread.ts";
 import { sharedPolicy, type BlockThreadOptions } from "./queue_runner.ts";
 import { log, logLevelName } from "../../src/log.ts";
 import { BlockImage } from "./image.ts";
 import { QueueProcessor, type BlockPolicy } from "./queue_processor.ts";
 import { segMaxFor, type BlockOptions } from "./options.ts";
+import { ioUringUnavailable } from "./uring_engine.ts";
 import { validateBlockState, BLOCK_STATE_VERSION, type BlockState, type BlockStateSelf } from "./state.ts";
 import {
   buildConfig, CONFIG_SIZE, CFG_WRITEBACK, VIRTIO_BLK_ID_BYTES, type BlockGeometry,
@@ -43,6 +43,15 @@ export class BlockDevice implements VhostUserDevice {
   private readonly pool: QueueThread[] = [];
 
   constructor(private readonly opts: BlockOptions, private readonly ctx: DeviceContext) {
+    if (opts.aio === "io_uring") {
+      // Probed once here, so a kernel without io_uring costs one warning rather than one per queue.
+      const why = ioUringUnavailable();
+      if (why !== null) {
+        log.warn(`block: io_uring unavailable (${why}); serving requests synchronously (--aio sync)`);
+        opts = { ...opts, aio: "sync" };
+        this.opts = opts;
+      }
+    }
     const image = BlockImage.open(opts.file, { readOnly: opts.readOnly, direct: opts.direct });
     this.image = image;
     if (image.size % image.blkSize !== 0) {
@@ -85,7 +94,7 @@ export class BlockDevice implements VhostUserDevice {
     this.updateWriteMode();
     log.info(
       `block: ${opts.file} (${image.isBlockDevice ? "block device" : "file"}, ${image.size} bytes, ` +
-        `${image.blkSize}-byte blocks, ${opts.readOnly ? "read-only" : "read-write"}${opts.direct ? ", O_DIRECT" : ""}), ` +
+        `${image.blkSize}-byte blocks, ${opts.readOnly ? "read-only" : "read-write"}${opts.direct ? ", O_DIRECT" : ""}, aio ${opts.aio}), ` +
         `serial '${this.serial}', ${opts.numQueues} queue(s), ${opts.threads === 0 ? "served in the device thread" : `${opts.threads} queue thread(s)`}`,
     );
   }
@@ -144,9 +153,8 @@ export class BlockDevice implements VhostUserDevice {
       this.queues.set(queue.index, { processor: null, unwatch: () => thread.stop(queue) });
       return;
     }
-    const processor = new QueueProcessor(queue, this.image, this.policy);
-    const unwatch = watchKick(this.ctx.loop, queue, () => processor.run());
-    this.queues.set(queue.index, { processor, unwatch });
+    const processor = new QueueProcessor(queue, this.image, this.policy, this.opts.aio);
+    this.queues.set(queue.index, { processor, unwatch: processor.serve(this.ctx.loop) });
   }
 
   private thread(i: number): QueueThread {
@@ -154,7 +162,7 @@ export class BlockDevice implements VhostUserDevice {
     if (t === undefined) {
       const { writethrough: _, ...policy } = this.policy;
       const options: BlockThreadOptions = {
-        file: this.opts.file, readOnly: this.opts.readOnly, direct: this.opts.direct,
+        file: this.opts.file, readOnly: this.opts.readOnly, direct: this.opts.direct, aio: this.opts.aio,
         policy, cacheMode: this.cacheMode.buffer as SharedArrayBuffer,
       };
       t = new QueueThread("block", options, logLevelName());
@@ -163,8 +171,8 @@ export class BlockDevice implements VhostUserDevice {
     return t;
   }
 
-  /** Requests complete synchronously inside run() (in whichever thread serves the queue), so
-   * none is in flight once the queue is stopped. */
+  /** Stopping waits for the queue's requests in flight (io_uring) in whichever thread serves it,
+   * so none is in flight, and all are published, once this returns. */
   stopQueue(index: number): void {
     const q = this.queues.get(index);
     if (q === undefined) return;

@@ -140,8 +140,16 @@ export class BlockImage {
     this.transfer(true, iov, offset, total);
   }
 
-  private transfer(isWrite: boolean, iov: IovecArray, offset: number, total: number): void {
-    let fd = this.fd;
+  /**
+   * Finishes a transfer O_DIRECT refused (EINVAL: misaligned guest memory) through the page cache,
+   * for the asynchronous engine, which meets that EINVAL in a completion.
+   */
+  transferBuffered(isWrite: boolean, iov: IovecArray, offset: number, total: number): void {
+    this.transfer(isWrite, iov, offset, total, this.buffered());
+  }
+
+  private transfer(isWrite: boolean, iov: IovecArray, offset: number, total: number, startFd = this.fd): void {
+    let fd = startFd;
     let done = 0;
     while (done < total) {
       let n: number;

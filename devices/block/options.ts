@@ -2,6 +2,7 @@
 // (validate) and the worker (create), so both read the command line the same way.
 import { availableParallelism } from "node:os";
 import { IOV_MAX, VIRTIO_BLK_ID_BYTES } from "./config.ts";
+import type { AioMode } from "./queue_processor.ts";
 
 export const BLOCK_ARGS = {
   file: { type: "string", description: "Disk image: a raw image file or a block device (required)" },
@@ -10,6 +11,7 @@ export const BLOCK_ARGS = {
   "num-queues": { type: "string", default: "16", description: "Number of request queues offered (1-256)" },
   "queue-size": { type: "string", default: "128", description: "The front-end's ring size (QEMU's queue-size); seg_max is queue-size - 2" },
   direct: { type: "boolean", default: false, description: "Open the image with O_DIRECT (bypass the host page cache)" },
+  aio: { type: "string", description: "How reads, writes and flushes run: sync (one preadv/pwritev at a time per queue; best on page-cache images) or io_uring (many in flight per queue; best with --direct on a real disk). Default: io_uring with --direct, sync otherwise" },
   threads: { type: "string", description: "Queue threads serving the queues in parallel (0: all queues in the device thread; default: one per queue, up to the number of CPUs, 0 for a single queue)" },
   sparse: { type: "boolean", default: true, negativeDescription: "Do not offer DISCARD and never deallocate on write-zeroes", description: "Offer DISCARD and deallocate discarded ranges (punch holes)" },
 } as const;
@@ -22,6 +24,8 @@ export interface BlockOptions {
   numQueues: number;
   queueSize: number;
   direct: boolean;
+  /** How data requests run; falls back to sync where io_uring is unavailable. */
+  aio: AioMode;
   sparse: boolean;
   /** Queue threads (0: serve the queues in the device thread). */
   threads: number;
@@ -63,6 +67,13 @@ export function parseBlockOptions(raw: Record<string, unknown>): BlockOptions {
   if ((queueSize & (queueSize - 1)) !== 0) throw new Error(`--queue-size: ${queueSize} is not a power of 2`);
   const numQueues = int(raw, "num-queues", 16, 1, MAX_NUM_QUEUES);
   const defaultThreads = numQueues === 1 ? 0 : Math.min(numQueues, availableParallelism());
+  const direct = bool(raw, "direct", false);
+  const aioRaw = raw.aio;
+  let aio: AioMode = direct ? "io_uring" : "sync";
+  if (aioRaw !== undefined && aioRaw !== null && aioRaw !== "") {
+    if (aioRaw !== "sync" && aioRaw !== "io_uring") throw new Error(`--aio: '${String(aioRaw)}' is neither sync nor io_uring`);
+    aio = aioRaw;
+  }
   return {
     file,
     readOnly: bool(raw, "read-only", false),
@@ -70,7 +81,8 @@ export function parseBlockOptions(raw: Record<string, unknown>): BlockOptions {
     numQueues,
     threads: int(raw, "threads", defaultThreads, 0, numQueues),
     queueSize,
-    direct: bool(raw, "direct", false),
+    direct,
+    aio,
     sparse: bool(raw, "sparse", true),
   };
 }

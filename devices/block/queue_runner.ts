@@ -3,14 +3,15 @@
 // shared file offset is involved, preadv/pwritev are positional) and shares only the cache mode
 // with the device, through one shared word that SET_CONFIG may flip at any time.
 import type { QueueRunnerModule } from "../../src/queue_thread.ts";
-import { watchKick } from "../../src/kick.ts";
 import { BlockImage } from "./image.ts";
-import { QueueProcessor, type BlockPolicy } from "./queue_processor.ts";
+import { QueueProcessor, type AioMode, type BlockPolicy } from "./queue_processor.ts";
 
 export interface BlockThreadOptions {
   file: string;
   readOnly: boolean;
   direct: boolean;
+  /** Each queue gets its own io_uring in the thread that serves it. */
+  aio: AioMode;
   /** The policy without its cache mode... */
   policy: Omit<BlockPolicy, "writethrough">;
   /** ...which lives here: word 0 is 1 for writethrough. */
@@ -32,7 +33,7 @@ export const blockQueueRunner: QueueRunnerModule = {
   runQueue(queue, _mem, loop, raw) {
     const o = raw as BlockThreadOptions;
     image ??= BlockImage.open(o.file, { readOnly: o.readOnly, direct: o.direct });
-    const processor = new QueueProcessor(queue, image, sharedPolicy(o.policy, new Int32Array(o.cacheMode)));
-    return { stop: watchKick(loop, queue, () => processor.run()) };
+    const processor = new QueueProcessor(queue, image, sharedPolicy(o.policy, new Int32Array(o.cacheMode)), o.aio);
+    return { stop: processor.serve(loop) };
   },
 };

@@ -1,0 +1,269 @@
+// io_uring(7) through the raw system calls (liburing's prep helpers are header-inline, so SQEs are
+// filled here by hand). One IoUring is one ring: a submission queue of 64-byte SQEs and a
+// completion queue of 16-byte CQEs, both mapped into this process. The ring memory is shared with
+// the kernel, so the head/tail words go through Atomics (the barriers the ABI asks for) and each
+// CQE field is read once. Nothing here knows about devices: see devices/block/uring_engine.ts.
+import { dlopen, ptr, toArrayBuffer, FFIType } from "bun:ffi";
+import { check, close, errno, SysError, EAGAIN, EINTR } from "./libc.ts";
+import { mmap, munmap, PROT_READ, PROT_WRITE, MAP_SHARED } from "./mem.ts";
+import type { IovecArray } from "./io.ts";
+
+// glibc's variadic syscall(2), declared with explicit 64-bit arguments (plain register moves on
+// x86_64; unused arguments are passed as 0).
+const lib = dlopen("libc.so.6", {
+  syscall: { args: ["i64", "i64", "i64", "i64", "i64", "i64", "i64"], returns: FFIType.i64_fast },
+});
+const sys = lib.symbols.syscall;
+
+const SYS_io_uring_setup = 425;
+const SYS_io_uring_enter = 426;
+const SYS_io_uring_register = 427;
+
+// <linux/io_uring.h>
+export const IORING_OP_READV = 1;
+export const IORING_OP_WRITEV = 2;
+export const IORING_OP_FSYNC = 3;
+export const IORING_FSYNC_DATASYNC = 1;
+export const IOSQE_IO_DRAIN = 1 << 1;
+export const IOSQE_IO_LINK = 1 << 2;
+const IORING_SETUP_CLAMP = 1 << 4;
+/** Keep submitting the rest of a batch when one SQE fails to prepare (5.18+). */
+const IORING_SETUP_SUBMIT_ALL = 1 << 7;
+const IORING_FEAT_SINGLE_MMAP = 1 << 0;
+const IORING_ENTER_GETEVENTS = 1 << 0;
+const IORING_REGISTER_EVENTFD = 4;
+const IORING_UNREGISTER_EVENTFD = 5;
+const IORING_OFF_SQ_RING = 0;
+const IORING_OFF_CQ_RING = 0x8000000;
+const IORING_OFF_SQES = 0x10000000;
+const EBUSY = 16;
+const EINVAL = 22;
+
+const SQE_SIZE = 64;
+const CQE_SIZE = 16;
+/** struct io_uring_params: 40 bytes of scalars, then io_sqring_offsets and io_cqring_offsets. */
+const PARAMS_SIZE = 120;
+const SQ_OFF = 40;
+const CQ_OFF = 80;
+
+/** A CQE as handed to reap()'s callback. `res` is the operation's return value or -errno. */
+export type CqeHandler = (userData: number, res: number, flags: number) => void;
+
+export class IoUring {
+  readonly fd: number;
+  /** Submission queue entries (a power of 2; at most this many SQEs are queued at once). */
+  readonly entries: number;
+  readonly cqEntries: number;
+  readonly features: number;
+
+  private readonly ringPtr: number;
+  private readonly ringLen: number;
+  private readonly cqPtr: number; // == ringPtr with SINGLE_MMAP
+  private readonly cqLen: number;
+  private readonly sqesPtr: number;
+  private readonly sqesLen: number;
+
+  /** The SQ ring words (head/tail are indexes into it, in u32 units). */
+  private readonly sqRing: Uint32Array;
+  private readonly sqHead: number;
+  private readonly sqTail: number;
+  private readonly sqMask: number;
+  private readonly cqRing: Uint32Array;
+  private readonly cqResI32: Int32Array;
+  private readonly cqHead: number;
+  private readonly cqTail: number;
+  private readonly cqMask: number;
+  /** u32 index of the first CQE. */
+  private readonly cqes: number;
+  private readonly sqes: Uint32Array;
+
+  /** Our SQ tail: SQEs up to here are filled; the kernel sees them once submit() publishes it. */
+  private tail = 0;
+  private closed = false;
+  private readonly eventfdArg = new Int32Array(1);
+
+  private constructor(fd: number, p: DataView) {
+    this.fd = fd;
+    this.entries = p.getUint32(0, true);
+    this.cqEntries = p.getUint32(4, true);
+    this.features = p.getUint32(20, true);
+    const sq = (i: number) => p.getUint32(SQ_OFF + 4 * i, true);
+    const cq = (i: number) => p.getUint32(CQ_OFF + 4 * i, true);
+    // sq_off: head, tail, ring_mask, ring_entries, flags, dropped, array; cq_off: head, tail,
+    // ring_mask, ring_entries, overflow, cqes.
+    const sqLen = sq(6) + 4 * this.entries;
+    const cqLen = cq(5) + CQE_SIZE * this.cqEntries;
+    const single = (this.features & IORING_FEAT_SINGLE_MMAP) !== 0;
+    const mapRing = (len: number, off: number) => mmap(len, PROT_READ | PROT_WRITE, MAP_SHARED, fd, off);
+    this.ringLen = single ? Math.max(sqLen, cqLen) : sqLen;
+    this.ringPtr = mapRing(this.ringLen, IORING_OFF_SQ_RING);
+    this.cqLen = single ? 0 : cqLen;
+    this.cqPtr = single ? this.ringPtr : mapRing(cqLen, IORING_OFF_CQ_RING);
+    this.sqesLen = SQE_SIZE * this.entries;
+    this.sqesPtr = mapRing(this.sqesLen, IORING_OFF_SQES);
+
+    this.sqRing = new Uint32Array(toArrayBuffer(this.ringPtr as never, 0, this.ringLen));
+    this.sqHead = sq(0) / 4;
+    this.sqTail = sq(1) / 4;
+    this.sqMask = this.sqRing[sq(2) / 4]!;
+    const cqBuf = toArrayBuffer(this.cqPtr as never, 0, single ? this.ringLen : cqLen);
+    this.cqRing = new Uint32Array(cqBuf);
+    this.cqResI32 = new Int32Array(cqBuf);
+    this.cqHead = cq(0) / 4;
+    this.cqTail = cq(1) / 4;
+    this.cqMask = this.cqRing[cq(2) / 4]!;
+    this.cqes = cq(5) / 4;
+    this.sqes = new Uint32Array(toArrayBuffer(this.sqesPtr as never, 0, this.sqesLen));
+    // SQ slot i always carries SQE i (the indirection array is the identity), as liburing does.
+    const array = sq(6) / 4;
+    for (let i = 0; i < this.entries; i++) this.sqRing[array + i] = i;
+    this.tail = Atomics.load(this.sqRing, this.sqTail);
+  }
+
+  /** io_uring_setup(2) with `entries` SQ entries (rounded up to a power of 2, clamped). */
+  static setup(entries: number): IoUring {
+    const params = new Uint8Array(PARAMS_SIZE);
+    const v = new DataView(params.buffer);
+    let fd = -1;
+    for (const flags of [IORING_SETUP_CLAMP | IORING_SETUP_SUBMIT_ALL, IORING_SETUP_CLAMP]) {
+      params.fill(0);
+      v.setUint32(8, flags, true);
+      const r = sys(SYS_io_uring_setup, entries, ptr(params), 0, 0, 0, 0, 0);
+      if (r >= 0) {
+        fd = Number(r);
+        break;
+      }
+      const e = errno();
+      if (e !== EINVAL) throw new SysError("io_uring_setup", e); // EINVAL: an older kernel, try fewer flags
+      if (flags === IORING_SETUP_CLAMP) throw new SysError("io_uring_setup", e);
+    }
+    try {
+      return new IoUring(fd, v);
+    } catch (e) {
+      close(fd);
+      throw e;
+    }
+  }
+
+  /** SQEs filled but not yet consumed by the kernel. */
+  get unsubmitted(): number {
+    return (this.tail - Atomics.load(this.sqRing, this.sqHead)) >>> 0;
+  }
+
+  /** Free SQ slots. */
+  get space(): number {
+    return this.entries - this.unsubmitted;
+  }
+
+  /**
+   * Queues one SQE (not yet visible to the kernel: see submit()). Returns false when the SQ is
+   * full. `offset` and `addr` are exact integers below 2^53; `userData` a u32.
+   */
+  prep(opcode: number, fd: number, addr: number, len: number, offset: number, userData: number, sqeFlags = 0, opFlags = 0): boolean {
+    if (this.space === 0) return false;
+    const w = (this.tail & this.sqMask) * (SQE_SIZE / 4);
+    const s = this.sqes;
+    s[w] = opcode | (sqeFlags << 8); // opcode u8, flags u8, ioprio u16 = 0
+    s[w + 1] = fd;
+    s[w + 2] = offset >>> 0;
+    s[w + 3] = Math.floor(offset / 0x1_0000_0000);
+    s[w + 4] = addr >>> 0;
+    s[w + 5] = Math.floor(addr / 0x1_0000_0000);
+    s[w + 6] = len;
+    s[w + 7] = opFlags; // rw_flags / fsync_flags
+    s[w + 8] = userData;
+    s[w + 9] = 0;
+    s.fill(0, w + 10, w + 16); // buf_index, personality, splice_fd_in, addr3
+    this.tail = (this.tail + 1) >>> 0;
+    return true;
+  }
+
+  /** READV of `iov` (its current entries) at `offset`. */
+  prepReadv(fd: number, iov: IovecArray, offset: number, userData: number, sqeFlags = 0): boolean {
+    return this.prep(IORING_OP_READV, fd, iov.ptr, iov.count, offset, userData, sqeFlags);
+  }
+
+  /** WRITEV of `iov` at `offset`. */
+  prepWritev(fd: number, iov: IovecArray, offset: number, userData: number, sqeFlags = 0): boolean {
+    return this.prep(IORING_OP_WRITEV, fd, iov.ptr, iov.count, offset, userData, sqeFlags);
+  }
+
+  /** FSYNC of the whole file; `datasync` = fdatasync semantics. */
+  prepFsync(fd: number, datasync: boolean, userData: number, sqeFlags = 0): boolean {
+    return this.prep(IORING_OP_FSYNC, fd, 0, 0, 0, userData, sqeFlags, datasync ? IORING_FSYNC_DATASYNC : 0);
+  }
+
+  /**
+   * Publishes the queued SQEs and hands them to the kernel with one io_uring_enter; with
+   * `waitFor` > 0 also blocks until that many CQEs are available. Returns the SQEs consumed.
+   * EAGAIN/EBUSY (kernel short of resources, or completions backed up) return 0: the SQEs stay
+   * queued and the next submit() retries them.
+   */
+  submit(waitFor = 0): number {
+    Atomics.store(this.sqRing, this.sqTail, this.tail); // release: the SQEs before it are filled
+    const flags = waitFor > 0 ? IORING_ENTER_GETEVENTS : 0;
+    for (;;) {
+      const toSubmit = this.unsubmitted;
+      if (toSubmit === 0 && waitFor === 0) return 0;
+      const r = sys(SYS_io_uring_enter, this.fd, toSubmit, waitFor, flags, 0, 0, 0);
+      if (r >= 0) return Number(r);
+      const e = errno();
+      if (e === EINTR) continue;
+      if (e === EAGAIN || e === EBUSY) return 0;
+      throw new SysError("io_uring_enter", e);
+    }
+  }
+
+  /** CQEs the kernel has posted and we have not reaped. */
+  get ready(): number {
+    return (Atomics.load(this.cqRing, this.cqTail) - this.cqRing[this.cqHead]!) >>> 0;
+  }
+
+  /**
+   * Calls `handler` for every available CQE, in order, then gives their slots back to the kernel
+   * (one head store for the batch). Returns how many were reaped. The handler may queue SQEs.
+   */
+  reap(handler: CqeHandler): number {
+    let head = this.cqRing[this.cqHead]!; // written only by us
+    const tail = Atomics.load(this.cqRing, this.cqTail); // acquire: the CQEs before it are complete
+    if (head === tail) return 0;
+    let n = 0;
+    try {
+      while (head !== tail) {
+        const c = this.cqes + (head & this.cqMask) * (CQE_SIZE / 4);
+        const userData = this.cqRing[c]!;
+        const res = this.cqResI32[c + 2]!;
+        const flags = this.cqRing[c + 3]!;
+        head = (head + 1) >>> 0;
+        n++;
+        handler(userData, res, flags);
+      }
+    } finally {
+      Atomics.store(this.cqRing, this.cqHead, head); // release: the kernel may reuse those slots
+    }
+    return n;
+  }
+
+  /** Makes the kernel signal `efd` whenever it posts a CQE (IORING_REGISTER_EVENTFD). */
+  registerEventfd(efd: number): void {
+    this.eventfdArg[0] = efd;
+    check(sys(SYS_io_uring_register, this.fd, IORING_REGISTER_EVENTFD, ptr(this.eventfdArg), 1, 0, 0, 0), "io_uring_register(EVENTFD)");
+  }
+
+  unregisterEventfd(): void {
+    check(sys(SYS_io_uring_register, this.fd, IORING_UNREGISTER_EVENTFD, 0, 0, 0, 0, 0), "io_uring_register(UNREGISTER_EVENTFD)");
+  }
+
+  /**
+   * Unmaps the rings and closes the ring fd. Requests still in flight are cancelled by the kernel,
+   * which waits for them; callers drain first so nothing is in flight.
+   */
+  close(): void {
+    if (this.closed) return;
+    this.closed = true;
+    munmap(this.sqesPtr, this.sqesLen);
+    if (this.cqLen > 0) munmap(this.cqPtr, this.cqLen);
+    munmap(this.ringPtr, this.ringLen);
+    close(this.fd);
+  }
+}
