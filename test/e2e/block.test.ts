@@ -137,4 +137,47 @@ echo mq-ok
     expect(r.exitStatus).toBe(0);
     expect(r.serial).toContain("mq-ok");
   }, 300_000);
+
+  test("one backend serves consecutive VMs: data from the first boot is there in the second", async () => {
+    const img = image("reuse.img", 32);
+    const sock = join(dir, "reuse.sock");
+    const backend = await startBackend("block", sock, ["--file", img]);
+    running.push(backend);
+    const boot = (command: string) =>
+      bootGuest({ command, devices: ["-chardev", `socket,id=blk0,path=${sock}`, "-device", "vhost-user-blk-pci,chardev=blk0"], timeoutMs: 240_000 });
+    const first = await boot(`
+set -e
+printf 'written-by-vm-1' | dd of=/dev/vda bs=512 seek=100 conv=fsync 2>/dev/null
+echo first-ok
+`);
+    expect(first.exitStatus).toBe(0);
+    const second = await boot(`
+set -e
+dd if=/dev/vda bs=512 skip=100 count=1 2>/dev/null | grep -q written-by-vm-1
+echo second-ok
+`);
+    expect(second.exitStatus).toBe(0);
+    expect(second.serial).toContain("second-ok");
+    const stopped = await backend.stop();
+    expect(stopped.code).toBe(0);
+    expect(stopped.stderr).toContain("session 2");
+  }, 300_000);
+
+  test("a VM killed in the middle of I/O leaves the backend serving the next one", async () => {
+    const img = image("killed.img", 64);
+    const sock = join(dir, "killed.sock");
+    const backend = await startBackend("block", sock, ["--file", img]);
+    running.push(backend);
+    const devices = ["-chardev", `socket,id=blk0,path=${sock}`, "-device", "vhost-user-blk-pci,chardev=blk0"];
+    // fio runs far longer than the boot is allowed: the rig kills QEMU while I/O is in flight.
+    await expect(bootGuest({
+      command: "fio --name=busy --filename=/dev/vda --rw=randrw --bs=4k --size=32M --ioengine=libaio --direct=1 --iodepth=32 --time_based --runtime=600",
+      devices,
+      timeoutMs: 15_000,
+    })).rejects.toThrow();
+    const next = await bootGuest({ command: "dd if=/dev/vda of=/dev/null bs=1M count=8 2>/dev/null && echo next-ok", devices, timeoutMs: 240_000 });
+    expect(next.exitStatus).toBe(0);
+    expect(next.serial).toContain("next-ok");
+    expect((await backend.stop()).code).toBe(0);
+  }, 300_000);
 });
