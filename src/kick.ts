@@ -44,3 +44,26 @@ export function processQueue(queue: Virtqueue, handle: (chain: DescriptorChain) 
     }
   }
 }
+
+/**
+ * A queue a device holds between startQueue and stopQueue, with its kicks watched meanwhile.
+ * `queue` is null while the ring is stopped.
+ */
+export class WatchedQueue {
+  queue: Virtqueue | null = null;
+  private unwatch: (() => void) | null = null;
+
+  constructor(private readonly loop: EventLoop, private readonly onKick: () => void) {}
+
+  start(q: Virtqueue): void {
+    this.stop();
+    this.queue = q;
+    this.unwatch = watchKick(this.loop, q, this.onKick);
+  }
+
+  stop(): void {
+    this.unwatch?.();
+    this.unwatch = null;
+    this.queue = null;
+  }
+}

@@ -301,40 +301,35 @@ function segmentBytes(seg: Segment): Uint8Array | null {
   return win.u8.subarray(start, start + seg.len);
 }
 
-/** Copies up to dst.length bytes from the chain's readable buffers, from byte `skip` on. */
-export function readFromChain(chain: DescriptorChain, dst: Uint8Array, skip = 0): number {
+/**
+ * Copies between `host` and the guest buffers `segs`, starting `skip` bytes into them; returns
+ * the bytes copied (stops early at a buffer too large for one window).
+ */
+function copySegments(segs: readonly Segment[], host: Uint8Array, skip: number, toGuest: boolean): number {
   let copied = 0;
-  for (const seg of chain.readable) {
-    if (copied >= dst.length) break;
+  for (const seg of segs) {
+    if (copied >= host.length) break;
     if (skip >= seg.len) {
       skip -= seg.len;
       continue;
     }
     const bytes = segmentBytes(seg);
     if (bytes === null) break;
-    const n = Math.min(seg.len - skip, dst.length - copied);
-    dst.set(bytes.subarray(skip, skip + n), copied);
+    const n = Math.min(seg.len - skip, host.length - copied);
+    if (toGuest) bytes.set(host.subarray(copied, copied + n), skip);
+    else host.set(bytes.subarray(skip, skip + n), copied);
     copied += n;
     skip = 0;
   }
   return copied;
 }
 
+/** Copies up to dst.length bytes from the chain's readable buffers, from byte `skip` on. */
+export function readFromChain(chain: DescriptorChain, dst: Uint8Array, skip = 0): number {
+  return copySegments(chain.readable, dst, skip, false);
+}
+
 /** Copies `src` into the chain's writable buffers from byte `skip` on; returns bytes copied. */
 export function writeToChain(chain: DescriptorChain, src: Uint8Array, skip = 0): number {
-  let copied = 0;
-  for (const seg of chain.writable) {
-    if (copied >= src.length) break;
-    if (skip >= seg.len) {
-      skip -= seg.len;
-      continue;
-    }
-    const bytes = segmentBytes(seg);
-    if (bytes === null) break;
-    const n = Math.min(seg.len - skip, src.length - copied);
-    bytes.set(src.subarray(copied, copied + n), skip);
-    copied += n;
-    skip = 0;
-  }
-  return copied;
+  return copySegments(chain.writable, src, skip, true);
 }

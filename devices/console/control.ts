@@ -7,7 +7,7 @@
 // CONSOLE_PORT, PORT_NAME, PORT_OPEN, so the port exists and is set up before it is named and opened.
 import type { EventLoop } from "../../src/event_loop.ts";
 import { readFromChain, writeToChain, type Virtqueue } from "../../src/virtqueue.ts";
-import { watchKick, processQueue } from "../../src/kick.ts";
+import { WatchedQueue, processQueue } from "../../src/kick.ts";
 import { log } from "../../src/log.ts";
 import type { WindowSize } from "./config.ts";
 import type { ConsolePort } from "./port.ts";
@@ -56,10 +56,8 @@ export interface ControlState {
 }
 
 export class ControlChannel {
-  private rx: Virtqueue | null = null;
-  private tx: Virtqueue | null = null;
-  private unwatchRx: (() => void) | null = null;
-  private unwatchTx: (() => void) | null = null;
+  private readonly rxQueue: WatchedQueue;
+  private readonly txQueue: WatchedQueue;
   private outgoing: Uint8Array[] = [];
   deviceReady = false;
   private guestErrors = 0;
@@ -73,28 +71,25 @@ export class ControlChannel {
     private readonly loop: EventLoop,
     private readonly ports: readonly ConsolePort[],
     private readonly consoleSize: () => WindowSize | null,
-  ) {}
+  ) {
+    this.rxQueue = new WatchedQueue(loop, () => this.deliver());
+    this.txQueue = new WatchedQueue(loop, () => this.receive());
+  }
 
   startRx(q: Virtqueue): void {
-    this.rx = q;
-    this.unwatchRx = watchKick(this.loop, q, () => this.deliver());
+    this.rxQueue.start(q);
   }
 
   startTx(q: Virtqueue): void {
-    this.tx = q;
-    this.unwatchTx = watchKick(this.loop, q, () => this.receive());
+    this.txQueue.start(q);
   }
 
   stopRx(): void {
-    this.unwatchRx?.();
-    this.unwatchRx = null;
-    this.rx = null;
+    this.rxQueue.stop();
   }
 
   stopTx(): void {
-    this.unwatchTx?.();
-    this.unwatchTx = null;
-    this.tx = null;
+    this.txQueue.stop();
   }
 
   private send(msg: Uint8Array): void {
@@ -116,7 +111,7 @@ export class ControlChannel {
 
   /** Handles the driver's messages on the control transmitq. */
   private receive(): void {
-    const q = this.tx;
+    const q = this.txQueue.queue;
     if (q === null) return;
     processQueue(q, (chain) => {
       if (readFromChain(chain, this.header) < CONTROL_HEADER_SIZE) {
@@ -171,7 +166,7 @@ export class ControlChannel {
 
   /** Moves outgoing messages into the driver's control receive buffers. */
   deliver(): void {
-    const q = this.rx;
+    const q = this.rxQueue.queue;
     if (q === null || this.outgoing.length === 0) return;
     try {
       for (;;) {

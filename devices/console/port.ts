@@ -11,7 +11,7 @@ import { EAGAIN, SysError } from "../../ffi/libc.ts";
 import type { Buf } from "../../ffi/io.ts";
 import type { EventLoop } from "../../src/event_loop.ts";
 import type { DescriptorChain, Virtqueue } from "../../src/virtqueue.ts";
-import { watchKick, processQueue } from "../../src/kick.ts";
+import { WatchedQueue, processQueue } from "../../src/kick.ts";
 import { log } from "../../src/log.ts";
 import { ByteQueue } from "./byte_queue.ts";
 import type { InputSource, OutputSink } from "./host_io.ts";
@@ -40,10 +40,8 @@ export interface PortState {
 }
 
 export class ConsolePort {
-  private rx: Virtqueue | null = null;
-  private tx: Virtqueue | null = null;
-  private unwatchRx: (() => void) | null = null;
-  private unwatchTx: (() => void) | null = null;
+  private readonly rxQueue: WatchedQueue;
+  private readonly txQueue: WatchedQueue;
   readonly pending = new ByteQueue();
   private readonly hostOutput = new ByteQueue();
   private txSkip = 0;
@@ -69,6 +67,8 @@ export class ConsolePort {
     private readonly output: OutputSink | null,
   ) {
     this.label = `console port ${id}${name !== null ? ` (${name})` : ""}`;
+    this.rxQueue = new WatchedQueue(loop, () => this.deliver());
+    this.txQueue = new WatchedQueue(loop, () => this.drainOutput());
     this.inputEnded = input === null;
   }
 
@@ -145,7 +145,7 @@ export class ConsolePort {
 
   /** Moves pending input into the receive queue's buffers, as far as buffers go. */
   deliver(): void {
-    const q = this.rx;
+    const q = this.rxQueue.queue;
     if (q !== null && this.canReceive()) {
       try {
         for (;;) {
@@ -238,7 +238,7 @@ export class ConsolePort {
     if (this.waitingWritable) return;
     // Emergency bytes go out between chains, never inside one.
     if (this.txSkip === 0 && !this.flushHostOutput()) return this.waitWritable();
-    const q = this.tx;
+    const q = this.txQueue.queue;
     if (q === null) return;
     let blocked = false;
     processQueue(q, (chain) => {
@@ -285,26 +285,20 @@ export class ConsolePort {
   // ---- queues ----
 
   startRx(q: Virtqueue): void {
-    this.rx = q;
-    this.unwatchRx = watchKick(this.loop, q, () => this.deliver());
+    this.rxQueue.start(q);
   }
 
   startTx(q: Virtqueue): void {
-    this.tx = q;
-    this.unwatchTx = watchKick(this.loop, q, () => this.drainOutput());
+    this.txQueue.start(q);
   }
 
   /** Nothing is held across event-loop turns, so there is never an in-flight chain to finish. */
   stopRx(): void {
-    this.unwatchRx?.();
-    this.unwatchRx = null;
-    this.rx = null;
+    this.rxQueue.stop();
   }
 
   stopTx(): void {
-    this.unwatchTx?.();
-    this.unwatchTx = null;
-    this.tx = null;
+    this.txQueue.stop();
   }
 
   /** Device reset: the guest's view of the port is gone; host input and output are kept. */
