@@ -43,6 +43,8 @@ const lib = dlopen("libc.so.6", {
   munmap: { args: ["ptr", "u64"], returns: "i32" },
   memfd_create: { args: ["cstring", "u32"], returns: "i32" },
   eventfd: { args: ["u32", "i32"], returns: "i32" },
+  timerfd_create: { args: ["i32", "i32"], returns: "i32" },
+  timerfd_settime: { args: ["i32", "i32", "ptr", "ptr"], returns: "i32" },
   epoll_create1: { args: ["i32"], returns: "i32" },
   epoll_ctl: { args: ["i32", "i32", "i32", "ptr"], returns: "i32" },
   epoll_wait: { args: ["i32", "ptr", "i32", "i32"], returns: "i32" },

@@ -253,11 +253,33 @@ export class Virtqueue {
     this.unpublished = true;
   }
 
-  /** Publishes the used index (a full barrier) and notifies the driver if it asked to be. */
+  /**
+   * Publishes the used index (a full barrier) and notifies the driver if it asked to be, or leaves
+   * that decision to `notifyLater` when set (notification coalescing, see src/notify_coalescer.ts).
+   */
   flush(): void {
     if (!this.unpublished) return;
     this.unpublished = false;
     Atomics.store(this.usedU16, this.usedIdx, this.nextUsed);
+    if (this.notifyLater !== null) this.notifyLater();
+    else if (this.needsNotification()) this.notify();
+  }
+
+  /** Set by a coalescer: called instead of deciding on a notification at every flush. */
+  notifyLater: (() => void) | null = null;
+
+  /**
+   * How many requests the driver has made available beyond the used index it last asked to hear
+   * about (EVENT_IDX's used_event), i.e. roughly how many it has outstanding; 0 without EVENT_IDX.
+   * Guest-written and only a hint: it steers timing, never what is accessed.
+   */
+  driverOutstanding(): number {
+    if (!this.eventIdx) return 0;
+    return (Atomics.load(this.availU16, this.availIdx) - Atomics.load(this.availU16, this.usedEvent)) & 0xffff;
+  }
+
+  /** Notifies the driver if what was published since the last notification calls for one. */
+  notifyIfNeeded(): void {
     if (this.needsNotification()) this.notify();
   }
 

