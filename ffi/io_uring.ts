@@ -3,17 +3,12 @@
 // completion queue of 16-byte CQEs, both mapped into this process. The ring memory is shared with
 // the kernel, so the head/tail words go through Atomics (the barriers the ABI asks for) and each
 // CQE field is read once. Nothing here knows about devices: see devices/block/uring_engine.ts.
-import { dlopen, ptr, toArrayBuffer, FFIType } from "bun:ffi";
-import { check, close, errno, SysError, EAGAIN, EINTR } from "./libc.ts";
+import { ptr, toArrayBuffer } from "bun:ffi";
+import { libc, check, close, errno, SysError, EAGAIN, EINTR, EBUSY, EINVAL } from "./libc.ts";
 import { mmap, munmap, PROT_READ, PROT_WRITE, MAP_SHARED } from "./mem.ts";
 import type { IovecArray } from "./io.ts";
 
-// glibc's variadic syscall(2), declared with explicit 64-bit arguments (plain register moves on
-// x86_64; unused arguments are passed as 0).
-const lib = dlopen("libc.so.6", {
-  syscall: { args: ["i64", "i64", "i64", "i64", "i64", "i64", "i64"], returns: FFIType.i64_fast },
-});
-const sys = lib.symbols.syscall;
+const sys = libc.syscall;
 
 const SYS_io_uring_setup = 425;
 const SYS_io_uring_enter = 426;
@@ -36,8 +31,6 @@ const IORING_UNREGISTER_EVENTFD = 5;
 const IORING_OFF_SQ_RING = 0;
 const IORING_OFF_CQ_RING = 0x8000000;
 const IORING_OFF_SQES = 0x10000000;
-const EBUSY = 16;
-const EINVAL = 22;
 
 const SQE_SIZE = 64;
 const CQE_SIZE = 16;

@@ -48,13 +48,16 @@ const lib = dlopen("libc.so.6", {
   epoll_create1: { args: ["i32"], returns: "i32" },
   epoll_ctl: { args: ["i32", "i32", "i32", "ptr"], returns: "i32" },
   epoll_wait: { args: ["i32", "ptr", "i32", "i32"], returns: "i32" },
+  // glibc's variadic syscall(2), declared with explicit 64-bit arguments (plain register moves on
+  // x86_64; unused arguments are passed as 0). Used for io_uring, which glibc does not wrap.
+  syscall: { args: ["i64", "i64", "i64", "i64", "i64", "i64", "i64"], returns: FFIType.i64_fast },
 });
 
 export const libc = lib.symbols;
 
 /** errno names for the values a backend meets; others print as their number. */
 const ERRNO_NAMES: Record<number, string> = {
-  1: "EPERM", 2: "ENOENT", 4: "EINTR", 5: "EIO", 9: "EBADF", 11: "EAGAIN", 12: "ENOMEM",
+  1: "EPERM", 2: "ENOENT", 4: "EINTR", 5: "EIO", 6: "ENXIO", 9: "EBADF", 11: "EAGAIN", 12: "ENOMEM",
   13: "EACCES", 14: "EFAULT", 16: "EBUSY", 17: "EEXIST", 19: "ENODEV", 20: "ENOTDIR", 21: "EISDIR",
   22: "EINVAL", 24: "EMFILE", 25: "ENOTTY", 27: "EFBIG", 28: "ENOSPC", 29: "ESPIPE", 30: "EROFS",
   32: "EPIPE", 38: "ENOSYS", 61: "ENODATA", 75: "EOVERFLOW", 88: "ENOTSOCK", 95: "EOPNOTSUPP",
@@ -64,6 +67,12 @@ const ERRNO_NAMES: Record<number, string> = {
 
 export const EINTR = 4;
 export const EAGAIN = 11;
+export const ENXIO = 6;
+export const EBUSY = 16;
+export const ENODEV = 19;
+export const EINVAL = 22;
+export const ENOTTY = 25;
+export const EOPNOTSUPP = 95;
 
 export function errnoName(errno: number): string {
   return ERRNO_NAMES[errno] ?? `errno ${errno}`;

@@ -8,7 +8,7 @@ import {
   O_RDONLY, O_RDWR, O_DIRECT, S_IFMT, S_IFREG, S_IFBLK,
   FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, FALLOC_FL_ZERO_RANGE,
 } from "../../ffi/io.ts";
-import { close, SysError } from "../../ffi/libc.ts";
+import { close, SysError, EINVAL, EOPNOTSUPP, ENOTTY, ENODEV } from "../../ffi/libc.ts";
 import { mmap, munmap, PROT_READ, MAP_PRIVATE, MAP_ANONYMOUS } from "../../ffi/mem.ts";
 import { IOV_MAX, SECTOR_SIZE } from "./config.ts";
 
@@ -18,10 +18,6 @@ const BLKDISCARD = 0x1277; // u64[2]: start, length
 const BLKPBSZGET = 0x127b; // unsigned int: physical sector size
 const BLKGETSIZE64 = 0x80081272; // u64: size in bytes
 
-const EINVAL = 22;
-const EOPNOTSUPP = 95;
-const ENOTTY = 25;
-const ENODEV = 19;
 
 /** Zero pages for writing zeroes where fallocate cannot: read-only anonymous memory, page-aligned (O_DIRECT-safe). */
 const ZERO_CHUNK = 64 * 1024;

@@ -14,7 +14,7 @@
 // SQ can never overflow. Slots are created on first use, so memory follows the real queue depth.
 import { IoUring } from "../../ffi/io_uring.ts";
 import { IovecArray } from "../../ffi/io.ts";
-import { SysError, close } from "../../ffi/libc.ts";
+import { SysError, close, EINVAL } from "../../ffi/libc.ts";
 import { eventfd, drain } from "../../ffi/eventfd.ts";
 import { EPOLLIN } from "../../ffi/epoll.ts";
 import type { EventLoop } from "../../src/event_loop.ts";
@@ -26,7 +26,6 @@ export const OP_WRITE = 1;
 export const OP_FLUSH = 2;
 export type IoOp = typeof OP_READ | typeof OP_WRITE | typeof OP_FLUSH;
 
-const EINVAL = 22;
 
 /** Tests set this to see the synchronous fallback of a kernel without io_uring. */
 const DISABLE_ENV = "BACKEND_NO_IO_URING";

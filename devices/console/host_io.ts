@@ -10,13 +10,12 @@ import {
   O_RDONLY, O_WRONLY, O_RDWR, O_CREAT, O_APPEND, O_NONBLOCK, F_GETFL, F_SETFL,
   S_IFMT, S_IFREG, S_IFBLK, S_IFIFO, type Buf,
 } from "../../ffi/io.ts";
-import { close, EAGAIN, SysError } from "../../ffi/libc.ts";
+import { close, EAGAIN, ENXIO, SysError } from "../../ffi/libc.ts";
 import { connectUnixDatagram } from "../../ffi/socket.ts";
 import type { WindowSize } from "./config.ts";
 import { log } from "../../src/log.ts";
 
 const O_NOCTTY = 0o400;
-const ENXIO = 6;
 const TIOCGWINSZ = 0x5413;
 
 // struct termios (x86_64): c_iflag@0 c_oflag@4 c_cflag@8 c_lflag@12 c_line@16 c_cc[32]@17.
