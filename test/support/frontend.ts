@@ -10,6 +10,7 @@ import { ftruncate, pipe, read, write, setNonBlocking } from "../../ffi/io.ts";
 import { listenUnix, connectUnix, MsgIo, setTimeouts } from "../../ffi/socket.ts";
 import { eventfd, drain, signal } from "../../ffi/eventfd.ts";
 import { close, EAGAIN } from "../../ffi/libc.ts";
+import { u64Bytes, vringStateBytes } from "../../src/protocol/codec.ts";
 import { Req, HEADER_SIZE, FLAG_REPLY, FLAG_NEED_REPLY, VERSION, reqName } from "../../src/protocol/constants.ts";
 import type { FromWorker, ToWorker } from "../../src/worker.ts";
 
@@ -313,21 +314,10 @@ export class FrontendConnection {
   }
 }
 
-// ---- payload builders ----
+// ---- payload builders (the backend's own encoders where the layout is the same) ----
 
-export function u64(v: bigint | number): Uint8Array {
-  const b = new Uint8Array(8);
-  new DataView(b.buffer).setBigUint64(0, BigInt(v), true);
-  return b;
-}
-
-export function vringState(index: number, num: number): Uint8Array {
-  const b = new Uint8Array(8);
-  const v = new DataView(b.buffer);
-  v.setUint32(0, index, true);
-  v.setUint32(4, num, true);
-  return b;
-}
+export const u64 = u64Bytes;
+export const vringState = vringStateBytes;
 
 export function vringAddr(index: number, desc: number, used: number, avail: number, flags = 0): Uint8Array {
   const b = new Uint8Array(40);
