@@ -12,6 +12,9 @@ export class EventLoop {
   private readonly epoll = new Epoll(64);
   private readonly handlers = new Map<number, FdHandler>();
   private readonly deferred: (() => void)[] = [];
+  private nextTurnTasks: (() => void)[] = [];
+  /** Counts loop turns (one epoll_wait and what it dispatched); per-turn budgets key on it. */
+  turn = 0;
   /** Written by other threads (after a postMessage) to wake the loop so messages get handled. */
   readonly wakeFd = eventfd();
   private stopped = false;
@@ -46,9 +49,21 @@ export class EventLoop {
     this.deferred.push(fn);
   }
 
+  /**
+   * Runs `fn` in the next turn, after the fds that are ready by then have been served: where a
+   * queue that used up its work budget continues, so the control socket and other queues get
+   * their turn in between.
+   */
+  nextTurn(fn: () => void): void {
+    this.nextTurnTasks.push(fn);
+  }
+
   /** Waits once (up to timeoutMs) and dispatches what is ready. */
   runOnce(timeoutMs: number): void {
-    const n = this.epoll.wait(this.deferred.length > 0 ? 0 : timeoutMs);
+    const carried = this.nextTurnTasks;
+    if (carried.length > 0) this.nextTurnTasks = [];
+    const n = this.epoll.wait(this.deferred.length > 0 || carried.length > 0 ? 0 : timeoutMs);
+    this.turn++;
     for (let i = 0; i < n; i++) {
       const fd = this.epoll.readyFd(i);
       const handler = this.handlers.get(fd); // a handler earlier in the batch may have removed it
@@ -58,6 +73,13 @@ export class EventLoop {
       } catch (e) {
         // Last line of defence: a handler bug must not take the whole backend down.
         log.error(`event handler for fd ${fd} failed:`, e);
+      }
+    }
+    for (const fn of carried) {
+      try {
+        fn();
+      } catch (e) {
+        log.error("task continued from the previous turn failed:", e);
       }
     }
     this.runDeferred();

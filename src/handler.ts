@@ -2,6 +2,7 @@
 // ring state and snapshots, for any VhostUserDevice. It is transport-agnostic: `handle` takes a
 // decoded message and returns the reply payload (or null); the session does the socket side.
 import { close } from "../ffi/libc.ts";
+import { setNonBlocking } from "../ffi/io.ts";
 import {
   Req, reqName, pf, ProtocolFeature, HANDLER_PROTOCOL_FEATURES, F_PROTOCOL_FEATURES, MAX_MEM_SLOTS,
   TRANSFER_SAVE, TRANSFER_LOAD, PHASE_STOPPED, DEVICE_STATE_NO_FD,
@@ -267,12 +268,16 @@ export class VhostUserHandler {
       region.unmap();
       throw new RequestError(`ADD_MEM_REG: all ${MAX_MEM_SLOTS} memory slots are in use`);
     }
-    try {
-      this.mem.add(region);
-    } catch (e) {
-      region.unmap();
-      throw new RequestError(`ADD_MEM_REG: ${(e as Error).message}`);
-    }
+    // Running rings restart around the change, so rings served by other threads see the new
+    // region too (their copy of the table is taken at start).
+    this.withRingsPaused(() => {
+      try {
+        this.mem.add(region);
+      } catch (e) {
+        region.unmap();
+        throw new RequestError(`ADD_MEM_REG: ${(e as Error).message}`);
+      }
+    });
     // A ring that could not start for want of this region may start now.
     this.vrings.forEach((_, i) => this.activate(i));
   }
@@ -350,6 +355,17 @@ export class VhostUserHandler {
       if (fd >= 0) close(fd);
       throw new RequestError(`${reqName(code)}: queue ${index} does not exist`);
     }
+    if (fd >= 0) {
+      // Notification fds come as the front-end made them: a blocking eventfd preloaded near its
+      // maximum, or a pipe nobody reads, would block this thread in write(2) (and a blocking kick
+      // fd in read(2)). Non-blocking, a full eventfd (EAGAIN) already means "notified".
+      try {
+        setNonBlocking(fd);
+      } catch (e) {
+        close(fd);
+        throw new RequestError(`${reqName(code)}: fd ${fd} is unusable: ${(e as Error).message}`);
+      }
+    }
     if (code === Req.SET_VRING_KICK) {
       if (fd < 0) throw new RequestError("SET_VRING_KICK without an fd: polling mode is not supported");
       this.deactivate(index);
@@ -406,7 +422,19 @@ export class VhostUserHandler {
       return;
     }
     log.debug(`queue ${index}: started (size ${v.num}, base ${v.base})`);
-    this.device.startQueue(v.queue, this.mem);
+    try {
+      this.device.startQueue(v.queue, this.mem);
+    } catch (e) {
+      // A fd the front-end gave that epoll refuses (a regular file as kick fd...), a thread that
+      // could not take the ring: the ring stays stopped, the session goes on.
+      log.warn(`queue ${index}: could not start: ${(e as Error).message}`);
+      try {
+        this.device.stopQueue(index);
+      } catch {
+        /* nothing was started */
+      }
+      v.queue = null;
+    }
   }
 
   /** Takes the ring back from the device; its position becomes the next base. */

@@ -6,18 +6,39 @@ import { mmap, munmap, PROT_READ, PROT_WRITE, MAP_SHARED } from "../ffi/mem.ts";
 import { close } from "../ffi/libc.ts";
 import { fstat, fcntl, S_IFMT, S_IFREG } from "../ffi/io.ts";
 import { log } from "./log.ts";
+import type { MemoryRegionDesc } from "./protocol/codec.ts";
 
+const F_ADD_SEALS = 1033;
 const F_GET_SEALS = 1034;
+const F_SEAL_SEAL = 0x0001;
 const F_SEAL_SHRINK = 0x0002;
 
-function sealedAgainstShrinking(fd: number): boolean {
+/** How well a region's file is protected against being truncated under our mapping. */
+export type ShrinkGuard = "sealed" | "sealed-now" | "unsealable" | "not-memfd";
+
+/**
+ * A front-end that truncates the file behind a mapped region makes our next access to the lost
+ * pages raise SIGBUS, which kills the process. A memfd that allows sealing gets F_SEAL_SHRINK
+ * here (QEMU's memory-backend-memfd seals by default; the seal only forbids shrinking, which no
+ * VMM needs while the region is in the table). A file that cannot be sealed stays a risk (README,
+ * "Robustness"), reported once per region.
+ */
+export function guardAgainstShrinking(fd: number): ShrinkGuard {
+  let seals: number;
   try {
-    return (fcntl(fd, F_GET_SEALS) & F_SEAL_SHRINK) !== 0;
+    seals = fcntl(fd, F_GET_SEALS);
   } catch {
-    return false; // not a memfd: seals do not apply
+    return "not-memfd"; // EINVAL: not a memfd (tmpfs or hugetlbfs file, block device...)
+  }
+  if (seals & F_SEAL_SHRINK) return "sealed";
+  if (seals & F_SEAL_SEAL) return "unsealable"; // memfd created without MFD_ALLOW_SEALING, or sealed shut
+  try {
+    fcntl(fd, F_ADD_SEALS, F_SEAL_SHRINK);
+    return "sealed-now";
+  } catch {
+    return "unsealable";
   }
 }
-import type { MemoryRegionDesc } from "./protocol/codec.ts";
 
 const PAGE = 4096;
 /** An ArrayBuffer cannot exceed 4 GiB, so larger regions get overlapping 2 GiB windows every
@@ -51,7 +72,8 @@ export class MemoryRegion {
     const { size } = desc;
     const makeWindow = (start: number, len: number): Window => {
       const ab = toArrayBuffer(this.host as never, start, len);
-      return { start, u8: new Uint8Array(ab), dv: new DataView(ab), u16: new Uint16Array(ab, 0, len >>> 1), u32: new Uint32Array(ab, 0, Math.floor(len / 4)) };
+      // Lengths as exact division: a 4 GiB window is 2^32 bytes, which `>>>` would wrap to 0.
+      return { start, u8: new Uint8Array(ab), dv: new DataView(ab), u16: new Uint16Array(ab, 0, Math.floor(len / 2)), u32: new Uint32Array(ab, 0, Math.floor(len / 4)) };
     };
     if (size <= SINGLE_VIEW_MAX) this.windows.push(makeWindow(0, size));
     else for (let s = 0; s < size; s += WINDOW_STRIDE) this.windows.push(makeWindow(s, Math.min(WINDOW_LEN, size - s)));
@@ -67,8 +89,15 @@ export class MemoryRegion {
       if ((st.mode & S_IFMT) === S_IFREG && st.size < desc.mmapOffset + desc.size) {
         throw new Error(`region ${desc.mmapOffset}+${desc.size} extends past the end of its ${st.size}-byte file`);
       }
-      if ((st.mode & S_IFMT) === S_IFREG && !sealedAgainstShrinking(fd)) {
-        log.debug("memory region fd is not sealed against shrinking (memory-backend-memfd seal=on prevents that)");
+      if ((st.mode & S_IFMT) === S_IFREG) {
+        const guard = guardAgainstShrinking(fd);
+        if (guard === "unsealable" || guard === "not-memfd") {
+          log.warn(
+            `memory region 0x${desc.gpa.toString(16)}+0x${desc.size.toString(16)}: its file cannot be sealed against shrinking ` +
+              `(${guard === "not-memfd" ? "not a memfd" : "memfd without sealing"}); a front-end that truncates it can crash this backend ` +
+              "(use QEMU's memory-backend-memfd, which seals by default)",
+          );
+        }
       }
       const aligned = desc.mmapOffset - (desc.mmapOffset % PAGE);
       const delta = desc.mmapOffset - aligned;

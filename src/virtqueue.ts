@@ -3,7 +3,7 @@
 // chains are bounded (so loops end), and index publication uses Atomics for the memory barriers.
 import type { GuestMemory, MemoryRegion, Window } from "./memory.ts";
 import { signal } from "../ffi/eventfd.ts";
-import { log } from "./log.ts";
+import { GuestErrorLog } from "./guest_errors.ts";
 
 export const VIRTQ_DESC_F_NEXT = 1;
 export const VIRTQ_DESC_F_WRITE = 2;
@@ -68,9 +68,6 @@ function locate(mem: GuestMemory, gpa: number, len: number, align: number, what:
   return { win, off: r.offset - win.start };
 }
 
-/** Errors a guest can cause are logged this many times per queue, then counted silently. */
-const LOGGED_ERRORS_PER_QUEUE = 8;
-
 export class Virtqueue {
   readonly index: number;
   readonly size: number;
@@ -86,7 +83,7 @@ export class Virtqueue {
   nextUsed: number;
   /** Set when the guest broke the ring protocol; the queue does nothing more until reset. */
   broken = false;
-  errors = 0;
+  private readonly errorLog: GuestErrorLog;
   private signalledUsed: number | null = null;
   /** What this queue was built from (to rebuild it in another thread). */
   readonly config: VirtqueueConfig;
@@ -135,13 +132,16 @@ export class Virtqueue {
     // The used index in guest memory is where the previous owner of the ring stopped.
     this.nextUsed = c.nextUsed ?? Atomics.load(this.usedU16, this.usedIdx);
     this.config = { ...c };
+    this.errorLog = new GuestErrorLog(`queue ${c.index}`);
   }
 
-  /** Logs a guest-caused error (rate-limited) and counts it. */
+  /** Guest-caused ring errors so far (logged rate-limited). */
+  get errors(): number {
+    return this.errorLog.count;
+  }
+
   private guestError(message: string): void {
-    this.errors++;
-    if (this.errors <= LOGGED_ERRORS_PER_QUEUE) log.warn(`queue ${this.index}: ${message}`);
-    if (this.errors === LOGGED_ERRORS_PER_QUEUE) log.warn(`queue ${this.index}: further guest errors are counted, not logged`);
+    this.errorLog.report(message);
   }
 
   /** Marks the ring unusable and tells the front-end through the error eventfd. */
@@ -151,8 +151,12 @@ export class Virtqueue {
     if (this.errFd >= 0) signal(this.errFd);
   }
 
-  /** Number of chains the driver has made available and we have not taken. */
+  /**
+   * Number of chains the driver has made available and we have not taken; 0 once the ring is
+   * broken, so no "re-check for more work" loop can spin on a ring that will never yield a chain.
+   */
   pending(): number {
+    if (this.broken) return 0;
     return (Atomics.load(this.availU16, this.availIdx) - this.nextAvail) & 0xffff;
   }
 
@@ -308,6 +312,7 @@ export class Virtqueue {
    * must then process them, or the kick may be lost).
    */
   enableNotification(): boolean {
+    if (this.broken) return false;
     if (this.eventIdx) Atomics.store(this.usedU16, this.availEvent, this.nextAvail);
     else Atomics.store(this.usedU16, this.usedFlags, 0);
     return this.pending() !== 0;
@@ -316,16 +321,12 @@ export class Virtqueue {
 
 // ---- copying between guest buffers and host bytes (for devices that do not use host pointers) ----
 
-function segmentBytes(seg: Segment): Uint8Array | null {
-  const win = seg.region.window(seg.offset, seg.len);
-  if (win === null) return null;
-  const start = seg.offset - win.start;
-  return win.u8.subarray(start, start + seg.len);
-}
+/** The most bytes one typed-array view of a region covers safely (see MemoryRegion.window). */
+const COPY_PIECE = 2 ** 30;
 
 /**
  * Copies between `host` and the guest buffers `segs`, starting `skip` bytes into them; returns
- * the bytes copied (stops early at a buffer too large for one window).
+ * the bytes copied. A buffer larger than one view of its region is copied in pieces.
  */
 function copySegments(segs: readonly Segment[], host: Uint8Array, skip: number, toGuest: boolean): number {
   let copied = 0;
@@ -335,13 +336,19 @@ function copySegments(segs: readonly Segment[], host: Uint8Array, skip: number, 
       skip -= seg.len;
       continue;
     }
-    const bytes = segmentBytes(seg);
-    if (bytes === null) break;
-    const n = Math.min(seg.len - skip, host.length - copied);
-    if (toGuest) bytes.set(host.subarray(copied, copied + n), skip);
-    else host.set(bytes.subarray(skip, skip + n), copied);
-    copied += n;
+    let off = skip;
     skip = 0;
+    while (off < seg.len && copied < host.length) {
+      const n = Math.min(seg.len - off, host.length - copied, COPY_PIECE);
+      const at = seg.offset + off;
+      const win = seg.region.window(at, n);
+      if (win === null) return copied; // cannot happen for n <= COPY_PIECE (windows overlap by 1 GiB)
+      const start = at - win.start;
+      if (toGuest) win.u8.set(host.subarray(copied, copied + n), start);
+      else host.set(win.u8.subarray(start, start + n), copied);
+      copied += n;
+      off += n;
+    }
   }
   return copied;
 }

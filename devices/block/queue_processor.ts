@@ -13,7 +13,7 @@
 // once, as EVENT_IDX allows. DISCARD, WRITE_ZEROES and GET_ID are rare and stay synchronous.
 import { IovecArray } from "../../ffi/io.ts";
 import { SysError } from "../../ffi/libc.ts";
-import { processQueue, watchKick } from "../../src/kick.ts";
+import { processQueue, watchKick, TurnBudget } from "../../src/kick.ts";
 import { NotifyCoalescer } from "../../src/notify_coalescer.ts";
 import type { EventLoop } from "../../src/event_loop.ts";
 import { readFromChain, writeToChain, type DescriptorChain, type Virtqueue } from "../../src/virtqueue.ts";
@@ -75,6 +75,8 @@ export class QueueProcessor {
   private readonly segmentsView = new DataView(this.segments.buffer);
   /** The asynchronous engine (aio io_uring), or null to complete every request synchronously. */
   readonly engine: UringEngine | null;
+  /** The per-turn work allowance while served from a loop (see serve). */
+  private budget: TurnBudget | null = null;
   /** The ring was full: popping stopped, and resumes on the next batch of completions. */
   private stalled = false;
   private readonly handleChain = (chain: DescriptorChain): boolean => {
@@ -119,11 +121,16 @@ export class QueueProcessor {
   /** Serves the queue from `loop` (kicks and completions); returns the function that stops it,
    * which returns once every request in flight is complete and published. */
   serve(loop: EventLoop): () => void {
+    let live = true;
+    this.budget = new TurnBudget(loop, () => {
+      if (live) this.run();
+    });
     const coalescer = this.policy.coalesceUs > 0 ? new NotifyCoalescer(loop, this.queue, this.policy.coalesceUs) : null;
     const unwatch = watchKick(loop, this.queue, () => this.run());
     const engine = this.engine;
     engine?.attach(loop, () => this.onCompletions());
     return () => {
+      live = false;
       unwatch();
       engine?.close(); // waits for the requests in flight (GET_VRING_BASE needs a final position)
       this.queue.flush();
@@ -134,7 +141,7 @@ export class QueueProcessor {
   /** Serves every available request, publishing the completions once at the end. */
   run(): void {
     this.stalled = false;
-    processQueue(this.queue, this.handleChain, this.engine === null ? undefined : this.submitBatch);
+    processQueue(this.queue, this.handleChain, this.engine === null ? undefined : this.submitBatch, this.budget ?? undefined);
   }
 
   /** The ring's eventfd fired: reap, then publish the batch (popping more if the ring was full). */

@@ -122,7 +122,7 @@ export class ControlChannel {
       }
       q.add(chain.head, 0);
       return true;
-    });
+    }, undefined, this.txQueue.budget);
     this.deliver();
   }
 

@@ -196,8 +196,12 @@ export class ConsolePort {
     }
   }
 
-  /** Writes the chain's readable bytes from `txSkip` on; false (txSkip updated) when the sink is full. */
-  private writeChain(chain: DescriptorChain): boolean {
+  /**
+   * Writes the chain's readable bytes from `txSkip` on, as far as the sink and the turn's budget
+   * allow; on "blocked" or "budget", txSkip says how far it got.
+   */
+  private writeChain(chain: DescriptorChain): "done" | "blocked" | "budget" {
+    const budget = this.txQueue.budget;
     let skip = this.txSkip;
     let pos = 0;
     for (const seg of chain.readable) {
@@ -210,16 +214,22 @@ export class ConsolePort {
       let off = skip;
       skip = 0;
       while (off < seg.len) {
-        const n = this.sinkWrite(seg.addr + off, seg.len - off);
+        const allowed = budget.bytesLeft();
+        if (allowed === 0) {
+          this.txSkip = pos + off;
+          return "budget";
+        }
+        const n = this.sinkWrite(seg.addr + off, Math.min(seg.len - off, allowed));
         if (n === -EAGAIN) {
           this.txSkip = pos + off;
-          return false;
+          return "blocked";
         }
+        budget.spendBytes(n);
         off += n;
       }
       pos += seg.len;
     }
-    return true;
+    return "done";
   }
 
   /** Writes held emergency bytes; false when the sink is full. */
@@ -240,19 +250,22 @@ export class ConsolePort {
     if (this.txSkip === 0 && !this.flushHostOutput()) return this.waitWritable();
     const q = this.txQueue.queue;
     if (q === null) return;
-    let blocked = false;
+    let stop: "blocked" | "budget" | null = null;
     processQueue(q, (chain) => {
-      if (!this.writeChain(chain)) {
-        // Back to the ring: the chain is popped again (and skipped up to txSkip) once writable.
+      const r = this.writeChain(chain);
+      if (r !== "done") {
+        // Back to the ring: the chain is popped again (and skipped up to txSkip) once writable,
+        // or in the next turn.
         q.undoPop();
-        blocked = true;
+        stop = r;
         return false;
       }
       this.txSkip = 0;
       q.add(chain.head, 0);
       return true;
-    });
-    if (blocked) this.waitWritable();
+    }, undefined, this.txQueue.budget);
+    if (stop === "blocked") this.waitWritable();
+    else if (stop === "budget") this.txQueue.budget.yieldTurn();
   }
 
   private waitWritable(): void {

@@ -1,0 +1,36 @@
+// One rate-limited logger for errors a guest (or a front-end) can cause. A hostile guest can make
+// such errors at line rate; logging each would turn the log into the attack. The first few are
+// logged as they come, then at most one line per interval says how many were suppressed. Every
+// error is counted, so tests and stats see them all.
+import { log } from "./log.ts";
+
+const BURST = 8;
+const INTERVAL_MS = 10_000;
+
+export class GuestErrorLog {
+  /** Every error reported, logged or not. */
+  count = 0;
+  private logged = 0;
+  private suppressed = 0;
+  private windowStart = 0;
+
+  constructor(private readonly label: string, private readonly level: "warn" | "debug" = "warn") {}
+
+  report(message: string): void {
+    this.count++;
+    if (this.logged < BURST) {
+      this.logged++;
+      log[this.level](`${this.label}: ${message}`);
+      if (this.logged === BURST) log[this.level](`${this.label}: further guest errors are rate-limited`);
+      this.windowStart = Date.now();
+      return;
+    }
+    this.suppressed++;
+    const now = Date.now();
+    if (now - this.windowStart >= INTERVAL_MS) {
+      log[this.level](`${this.label}: ${message} (${this.suppressed - 1} similar errors suppressed)`);
+      this.suppressed = 0;
+      this.windowStart = now;
+    }
+  }
+}
