@@ -1,8 +1,10 @@
-// The device registry: every `backend device <name>` the binary serves.
+// The device registry: every `backend device <name>` the binary serves, keyed by the definition's
+// name. A new device is one definition (see docs/adding-a-device.md) and one line here.
 import type { DeviceDefinition } from "../src/device.ts";
-
-export const DEVICES: Record<string, DeviceDefinition<any>> = {};
 import { blockDevice } from "./block/index.ts";
-DEVICES.block = blockDevice;
 import { consoleDevice } from "./console/index.ts";
-DEVICES.console = consoleDevice;
+
+export const DEVICES: Readonly<Record<string, DeviceDefinition<any>>> = {
+  block: blockDevice,
+  console: consoleDevice,
+};

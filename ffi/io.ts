@@ -106,6 +106,10 @@ export class IovecArray {
   clear(): void {
     this.count = 0;
   }
+  /** Drops the entries from `count` on (undoes pushes). */
+  truncate(count: number): void {
+    this.count = Math.min(this.count, count);
+  }
   /** Appends one segment; returns false when the array is full. */
   push(base: number, len: number): boolean {
     if (this.count >= this.capacity) return false;

@@ -1,10 +1,18 @@
 // The contract between the common vhost-user handler and one device (crosvm's VhostUserDevice).
 // The handler owns the protocol, memory and ring bookkeeping; a device owns only its queues'
 // meaning and its host-side resources.
+//
+// Threads. Every VhostUserDevice method is called on the device thread (the worker that owns the
+// vhost-user socket, src/worker.ts), one at a time, from the handler. A device that serves its
+// queues in parallel does so through a QueueRunner per queue thread (src/queue_thread.ts); the
+// runner's methods are called on its own thread. A throw from any method is reported and
+// contained: from a request handler, the front-end gets an error reply and the session goes on;
+// from startQueue, the ring stays stopped; from a runner, that ring is not served.
 import type { EventLoop } from "./event_loop.ts";
-import type { Virtqueue } from "./virtqueue.ts";
+import type { VirtqueueConfig, RingPosition } from "./virtqueue.ts";
 import type { GuestMemory } from "./memory.ts";
-import type { QueueRunnerModule } from "./queue_thread.ts";
+
+export type { VirtqueueConfig, RingPosition };
 
 /** What a device may ask of the backend that hosts it. */
 export interface DeviceContext {
@@ -30,13 +38,19 @@ export interface VhostUserDevice {
   readConfig(offset: number, size: number): Uint8Array | null;
   /** Writes to the config space; false refuses (read-only field or out of range). */
   writeConfig(offset: number, data: Uint8Array): boolean;
-  /** The ring is started and enabled: process it from now on (watch queue.kickFd). */
-  startQueue(queue: Virtqueue, mem: GuestMemory): void;
   /**
-   * Stops processing the ring. In-flight requests must be completed before this returns, so
-   * queue.nextAvail is final (it becomes GET_VRING_BASE's answer).
+   * The ring is started and enabled: serve it from now on. `ring` is plain data; the device (or
+   * the queue thread it hands the ring to) builds its Virtqueue over `mem` and watches
+   * ring.kickFd. `ackedFeatures` are the driver's features at this start (a reset may renegotiate
+   * others before the next). `mem` stays mapped until stopQueue returns.
    */
-  stopQueue(index: number): void;
+  startQueue(ring: VirtqueueConfig, mem: GuestMemory, ackedFeatures: bigint): void;
+  /**
+   * Stops serving the ring and returns where it stopped. Requests in flight must be complete and
+   * published before this returns, so the position is final (nextAvail becomes GET_VRING_BASE's
+   * answer). Null when the ring was not running here.
+   */
+  stopQueue(index: number): RingPosition | null;
   /** Back to the power-on state (rings are already stopped). */
   reset(): void;
   /** All rings are stopped: nothing may touch guest memory until a ring starts again. */
@@ -61,8 +75,18 @@ export const COMMON_FEATURES = VIRTIO_F_VERSION_1 | VIRTIO_F_INDIRECT_DESC | VIR
 
 /** A device built from parsed command-line options. */
 export interface DeviceDefinition<Options = Record<string, unknown>> {
+  /** `backend device <name>`; also the key in devices/index.ts and the snapshot's device name. */
   name: string;
+  /** Virtio device id (1 net, 2 block, 3 console, 25 sound); the same as the created device's virtioId. */
+  virtioId: number;
   description: string;
+  /**
+   * What `--print-capabilities` prints (vhost-user spec, "Backend program conventions"): the
+   * backend type and the optional command-line features the device supports.
+   */
+  capabilities: { type: string; features: readonly string[] };
+  /** One typical command line, the arguments after `backend device <name>`; shown at the end of `--help`. */
+  example: readonly string[];
   /** citty argument definitions for `backend device <name>`. */
   args: Record<string, unknown>;
   /** Options that may be given more than once; they arrive as arrays of strings. */
@@ -71,6 +95,26 @@ export interface DeviceDefinition<Options = Record<string, unknown>> {
   validate?(options: Options): void;
   /** Builds the device inside the worker. */
   create(options: Options, ctx: DeviceContext): VhostUserDevice;
-  /** Per-queue processing that can run in a queue thread of its own (see src/queue_thread.ts). */
-  queueRunner?: QueueRunnerModule;
+  /**
+   * Builds the runner for one queue thread (see QueueRunner). Called on that thread with the
+   * options the device passed to its QueueThreadPool; the thread finds it through the registry.
+   */
+  queueRunner?: (options: unknown, loop: EventLoop) => QueueRunner;
+}
+
+/**
+ * Serves the queues one thread is given (rust-vmm's per-thread backend handler). Created once per
+ * thread, it may keep state all its queues share as fields (block: one image fd; net: a tap queue
+ * for an rx/tx pair). All methods run on that thread, one at a time.
+ */
+export interface QueueRunner {
+  /**
+   * Builds a Virtqueue from `ring` over `mem` and serves it on the thread's loop until stop.
+   * A throw leaves the ring unserved (logged); the thread goes on serving its other queues.
+   */
+  start(ring: VirtqueueConfig, mem: GuestMemory, ackedFeatures: bigint): void;
+  /** Stops queue `index`, completing what is in flight; returns its final position (null if not running). */
+  stop(index: number): RingPosition | null;
+  /** The thread is ending: release shared host resources. */
+  dispose?(): void;
 }

@@ -1,12 +1,39 @@
 // One epoll loop per worker thread. It owns the thread: handlers run to completion, and after each
 // batch of events the loop yields to Bun's own event loop (setImmediate) so the worker's
 // `onmessage` can run. A blocking epoll_wait in a Worker wakes in ~2 µs, measured here.
-import { Epoll, EPOLLIN } from "../ffi/epoll.ts";
+//
+// Besides fds it has timers: one timerfd per loop, armed for the earliest of a heap of deadlines,
+// so a device may hold many timers (a sound stream's periods, a coalescing window) for one fd.
+import { Epoll, EPOLLIN, EPOLLOUT, EPOLLHUP, EPOLLERR } from "../ffi/epoll.ts";
 import { eventfd, signal, drain } from "../ffi/eventfd.ts";
+import { timerfd, armTimer, clearTimer } from "../ffi/timerfd.ts";
 import { close } from "../ffi/libc.ts";
 import { log } from "./log.ts";
 
 export type FdHandler = (events: number) => void;
+
+/** Handlers for one fd by direction: readable (EPOLLIN) and writable (EPOLLOUT) separately. */
+export interface FdHandlers {
+  readable?: FdHandler;
+  writable?: FdHandler;
+}
+
+/** A pending timer; cancel() is idempotent, and harmless after it fired. */
+export interface Timer {
+  cancel(): void;
+}
+
+interface TimerEntry extends Timer {
+  deadline: number;
+  seq: number;
+  fn: () => void;
+  cancelled: boolean;
+}
+
+/** Microseconds on the monotonic clock (performance.now has sub-µs resolution). */
+export function nowUs(): number {
+  return performance.now() * 1000;
+}
 
 export class EventLoop {
   private readonly epoll = new Epoll(64);
@@ -18,18 +45,90 @@ export class EventLoop {
   /** Written by other threads (after a postMessage) to wake the loop so messages get handled. */
   readonly wakeFd = eventfd();
   private stopped = false;
+  private readonly timerFd = timerfd();
+  private timers: TimerEntry[] = [];
+  private timerSeq = 0;
+  /** The deadline the timerfd is armed for, or Infinity. */
+  private armedFor = Infinity;
 
   constructor() {
     this.add(this.wakeFd, EPOLLIN, () => drain(this.wakeFd));
+    this.add(this.timerFd, EPOLLIN, () => {
+      clearTimer(this.timerFd);
+      this.armedFor = Infinity;
+      this.runTimers();
+    });
   }
 
+  /** Watches `fd` for `events` with one handler for all of them. */
   add(fd: number, events: number, handler: FdHandler): void {
     this.epoll.add(fd, events);
     this.handlers.set(fd, handler);
   }
 
+  /** Changes the events watched on `fd` without re-adding it. */
   modify(fd: number, events: number): void {
     this.epoll.modify(fd, events);
+  }
+
+  /**
+   * Watches `fd` with a handler per direction (a tap: readable → receive, writable → transmit
+   * back-pressure); interest starts at the directions given and changes with setInterest. Errors
+   * and hang-ups go to both handlers, so each side learns of them.
+   */
+  watch(fd: number, handlers: FdHandlers, interest: { readable: boolean; writable: boolean } = { readable: handlers.readable !== undefined, writable: handlers.writable !== undefined }): void {
+    const dispatch: FdHandler = (events) => {
+      const failed = events & (EPOLLHUP | EPOLLERR);
+      if (events & (EPOLLIN | failed)) handlers.readable?.(events);
+      if (events & (EPOLLOUT | failed) && this.handlers.get(fd) === dispatch) handlers.writable?.(events);
+    };
+    this.add(fd, interestBits(interest), dispatch);
+  }
+
+  /** Changes which directions of a watch()ed fd wake the loop. */
+  setInterest(fd: number, interest: { readable: boolean; writable: boolean }): void {
+    this.epoll.modify(fd, interestBits(interest));
+  }
+
+  /** Calls `fn` once, `us` microseconds from now (on this thread, from the loop). */
+  timer(us: number, fn: () => void): Timer {
+    const entry: TimerEntry = {
+      deadline: nowUs() + Math.max(0, us),
+      seq: this.timerSeq++,
+      fn,
+      cancelled: false,
+      cancel: () => {
+        entry.cancelled = true;
+      },
+    };
+    heapPush(this.timers, entry);
+    this.armTimerFd();
+    return entry;
+  }
+
+  private armTimerFd(): void {
+    while (this.timers.length > 0 && this.timers[0]!.cancelled) heapPop(this.timers);
+    const next = this.timers[0];
+    if (next === undefined || next.deadline >= this.armedFor) return;
+    this.armedFor = next.deadline;
+    // At least 1 µs: 0 would disarm the timerfd.
+    armTimer(this.timerFd, Math.max(1, Math.ceil(next.deadline - nowUs())));
+  }
+
+  /** Runs every timer that is due, in deadline order (ties: creation order), then re-arms. */
+  private runTimers(): void {
+    const now = nowUs();
+    while (this.timers.length > 0 && this.timers[0]!.deadline <= now) {
+      const t = heapPop(this.timers)!;
+      if (t.cancelled) continue;
+      t.cancelled = true;
+      try {
+        t.fn();
+      } catch (e) {
+        log.error("timer failed:", e);
+      }
+    }
+    this.armTimerFd();
   }
 
   /** Stops watching `fd`. Must be called before the fd is closed. */
@@ -121,6 +220,48 @@ export class EventLoop {
   dispose(): void {
     this.remove(this.wakeFd);
     close(this.wakeFd);
+    this.remove(this.timerFd);
+    close(this.timerFd);
     close(this.epoll.fd);
   }
+}
+
+function interestBits(i: { readable: boolean; writable: boolean }): number {
+  return (i.readable ? EPOLLIN : 0) | (i.writable ? EPOLLOUT : 0);
+}
+
+// A binary min-heap of timers by (deadline, seq).
+function before(a: TimerEntry, b: TimerEntry): boolean {
+  return a.deadline < b.deadline || (a.deadline === b.deadline && a.seq < b.seq);
+}
+
+function heapPush(h: TimerEntry[], e: TimerEntry): void {
+  h.push(e);
+  let i = h.length - 1;
+  while (i > 0) {
+    const p = (i - 1) >> 1;
+    if (!before(h[i]!, h[p]!)) break;
+    [h[i], h[p]] = [h[p]!, h[i]!];
+    i = p;
+  }
+}
+
+function heapPop(h: TimerEntry[]): TimerEntry | undefined {
+  const top = h[0];
+  const last = h.pop();
+  if (h.length > 0 && last !== undefined) {
+    h[0] = last;
+    let i = 0;
+    for (;;) {
+      const l = 2 * i + 1;
+      const r = l + 1;
+      let m = i;
+      if (l < h.length && before(h[l]!, h[m]!)) m = l;
+      if (r < h.length && before(h[r]!, h[m]!)) m = r;
+      if (m === i) break;
+      [h[i], h[m]] = [h[m]!, h[i]!];
+      i = m;
+    }
+  }
+  return top;
 }

@@ -9,7 +9,7 @@ import {
 } from "./protocol/constants.ts";
 import { type Message, type MemoryRegionDesc, u64Bytes, vringStateBytes, configBytes } from "./protocol/codec.ts";
 import { GuestMemory, MemoryRegion } from "./memory.ts";
-import { Virtqueue, MAX_QUEUE_SIZE } from "./virtqueue.ts";
+import { checkRing, MAX_QUEUE_SIZE, type VirtqueueConfig } from "./virtqueue.ts";
 import { VIRTIO_F_EVENT_IDX, VIRTIO_F_INDIRECT_DESC, type VhostUserDevice } from "./device.ts";
 import type { EventLoop } from "./event_loop.ts";
 import { encodeEnvelope, decodeEnvelope, StateTransfer, SNAPSHOT_FORMAT_VERSION } from "./snapshot.ts";
@@ -56,11 +56,14 @@ interface Vring {
   errFd: number;
   enabled: boolean;
   started: boolean;
-  queue: Virtqueue | null;
+  /** The device is serving the ring. */
+  running: boolean;
+  /** Where the used ring continues after a pause (a memory-table change); unset after GET/SET_VRING_BASE. */
+  nextUsed: number | undefined;
 }
 
 function newVring(): Vring {
-  return { num: 0, addr: null, base: 0, kickFd: -1, callFd: -1, errFd: -1, enabled: false, started: false, queue: null };
+  return { num: 0, addr: null, base: 0, kickFd: -1, callFd: -1, errFd: -1, enabled: false, started: false, running: false, nextUsed: undefined };
 }
 
 export class VhostUserHandler {
@@ -213,7 +216,7 @@ export class VhostUserHandler {
     if (!this.owner) throw new RequestError("SET_FEATURES before SET_OWNER");
     const unknown = features & ~this.offeredFeatures();
     if (unknown) throw new RequestError(`SET_FEATURES: bits 0x${unknown.toString(16)} were not offered`);
-    if (this.vrings.some((v) => v.queue !== null) && features !== this.ackedFeatures) {
+    if (this.vrings.some((v) => v.running) && features !== this.ackedFeatures) {
       throw new RequestError("SET_FEATURES: cannot change features while rings are running");
     }
     this.ackedFeatures = features;
@@ -294,7 +297,7 @@ export class VhostUserHandler {
   private withRingsPaused(fn: () => void): void {
     const paused: number[] = [];
     this.vrings.forEach((v, i) => {
-      if (v.queue !== null) {
+      if (v.running) {
         this.deactivate(i);
         paused.push(i);
       }
@@ -309,7 +312,7 @@ export class VhostUserHandler {
   // ---- rings ----
 
   private requireStopped(v: Vring, index: number, what: string): void {
-    if (v.queue !== null) throw new RequestError(`${what}: queue ${index} is running`);
+    if (v.running) throw new RequestError(`${what}: queue ${index} is running`);
   }
 
   private setVringNum(index: number, num: number): void {
@@ -334,12 +337,14 @@ export class VhostUserHandler {
     this.requireStopped(v, index, "SET_VRING_BASE");
     if (base > 0xffff) throw new RequestError(`SET_VRING_BASE: ${base} is not a split-ring index`);
     v.base = base;
+    v.nextUsed = undefined;
   }
 
   private getVringBase(index: number): number {
     const v = this.vring(index, "GET_VRING_BASE");
     this.deactivate(index);
     v.started = false;
+    v.nextUsed = undefined; // the next owner of the ring reads the used index from guest memory
     if (v.kickFd >= 0) close(v.kickFd);
     v.kickFd = -1;
     if (!this.suspended && this.vrings.every((r) => !r.started)) {
@@ -377,7 +382,7 @@ export class VhostUserHandler {
     } else {
       // A running ring is restarted around the swap: it may be served by another thread, which
       // then picks up the new fd with the rest of the ring description.
-      const running = v.queue !== null;
+      const running = v.running;
       this.deactivate(index);
       if (code === Req.SET_VRING_CALL) {
         if (v.callFd >= 0) close(v.callFd);
@@ -401,7 +406,7 @@ export class VhostUserHandler {
   /** Hands the ring to the device once it is started, enabled and fully described. */
   private activate(index: number): void {
     const v = this.vrings[index]!;
-    if (v.queue !== null || !v.started || !v.enabled || v.addr === null || v.num === 0 || this.mem.regionCount === 0) return;
+    if (v.running || !v.started || !v.enabled || v.addr === null || v.num === 0 || this.mem.regionCount === 0) return;
     const { desc, used, avail } = v.addr;
     const descGpa = this.mem.vaToGpa(desc, 16 * v.num);
     const availGpa = this.mem.vaToGpa(avail, 6 + 2 * v.num);
@@ -410,40 +415,45 @@ export class VhostUserHandler {
       log.warn(`queue ${index}: ring addresses are not in the memory table; not started`);
       return;
     }
+    const ring: VirtqueueConfig = {
+      index, size: v.num, descGpa, availGpa, usedGpa,
+      eventIdx: (this.ackedFeatures & VIRTIO_F_EVENT_IDX) !== 0n,
+      indirect: (this.ackedFeatures & VIRTIO_F_INDIRECT_DESC) !== 0n,
+      nextAvail: v.base, nextUsed: v.nextUsed, kickFd: v.kickFd, callFd: v.callFd, errFd: v.errFd,
+    };
     try {
-      v.queue = new Virtqueue(this.mem, {
-        index, size: v.num, descGpa, availGpa, usedGpa,
-        eventIdx: (this.ackedFeatures & VIRTIO_F_EVENT_IDX) !== 0n,
-        indirect: (this.ackedFeatures & VIRTIO_F_INDIRECT_DESC) !== 0n,
-        nextAvail: v.base, kickFd: v.kickFd, callFd: v.callFd, errFd: v.errFd,
-      });
+      checkRing(this.mem, ring);
     } catch (e) {
       log.warn(`queue ${index}: ${(e as Error).message}; not started`);
       return;
     }
     log.debug(`queue ${index}: started (size ${v.num}, base ${v.base})`);
+    v.running = true;
     try {
-      this.device.startQueue(v.queue, this.mem);
+      this.device.startQueue(ring, this.mem, this.ackedFeatures & ~F_PROTOCOL_FEATURES);
     } catch (e) {
       // A fd the front-end gave that epoll refuses (a regular file as kick fd...), a thread that
       // could not take the ring: the ring stays stopped, the session goes on.
       log.warn(`queue ${index}: could not start: ${(e as Error).message}`);
-      try {
-        this.device.stopQueue(index);
-      } catch {
-        /* nothing was started */
-      }
-      v.queue = null;
+      this.deactivate(index);
     }
   }
 
   /** Takes the ring back from the device; its position becomes the next base. */
   private deactivate(index: number): void {
     const v = this.vrings[index]!;
-    if (v.queue === null) return;
-    this.device.stopQueue(index);
-    v.base = v.queue.nextAvail;
-    v.queue = null;
+    if (!v.running) return;
+    v.running = false;
+    let pos = null;
+    try {
+      pos = this.device.stopQueue(index);
+    } catch (e) {
+      log.error(`queue ${index}: stopping failed: ${(e as Error).message}`);
+    }
+    if (pos !== null) {
+      v.base = pos.nextAvail;
+      v.nextUsed = pos.nextUsed;
+    }
     log.debug(`queue ${index}: stopped at ${v.base}`);
   }
 

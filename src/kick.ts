@@ -4,7 +4,7 @@
 import { EPOLLIN, EPOLLHUP, EPOLLERR } from "../ffi/epoll.ts";
 import { drain } from "../ffi/eventfd.ts";
 import type { EventLoop } from "./event_loop.ts";
-import type { DescriptorChain, Virtqueue } from "./virtqueue.ts";
+import type { DescriptorChain, RingPosition, Virtqueue } from "./virtqueue.ts";
 import { log } from "./log.ts";
 
 /**
@@ -149,6 +149,36 @@ export function processQueue(
 }
 
 /**
+ * Fills the driver's receive buffers while there is something to put in them: the standard
+ * "disable notifications, fill, re-enable, re-check, publish once" loop (a buffer the driver adds
+ * between the last pop and the re-enable would otherwise wait for a kick that never comes).
+ * `hasData` says whether there is more to deliver (and may read ahead to find out); `fill` puts
+ * data into the chain and completes it, or returns false after rewinding it (it cannot be used
+ * now). Returns true when it stopped for want of buffers while data remained.
+ */
+export function fillQueue(queue: Virtqueue, hasData: () => boolean, fill: (chain: DescriptorChain) => boolean, budget?: TurnBudget): boolean {
+  try {
+    for (;;) {
+      queue.disableNotification();
+      for (;;) {
+        if (!hasData()) return false;
+        if (budget !== undefined && budget.exhausted) {
+          budget.yieldTurn();
+          return false;
+        }
+        const chain = queue.pop();
+        if (chain === null) break;
+        if (!fill(chain)) return false;
+        budget?.spendChain(chain.writableLen);
+      }
+      if (!queue.enableNotification()) return hasData();
+    }
+  } finally {
+    queue.flush();
+  }
+}
+
+/**
  * A queue a device holds between startQueue and stopQueue, with its kicks watched meanwhile and
  * a work budget per turn. `queue` is null while the ring is stopped.
  */
@@ -170,9 +200,39 @@ export class WatchedQueue {
     this.unwatch = watchKick(this.loop, q, this.onKick);
   }
 
-  stop(): void {
+  /** Stops watching; returns where the ring stopped (null if it was not running). */
+  stop(): RingPosition | null {
+    const q = this.queue;
     this.unwatch?.();
     this.unwatch = null;
     this.queue = null;
+    if (q === null) return null;
+    q.flush();
+    return q.position();
+  }
+}
+
+/**
+ * The receive and transmit queues of one data path (a console port, the console's control
+ * channel, a net queue pair): `onRx` runs when the driver adds receive buffers, `onTx` when it
+ * sends. Which of the pair a ring is follows from its index's parity (receive even).
+ */
+export class QueuePair {
+  readonly rx: WatchedQueue;
+  readonly tx: WatchedQueue;
+
+  constructor(loop: EventLoop, onRx: () => void, onTx: () => void) {
+    this.rx = new WatchedQueue(loop, onRx);
+    this.tx = new WatchedQueue(loop, onTx);
+  }
+
+  /** The pair member serving ring `index` (even: receive, odd: transmit). */
+  member(index: number): WatchedQueue {
+    return index % 2 === 0 ? this.rx : this.tx;
+  }
+
+  stop(): void {
+    this.rx.stop();
+    this.tx.stop();
   }
 }

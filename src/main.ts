@@ -1,26 +1,33 @@
 #!/usr/bin/env bun
 // `backend`: serves virtio devices to VMMs over vhost-user. The main thread parses the command
 // line, creates the socket, handles signals and supervises one worker thread per device.
-import { defineCommand, runMain, type ArgsDef } from "citty";
+import { defineCommand, runMain, type ArgsDef, type showUsage } from "citty";
 import { existsSync, lstatSync } from "node:fs";
 import { DEVICES } from "../devices/index.ts";
 import type { DeviceDefinition } from "./device.ts";
 import { listenUnix, isListening } from "../ffi/socket.ts";
-import { unlink } from "../ffi/io.ts";
+import { fcntl, unlink } from "../ffi/io.ts";
+import { libc, errno, errnoName } from "../ffi/libc.ts";
 import { signal } from "../ffi/eventfd.ts";
 import { log, setLogLevel, LOG_LEVELS } from "./log.ts";
-import { capabilities } from "./capabilities.ts";
-import { repeatedOption } from "./cli_args.ts";
+import { booleanFromArgv, repeatedOption, systemdListenFds, SD_LISTEN_FDS_START } from "./cli_args.ts";
+import { usagePrinter, withUsage } from "./help.ts";
 import type { FromWorker, ToWorker } from "./worker.ts";
 import pkg from "../package.json" with { type: "json" };
 
 const COMMON_ARGS = {
-  socket: { type: "string", description: "Listen for the front-end on this unix socket path" },
-  "socket-path": { type: "string", description: "Same as --socket (the vhost-user spec's name)" },
-  fd: { type: "string", description: "Use this inherited socket fd (listening or connected) instead of a path" },
+  socket: { type: "string", valueHint: "PATH", description: "Listen for the front-end on this unix socket path" },
+  "socket-path": { type: "string", valueHint: "PATH", description: "Same as --socket (the vhost-user spec's name)" },
+  fd: {
+    type: "string",
+    valueHint: "N",
+    description: "Use this inherited socket fd (listening or connected) instead of a path. With no socket option, a socket passed by systemd socket activation (LISTEN_FDS, fd 3) is used",
+  },
   "print-capabilities": { type: "boolean", description: "Print the backend's capabilities as JSON and exit" },
-  "log-level": { type: "string", default: "info", description: `Log level: ${Object.keys(LOG_LEVELS).join(", ")}` },
+  "log-level": { type: "string", valueHint: "LEVEL", default: "info", description: `Log level: ${Object.keys(LOG_LEVELS).join(", ")}` },
 } as const satisfies ArgsDef;
+
+const SOCKET_SOURCES = "give exactly one of --socket PATH, --socket-path PATH or --fd N, or start from a systemd .socket unit";
 
 /** Removes a stale socket left by a previous run; refuses to touch anything that is not a socket. */
 function prepareSocketPath(path: string): void {
@@ -29,31 +36,82 @@ function prepareSocketPath(path: string): void {
   unlink(path);
 }
 
-async function runDevice(def: DeviceDefinition, args: Record<string, unknown>): Promise<void> {
+const SOL_SOCKET = 1;
+const SO_TYPE = 3;
+const SO_ACCEPTCONN = 30;
+const SO_DOMAIN = 39;
+const AF_UNIX = 1;
+const SOCK_STREAM = 1;
+const F_SETFD = 2;
+const FD_CLOEXEC = 1;
+
+/** An int socket option of `fd`, or -errno. */
+function intSockOpt(fd: number, opt: number): number {
+  const val = new Int32Array(1);
+  const len = new Uint32Array([4]);
+  return libc.getsockopt(fd, SOL_SOCKET, opt, val, len) < 0 ? -errno() : val[0]!;
+}
+
+/**
+ * The socket systemd passed (sd_listen_fds): exactly one, at fd 3, a listening unix stream socket
+ * (`ListenStream=PATH`, `Accept=no`). Throws a message saying what is wrong with it otherwise.
+ */
+function activatedSocket(): number {
+  const n = systemdListenFds(process.env, process.pid);
+  if (n === 0) throw new Error(SOCKET_SOURCES);
+  if (n !== 1) throw new Error(`systemd passed ${n} sockets (LISTEN_FDS=${n}); the backend serves one: give its .socket unit a single ListenStream=`);
+  const fd = SD_LISTEN_FDS_START;
+  const what = `fd ${fd} from systemd (LISTEN_FDS)`;
+  const domain = intSockOpt(fd, SO_DOMAIN);
+  if (domain < 0) throw new Error(`${what} is not a socket (${errnoName(-domain)})`);
+  if (domain !== AF_UNIX || intSockOpt(fd, SO_TYPE) !== SOCK_STREAM) {
+    throw new Error(`${what} is not a unix stream socket: the .socket unit needs ListenStream=/path/to/socket`);
+  }
+  if (intSockOpt(fd, SO_ACCEPTCONN) !== 1) throw new Error(`${what} is a connected socket, not a listening one: the .socket unit needs Accept=no`);
+  fcntl(fd, F_SETFD, FD_CLOEXEC); // as sd_listen_fds does: not inherited by anything we exec
+  return fd;
+}
+
+/** The options the device gets: its own and the common ones, plain data (citty's parsed args are a Proxy). */
+function deviceOptions(def: DeviceDefinition, args: Record<string, unknown>, rawArgs: readonly string[]): Record<string, unknown> {
+  const defs = { ...COMMON_ARGS, ...(def.args as ArgsDef) } as ArgsDef;
+  const options: Record<string, unknown> = {};
+  for (const [name, a] of Object.entries(defs)) {
+    // Booleans by the one rule for every device (citty reads `--x=off` as on).
+    const v = a.type === "boolean" ? (booleanFromArgv(rawArgs, name) ?? args[name]) : args[name];
+    if (a.type !== "boolean" && typeof v === "boolean") throw new Error(`--no-${name}: --${name} takes a value, it is not an on/off option`);
+    if (v !== undefined) options[name] = v;
+  }
+  for (const name of def.repeatable ?? []) {
+    if (options[name] !== undefined) options[name] = repeatedOption(rawArgs, name);
+  }
+  return JSON.parse(JSON.stringify(options)) as Record<string, unknown>;
+}
+
+async function runDevice(def: DeviceDefinition, args: Record<string, unknown>, rawArgs: readonly string[]): Promise<void> {
   setLogLevel(String(args["log-level"] ?? "info"));
-  if (args["print-capabilities"]) {
-    console.log(JSON.stringify(capabilities(def.name)));
+  const options = deviceOptions(def, args, rawArgs);
+  if (options["print-capabilities"] === true) {
+    console.log(JSON.stringify({ type: def.capabilities.type, features: def.capabilities.features }));
     return;
   }
-  const socketPath = (args.socket ?? args["socket-path"]) as string | undefined;
-  const sources = [args.socket, args["socket-path"], args.fd].filter((x) => x !== undefined).length;
-  if (sources !== 1) throw new Error("give exactly one of --socket PATH, --socket-path PATH or --fd N");
-  for (const name of def.repeatable ?? []) {
-    if (args[name] !== undefined) args[name] = repeatedOption(process.argv, name);
-  }
-  def.validate?.(args);
+  const socketPath = (options.socket ?? options["socket-path"]) as string | undefined;
+  const sources = [options.socket, options["socket-path"], options.fd].filter((x) => x !== undefined).length;
+  if (sources > 1) throw new Error(SOCKET_SOURCES);
+  const activated = sources === 0 ? activatedSocket() : undefined;
+  def.validate?.(options);
 
-  // citty's parsed args are not structured-cloneable as they are: pass plain data to the worker.
-  const options = JSON.parse(JSON.stringify(args)) as Record<string, unknown>;
-  const start: ToWorker = { type: "start", device: def.name, options, logLevel: String(args["log-level"]) };
-  if (args.fd !== undefined) {
-    const fd = Number(args.fd);
-    if (!Number.isInteger(fd) || fd < 0) throw new Error(`--fd ${String(args.fd)} is not a file descriptor number`);
+  const start: ToWorker = { type: "start", device: def.name, options, logLevel: String(options["log-level"]) };
+  if (options.fd !== undefined) {
+    const fd = Number(options.fd);
+    if (!/^[0-9]+$/.test(String(options.fd)) || !Number.isSafeInteger(fd)) throw new Error(`--fd ${String(options.fd)} is not a file descriptor number`);
     if (isListening(fd)) start.listenFd = fd;
     else start.connectedFd = fd;
+  } else if (socketPath !== undefined) {
+    prepareSocketPath(socketPath);
+    start.listenFd = listenUnix(socketPath, 1);
   } else {
-    prepareSocketPath(socketPath!);
-    start.listenFd = listenUnix(socketPath!, 1);
+    start.listenFd = activated; // systemd owns that socket and its path: left alone on exit
   }
   await supervise(start, socketPath);
 }
@@ -100,23 +158,24 @@ function supervise(start: ToWorker, socketPath: string | undefined): Promise<voi
 }
 
 function deviceCommand(def: DeviceDefinition) {
-  return defineCommand({
+  const cmd = defineCommand({
     meta: { name: def.name, description: def.description },
     args: { ...COMMON_ARGS, ...(def.args as ArgsDef) },
-    run: async ({ args }) => {
+    run: async ({ args, rawArgs }) => {
       try {
-        await runDevice(def, args as Record<string, unknown>);
+        await runDevice(def, args as Record<string, unknown>, rawArgs);
       } catch (e) {
         log.error((e as Error).message);
         process.exit(1);
       }
     },
   });
+  return withUsage(cmd, { example: def.example });
 }
 
 const device = defineCommand({
   meta: { name: "device", description: `Serve one virtio device over vhost-user: ${Object.keys(DEVICES).join(", ")}` },
-  subCommands: Object.fromEntries(Object.values(DEVICES).map((d) => [d.name, deviceCommand(d)])),
+  subCommands: Object.fromEntries(Object.entries(DEVICES).map(([name, d]) => [name, deviceCommand(d)])),
 });
 
 export const main = defineCommand({
@@ -124,4 +183,4 @@ export const main = defineCommand({
   subCommands: { device },
 });
 
-if (import.meta.main) runMain(main);
+if (import.meta.main) runMain(main, { showUsage: usagePrinter(main) as typeof showUsage });

@@ -1,25 +1,20 @@
-// Runs virtqueues in threads of their own, so the queues of a multi-queue device are served in
-// parallel. The device's worker keeps the vhost-user session and hands a queue over with
-// start(); stop() is synchronous (the thread drains in-flight requests and reports the ring
-// position through shared memory), which is what GET_VRING_BASE needs.
+// Serving a device's queues: in the device thread, or in queue threads of their own so the queues
+// of a multi-queue device run in parallel (rust-vmm's `queues_per_thread`). Either way through
+// the device's QueueRunner (src/device.ts): one runner per thread, given start/stop for each
+// queue that thread serves. The device says which thread serves which queue.
 //
-// The per-queue code is the device definition's `queueRunner` (see QueueRunnerModule); the queue
-// thread finds it through the device registry (static imports, so the compiled binary has it),
-// so it must depend only on its queue, memory and options.
+// A queue thread is a Worker with its own epoll loop. start() hands it plain ring data and the
+// host addresses of the guest mappings (the device thread owns them and unmaps only after every
+// ring using them stopped); stop() is synchronous (the thread completes what is in flight and
+// reports the ring position through shared memory), which is what GET_VRING_BASE needs. The
+// runner is found through the device registry (static imports, so the compiled binary has it).
 import { signal } from "../ffi/eventfd.ts";
 import type { GuestMemory } from "./memory.ts";
-import type { Virtqueue, VirtqueueConfig } from "./virtqueue.ts";
+import type { VirtqueueConfig, RingPosition } from "./virtqueue.ts";
 import type { EventLoop } from "./event_loop.ts";
 import type { MemoryRegionDesc } from "./protocol/codec.ts";
-
-export interface QueueRunner {
-  /** Stops processing; in-flight requests must be complete when it returns. */
-  stop(): void;
-}
-
-export interface QueueRunnerModule {
-  runQueue(queue: Virtqueue, mem: GuestMemory, loop: EventLoop, options: unknown): QueueRunner;
-}
+import type { QueueRunner } from "./device.ts";
+import { log, logLevelName } from "./log.ts";
 
 export interface RegionShare {
   desc: MemoryRegionDesc;
@@ -28,7 +23,7 @@ export interface RegionShare {
 
 export type ToQueueThread =
   | { type: "init"; device: string; module?: string; options: unknown; sab: SharedArrayBuffer; logLevel: string }
-  | { type: "start"; config: VirtqueueConfig; regions: RegionShare[] }
+  | { type: "start"; ring: VirtqueueConfig; regions: RegionShare[]; ackedFeatures: string }
   | { type: "stop"; index: number }
   | { type: "exit" };
 
@@ -42,6 +37,7 @@ export const SLOT_ERROR = 5;
 export const ERROR_NOT_RUNNING = 2;
 const TIMEOUT_MS = 10_000;
 
+/** One queue thread. */
 export class QueueThread {
   private readonly worker: Worker;
   private readonly shared = new Int32Array(new SharedArrayBuffer(32));
@@ -64,32 +60,119 @@ export class QueueThread {
     if (Atomics.load(this.shared, SLOT_READY) !== 1) throw new Error("queue thread failed to start");
   }
 
-  /** Hands `queue` to the thread; this thread must not touch the queue until stop(). */
-  start(queue: Virtqueue, mem: GuestMemory): void {
+  /** Hands the ring to the thread; this thread must not touch it until stop(). */
+  start(ring: VirtqueueConfig, mem: GuestMemory, ackedFeatures: bigint): void {
     this.waitReady();
     const regions = mem.list().map((r) => ({ desc: r.desc, host: r.host }));
-    this.post({ type: "start", config: { ...queue.config, nextAvail: queue.nextAvail, nextUsed: queue.nextUsed }, regions });
+    this.post({ type: "start", ring, regions, ackedFeatures: ackedFeatures.toString() });
   }
 
-  /** Takes the queue back, blocking until the thread has drained it; updates its ring position. */
-  stop(queue: Virtqueue): void {
+  /**
+   * Takes the ring back, blocking until the thread has completed what it had in flight. Throws
+   * when the thread does not answer in time (it is then beyond use: terminate it).
+   */
+  stop(index: number): RingPosition | null {
     const seq = ++this.stopSeq;
-    this.post({ type: "stop", index: queue.index });
+    this.post({ type: "stop", index });
     const deadline = Date.now() + TIMEOUT_MS;
     while (Atomics.load(this.shared, SLOT_STOP_SEQ) !== seq) {
       const left = deadline - Date.now();
-      if (left <= 0) throw new Error(`queue ${queue.index}: thread did not stop`);
+      if (left <= 0) throw new Error(`queue ${index}: thread did not stop within ${TIMEOUT_MS} ms`);
       Atomics.wait(this.shared, SLOT_STOP_SEQ, seq - 1, left);
     }
     const error = Atomics.load(this.shared, SLOT_ERROR);
-    if (error === ERROR_NOT_RUNNING) return; // it never started there: the position is unchanged
-    if (error !== 0) throw new Error(`queue ${queue.index}: thread failed while stopping`);
-    queue.nextAvail = Atomics.load(this.shared, SLOT_NEXT_AVAIL);
-    queue.nextUsed = Atomics.load(this.shared, SLOT_NEXT_USED);
+    if (error === ERROR_NOT_RUNNING) return null; // it never started there
+    if (error !== 0) throw new Error(`queue ${index}: thread failed while stopping`);
+    return { nextAvail: Atomics.load(this.shared, SLOT_NEXT_AVAIL), nextUsed: Atomics.load(this.shared, SLOT_NEXT_USED) };
   }
 
   terminate(): void {
     this.post({ type: "exit" });
     this.worker.terminate();
+  }
+}
+
+export interface QueueServiceOptions {
+  /** Registry name of the device whose queueRunner serves the queues in queue threads. */
+  device: string;
+  /** Test hook: a module whose default export is that DeviceDefinition. */
+  module?: string;
+  /** Plain (structured-cloneable) data handed to every runner. */
+  options: unknown;
+  /** Queue threads to use; 0 serves every queue in the device thread, on `loop`. */
+  threads: number;
+  /** Which thread (0..threads-1) serves queue `index`; default index % threads. */
+  threadOf?: (index: number) => number;
+  /** The device thread's loop, for threads = 0. */
+  loop: EventLoop;
+  /** Builds the device-thread runner (threads = 0); the same factory the definition registers. */
+  runner: (options: unknown, loop: EventLoop) => QueueRunner;
+}
+
+/**
+ * Where a device's queues run: one runner in the device thread, or one per queue thread. Queue
+ * threads start on first use and live as long as the device; one that stops answering is
+ * terminated and replaced on the next start.
+ */
+export class QueueService {
+  private local: QueueRunner | null = null;
+  private readonly threads: (QueueThread | undefined)[] = [];
+  /** Queue index → the thread serving it (-1: the device thread). */
+  private readonly servedBy = new Map<number, number>();
+
+  constructor(private readonly o: QueueServiceOptions) {}
+
+  private threadFor(index: number): number {
+    if (this.o.threads === 0) return -1;
+    const t = this.o.threadOf?.(index) ?? index % this.o.threads;
+    if (!Number.isInteger(t) || t < 0 || t >= this.o.threads) throw new Error(`queue ${index}: no thread ${t}`);
+    return t;
+  }
+
+  start(ring: VirtqueueConfig, mem: GuestMemory, ackedFeatures: bigint): void {
+    this.stop(ring.index);
+    const t = this.threadFor(ring.index);
+    if (t < 0) {
+      this.local ??= this.o.runner(this.o.options, this.o.loop);
+      this.local.start(ring, mem, ackedFeatures);
+    } else {
+      let thread = this.threads[t];
+      if (thread === undefined) {
+        thread = new QueueThread(this.o.device, this.o.options, logLevelName(), this.o.module);
+        this.threads[t] = thread;
+      }
+      thread.start(ring, mem, ackedFeatures);
+    }
+    this.servedBy.set(ring.index, t);
+  }
+
+  stop(index: number): RingPosition | null {
+    const t = this.servedBy.get(index);
+    if (t === undefined) return null;
+    this.servedBy.delete(index);
+    if (t < 0) return this.local!.stop(index);
+    const thread = this.threads[t]!;
+    try {
+      return thread.stop(index);
+    } catch (e) {
+      log.error(`${(e as Error).message}; replacing that queue thread`);
+      thread.terminate();
+      this.threads[t] = undefined;
+      for (const [i, tt] of this.servedBy) if (tt === t) this.servedBy.delete(i);
+      return null;
+    }
+  }
+
+  /** Indices of the queues being served. */
+  running(): number[] {
+    return [...this.servedBy.keys()];
+  }
+
+  dispose(): void {
+    for (const i of this.running()) this.stop(i);
+    this.local?.dispose?.();
+    this.local = null;
+    for (const t of this.threads) t?.terminate();
+    this.threads.length = 0;
   }
 }

@@ -1,36 +1,36 @@
-// Entry point of a queue thread (see queue_thread.ts): rebuilds the queue from its description
-// over the shared guest mappings and runs the device's per-queue module on its own epoll loop.
+// Entry point of a queue thread (see queue_thread.ts): builds the device's QueueRunner on its own
+// epoll loop and hands it the rings it is given, over borrowed views of the device thread's guest
+// mappings.
 import { EventLoop } from "./event_loop.ts";
 import { GuestMemory, MemoryRegion } from "./memory.ts";
-import { Virtqueue } from "./virtqueue.ts";
 import { log, setLogLevel } from "./log.ts";
 import { DEVICES } from "../devices/index.ts";
-import type { DeviceDefinition } from "./device.ts";
-import {
-  type QueueRunner, type QueueRunnerModule, type ToQueueThread,
-  SLOT_READY, SLOT_WAKE_FD, SLOT_STOP_SEQ, SLOT_NEXT_AVAIL, SLOT_NEXT_USED, SLOT_ERROR, ERROR_NOT_RUNNING,
-} from "./queue_thread.ts";
+import type { DeviceDefinition, QueueRunner } from "./device.ts";
+import { type ToQueueThread, SLOT_READY, SLOT_WAKE_FD, SLOT_STOP_SEQ, SLOT_NEXT_AVAIL, SLOT_NEXT_USED, SLOT_ERROR, ERROR_NOT_RUNNING } from "./queue_thread.ts";
 
 declare const self: Worker;
 
-let loop: EventLoop | null = null;
-let mod: QueueRunnerModule | null = null;
-let options: unknown = null;
-let shared: Int32Array | null = null;
-const running = new Map<number, { queue: Virtqueue; runner: QueueRunner }>();
+/** This thread's state once "init" has run. */
+interface ThreadState {
+  loop: EventLoop;
+  runner: QueueRunner;
+  shared: Int32Array;
+}
+
+let state: ThreadState | null = null;
 
 self.onmessage = async (ev: MessageEvent<ToQueueThread>) => {
   const msg = ev.data;
   switch (msg.type) {
     case "init": {
-      shared = new Int32Array(msg.sab);
+      const shared = new Int32Array(msg.sab);
       try {
         setLogLevel(msg.logLevel);
-        const def = msg.module !== undefined ? ((await import(msg.module)).default as DeviceDefinition) : DEVICES[msg.device];
+        const registry = DEVICES as Record<string, DeviceDefinition<any>>;
+        const def = msg.module !== undefined ? ((await import(msg.module)).default as DeviceDefinition) : registry[msg.device];
         if (def?.queueRunner === undefined) throw new Error(`device '${msg.device}' has no queue runner`);
-        mod = def.queueRunner;
-        options = msg.options;
-        loop = new EventLoop();
+        const loop = new EventLoop();
+        state = { loop, runner: def.queueRunner(msg.options, loop), shared };
         Atomics.store(shared, SLOT_WAKE_FD, loop.wakeFd);
         Atomics.store(shared, SLOT_READY, 1);
       } catch (e) {
@@ -38,34 +38,32 @@ self.onmessage = async (ev: MessageEvent<ToQueueThread>) => {
         Atomics.store(shared, SLOT_READY, 2);
       }
       Atomics.notify(shared, SLOT_READY);
-      if (loop !== null) loop.run();
+      state?.loop.run();
       return;
     }
     case "start": {
       const mem = new GuestMemory();
-      for (const r of msg.regions) mem.add(MemoryRegion.borrow(r.desc, r.host));
       try {
-        const queue = new Virtqueue(mem, msg.config);
-        running.set(queue.index, { queue, runner: mod!.runQueue(queue, mem, loop!, options) });
+        for (const r of msg.regions) mem.add(MemoryRegion.borrow(r.desc, r.host));
+        state!.runner.start(msg.ring, mem, BigInt(msg.ackedFeatures));
       } catch (e) {
-        log.error(`queue ${msg.config.index}: could not start in its thread:`, e);
+        log.error(`queue ${msg.ring.index}: could not start in its thread:`, e);
       }
       return;
     }
     case "stop": {
-      const s = shared!;
-      const r = running.get(msg.index);
-      let failed = r === undefined ? ERROR_NOT_RUNNING : 0;
-      if (r !== undefined) {
-        try {
-          r.runner.stop();
-        } catch (e) {
-          log.error(`queue ${msg.index}: stop failed:`, e);
-          failed = 1;
+      const s = state!.shared;
+      let failed = 0;
+      try {
+        const pos = state!.runner.stop(msg.index);
+        if (pos === null) failed = ERROR_NOT_RUNNING;
+        else {
+          Atomics.store(s, SLOT_NEXT_AVAIL, pos.nextAvail);
+          Atomics.store(s, SLOT_NEXT_USED, pos.nextUsed);
         }
-        running.delete(msg.index);
-        Atomics.store(s, SLOT_NEXT_AVAIL, r.queue.nextAvail);
-        Atomics.store(s, SLOT_NEXT_USED, r.queue.nextUsed);
+      } catch (e) {
+        log.error(`queue ${msg.index}: stop failed:`, e);
+        failed = 1;
       }
       Atomics.store(s, SLOT_ERROR, failed);
       Atomics.add(s, SLOT_STOP_SEQ, 1);
@@ -73,7 +71,8 @@ self.onmessage = async (ev: MessageEvent<ToQueueThread>) => {
       return;
     }
     case "exit":
-      loop?.stop();
+      state?.runner.dispose?.();
+      state?.loop.stop();
       return;
   }
 };

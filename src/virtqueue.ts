@@ -1,7 +1,8 @@
 // The device side of a split virtqueue (virtio 1.2 §2.7). Guest memory is untrusted and shared:
 // each descriptor field is read exactly once, every buffer is checked against the memory table,
 // chains are bounded (so loops end), and index publication uses Atomics for the memory barriers.
-import type { GuestMemory, MemoryRegion, Window } from "./memory.ts";
+import type { GuestMemory, Window } from "./memory.ts";
+import { DescriptorChain, type Segment } from "./chain.ts";
 import { signal } from "../ffi/eventfd.ts";
 import { GuestErrorLog } from "./guest_errors.ts";
 
@@ -17,27 +18,14 @@ export const MAX_QUEUE_SIZE = 32768;
  */
 export const MAX_INDIRECT_ENTRIES = 1024;
 
-/** One checked guest buffer of a chain. */
-export interface Segment {
-  /** Host address of the first byte (for preadv/pwritev/readv/writev). */
-  addr: number;
-  len: number;
-  region: MemoryRegion;
-  /** Offset of the buffer inside its region. */
-  offset: number;
-}
-
-/** A popped request: device-readable buffers first, then device-writable ones (spec order). */
-export class DescriptorChain {
-  readonly readable: Segment[] = [];
-  readonly writable: Segment[] = [];
-  readableLen = 0;
-  writableLen = 0;
-  constructor(readonly head: number) {}
-}
+export { DescriptorChain, type Segment } from "./chain.ts";
 
 export class ChainError extends Error {}
 
+/**
+ * A ring as the front-end described it: plain data, so it can be handed to the thread that serves
+ * the ring, which builds its Virtqueue there (crosvm: QueueConfig → Queue).
+ */
 export interface VirtqueueConfig {
   index: number;
   size: number;
@@ -54,6 +42,12 @@ export interface VirtqueueConfig {
   errFd: number;
 }
 
+/** Where a ring stopped: GET_VRING_BASE's answer (nextAvail), and where a restart continues. */
+export interface RingPosition {
+  nextAvail: number;
+  nextUsed: number;
+}
+
 interface Located {
   win: Window;
   /** Byte offset of the structure inside `win`. */
@@ -66,6 +60,20 @@ function locate(mem: GuestMemory, gpa: number, len: number, align: number, what:
   const win = r === null ? null : r.region.window(r.offset, len);
   if (r === null || win === null) throw new Error(`${what} 0x${gpa.toString(16)}+${len} is outside guest memory`);
   return { win, off: r.offset - win.start };
+}
+
+/** Throws if `c` does not describe a ring that lies in `mem` (what the Virtqueue constructor checks). */
+export function checkRing(mem: GuestMemory, c: VirtqueueConfig): void {
+  checkSize(c);
+  locate(mem, c.descGpa, 16 * c.size, 16, `queue ${c.index} descriptor table`);
+  locate(mem, c.availGpa, 6 + 2 * c.size, 2, `queue ${c.index} available ring`);
+  locate(mem, c.usedGpa, 6 + 8 * c.size, 4, `queue ${c.index} used ring`);
+}
+
+function checkSize(c: VirtqueueConfig): void {
+  if (c.size === 0 || c.size > MAX_QUEUE_SIZE || (c.size & (c.size - 1)) !== 0) {
+    throw new Error(`queue ${c.index}: size ${c.size} is not a power of 2 in 1..${MAX_QUEUE_SIZE}`);
+  }
 }
 
 export class Virtqueue {
@@ -85,6 +93,11 @@ export class Virtqueue {
   broken = false;
   private readonly errorLog: GuestErrorLog;
   private signalledUsed: number | null = null;
+  /** Chains popped and not yet completed; `inFlightHead[h]` is 1 while head h is one of them. */
+  inFlight = 0;
+  private readonly inFlightHead: Uint8Array;
+  /** The head popped at each available slot (for rewind). */
+  private readonly poppedHead: Uint16Array;
   /** What this queue was built from (to rebuild it in another thread). */
   readonly config: VirtqueueConfig;
   private unpublished = false;
@@ -102,10 +115,13 @@ export class Virtqueue {
   private readonly usedRing: number;
   private readonly availEvent: number;
 
+  /** The ring position now: where a stop leaves it. */
+  position(): RingPosition {
+    return { nextAvail: this.nextAvail, nextUsed: this.nextUsed };
+  }
+
   constructor(private readonly mem: GuestMemory, c: VirtqueueConfig) {
-    if (c.size === 0 || c.size > MAX_QUEUE_SIZE || (c.size & (c.size - 1)) !== 0) {
-      throw new Error(`queue ${c.index}: size ${c.size} is not a power of 2 in 1..${MAX_QUEUE_SIZE}`);
-    }
+    checkSize(c);
     this.index = c.index;
     this.size = c.size;
     this.eventIdx = c.eventIdx;
@@ -131,6 +147,8 @@ export class Virtqueue {
     this.availEvent = (used.off + 4 + 8 * c.size) / 2;
     // The used index in guest memory is where the previous owner of the ring stopped.
     this.nextUsed = c.nextUsed ?? Atomics.load(this.usedU16, this.usedIdx);
+    this.inFlightHead = new Uint8Array(c.size);
+    this.poppedHead = new Uint16Array(c.size);
     this.config = { ...c };
     this.errorLog = new GuestErrorLog(`queue ${c.index}`);
   }
@@ -173,12 +191,21 @@ export class Virtqueue {
         this.breakRing(`available index moved ${pending} entries ahead (queue size ${this.size})`);
         return null;
       }
-      const head = this.availU16[this.availRing + (this.nextAvail & (this.size - 1))]!;
+      const slot = this.nextAvail & (this.size - 1);
+      const head = this.availU16[this.availRing + slot]!;
       this.nextAvail = (this.nextAvail + 1) & 0xffff;
       if (head >= this.size) {
         this.guestError(`available ring names descriptor ${head} (queue size ${this.size}); skipped`);
         continue;
       }
+      if (this.inFlightHead[head] !== 0) {
+        // Completing it would complete the one in flight twice: the driver broke the protocol.
+        this.guestError(`available ring names descriptor ${head}, which is already in flight; skipped`);
+        continue;
+      }
+      this.inFlightHead[head] = 1;
+      this.inFlight++;
+      this.poppedHead[slot] = head;
       try {
         return this.walk(head);
       } catch (e) {
@@ -243,13 +270,35 @@ export class Virtqueue {
     }
   }
 
-  /** Puts `head` back at the front of the available ring (for a request the device could not start). */
-  undoPop(): void {
-    this.nextAvail = (this.nextAvail - 1) & 0xffff;
+  /**
+   * Gives back the last `n` chains popped and not completed, so they are popped again (a request
+   * the device could not start; MRG_RXBUF chains a frame did not need). Chains popped before them
+   * may still be in flight; the rewound ones must be the most recent pops.
+   */
+  rewind(n = 1): void {
+    for (let i = 0; i < n; i++) {
+      const slot = (this.nextAvail - 1) & (this.size - 1);
+      const head = this.poppedHead[slot]!;
+      if (this.inFlightHead[head] === 0) throw new Error(`queue ${this.index}: rewind of ${n} chains, but the chain at slot ${slot} is not in flight`);
+      this.inFlightHead[head] = 0;
+      this.inFlight--;
+      this.nextAvail = (this.nextAvail - 1) & 0xffff;
+    }
   }
 
-  /** Writes a used element; it becomes visible to the driver at the next flush(). */
+  /** Puts the last popped chain back (rewind(1)). */
+  undoPop(): void {
+    this.rewind(1);
+  }
+
+  /**
+   * Writes a used element; it becomes visible to the driver at the next flush(). Completing a
+   * head that is not in flight is a device bug: refused (thrown), never shown to the driver.
+   */
   add(head: number, len: number): void {
+    if (head >= this.size || this.inFlightHead[head] === 0) throw new Error(`queue ${this.index}: completion of descriptor ${head}, which is not in flight`);
+    this.inFlightHead[head] = 0;
+    this.inFlight--;
     const o = this.usedRing + (this.nextUsed & (this.size - 1)) * 8;
     this.usedDv.setUint32(o, head, true);
     this.usedDv.setUint32(o + 4, len, true);
@@ -317,48 +366,4 @@ export class Virtqueue {
     else Atomics.store(this.usedU16, this.usedFlags, 0);
     return this.pending() !== 0;
   }
-}
-
-// ---- copying between guest buffers and host bytes (for devices that do not use host pointers) ----
-
-/** The most bytes one typed-array view of a region covers safely (see MemoryRegion.window). */
-const COPY_PIECE = 2 ** 30;
-
-/**
- * Copies between `host` and the guest buffers `segs`, starting `skip` bytes into them; returns
- * the bytes copied. A buffer larger than one view of its region is copied in pieces.
- */
-function copySegments(segs: readonly Segment[], host: Uint8Array, skip: number, toGuest: boolean): number {
-  let copied = 0;
-  for (const seg of segs) {
-    if (copied >= host.length) break;
-    if (skip >= seg.len) {
-      skip -= seg.len;
-      continue;
-    }
-    let off = skip;
-    skip = 0;
-    while (off < seg.len && copied < host.length) {
-      const n = Math.min(seg.len - off, host.length - copied, COPY_PIECE);
-      const at = seg.offset + off;
-      const win = seg.region.window(at, n);
-      if (win === null) return copied; // cannot happen for n <= COPY_PIECE (windows overlap by 1 GiB)
-      const start = at - win.start;
-      if (toGuest) win.u8.set(host.subarray(copied, copied + n), start);
-      else host.set(win.u8.subarray(start, start + n), copied);
-      copied += n;
-      off += n;
-    }
-  }
-  return copied;
-}
-
-/** Copies up to dst.length bytes from the chain's readable buffers, from byte `skip` on. */
-export function readFromChain(chain: DescriptorChain, dst: Uint8Array, skip = 0): number {
-  return copySegments(chain.readable, dst, skip, false);
-}
-
-/** Copies `src` into the chain's writable buffers from byte `skip` on; returns bytes copied. */
-export function writeToChain(chain: DescriptorChain, src: Uint8Array, skip = 0): number {
-  return copySegments(chain.writable, src, skip, true);
 }

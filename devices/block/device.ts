@@ -2,12 +2,12 @@
 // snapshots. The image and the queue processors do the I/O; this class only wires them.
 import { COMMON_FEATURES, type DeviceContext, type VhostUserDevice } from "../../src/device.ts";
 import type { GuestMemory } from "../../src/memory.ts";
-import type { Virtqueue } from "../../src/virtqueue.ts";
-import { QueueThread } from "../../src/queue_thread.ts";
-import { sharedPolicy, type BlockThreadOptions } from "./queue_runner.ts";
-import { log, logLevelName } from "../../src/log.ts";
+import type { VirtqueueConfig, RingPosition } from "../../src/virtqueue.ts";
+import { QueueService } from "../../src/queue_thread.ts";
+import { sharedPolicy, blockQueueRunner, type BlockThreadOptions } from "./queue_runner.ts";
+import { log } from "../../src/log.ts";
 import { BlockImage } from "./image.ts";
-import { QueueProcessor, type BlockPolicy } from "./queue_processor.ts";
+import type { BlockPolicy } from "./queue_processor.ts";
 import { segMaxFor, type BlockOptions } from "./options.ts";
 import { ioUringUnavailable } from "./uring_engine.ts";
 import { validateBlockState, BLOCK_STATE_VERSION, type BlockState, type BlockStateSelf } from "./state.ts";
@@ -36,13 +36,12 @@ export class BlockDevice implements VhostUserDevice {
   private readonly offered: bigint;
   private acked = 0n;
   private writeback = DEFAULT_WRITEBACK;
-  private readonly queues = new Map<number, { processor: QueueProcessor | null; unwatch: () => void }>();
   /** Word 0: 1 when writes must be stable at completion; shared with queue threads. */
   private readonly cacheMode = new Int32Array(new SharedArrayBuffer(4));
-  /** Queue threads, created on first use; queue i runs on thread i % threads. */
-  private readonly pool: QueueThread[] = [];
+  /** Where the request queues run: queue i on thread i % threads, or all in the device thread. */
+  private readonly queues: QueueService;
 
-  constructor(private readonly opts: BlockOptions, private readonly ctx: DeviceContext) {
+  constructor(private readonly opts: BlockOptions, ctx: DeviceContext) {
     if (opts.aio === "io_uring") {
       // Probed once here, so a kernel without io_uring costs one warning rather than one per queue.
       const why = ioUringUnavailable();
@@ -93,6 +92,14 @@ export class BlockDevice implements VhostUserDevice {
       (this.geometry.discard ? VIRTIO_BLK_F_DISCARD : 0n) |
       (this.geometry.writeZeroes ? VIRTIO_BLK_F_WRITE_ZEROES : 0n);
     this.updateWriteMode();
+    const { writethrough: _, ...plainPolicy } = this.policy;
+    const threadOptions: BlockThreadOptions = {
+      file: opts.file, readOnly: opts.readOnly, direct: opts.direct, aio: opts.aio,
+      policy: plainPolicy, cacheMode: this.cacheMode.buffer as SharedArrayBuffer,
+    };
+    this.queues = new QueueService({
+      device: "block", options: threadOptions, threads: opts.threads, loop: ctx.loop, runner: blockQueueRunner,
+    });
     log.info(
       `block: ${opts.file} (${image.isBlockDevice ? "block device" : "file"}, ${image.size} bytes, ` +
         `${image.blkSize}-byte blocks, ${opts.readOnly ? "read-only" : "read-write"}${opts.direct ? ", O_DIRECT" : ""}, aio ${opts.aio}), ` +
@@ -139,50 +146,25 @@ export class BlockDevice implements VhostUserDevice {
     return true;
   }
 
-  startQueue(queue: Virtqueue, mem: GuestMemory): void {
-    this.stopQueue(queue.index);
-    if (queue.size < this.geometry.segMax + 2) {
+  startQueue(ring: VirtqueueConfig, mem: GuestMemory): void {
+    if (ring.size < this.geometry.segMax + 2) {
       // Linux sizes its chains by seg_max, not by the ring: chains may be longer than this ring.
       log.warn(
-        `block queue ${queue.index}: ring of ${queue.size} entries, but seg_max ${this.geometry.segMax} lets the guest build ` +
-          `chains of ${this.geometry.segMax + 2} descriptors; give --queue-size ${queue.size} to match the front-end`,
+        `block queue ${ring.index}: ring of ${ring.size} entries, but seg_max ${this.geometry.segMax} lets the guest build ` +
+          `chains of ${this.geometry.segMax + 2} descriptors; give --queue-size ${ring.size} to match the front-end`,
       );
     }
-    if (this.opts.threads > 0) {
-      const thread = this.thread(queue.index % this.opts.threads);
-      thread.start(queue, mem);
-      this.queues.set(queue.index, { processor: null, unwatch: () => thread.stop(queue) });
-      return;
-    }
-    const processor = new QueueProcessor(queue, this.image, this.policy, this.opts.aio);
-    this.queues.set(queue.index, { processor, unwatch: processor.serve(this.ctx.loop) });
-  }
-
-  private thread(i: number): QueueThread {
-    let t = this.pool[i];
-    if (t === undefined) {
-      const { writethrough: _, ...policy } = this.policy;
-      const options: BlockThreadOptions = {
-        file: this.opts.file, readOnly: this.opts.readOnly, direct: this.opts.direct, aio: this.opts.aio,
-        policy, cacheMode: this.cacheMode.buffer as SharedArrayBuffer,
-      };
-      t = new QueueThread("block", options, logLevelName());
-      this.pool[i] = t;
-    }
-    return t;
+    this.queues.start(ring, mem, this.acked);
   }
 
   /** Stopping waits for the queue's requests in flight (io_uring) in whichever thread serves it,
    * so none is in flight, and all are published, once this returns. */
-  stopQueue(index: number): void {
-    const q = this.queues.get(index);
-    if (q === undefined) return;
-    q.unwatch();
-    this.queues.delete(index);
+  stopQueue(index: number): RingPosition | null {
+    return this.queues.stop(index);
   }
 
   reset(): void {
-    for (const i of [...this.queues.keys()]) this.stopQueue(i);
+    for (const i of this.queues.running()) this.stopQueue(i);
     this.acked = 0n;
     this.writeback = DEFAULT_WRITEBACK;
     this.updateWriteMode();
@@ -226,14 +208,8 @@ export class BlockDevice implements VhostUserDevice {
     this.updateWriteMode();
   }
 
-  /** Per-queue counters of the running queues. */
-  stats(): Record<number, QueueProcessor["stats"]> {
-    return Object.fromEntries([...this.queues].flatMap(([i, q]) => (q.processor ? [[i, q.processor.stats]] : [])));
-  }
-
   dispose(): void {
-    for (const i of [...this.queues.keys()]) this.stopQueue(i);
-    for (const t of this.pool) t.terminate();
+    this.queues.dispose();
     this.image.close();
   }
 }

@@ -3,6 +3,7 @@
 import { availableParallelism } from "node:os";
 import { IOV_MAX, VIRTIO_BLK_ID_BYTES } from "./config.ts";
 import type { AioMode } from "./queue_processor.ts";
+import { booleanOption } from "../../src/cli_args.ts";
 
 export const BLOCK_ARGS = {
   file: { type: "string", description: "Disk image: a raw image file or a block device (required)" },
@@ -41,15 +42,6 @@ export const DEFAULT_COALESCE_US = 50;
 export const DEFAULT_QUEUE_SIZE = 128;
 const MAX_QUEUE_SIZE = 32768;
 
-function bool(raw: Record<string, unknown>, name: string, dflt: boolean): boolean {
-  const v = raw[name];
-  if (v === undefined || v === null) return dflt;
-  if (typeof v === "boolean") return v;
-  if (v === "true" || v === "on" || v === "1" || v === "") return true;
-  if (v === "false" || v === "off" || v === "0") return false;
-  throw new Error(`--${name}: '${String(v)}' is not a boolean`);
-}
-
 function int(raw: Record<string, unknown>, name: string, dflt: number, min: number, max: number): number {
   const v = raw[name];
   if (v === undefined || v === null || v === "") return dflt;
@@ -72,7 +64,7 @@ export function parseBlockOptions(raw: Record<string, unknown>): BlockOptions {
   if ((queueSize & (queueSize - 1)) !== 0) throw new Error(`--queue-size: ${queueSize} is not a power of 2`);
   const numQueues = int(raw, "num-queues", 16, 1, MAX_NUM_QUEUES);
   const defaultThreads = numQueues === 1 ? 0 : Math.min(numQueues, availableParallelism());
-  const direct = bool(raw, "direct", false);
+  const direct = booleanOption(raw, "direct", false);
   const aioRaw = raw.aio;
   let aio: AioMode = direct ? "io_uring" : "sync";
   if (aioRaw !== undefined && aioRaw !== null && aioRaw !== "") {
@@ -81,14 +73,14 @@ export function parseBlockOptions(raw: Record<string, unknown>): BlockOptions {
   }
   return {
     file,
-    readOnly: bool(raw, "read-only", false),
+    readOnly: booleanOption(raw, "read-only", false),
     serial,
     numQueues,
     threads: int(raw, "threads", defaultThreads, 0, numQueues),
     queueSize,
     direct,
     aio,
-    sparse: bool(raw, "sparse", true),
+    sparse: booleanOption(raw, "sparse", true),
     coalesceUs: int(raw, "coalesce-us", DEFAULT_COALESCE_US, 0, 10_000),
   };
 }

@@ -16,11 +16,13 @@ import { SysError } from "../../ffi/libc.ts";
 import { processQueue, watchKick, TurnBudget } from "../../src/kick.ts";
 import { NotifyCoalescer } from "../../src/notify_coalescer.ts";
 import type { EventLoop } from "../../src/event_loop.ts";
-import { readFromChain, writeToChain, type DescriptorChain, type Virtqueue } from "../../src/virtqueue.ts";
+import type { Virtqueue } from "../../src/virtqueue.ts";
+import { ChainReader, ChainWriter, type DescriptorChain } from "../../src/chain.ts";
+import { GuestErrorLog } from "../../src/guest_errors.ts";
 import { log } from "../../src/log.ts";
 import type { BlockImage } from "./image.ts";
 import { UringEngine, OP_READ, OP_WRITE, type IoSlot } from "./uring_engine.ts";
-import { RequestHeader, buildIovecs, statusSegment, writeStatus } from "./request.ts";
+import { RequestHeader } from "./request.ts";
 import {
   VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT, VIRTIO_BLK_T_FLUSH, VIRTIO_BLK_T_GET_ID, VIRTIO_BLK_T_DISCARD,
   VIRTIO_BLK_T_WRITE_ZEROES, VIRTIO_BLK_S_OK, VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_UNSUPP,
@@ -69,6 +71,7 @@ const IN_FLIGHT = -1;
 
 export class QueueProcessor {
   readonly stats: QueueStats = { requests: 0, bytesRead: 0, bytesWritten: 0, errors: 0, unsupported: 0 };
+  private readonly guestErrors: GuestErrorLog;
   private readonly iov: IovecArray;
   private readonly header = new RequestHeader();
   private readonly segments = new Uint8Array(MAX_DISCARD_SEGMENTS * DISCARD_SEGMENT_SIZE);
@@ -106,6 +109,7 @@ export class QueueProcessor {
    */
   constructor(readonly queue: Virtqueue, private readonly image: BlockImage, private readonly policy: BlockPolicy, aio: AioMode = "sync") {
     this.iov = new IovecArray(policy.segMax);
+    this.guestErrors = new GuestErrorLog(`block queue ${queue.index}`, "debug");
     this.sectorMask = (policy.blkSize >> SECTOR_SHIFT) - 1;
     let engine: UringEngine | null = null;
     if (aio === "io_uring") {
@@ -155,27 +159,28 @@ export class QueueProcessor {
    * IN_FLIGHT when the engine completes it later. */
   handle(chain: DescriptorChain): number {
     this.stats.requests++;
-    const statusIndex = statusSegment(chain);
-    if (statusIndex < 0) {
+    const reader = new ChainReader(chain);
+    const writer = new ChainWriter(chain);
+    if (!writer.carveStatus()) {
       this.guestError(chain, "request has no writable byte for its status; completed with length 0");
       return 0;
     }
     let status: number;
-    if (!this.header.read(chain)) {
+    if (!this.header.read(reader)) {
       this.guestError(chain, `request header shorter than ${REQUEST_HEADER_SIZE} bytes`);
       status = VIRTIO_BLK_S_IOERR;
     } else {
-      status = this.execute(chain, statusIndex);
+      status = this.execute(chain, reader, writer);
       if (status === IN_FLIGHT) return IN_FLIGHT;
     }
-    return this.finish(chain, statusIndex, status);
+    return this.finish(chain, writer, status);
   }
 
   /** Counts the outcome, stores the status byte; returns the used length. */
-  private finish(chain: DescriptorChain, statusIndex: number, status: number): number {
+  private finish(chain: DescriptorChain, writer: ChainWriter, status: number): number {
     if (status === VIRTIO_BLK_S_IOERR) this.stats.errors++;
     else if (status === VIRTIO_BLK_S_UNSUPP) this.stats.unsupported++;
-    if (!writeStatus(chain, statusIndex, status)) return 0;
+    writer.writeStatus(status);
     // Like QEMU: the whole device-writable part counts as written (data for reads, then status).
     return chain.writableLen;
   }
@@ -189,26 +194,28 @@ export class QueueProcessor {
       status = this.hostError(what, Math.floor(slot.offset / 512), slot.len, error);
     } else if (slot.op === OP_READ) this.stats.bytesRead += slot.len;
     else if (slot.op === OP_WRITE) this.stats.bytesWritten += slot.len;
-    this.queue.add(chain.head, this.finish(chain, slot.statusIndex, status));
+    this.queue.add(chain.head, this.finish(chain, slot.status!, status));
   }
 
   /** The iovec array for the request being handled: the engine's next slot's, or the shared one. */
   private requestIov(): IovecArray {
-    return this.engine === null ? this.iov : this.engine.nextSlot()!.iov; // handleChain checked there is one
+    const iov = this.engine === null ? this.iov : this.engine.nextSlot()!.iov; // handleChain checked there is one
+    iov.clear();
+    return iov;
   }
 
-  private execute(chain: DescriptorChain, statusIndex: number): number {
+  private execute(chain: DescriptorChain, reader: ChainReader, writer: ChainWriter): number {
     const p = this.policy;
     const { type, sector } = this.header;
     switch (type) {
       case VIRTIO_BLK_T_IN: {
-        const len = chain.writableLen - 1;
+        const len = writer.remaining;
         if (!this.checkRange(chain, sector, len, "read")) return VIRTIO_BLK_S_IOERR;
         const iov = this.requestIov();
-        if (!buildIovecs(iov, chain.writable, 0, len)) return this.tooManySegments(chain);
+        if (!writer.iovecs(iov, len)) return this.tooManySegments(chain);
         if (len === 0) return VIRTIO_BLK_S_OK;
         if (this.engine !== null) {
-          this.engine.read(chain, statusIndex, sector * 512, len);
+          this.engine.read(chain, writer, sector * 512, len);
           return IN_FLIGHT;
         }
         try {
@@ -221,13 +228,13 @@ export class QueueProcessor {
       }
       case VIRTIO_BLK_T_OUT: {
         if (p.readOnly) return this.refuseReadOnly(chain, "write");
-        const len = chain.readableLen - REQUEST_HEADER_SIZE;
+        const len = reader.remaining;
         if (!this.checkRange(chain, sector, len, "write")) return VIRTIO_BLK_S_IOERR;
         const iov = this.requestIov();
-        if (!buildIovecs(iov, chain.readable, REQUEST_HEADER_SIZE, len)) return this.tooManySegments(chain);
+        if (!reader.iovecs(iov, len)) return this.tooManySegments(chain);
         if (len === 0) return VIRTIO_BLK_S_OK;
         if (this.engine !== null) {
-          this.engine.write(chain, statusIndex, sector * 512, len, p.writethrough);
+          this.engine.write(chain, writer, sector * 512, len, p.writethrough);
           return IN_FLIGHT;
         }
         try {
@@ -241,7 +248,7 @@ export class QueueProcessor {
       }
       case VIRTIO_BLK_T_FLUSH:
         if (this.engine !== null && !p.readOnly) {
-          this.engine.flush(chain, statusIndex);
+          this.engine.flush(chain, writer);
           return IN_FLIGHT;
         }
         try {
@@ -251,15 +258,15 @@ export class QueueProcessor {
         }
         return VIRTIO_BLK_S_OK;
       case VIRTIO_BLK_T_GET_ID:
-        if (chain.writableLen - 1 < VIRTIO_BLK_ID_BYTES) {
-          this.guestError(chain, `GET_ID buffer of ${chain.writableLen - 1} bytes (needs ${VIRTIO_BLK_ID_BYTES})`);
+        if (writer.remaining < VIRTIO_BLK_ID_BYTES) {
+          this.guestError(chain, `GET_ID buffer of ${writer.remaining} bytes (needs ${VIRTIO_BLK_ID_BYTES})`);
           return VIRTIO_BLK_S_IOERR;
         }
-        writeToChain(chain, p.serial);
+        writer.write(p.serial);
         return VIRTIO_BLK_S_OK;
       case VIRTIO_BLK_T_DISCARD:
       case VIRTIO_BLK_T_WRITE_ZEROES:
-        return this.discardOrZero(chain, type === VIRTIO_BLK_T_WRITE_ZEROES);
+        return this.discardOrZero(chain, reader, type === VIRTIO_BLK_T_WRITE_ZEROES);
       default:
         this.guestError(chain, `unsupported request type ${type}`);
         return VIRTIO_BLK_S_UNSUPP;
@@ -284,7 +291,7 @@ export class QueueProcessor {
     return true;
   }
 
-  private discardOrZero(chain: DescriptorChain, zero: boolean): number {
+  private discardOrZero(chain: DescriptorChain, reader: ChainReader, zero: boolean): number {
     const p = this.policy;
     const what = zero ? "write zeroes" : "discard";
     if (p.readOnly) return this.refuseReadOnly(chain, what);
@@ -292,7 +299,7 @@ export class QueueProcessor {
       this.guestError(chain, `${what} is not offered by this device`);
       return VIRTIO_BLK_S_UNSUPP;
     }
-    const bytes = chain.readableLen - REQUEST_HEADER_SIZE;
+    const bytes = reader.remaining;
     if (bytes <= 0 || bytes % DISCARD_SEGMENT_SIZE !== 0) {
       this.guestError(chain, `${what} payload of ${bytes} bytes is not a list of 16-byte segments`);
       return VIRTIO_BLK_S_IOERR;
@@ -302,7 +309,7 @@ export class QueueProcessor {
       this.guestError(chain, `${what} with ${count} segments (at most ${MAX_DISCARD_SEGMENTS})`);
       return VIRTIO_BLK_S_UNSUPP;
     }
-    readFromChain(chain, this.segments.subarray(0, bytes), REQUEST_HEADER_SIZE);
+    reader.read(this.segments.subarray(0, bytes));
     const v = this.segmentsView;
     // Check every segment before touching the image.
     for (let i = 0; i < count; i++) {
@@ -362,7 +369,7 @@ export class QueueProcessor {
 
   /** Guest mistakes: debug-level (a guest may probe), rate-limited. */
   private guestError(chain: DescriptorChain, message: string): void {
-    if (this.stats.errors + this.stats.unsupported < LOGGED_ERRORS) log.debug(`block queue ${this.queue.index}: head ${chain.head}: ${message}`);
+    this.guestErrors.report(`head ${chain.head}: ${message}`);
   }
 
   /** Host I/O failures: the guest sees IOERR; we log (rate-limited) since the host has a problem. */

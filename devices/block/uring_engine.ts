@@ -18,7 +18,7 @@ import { SysError, close, EINVAL } from "../../ffi/libc.ts";
 import { eventfd, drain } from "../../ffi/eventfd.ts";
 import { EPOLLIN } from "../../ffi/epoll.ts";
 import type { EventLoop } from "../../src/event_loop.ts";
-import type { DescriptorChain } from "../../src/virtqueue.ts";
+import type { DescriptorChain, ChainWriter } from "../../src/chain.ts";
 import { advance, type BlockImage } from "./image.ts";
 
 export const OP_READ = 0;
@@ -36,7 +36,8 @@ export class IoSlot {
   op: IoOp = OP_READ;
   /** The request to complete (set while the slot is in use). */
   chain: DescriptorChain | null = null;
-  statusIndex = 0;
+  /** Where the request's status byte goes once it completes. */
+  status: ChainWriter | null = null;
   /** Byte offset in the image, bytes to transfer, bytes done. */
   offset = 0;
   len = 0;
@@ -124,13 +125,13 @@ export class UringEngine {
     return slot;
   }
 
-  private take(op: IoOp, chain: DescriptorChain, statusIndex: number): IoSlot {
+  private take(op: IoOp, chain: DescriptorChain, status: ChainWriter): IoSlot {
     const slot = this.free.pop();
     if (slot === undefined) throw new Error("block engine: no free slot (check nextSlot() first)");
     this.busy++;
     slot.op = op;
     slot.chain = chain;
-    slot.statusIndex = statusIndex;
+    slot.status = status;
     slot.done = 0;
     slot.syncing = false;
     slot.stable = false;
@@ -138,16 +139,16 @@ export class UringEngine {
   }
 
   /** Reads `len` bytes at `offset` into nextSlot()'s iovecs. */
-  read(chain: DescriptorChain, statusIndex: number, offset: number, len: number): void {
-    const slot = this.take(OP_READ, chain, statusIndex);
+  read(chain: DescriptorChain, status: ChainWriter, offset: number, len: number): void {
+    const slot = this.take(OP_READ, chain, status);
     slot.offset = offset;
     slot.len = len;
     this.queueData(slot);
   }
 
   /** Writes `len` bytes from nextSlot()'s iovecs at `offset`; `stable`: fdatasync before completing. */
-  write(chain: DescriptorChain, statusIndex: number, offset: number, len: number, stable: boolean): void {
-    const slot = this.take(OP_WRITE, chain, statusIndex);
+  write(chain: DescriptorChain, status: ChainWriter, offset: number, len: number, stable: boolean): void {
+    const slot = this.take(OP_WRITE, chain, status);
     slot.offset = offset;
     slot.len = len;
     slot.stable = stable;
@@ -157,8 +158,8 @@ export class UringEngine {
   }
 
   /** Makes every write started before it stable (fdatasync), then completes. */
-  flush(chain: DescriptorChain, statusIndex: number): void {
-    const slot = this.take(OP_FLUSH, chain, statusIndex);
+  flush(chain: DescriptorChain, status: ChainWriter): void {
+    const slot = this.take(OP_FLUSH, chain, status);
     if (this.writesInEpoch.size === 0) {
       this.queueSync(slot);
       return;
@@ -240,6 +241,7 @@ export class UringEngine {
       this.done(slot, error);
     } finally {
       slot.chain = null;
+      slot.status = null;
       this.busy--;
       this.free.push(slot);
       if (wasWrite) this.writeDone(slot.epoch);

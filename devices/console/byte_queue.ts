@@ -1,6 +1,6 @@
 // A FIFO of bytes kept as a list of chunks: host input waiting for receive buffers, and host-side
 // output waiting for a writable sink. Pushing copies; taking consumes from the front.
-import { writeToChain, type DescriptorChain } from "../../src/virtqueue.ts";
+import { ChainWriter, type DescriptorChain } from "../../src/chain.ts";
 
 export class ByteQueue {
   private chunks: Uint8Array[] = [];
@@ -39,16 +39,15 @@ export class ByteQueue {
 
   /** Copies as much as fits into the chain's writable buffers and consumes it; returns the count. */
   drainInto(chain: DescriptorChain): number {
-    let written = 0;
-    while (this.length > 0 && written < chain.writableLen) {
+    const w = new ChainWriter(chain);
+    while (this.length > 0 && w.remaining > 0) {
       const src = this.front();
-      const n = writeToChain(chain, src, written);
-      if (n === 0) break; // a buffer the checked walk accepted but no window covers
-      written += n;
+      const n = w.write(src);
+      if (n === 0) break;
       this.consume(n);
       if (n < src.length) break;
     }
-    return written;
+    return w.written;
   }
 
   /** All queued bytes, copied into one array (for snapshots). */

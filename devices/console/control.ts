@@ -6,8 +6,10 @@
 // After PORT_READY the order is QEMU virtio-serial's (the device Linux's driver grew up with):
 // CONSOLE_PORT, PORT_NAME, PORT_OPEN, so the port exists and is set up before it is named and opened.
 import type { EventLoop } from "../../src/event_loop.ts";
-import { readFromChain, writeToChain, type Virtqueue } from "../../src/virtqueue.ts";
-import { WatchedQueue, processQueue } from "../../src/kick.ts";
+import type { RingPosition, Virtqueue } from "../../src/virtqueue.ts";
+import { ChainReader, ChainWriter } from "../../src/chain.ts";
+import { QueuePair, processQueue, fillQueue } from "../../src/kick.ts";
+import { GuestErrorLog } from "../../src/guest_errors.ts";
 import { log } from "../../src/log.ts";
 import type { WindowSize } from "./config.ts";
 import type { ConsolePort } from "./port.ts";
@@ -27,7 +29,6 @@ export const CONTROL_HEADER_SIZE = 8;
 export const PORT_NAME_MAX = 64;
 /** Device→driver messages held for a driver that posts no control buffers; more are dropped. */
 const OUTGOING_CAP = 1024;
-const LOGGED_GUEST_ERRORS = 8;
 
 export function controlMessage(id: number, event: number, value: number, extra?: Uint8Array): Uint8Array {
   const b = new Uint8Array(CONTROL_HEADER_SIZE + (extra?.length ?? 0));
@@ -56,11 +57,10 @@ export interface ControlState {
 }
 
 export class ControlChannel {
-  private readonly rxQueue: WatchedQueue;
-  private readonly txQueue: WatchedQueue;
+  private readonly queues: QueuePair;
   private outgoing: Uint8Array[] = [];
   deviceReady = false;
-  private guestErrors = 0;
+  private readonly guestErrors = new GuestErrorLog("console control queue");
   private readonly header = new Uint8Array(CONTROL_HEADER_SIZE);
 
   /**
@@ -72,24 +72,16 @@ export class ControlChannel {
     private readonly ports: readonly ConsolePort[],
     private readonly consoleSize: () => WindowSize | null,
   ) {
-    this.rxQueue = new WatchedQueue(loop, () => this.deliver());
-    this.txQueue = new WatchedQueue(loop, () => this.receive());
+    this.queues = new QueuePair(loop, () => this.deliver(), () => this.receive());
   }
 
-  startRx(q: Virtqueue): void {
-    this.rxQueue.start(q);
+  /** Serves ring `q` as the control receive (even index) or transmit (odd) queue. */
+  startQueue(q: Virtqueue): void {
+    this.queues.member(q.index).start(q);
   }
 
-  startTx(q: Virtqueue): void {
-    this.txQueue.start(q);
-  }
-
-  stopRx(): void {
-    this.rxQueue.stop();
-  }
-
-  stopTx(): void {
-    this.txQueue.stop();
+  stopQueue(index: number): RingPosition | null {
+    return this.queues.member(index).stop();
   }
 
   private send(msg: Uint8Array): void {
@@ -111,10 +103,10 @@ export class ControlChannel {
 
   /** Handles the driver's messages on the control transmitq. */
   private receive(): void {
-    const q = this.txQueue.queue;
+    const q = this.queues.tx.queue;
     if (q === null) return;
     processQueue(q, (chain) => {
-      if (readFromChain(chain, this.header) < CONTROL_HEADER_SIZE) {
+      if (new ChainReader(chain).read(this.header) < CONTROL_HEADER_SIZE) {
         this.guestError(`control message in chain ${chain.head} is shorter than ${CONTROL_HEADER_SIZE} bytes; ignored`);
       } else {
         const v = new DataView(this.header.buffer);
@@ -122,7 +114,7 @@ export class ControlChannel {
       }
       q.add(chain.head, 0);
       return true;
-    }, undefined, this.txQueue.budget);
+    }, undefined, this.queues.tx.budget);
     this.deliver();
   }
 
@@ -166,30 +158,19 @@ export class ControlChannel {
 
   /** Moves outgoing messages into the driver's control receive buffers. */
   deliver(): void {
-    const q = this.rxQueue.queue;
-    if (q === null || this.outgoing.length === 0) return;
-    try {
-      for (;;) {
-        q.disableNotification();
-        while (this.outgoing.length > 0) {
-          const chain = q.pop();
-          if (chain === null) break;
-          const msg = this.outgoing[0]!;
-          if (chain.writableLen < msg.length) {
-            // Too small for this message, and it would be for every retry: drop the message.
-            this.guestError(`control receive buffer of ${chain.writableLen} bytes is too small for a ${msg.length}-byte message; dropped`);
-            this.outgoing.shift();
-            q.add(chain.head, 0);
-            continue;
-          }
-          q.add(chain.head, writeToChain(chain, msg));
-          this.outgoing.shift();
-        }
-        if (!q.enableNotification() || this.outgoing.length === 0) break;
+    const q = this.queues.rx.queue;
+    if (q === null) return;
+    fillQueue(q, () => this.outgoing.length > 0, (chain) => {
+      const msg = this.outgoing.shift()!;
+      if (chain.writableLen < msg.length) {
+        // Too small for this message, and it would be for every retry: drop the message.
+        this.guestError(`control receive buffer of ${chain.writableLen} bytes is too small for a ${msg.length}-byte message; dropped`);
+        q.add(chain.head, 0);
+        return true;
       }
-    } finally {
-      q.flush();
-    }
+      q.add(chain.head, new ChainWriter(chain).write(msg));
+      return true;
+    });
   }
 
   reset(): void {
@@ -198,8 +179,7 @@ export class ControlChannel {
   }
 
   private guestError(message: string): void {
-    this.guestErrors++;
-    if (this.guestErrors <= LOGGED_GUEST_ERRORS) log.warn(`console control queue: ${message}`);
+    this.guestErrors.report(message);
   }
 
   snapshot(): ControlState {
@@ -225,7 +205,6 @@ export class ControlChannel {
   }
 
   dispose(): void {
-    this.stopRx();
-    this.stopTx();
+    this.queues.stop();
   }
 }

@@ -5,7 +5,7 @@
 // when the front-end has one: QEMU's generic vhost-user-device with config_size=0 never reads it, and
 // a guest that negotiated them would read zeros there.
 import { COMMON_FEATURES, type DeviceContext, type VhostUserDevice } from "../../src/device.ts";
-import type { Virtqueue } from "../../src/virtqueue.ts";
+import { Virtqueue, type VirtqueueConfig, type RingPosition } from "../../src/virtqueue.ts";
 import type { GuestMemory } from "../../src/memory.ts";
 import {
   VIRTIO_ID_CONSOLE, VIRTIO_CONSOLE_F_SIZE, VIRTIO_CONSOLE_F_MULTIPORT, VIRTIO_CONSOLE_F_EMERG_WRITE,
@@ -97,41 +97,19 @@ export class ConsoleDevice implements VhostUserDevice {
     return true;
   }
 
-  startQueue(queue: Virtqueue, _mem: GuestMemory): void {
-    const role = queueRole(queue.index);
-    switch (role.kind) {
-      case "receive":
-        this.ports[role.port]?.startRx(queue);
-        if (role.port === 0) this.announceSize();
-        return;
-      case "transmit":
-        this.ports[role.port]?.startTx(queue);
-        return;
-      case "control-receive":
-        this.control.startRx(queue);
-        return;
-      case "control-transmit":
-        this.control.startTx(queue);
-        return;
-    }
+  /** Each port's pair and the control pair build their rings here, in the device thread. */
+  startQueue(ring: VirtqueueConfig, mem: GuestMemory): void {
+    const role = queueRole(ring.index);
+    const target = role.kind === "control-receive" || role.kind === "control-transmit" ? this.control : this.ports[role.port];
+    if (target === undefined) return;
+    target.startQueue(new Virtqueue(mem, ring));
+    if (role.kind === "receive" && role.port === 0) this.announceSize();
   }
 
-  stopQueue(index: number): void {
+  stopQueue(index: number): RingPosition | null {
     const role = queueRole(index);
-    switch (role.kind) {
-      case "receive":
-        this.ports[role.port]?.stopRx();
-        return;
-      case "transmit":
-        this.ports[role.port]?.stopTx();
-        return;
-      case "control-receive":
-        this.control.stopRx();
-        return;
-      case "control-transmit":
-        this.control.stopTx();
-        return;
-    }
+    const target = role.kind === "control-receive" || role.kind === "control-transmit" ? this.control : this.ports[role.port];
+    return target?.stopQueue(index) ?? null;
   }
 
   /**

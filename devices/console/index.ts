@@ -3,16 +3,19 @@
 // MULTIPORT ports.
 import type { DeviceDefinition, DeviceContext } from "../../src/device.ts";
 import { ConsoleDevice, type PortSetup } from "./device.ts";
+import { VIRTIO_ID_CONSOLE } from "./config.ts";
 import { parseConsoleOptions, checkPaths, type PortEndpointOptions, type ConsoleOptions } from "./options.ts";
 import { openStdin, openInputFile, openStdStream, openOutputFile, openSyslog, type InputSource, type OutputSink } from "./host_io.ts";
 
 const args = {
   "output-file": {
     type: "string",
+    valueHint: "PATH",
     description: "Append port 0's guest output to this file (created if missing; a FIFO waits for its reader, nothing is lost). Default: stdout",
   },
   "input-file": {
     type: "string",
+    valueHint: "PATH",
     description: "Read port 0's guest input from this file, FIFO or terminal; end of file ends input, not the device. Default: stdin (raw mode while it is a terminal)",
   },
   syslog: {
@@ -21,6 +24,7 @@ const args = {
   },
   "syslog-socket": {
     type: "string",
+    valueHint: "PATH",
     description: "The syslog socket for --syslog and syslog ports (default /dev/log; stderr when nothing listens there)",
   },
   port: {
@@ -73,6 +77,9 @@ function openPorts(o: ConsoleOptions): PortSetup[] {
 
 export const consoleDevice: DeviceDefinition<Record<string, unknown>> = {
   name: "console",
+  virtioId: VIRTIO_ID_CONSOLE,
+  capabilities: { type: "console", features: [] },
+  example: ["--socket", "/run/vm/console.sock", "--output-file", "guest.log"],
   description:
     "virtio-console (port 0: receiveq 0, transmitq 1). Guest output to stdout or --output-file/--syslog, guest input " +
     "from stdin or --input-file. QEMU: -device vhost-user-device-pci,chardev=c0,virtio-id=3,num_vqs=2,config_size=0",

@@ -3,6 +3,7 @@
 import { existsSync } from "node:fs";
 import { MAX_EXTRA_PORTS } from "./config.ts";
 import { PORT_NAME_MAX } from "./control.ts";
+import { booleanOption, parseBoolean } from "../../src/cli_args.ts";
 
 /** Where one port's guest output goes and its guest input comes from. */
 export interface PortEndpointOptions {
@@ -33,10 +34,6 @@ function str(v: unknown, what: string): string | null {
   if (v === undefined || v === null) return null;
   if (typeof v !== "string" || v === "") throw new Error(`${what} needs a value`);
   return v;
-}
-
-function flag(v: unknown): boolean {
-  return v === true || v === "true";
 }
 
 function checkEndpoints(e: PortEndpointOptions, what: string): void {
@@ -73,8 +70,7 @@ export function parsePortSpec(spec: string, index: number): ExtraPortOptions {
         p.inputFile = need();
         break;
       case "syslog":
-        if (value !== null && value !== "true" && value !== "false") throw new Error(`${what}: syslog takes no value (or true/false)`);
-        p.syslog = value !== "false";
+        p.syslog = value === null || parseBoolean(value, `${what}: syslog`);
         break;
       default:
         throw new Error(`${what}: unknown key '${key}' (known: name, output-file, input-file, syslog)`);
@@ -89,7 +85,7 @@ export function parseConsoleOptions(raw: Record<string, unknown>): ConsoleOption
   const port0: PortEndpointOptions = {
     outputFile: str(raw["output-file"], "--output-file"),
     inputFile: str(raw["input-file"], "--input-file"),
-    syslog: flag(raw.syslog),
+    syslog: booleanOption(raw, "syslog", false),
   };
   checkEndpoints(port0, "--syslog/--output-file");
   const specs = raw.port === undefined ? [] : Array.isArray(raw.port) ? raw.port : [raw.port];
@@ -104,7 +100,7 @@ export function parseConsoleOptions(raw: Record<string, unknown>): ConsoleOption
   return {
     port0,
     ports,
-    configSpace: flag(raw["config-space"]) || ports.length > 0,
+    configSpace: booleanOption(raw, "config-space", false) || ports.length > 0,
     syslogSocket: str(raw["syslog-socket"], "--syslog-socket") ?? DEFAULT_SYSLOG_SOCKET,
   };
 }

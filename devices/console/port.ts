@@ -6,12 +6,13 @@
 // waits until the sink is writable again. Input that arrives while the guest has no receive buffer
 // posted (or has not opened the port) waits in `pending`, up to PENDING_INPUT_CAP; past that the
 // port stops reading its source, so the kernel (pipe, terminal) holds the rest.
-import { EPOLLIN, EPOLLOUT } from "../../ffi/epoll.ts";
+import { EPOLLIN } from "../../ffi/epoll.ts";
 import { EAGAIN, SysError } from "../../ffi/libc.ts";
 import type { Buf } from "../../ffi/io.ts";
 import type { EventLoop } from "../../src/event_loop.ts";
-import type { DescriptorChain, Virtqueue } from "../../src/virtqueue.ts";
-import { WatchedQueue, processQueue } from "../../src/kick.ts";
+import type { DescriptorChain, RingPosition, Virtqueue } from "../../src/virtqueue.ts";
+import { QueuePair, processQueue, fillQueue } from "../../src/kick.ts";
+import { GuestErrorLog } from "../../src/guest_errors.ts";
 import { log } from "../../src/log.ts";
 import { ByteQueue } from "./byte_queue.ts";
 import type { InputSource, OutputSink } from "./host_io.ts";
@@ -23,7 +24,6 @@ export const HOST_OUTPUT_CAP = 4096;
 const READ_CHUNK = 65536;
 /** Sources that never block (regular files) are read ahead this far, not to the cap. */
 const READ_AHEAD = 65536;
-const LOGGED_GUEST_ERRORS = 8;
 
 /** A port's part of the device state: plain data. */
 export interface PortState {
@@ -40,8 +40,7 @@ export interface PortState {
 }
 
 export class ConsolePort {
-  private readonly rxQueue: WatchedQueue;
-  private readonly txQueue: WatchedQueue;
+  private readonly queues: QueuePair;
   readonly pending = new ByteQueue();
   private readonly hostOutput = new ByteQueue();
   private txSkip = 0;
@@ -55,7 +54,7 @@ export class ConsolePort {
   private inputDirect = false;
   private waitingWritable = false;
   private outputBroken = false;
-  private guestErrors = 0;
+  private readonly guestErrors: GuestErrorLog;
   private readonly scratch = new Uint8Array(READ_CHUNK);
   private readonly label: string;
 
@@ -67,8 +66,8 @@ export class ConsolePort {
     private readonly output: OutputSink | null,
   ) {
     this.label = `console port ${id}${name !== null ? ` (${name})` : ""}`;
-    this.rxQueue = new WatchedQueue(loop, () => this.deliver());
-    this.txQueue = new WatchedQueue(loop, () => this.drainOutput());
+    this.queues = new QueuePair(loop, () => this.deliver(), () => this.drainOutput());
+    this.guestErrors = new GuestErrorLog(this.label);
     this.inputEnded = input === null;
   }
 
@@ -145,40 +144,29 @@ export class ConsolePort {
 
   /** Moves pending input into the receive queue's buffers, as far as buffers go. */
   deliver(): void {
-    const q = this.rxQueue.queue;
-    if (q !== null && this.canReceive()) {
-      try {
-        for (;;) {
-          q.disableNotification();
-          this.fillChains(q);
-          // Re-arm, then look again: buffers added meanwhile would otherwise wait for a kick
-          // that never comes.
-          if (!q.enableNotification() || this.pending.length === 0) break;
-        }
-      } finally {
-        q.flush();
-      }
-    }
+    const q = this.queues.rx.queue;
+    if (q !== null && this.canReceive()) fillQueue(q, () => this.hasInput(), (chain) => this.fillChain(q, chain));
     if (this.pending.length < PENDING_INPUT_CAP / 2) this.watchInput(true);
   }
 
-  private fillChains(q: Virtqueue): void {
-    for (;;) {
-      if (this.inputDirect) {
-        while (!this.inputEnded && this.pending.length < READ_AHEAD && this.readSome(READ_AHEAD)) {
-          /* read ahead */
-        }
+  /** Input is waiting (a source that never blocks is read ahead here, a bounded amount). */
+  private hasInput(): boolean {
+    if (this.inputDirect) {
+      while (!this.inputEnded && this.pending.length < READ_AHEAD && this.readSome(READ_AHEAD)) {
+        /* read ahead */
       }
-      if (this.pending.length === 0) return;
-      const chain = q.pop();
-      if (chain === null) return;
-      if (chain.writableLen === 0) {
-        this.guestError(`receive queue: chain ${chain.head} has no device-writable buffer; completed empty`);
-        q.add(chain.head, 0);
-        continue;
-      }
-      q.add(chain.head, this.pending.drainInto(chain));
     }
+    return this.pending.length > 0;
+  }
+
+  private fillChain(q: Virtqueue, chain: DescriptorChain): boolean {
+    if (chain.writableLen === 0) {
+      this.guestError(`receive queue: chain ${chain.head} has no device-writable buffer; completed empty`);
+      q.add(chain.head, 0);
+      return true;
+    }
+    q.add(chain.head, this.pending.drainInto(chain));
+    return true;
   }
 
   // ---- output: guest → host ----
@@ -201,7 +189,7 @@ export class ConsolePort {
    * allow; on "blocked" or "budget", txSkip says how far it got.
    */
   private writeChain(chain: DescriptorChain): "done" | "blocked" | "budget" {
-    const budget = this.txQueue.budget;
+    const budget = this.queues.tx.budget;
     let skip = this.txSkip;
     let pos = 0;
     for (const seg of chain.readable) {
@@ -248,7 +236,7 @@ export class ConsolePort {
     if (this.waitingWritable) return;
     // Emergency bytes go out between chains, never inside one.
     if (this.txSkip === 0 && !this.flushHostOutput()) return this.waitWritable();
-    const q = this.txQueue.queue;
+    const q = this.queues.tx.queue;
     if (q === null) return;
     let stop: "blocked" | "budget" | null = null;
     processQueue(q, (chain) => {
@@ -263,19 +251,21 @@ export class ConsolePort {
       this.txSkip = 0;
       q.add(chain.head, 0);
       return true;
-    }, undefined, this.txQueue.budget);
+    }, undefined, this.queues.tx.budget);
     if (stop === "blocked") this.waitWritable();
-    else if (stop === "budget") this.txQueue.budget.yieldTurn();
+    else if (stop === "budget") this.queues.tx.budget.yieldTurn();
   }
 
   private waitWritable(): void {
     const fd = this.output!.fd;
     this.waitingWritable = true;
     try {
-      this.loop.add(fd, EPOLLOUT, () => {
-        this.loop.remove(fd);
-        this.waitingWritable = false;
-        this.drainOutput();
+      this.loop.watch(fd, {
+        writable: () => {
+          this.loop.remove(fd);
+          this.waitingWritable = false;
+          this.drainOutput();
+        },
       });
     } catch (e) {
       log.warn(`${this.label}: cannot wait for ${this.output!.what} (${(e as Error).message}); guest output is dropped from now on`);
@@ -297,21 +287,14 @@ export class ConsolePort {
 
   // ---- queues ----
 
-  startRx(q: Virtqueue): void {
-    this.rxQueue.start(q);
-  }
-
-  startTx(q: Virtqueue): void {
-    this.txQueue.start(q);
+  /** Serves ring `q` as this port's receive (even index) or transmit (odd) queue. */
+  startQueue(q: Virtqueue): void {
+    this.queues.member(q.index).start(q);
   }
 
   /** Nothing is held across event-loop turns, so there is never an in-flight chain to finish. */
-  stopRx(): void {
-    this.rxQueue.stop();
-  }
-
-  stopTx(): void {
-    this.txQueue.stop();
+  stopQueue(index: number): RingPosition | null {
+    return this.queues.member(index).stop();
   }
 
   /** Device reset: the guest's view of the port is gone; host input and output are kept. */
@@ -323,8 +306,7 @@ export class ConsolePort {
   }
 
   private guestError(message: string): void {
-    this.guestErrors++;
-    if (this.guestErrors <= LOGGED_GUEST_ERRORS) log.warn(`${this.label}: ${message}`);
+    this.guestErrors.report(message);
   }
 
   // ---- state ----
@@ -368,8 +350,7 @@ export class ConsolePort {
 
   /** Process exit: stops watching host fds, restores the terminal, closes what we opened. */
   dispose(): void {
-    this.stopRx();
-    this.stopTx();
+    this.queues.stop();
     if (this.inputWatched) this.loop.remove(this.input!.fd);
     this.inputWatched = false;
     if (this.waitingWritable) this.loop.remove(this.output!.fd);

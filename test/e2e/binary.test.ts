@@ -5,6 +5,7 @@ import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { FrontendConnection, Req } from "../support/frontend.ts";
 import { waitForPath } from "./rig.ts";
+import { DEVICES } from "../../devices/index.ts";
 
 const ROOT = join(import.meta.dir, "../..");
 const BINARY = join(ROOT, "dist/backend");
@@ -32,12 +33,26 @@ describe("dist/backend", () => {
     expect(d.out).toContain("console");
   });
 
-  test("--print-capabilities prints the spec's JSON", () => {
+  test("--print-capabilities prints the spec's JSON, from each device's definition", () => {
     const blk = run(["device", "block", "--print-capabilities"]);
     expect(blk.code).toBe(0);
     expect(JSON.parse(blk.out)).toEqual({ type: "blk", features: ["blk-file", "read-only"] });
     const con = JSON.parse(run(["device", "console", "--print-capabilities"]).out);
     expect(con.type).toBe("console");
+    for (const def of Object.values(DEVICES)) {
+      expect(JSON.parse(run(["device", def.name, "--print-capabilities"]).out)).toEqual({ ...def.capabilities, features: [...def.capabilities.features] });
+    }
+  });
+
+  test("a device's --help fits 80 columns and ends with its example", () => {
+    for (const def of Object.values(DEVICES)) {
+      const r = run(["device", def.name, "--help"]);
+      expect(r.code).toBe(0);
+      for (const line of r.out.split("\n")) expect(line.length).toBeLessThanOrEqual(80);
+      for (const name of Object.keys(def.args)) expect(r.out).toContain(`--${name}`);
+      expect(r.out).toContain("Example:");
+      expect(r.out).toContain(`backend device ${def.name} ${def.example[0] ?? ""}`.trimEnd());
+    }
   });
 
   test("serves a device from its embedded worker, then exits 0 on SIGTERM", async () => {

@@ -1,46 +1,72 @@
 // A small device for handler tests: every queue echoes each request's readable bytes into its
 // writable buffers. It keeps a request counter and an 8-byte writable config field as state, so
 // snapshot/restore and config access have something real to carry.
-import { COMMON_FEATURES, type DeviceDefinition, type VhostUserDevice, type DeviceContext } from "../../src/device.ts";
-import { readFromChain, writeToChain, type Virtqueue } from "../../src/virtqueue.ts";
+import { COMMON_FEATURES, type DeviceDefinition, type VhostUserDevice, type DeviceContext, type QueueRunner } from "../../src/device.ts";
+import { Virtqueue, type VirtqueueConfig, type RingPosition } from "../../src/virtqueue.ts";
+import { ChainReader, ChainWriter } from "../../src/chain.ts";
 import type { GuestMemory } from "../../src/memory.ts";
-import { watchKick, processQueue } from "../../src/kick.ts";
-import { QueueThread, type QueueRunnerModule } from "../../src/queue_thread.ts";
+import { WatchedQueue, processQueue } from "../../src/kick.ts";
+import { QueueService } from "../../src/queue_thread.ts";
 import type { EventLoop } from "../../src/event_loop.ts";
 
-/** Echoes every chain of `queue`; returns the function that stops it. */
-function runEcho(loop: EventLoop, queue: Virtqueue, onRequest: () => void): () => void {
-  const scratch = new Uint8Array(65536);
-  return watchKick(loop, queue, () =>
-    processQueue(queue, (chain) => {
-      const n = readFromChain(chain, scratch.subarray(0, Math.min(chain.readableLen, scratch.length)));
-      queue.add(chain.head, writeToChain(chain, scratch.subarray(0, n)));
-      onRequest();
-      return true;
-    }));
-}
+/**
+ * The echo device's QueueRunner: echoes every chain of the queues its thread is given. One per
+ * thread; the scratch buffer is state its queues share.
+ */
+class EchoRunner implements QueueRunner {
+  private readonly queues = new Map<number, WatchedQueue>();
+  private readonly scratch = new Uint8Array(65536);
 
-/** The same echo, run in queue threads of its own when the device is created with `threaded`. */
-const echoRunner: QueueRunnerModule = {
-  runQueue: (queue, _mem, loop) => ({ stop: runEcho(loop, queue, () => {}) }),
-};
+  constructor(private readonly loop: EventLoop, private readonly onRequest: () => void) {}
+
+  start(ring: VirtqueueConfig, mem: GuestMemory): void {
+    this.stop(ring.index);
+    const queue = new Virtqueue(mem, ring);
+    const watched: WatchedQueue = new WatchedQueue(this.loop, () => this.echo(queue, watched));
+    this.queues.set(ring.index, watched);
+    watched.start(queue);
+  }
+
+  private echo(queue: Virtqueue, watched: WatchedQueue): void {
+    processQueue(queue, (chain) => {
+      const n = new ChainReader(chain).read(this.scratch);
+      const w = new ChainWriter(chain);
+      w.write(this.scratch.subarray(0, n));
+      queue.add(chain.head, w.written);
+      this.onRequest();
+      return true;
+    }, undefined, watched.budget);
+  }
+
+  stop(index: number): RingPosition | null {
+    const q = this.queues.get(index);
+    this.queues.delete(index);
+    return q?.stop() ?? null;
+  }
+}
 
 export const ECHO_QUEUES = 2;
 const CONFIG_SIZE = 16;
 const MAGIC = [0x65, 0x63, 0x68, 0x6f, 0x64, 0x65, 0x76, 0x31]; // "echodev1", read-only
 
+const ECHO_VIRTIO_ID = 0x3f; // not a real virtio device id
+
 class EchoDevice implements VhostUserDevice {
   readonly name = "echo";
-  readonly virtioId = 0x3f;
+  readonly virtioId = ECHO_VIRTIO_ID;
   private config = new Uint8Array(CONFIG_SIZE);
   processed = 0;
   acked = 0n;
-  private stops = new Map<number, () => void>();
+  /** With `threaded`, queue i runs in queue thread i; otherwise all in the device thread. */
+  private readonly queues: QueueService;
 
-  private threads = new Map<number, QueueThread>();
-
-  constructor(private readonly ctx: DeviceContext, private readonly threaded: boolean) {
+  constructor(private readonly ctx: DeviceContext, threaded: boolean) {
     this.config.set(MAGIC, 0);
+    this.queues = new QueueService({
+      device: "echo", module: new URL("./echo_device.ts", import.meta.url).href, options: {},
+      threads: threaded ? ECHO_QUEUES : 0, threadOf: (i) => i, loop: ctx.loop,
+      runner: (_o, loop) => new EchoRunner(loop, () => this.processed++),
+    });
   }
 
   maxQueues() { return ECHO_QUEUES; }
@@ -56,26 +82,14 @@ class EchoDevice implements VhostUserDevice {
     this.ctx.configChanged();
     return true;
   }
-  startQueue(queue: Virtqueue, mem: GuestMemory) {
-    if (this.threaded) {
-      let t = this.threads.get(queue.index);
-      if (t === undefined) {
-        t = new QueueThread("echo", {}, "silent", new URL("./echo_device.ts", import.meta.url).href);
-        this.threads.set(queue.index, t);
-      }
-      t.start(queue, mem);
-      const thread = t;
-      this.stops.set(queue.index, () => thread.stop(queue));
-      return;
-    }
-    this.stops.set(queue.index, runEcho(this.ctx.loop, queue, () => this.processed++));
+  startQueue(ring: VirtqueueConfig, mem: GuestMemory, features: bigint) {
+    this.queues.start(ring, mem, features);
   }
   stopQueue(index: number) {
-    this.stops.get(index)?.();
-    this.stops.delete(index);
+    return this.queues.stop(index);
   }
   dispose() {
-    for (const t of this.threads.values()) t.terminate();
+    this.queues.dispose();
   }
   reset() {
     this.config.fill(0, 8);
@@ -97,9 +111,12 @@ class EchoDevice implements VhostUserDevice {
 
 const definition: DeviceDefinition = {
   name: "echo",
+  virtioId: ECHO_VIRTIO_ID,
   description: "test echo device",
+  capabilities: { type: "echo", features: [] },
+  example: ["--socket", "/tmp/echo.sock"],
   args: {},
   create: (opts, ctx) => new EchoDevice(ctx, opts.threaded === true),
-  queueRunner: echoRunner,
+  queueRunner: (_options, loop) => new EchoRunner(loop, () => {}),
 };
 export default definition;

@@ -11,7 +11,7 @@ import {
 import { signal } from "../../ffi/eventfd.ts";
 import { ioUringUnavailable, UringEngine } from "../../devices/block/uring_engine.ts";
 import { BlockImage } from "../../devices/block/image.ts";
-import { DescriptorChain } from "../../src/virtqueue.ts";
+import { DescriptorChain, ChainWriter } from "../../src/chain.ts";
 import { parseBlockOptions } from "../../devices/block/options.ts";
 import {
   VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT, VIRTIO_BLK_T_FLUSH, VIRTIO_BLK_T_GET_ID, VIRTIO_BLK_T_DISCARD,
@@ -229,7 +229,8 @@ describe("block io_uring: the engine alone", () => {
         const slot = engine.nextSlot()!;
         slot.iov.clear();
         for (const p of pieces) slot.iov.push(ptr(p), p.length);
-        engine.read(new DescriptorChain(0), 0, offset, pieces.reduce((n, p) => n + p.length, 0));
+        const chain = new DescriptorChain(0);
+        engine.read(chain, new ChainWriter(chain), offset, pieces.reduce((n, p) => n + p.length, 0));
       };
       const a = [new Uint8Array(1536), new Uint8Array(2560)];
       read((1 << 20) - 4096, a); // whole: fine

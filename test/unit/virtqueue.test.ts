@@ -3,7 +3,8 @@
 import { describe, test, expect, beforeEach, afterEach } from "bun:test";
 import { GuestRam, DriverQueue, VIRTQ_DESC_F_NEXT, VIRTQ_DESC_F_WRITE, VIRTQ_DESC_F_INDIRECT } from "../support/frontend.ts";
 import { GuestMemory, MemoryRegion } from "../../src/memory.ts";
-import { Virtqueue, readFromChain, writeToChain } from "../../src/virtqueue.ts";
+import { Virtqueue } from "../../src/virtqueue.ts";
+import { ChainReader, ChainWriter } from "../../src/chain.ts";
 import { drain } from "../../ffi/eventfd.ts";
 import { setLogLevel } from "../../src/log.ts";
 import { EventLoop } from "../../src/event_loop.ts";
@@ -49,9 +50,9 @@ describe("descriptor chains", () => {
       expect(c.writableLen).toBe(8);
       expect(c.readable[0]!.addr).toBe(ram.host + a);
       const got = new Uint8Array(5);
-      expect(readFromChain(c, got)).toBe(5);
+      expect(new ChainReader(c).read(got)).toBe(5);
       expect(Buffer.from(got).toString()).toBe("hello");
-      expect(writeToChain(c, Buffer.from("0123456789"))).toBe(8);
+      expect(new ChainWriter(c).write(Buffer.from("0123456789"))).toBe(8);
       q.add(c.head, 8);
     }
     expect(q.pop()).toBeNull();

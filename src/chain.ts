@@ -1,0 +1,169 @@
+// A popped descriptor chain and the cursors devices use to move its bytes (crosvm's Reader and
+// Writer over a chain). Every segment was checked against the memory table when the chain was
+// walked, so a device reads and writes guest memory only through these, never by address math of
+// its own. Bytes move either by copy (read/write into host buffers) or, with no copy, as iovecs
+// that point straight into guest memory for readv/writev/preadv/pwritev.
+import type { IovecArray } from "../ffi/io.ts";
+import type { MemoryRegion } from "./memory.ts";
+
+/** One checked guest buffer of a chain. */
+export interface Segment {
+  /** Host address of the first byte (for preadv/pwritev/readv/writev). */
+  addr: number;
+  len: number;
+  region: MemoryRegion;
+  /** Offset of the buffer inside its region. */
+  offset: number;
+}
+
+/** A popped request: device-readable buffers first, then device-writable ones (spec order). */
+export class DescriptorChain {
+  readonly readable: Segment[] = [];
+  readonly writable: Segment[] = [];
+  readableLen = 0;
+  writableLen = 0;
+  constructor(readonly head: number) {}
+}
+
+/** The most bytes one typed-array view of a region covers safely (see MemoryRegion.window). */
+const COPY_PIECE = 2 ** 30;
+
+/**
+ * Copies between `host` and the guest bytes [pos, pos+host.length) of `segs` (pos counted from
+ * the first segment); returns the bytes copied. A buffer larger than one view of its region is
+ * copied in pieces.
+ */
+function copyAt(segs: readonly Segment[], pos: number, host: Uint8Array, toGuest: boolean): number {
+  let copied = 0;
+  let skip = pos;
+  for (const seg of segs) {
+    if (copied >= host.length) break;
+    if (skip >= seg.len) {
+      skip -= seg.len;
+      continue;
+    }
+    let off = skip;
+    skip = 0;
+    while (off < seg.len && copied < host.length) {
+      const n = Math.min(seg.len - off, host.length - copied, COPY_PIECE);
+      const at = seg.offset + off;
+      const win = seg.region.window(at, n);
+      if (win === null) return copied; // not for n <= COPY_PIECE: windows overlap by 1 GiB
+      const start = at - win.start;
+      if (toGuest) win.u8.set(host.subarray(copied, copied + n), start);
+      else host.set(win.u8.subarray(start, start + n), copied);
+      copied += n;
+      off += n;
+    }
+  }
+  return copied;
+}
+
+/** Appends iovecs for [pos, pos+len) of `segs` (zero-length pieces dropped); false if `iov` is full. */
+function iovecsAt(segs: readonly Segment[], pos: number, len: number, iov: IovecArray): boolean {
+  let remaining = len;
+  let skip = pos;
+  for (let i = 0; i < segs.length && remaining > 0; i++) {
+    const seg = segs[i]!;
+    if (skip >= seg.len) {
+      skip -= seg.len;
+      continue;
+    }
+    const n = Math.min(seg.len - skip, remaining);
+    if (!iov.push(seg.addr + skip, n)) return false;
+    remaining -= n;
+    skip = 0;
+  }
+  return remaining === 0;
+}
+
+/** A cursor over one side of a chain. */
+abstract class ChainCursor {
+  /** Bytes consumed so far. */
+  pos = 0;
+  /** Bytes of this side the cursor may use (the end, less what was carved off). */
+  protected end: number;
+
+  constructor(protected readonly segs: readonly Segment[], total: number) {
+    this.end = total;
+  }
+
+  get remaining(): number {
+    return this.end - this.pos;
+  }
+
+  /** Skips up to `n` bytes; returns how many were skipped. */
+  skip(n: number): number {
+    const k = Math.max(0, Math.min(n, this.remaining));
+    this.pos += k;
+    return k;
+  }
+
+  /**
+   * Appends iovecs for the next `len` bytes to `iov` (not cleared first) and moves past them.
+   * False, with the cursor unmoved, when fewer than `len` bytes remain or `iov` is too small.
+   */
+  iovecs(iov: IovecArray, len: number): boolean {
+    if (len > this.remaining) return false;
+    const before = iov.count;
+    if (!iovecsAt(this.segs, this.pos, len, iov)) {
+      iov.truncate(before);
+      return false;
+    }
+    this.pos += len;
+    return true;
+  }
+}
+
+/** Reads a chain's device-readable bytes in order. */
+export class ChainReader extends ChainCursor {
+  constructor(readonly chain: DescriptorChain) {
+    super(chain.readable, chain.readableLen);
+  }
+
+  /** Copies up to dst.length bytes; returns how many. */
+  read(dst: Uint8Array): number {
+    const n = copyAt(this.segs, this.pos, dst.subarray(0, Math.min(dst.length, this.remaining)), false);
+    this.pos += n;
+    return n;
+  }
+}
+
+/** Writes a chain's device-writable bytes in order; `written` is the used length to report. */
+export class ChainWriter extends ChainCursor {
+  private statusAt = -1;
+
+  constructor(readonly chain: DescriptorChain) {
+    super(chain.writable, chain.writableLen);
+  }
+
+  /** Bytes written (or skipped over) so far: what the used element reports. */
+  get written(): number {
+    return this.pos;
+  }
+
+  /** Copies as much of `src` as fits; returns how many bytes. */
+  write(src: Uint8Array): number {
+    const n = copyAt(this.segs, this.pos, src.subarray(0, Math.min(src.length, this.remaining)), true);
+    this.pos += n;
+    return n;
+  }
+
+  /**
+   * Reserves the last writable byte (virtio-blk's and virtio-scsi's status) so data cannot run
+   * into it; false when the chain has no writable byte.
+   */
+  carveStatus(): boolean {
+    if (this.statusAt >= 0) return true;
+    if (this.end - this.pos < 1) return false;
+    this.end--;
+    this.statusAt = this.end;
+    return true;
+  }
+
+  /** Stores the carved-off status byte. */
+  writeStatus(status: number): void {
+    if (this.statusAt < 0) throw new Error("writeStatus without carveStatus");
+    copyAt(this.segs, this.statusAt, Uint8Array.of(status), true);
+  }
+}
