@@ -48,6 +48,9 @@ const lib = dlopen("libc.so.6", {
   epoll_create1: { args: ["i32"], returns: "i32" },
   epoll_ctl: { args: ["i32", "i32", "i32", "ptr"], returns: "i32" },
   epoll_wait: { args: ["i32", "ptr", "i32", "i32"], returns: "i32" },
+  // Network namespaces are per thread: setns(2) moves only the calling thread (tests enter a
+  // namespace to open taps and packet sockets that live there).
+  setns: { args: ["i32", "i32"], returns: "i32" },
   // glibc's variadic syscall(2), declared with explicit 64-bit arguments (plain register moves on
   // x86_64; unused arguments are passed as 0). Used for io_uring, which glibc does not wrap.
   syscall: { args: ["i64", "i64", "i64", "i64", "i64", "i64", "i64"], returns: FFIType.i64_fast },
@@ -65,11 +68,14 @@ const ERRNO_NAMES: Record<number, string> = {
   111: "ECONNREFUSED",
 };
 
+export const EPERM = 1;
+export const ENOENT = 2;
 export const EINTR = 4;
 export const EAGAIN = 11;
 export const ENXIO = 6;
 export const EBUSY = 16;
 export const ENODEV = 19;
+export const EEXIST = 17;
 export const EINVAL = 22;
 export const ENOTTY = 25;
 export const EOPNOTSUPP = 95;

@@ -161,6 +161,17 @@ export class ChainWriter extends ChainCursor {
     return true;
   }
 
+  /** Copies back bytes already written at [pos, pos+dst.length) of the writable side (a header
+   * the host wrote straight into guest memory, to inspect it). */
+  readBack(pos: number, dst: Uint8Array): number {
+    return copyAt(this.segs, pos, dst.subarray(0, Math.max(0, Math.min(dst.length, this.end - pos))), false);
+  }
+
+  /** Overwrites bytes at [pos, pos+src.length) of the writable side without moving the cursor. */
+  patch(pos: number, src: Uint8Array): number {
+    return copyAt(this.segs, pos, src.subarray(0, Math.max(0, Math.min(src.length, this.end - pos))), true);
+  }
+
   /** Stores the carved-off status byte. */
   writeStatus(status: number): void {
     if (this.statusAt < 0) throw new Error("writeStatus without carveStatus");

@@ -59,6 +59,10 @@ export interface VhostUserDevice {
   snapshot(): unknown;
   /** Validates `state` completely, then applies it; throws (changing nothing) if it does not fit. */
   restore(state: unknown): void;
+  /** SEND_RARP (protocol feature RARP): announce the guest's MAC on the host side after migration. */
+  sendRarp?(mac: Uint8Array): void;
+  /** NET_SET_MTU (protocol feature NET_MTU): the MTU the front-end configured. */
+  setMtu?(mtu: number): void;
   /** A host event forwarded from the main thread (e.g. "resize" on SIGWINCH). */
   hostEvent?(name: string): void;
   /** Releases host resources at process exit. */
@@ -91,6 +95,11 @@ export interface DeviceDefinition<Options = Record<string, unknown>> {
   args: Record<string, unknown>;
   /** Options that may be given more than once; they arrive as arrays of strings. */
   repeatable?: string[];
+  /**
+   * The vhost-user socket path the device's own options name, if any (crosvm's `SOCK,...` option
+   * forms); throws when they disagree with --socket/--fd. Called in the main thread first.
+   */
+  socketPath?(options: Options): string | null;
   /** Validates options in the main thread so bad options fail before the socket is created. */
   validate?(options: Options): void;
   /** Builds the device inside the worker. */

@@ -159,8 +159,9 @@ export class EventLoop {
 
   /** Waits once (up to timeoutMs) and dispatches what is ready. */
   runOnce(timeoutMs: number): void {
+    // Swapped every turn: what this turn's handlers schedule runs in the next one, not this one.
     const carried = this.nextTurnTasks;
-    if (carried.length > 0) this.nextTurnTasks = [];
+    this.nextTurnTasks = [];
     const n = this.epoll.wait(this.deferred.length > 0 || carried.length > 0 ? 0 : timeoutMs);
     this.turn++;
     for (let i = 0; i < n; i++) {

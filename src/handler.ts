@@ -191,6 +191,20 @@ export class VhostUserHandler {
         return u64Bytes(this.setDeviceStateFd(b.direction, b.phase, msg.fds[0]!));
       case Req.CHECK_DEVICE_STATE:
         return u64Bytes(this.checkDeviceState());
+      case Req.SEND_RARP: {
+        if (!this.hasProtocol(ProtocolFeature.RARP) || this.device.sendRarp === undefined) throw new RequestError("SEND_RARP: RARP was not negotiated");
+        // The MAC is the first 6 bytes of the u64 payload.
+        const mac = u64Bytes(b.kind === "u64" ? b.value : 0n).slice(0, 6);
+        this.device.sendRarp(mac);
+        return null;
+      }
+      case Req.NET_SET_MTU: {
+        if (!this.hasProtocol(ProtocolFeature.NET_MTU) || this.device.setMtu === undefined) throw new RequestError("NET_SET_MTU: NET_MTU was not negotiated");
+        const mtu = b.kind === "u64" ? b.value : 0n;
+        if (mtu < 68n || mtu > 65535n) throw new RequestError(`NET_SET_MTU: ${mtu} is not an MTU (68..65535)`);
+        this.device.setMtu(Number(mtu));
+        return null;
+      }
       default:
         for (const fd of msg.fds) close(fd);
         throw new RequestError(`${reqName(msg.header.code)} is not supported by this backend`);

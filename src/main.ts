@@ -95,6 +95,10 @@ async function runDevice(def: DeviceDefinition, args: Record<string, unknown>, r
     console.log(JSON.stringify({ type: def.capabilities.type, features: def.capabilities.features }));
     return;
   }
+  // A device's own options may name the socket too (crosvm's `--tap-name SOCK,NAME`): it counts
+  // as --socket, and must agree with one given as well.
+  const named = def.socketPath?.(options) ?? null;
+  if (named !== null && options.socket === undefined && options["socket-path"] === undefined) options.socket = named;
   const socketPath = (options.socket ?? options["socket-path"]) as string | undefined;
   const sources = [options.socket, options["socket-path"], options.fd].filter((x) => x !== undefined).length;
   if (sources > 1) throw new Error(SOCKET_SOURCES);

@@ -18,6 +18,10 @@ export const MAX_QUEUE_SIZE = 32768;
  */
 export const MAX_INDIRECT_ENTRIES = 1024;
 
+const SLOT_CHAIN = 1;
+const SLOT_SKIPPED = 2;
+const SLOT_COMPLETED = 3;
+
 export { DescriptorChain, type Segment } from "./chain.ts";
 
 export class ChainError extends Error {}
@@ -96,7 +100,13 @@ export class Virtqueue {
   /** Chains popped and not yet completed; `inFlightHead[h]` is 1 while head h is one of them. */
   inFlight = 0;
   private readonly inFlightHead: Uint8Array;
-  /** The head popped at each available slot (for rewind). */
+  /**
+   * What the last pass over each available slot did, for rewind: `slotPass[s]` is the available
+   * index that visited slot s, plus 1 (0: none), and `slotKind[s]` what came of it (a chain, whose
+   * head is `poppedHead[s]`; an entry skipped; a malformed chain completed on the spot).
+   */
+  private readonly slotPass: Int32Array;
+  private readonly slotKind: Uint8Array;
   private readonly poppedHead: Uint16Array;
   /** What this queue was built from (to rebuild it in another thread). */
   readonly config: VirtqueueConfig;
@@ -149,6 +159,8 @@ export class Virtqueue {
     this.nextUsed = c.nextUsed ?? Atomics.load(this.usedU16, this.usedIdx);
     this.inFlightHead = new Uint8Array(c.size);
     this.poppedHead = new Uint16Array(c.size);
+    this.slotPass = new Int32Array(c.size);
+    this.slotKind = new Uint8Array(c.size);
     this.config = { ...c };
     this.errorLog = new GuestErrorLog(`queue ${c.index}`);
   }
@@ -191,9 +203,13 @@ export class Virtqueue {
         this.breakRing(`available index moved ${pending} entries ahead (queue size ${this.size})`);
         return null;
       }
-      const slot = this.nextAvail & (this.size - 1);
+      const index = this.nextAvail;
+      const slot = index & (this.size - 1);
+      this.nextAvail = (index + 1) & 0xffff;
+      if (this.slotPass[slot] === index + 1 && this.slotKind[slot] === SLOT_COMPLETED) continue; // completed before a rewind
+      this.slotPass[slot] = index + 1;
+      this.slotKind[slot] = SLOT_SKIPPED;
       const head = this.availU16[this.availRing + slot]!;
-      this.nextAvail = (this.nextAvail + 1) & 0xffff;
       if (head >= this.size) {
         this.guestError(`available ring names descriptor ${head} (queue size ${this.size}); skipped`);
         continue;
@@ -207,10 +223,13 @@ export class Virtqueue {
       this.inFlight++;
       this.poppedHead[slot] = head;
       try {
-        return this.walk(head);
+        const chain = this.walk(head);
+        this.slotKind[slot] = SLOT_CHAIN;
+        return chain;
       } catch (e) {
         if (!(e instanceof ChainError)) throw e;
         this.guestError(`bad descriptor chain at head ${head}: ${e.message}; completed with length 0`);
+        this.slotKind[slot] = SLOT_COMPLETED;
         this.add(head, 0);
       }
     }
@@ -273,17 +292,28 @@ export class Virtqueue {
   /**
    * Gives back the last `n` chains popped and not completed, so they are popped again (a request
    * the device could not start; MRG_RXBUF chains a frame did not need). Chains popped before them
-   * may still be in flight; the rewound ones must be the most recent pops.
+   * may still be in flight; the rewound ones must be the most recent pops. Entries pop() skipped
+   * or completed among them are passed over again without effect.
    */
   rewind(n = 1): void {
-    for (let i = 0; i < n; i++) {
-      const slot = (this.nextAvail - 1) & (this.size - 1);
+    // Checked completely first, so a refused rewind changes nothing.
+    let index = this.nextAvail;
+    for (let left = n; left > 0; ) {
+      index = (index - 1) & 0xffff;
+      const slot = index & (this.size - 1);
+      if (this.slotPass[slot] !== index + 1) throw new Error(`queue ${this.index}: rewind of ${n} chains, but only ${n - left} popped ones are not in flight`);
+      if (this.slotKind[slot] !== SLOT_CHAIN) continue;
       const head = this.poppedHead[slot]!;
-      if (this.inFlightHead[head] === 0) throw new Error(`queue ${this.index}: rewind of ${n} chains, but the chain at slot ${slot} is not in flight`);
-      this.inFlightHead[head] = 0;
-      this.inFlight--;
-      this.nextAvail = (this.nextAvail - 1) & 0xffff;
+      if (this.inFlightHead[head] === 0) throw new Error(`queue ${this.index}: rewind of chain ${head}, which is not in flight (already completed)`);
+      left--;
     }
+    for (let i = index; i !== this.nextAvail; i = (i + 1) & 0xffff) {
+      const slot = i & (this.size - 1);
+      if (this.slotKind[slot] !== SLOT_CHAIN) continue;
+      this.inFlightHead[this.poppedHead[slot]!] = 0;
+      this.inFlight--;
+    }
+    this.nextAvail = index;
   }
 
   /** Puts the last popped chain back (rewind(1)). */

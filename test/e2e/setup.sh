@@ -53,6 +53,10 @@ APT_PACKAGES=(
   dpkg-dev build-essential ninja-build libglib2.0-dev libpixman-1-dev pkg-config python3-venv
   flex bison libaio-dev
 )
+# Net tests: namespaces and taps, traffic, captures, offload checks, DPDK's vhost as a reference.
+APT_PACKAGES+=(iproute2 iperf3 tcpdump ethtool dpdk dpdk-dev)
+# Sound tests: ALSA tools for the guest initramfs (aplay/arecord/amixer), the host ALSA backend and its plugins, PulseAudio as a host sound server.
+APT_PACKAGES+=(alsa-utils libasound2 libasound2-plugins pulseaudio)
 # Packages that must come from bookworm-backports, with the minimum version we need (QEMU's configure
 # insists on meson >= 1.5 and pycotap, and cannot fetch them offline).
 BPO_PACKAGES=(qemu-system-x86 qemu-utils meson python3-pycotap)

@@ -1,0 +1,241 @@
+// The virtio-net device (virtio id 1) over a Linux tap: features, config space, the control
+// queue, offloads pushed to the tap, SEND_RARP, snapshots. Frames move in NetPairRunner (the
+// device thread for one pair; one queue thread per pair otherwise), each pair over its own tap
+// queue fd.
+import { COMMON_FEATURES, type DeviceContext, type VhostUserDevice } from "../../src/device.ts";
+import type { GuestMemory } from "../../src/memory.ts";
+import { Virtqueue, type VirtqueueConfig, type RingPosition } from "../../src/virtqueue.ts";
+import { QueueService } from "../../src/queue_thread.ts";
+import { WatchedQueue, processQueue } from "../../src/kick.ts";
+import { pf, ProtocolFeature } from "../../src/protocol/constants.ts";
+import { log } from "../../src/log.ts";
+import * as tun from "../../ffi/tap.ts";
+import { openTap, offloadFeatures, type Tap } from "./tap.ts";
+import { formatMac, type NetOptions } from "./options.ts";
+import { NetShared, RX_PROMISC } from "./shared.ts";
+import { NetControl } from "./control.ts";
+import { netPairRunner, type NetRunnerOptions } from "./pair_runner.ts";
+import { validateNetState, NET_STATE_VERSION, type NetState } from "./state.ts";
+import {
+  VIRTIO_ID_NET, VIRTIO_NET_F_MAC, VIRTIO_NET_F_MTU, VIRTIO_NET_F_STATUS, VIRTIO_NET_F_MRG_RXBUF, VIRTIO_NET_F_MQ,
+  VIRTIO_NET_F_CTRL_VQ, VIRTIO_NET_F_CTRL_RX, VIRTIO_NET_F_CTRL_MAC_ADDR, VIRTIO_NET_F_CTRL_GUEST_OFFLOADS,
+  VIRTIO_NET_F_GUEST_ANNOUNCE, VIRTIO_NET_F_GUEST_TSO4, VIRTIO_NET_F_GUEST_TSO6, VIRTIO_NET_F_GUEST_UFO,
+  VIRTIO_NET_F_GUEST_USO4, VIRTIO_NET_F_GUEST_USO6, GUEST_OFFLOAD_FEATURES, VIRTIO_NET_S_LINK_UP,
+  VIRTIO_NET_S_ANNOUNCE, NET_CONFIG_SIZE, encodeNetConfig, ctrlQueueIndex,
+} from "./virtio_net.ts";
+
+/** Receive offloads that let the tap hand over 64 KiB frames. */
+const GSO_RECEIVE = VIRTIO_NET_F_GUEST_TSO4 | VIRTIO_NET_F_GUEST_TSO6 | VIRTIO_NET_F_GUEST_UFO | VIRTIO_NET_F_GUEST_USO4 | VIRTIO_NET_F_GUEST_USO6;
+
+/** A locally administered unicast MAC (52:54:00 is QEMU's prefix; ours sets the local bit). */
+function randomMac(): Uint8Array {
+  const m = crypto.getRandomValues(new Uint8Array(6));
+  m[0] = (m[0]! & 0xfc) | 0x02;
+  return m;
+}
+
+export class NetDevice implements VhostUserDevice {
+  readonly name = "net";
+  readonly virtioId = VIRTIO_ID_NET;
+  readonly tap: Tap;
+  readonly shared = new NetShared();
+  private readonly offered: bigint;
+  private acked = 0n;
+  private readonly pairs: number;
+  private mtu: number;
+  private readonly defaultMac: Uint8Array;
+  private mac: Uint8Array;
+  private status = VIRTIO_NET_S_LINK_UP;
+  private activePairs = 1;
+  /** Receive offloads in force (the acked ones, or what CTRL_GUEST_OFFLOADS set since). */
+  private guestOffloads = 0n;
+  private readonly queues: QueueService;
+  private readonly ctrl: WatchedQueue;
+  private readonly control: NetControl;
+
+  constructor(opts: NetOptions, private readonly ctx: DeviceContext) {
+    this.tap = openTap(opts);
+    this.pairs = opts.queuePairs;
+    this.mtu = opts.mtu ?? this.tap.mtu;
+    this.defaultMac = opts.mac ?? randomMac();
+    this.mac = this.defaultMac;
+    this.offered =
+      COMMON_FEATURES | VIRTIO_NET_F_MAC | VIRTIO_NET_F_STATUS | VIRTIO_NET_F_CTRL_VQ | VIRTIO_NET_F_CTRL_RX |
+      VIRTIO_NET_F_CTRL_MAC_ADDR | VIRTIO_NET_F_GUEST_ANNOUNCE |
+      (opts.mtu !== null ? VIRTIO_NET_F_MTU : 0n) |
+      (opts.mrgRxbuf ? VIRTIO_NET_F_MRG_RXBUF : 0n) |
+      (this.pairs > 1 ? VIRTIO_NET_F_MQ : 0n) |
+      (opts.offloads ? offloadFeatures(this.tap.supportedOffloads) | VIRTIO_NET_F_CTRL_GUEST_OFFLOADS : 0n);
+    this.resetFilter();
+    const runnerOptions: NetRunnerOptions = { fds: [...this.tap.fds], mtu: this.mtu, shared: this.shared.sab };
+    this.queues = new QueueService({
+      device: "net", options: runnerOptions, threads: this.pairs > 1 ? this.pairs : 0, threadOf: (i) => i >> 1,
+      loop: ctx.loop, runner: netPairRunner,
+    });
+    this.control = new NetControl(this.shared, {
+      acked: () => this.acked,
+      maxPairs: this.pairs,
+      setActivePairs: (n) => {
+        this.activePairs = n;
+      },
+      setGuestOffloads: (f) => this.applyOffloads(f),
+      setMac: (m) => {
+        this.mac = m;
+        this.shared.mac = m;
+      },
+      announceAcked: () => {
+        this.status &= ~VIRTIO_NET_S_ANNOUNCE;
+      },
+    });
+    this.ctrl = new WatchedQueue(ctx.loop, () => this.serveControl());
+    log.info(
+      `net: tap ${this.tap.name} (${this.pairs} queue pair(s), MTU ${this.mtu}, offloads ${opts.offloads ? `0x${this.tap.supportedOffloads.toString(16)}` : "off"}, ` +
+        `MRG_RXBUF ${opts.mrgRxbuf ? "on" : "off"}), guest MAC ${formatMac(this.mac)}`,
+    );
+  }
+
+  private resetFilter(): void {
+    this.shared.rxMode = RX_PROMISC; // QEMU's reset state: promiscuous until the driver says otherwise
+    this.shared.setTable([], []);
+    this.shared.mac = this.mac;
+  }
+
+  maxQueues(): number {
+    return 2 * this.pairs + 1; // the pairs, then the control queue
+  }
+
+  features(): bigint {
+    return this.offered;
+  }
+
+  ackFeatures(features: bigint): void {
+    this.acked = features;
+    if (!this.applyOffloads(features & GUEST_OFFLOAD_FEATURES)) log.warn("net: the tap refused the guest's receive offloads");
+  }
+
+  /** Pushes receive offloads to the tap (TUNSETOFFLOAD); false when the tap refuses them. */
+  private applyOffloads(features: bigint): boolean {
+    try {
+      this.tap.setOffloads(features);
+    } catch (e) {
+      log.warn(`net: TUNSETOFFLOAD failed: ${(e as Error).message}`);
+      return false;
+    }
+    this.guestOffloads = features;
+    this.shared.bigFrames = (features & GSO_RECEIVE) !== 0n;
+    return true;
+  }
+
+  protocolFeatures(): bigint {
+    return pf(ProtocolFeature.RARP) | pf(ProtocolFeature.NET_MTU);
+  }
+
+  readConfig(offset: number, size: number): Uint8Array | null {
+    if (offset < 0 || size < 0 || offset + size > NET_CONFIG_SIZE) return null;
+    return encodeNetConfig({ mac: this.mac, status: this.status, maxVirtqueuePairs: this.pairs, mtu: this.mtu }).subarray(offset, offset + size);
+  }
+
+  /** The config space is read-only for a VERSION_1 driver (it sets its MAC through the control queue). */
+  writeConfig(): boolean {
+    return false;
+  }
+
+  startQueue(ring: VirtqueueConfig, mem: GuestMemory, ackedFeatures: bigint): void {
+    if (ring.index === ctrlQueueIndex(this.pairs)) {
+      this.ctrl.start(new Virtqueue(mem, ring));
+      return;
+    }
+    this.queues.start(ring, mem, ackedFeatures);
+  }
+
+  stopQueue(index: number): RingPosition | null {
+    if (index === ctrlQueueIndex(this.pairs)) return this.ctrl.stop();
+    return this.queues.stop(index);
+  }
+
+  private serveControl(): void {
+    const q = this.ctrl.queue;
+    if (q === null) return;
+    processQueue(q, (chain) => {
+      q.add(chain.head, this.control.handle(chain));
+      return true;
+    }, undefined, this.ctrl.budget);
+  }
+
+  sendRarp(mac: Uint8Array): void {
+    try {
+      this.tap.writeRarp(mac);
+      log.info(`net: announced ${formatMac(mac)} on tap ${this.tap.name} (RARP)`);
+    } catch (e) {
+      log.warn(`net: SEND_RARP: ${(e as Error).message}`);
+    }
+  }
+
+  /** NET_SET_MTU: the front-end's MTU; the tap follows when we may change it. */
+  setMtu(mtu: number): void {
+    this.mtu = mtu;
+    try {
+      tun.withControlSocket((s) => tun.setIfMtu(s, this.tap.name, mtu));
+    } catch (e) {
+      log.warn(`net: NET_SET_MTU ${mtu}: the tap keeps its MTU (${(e as Error).message})`);
+    }
+  }
+
+  reset(): void {
+    for (const i of this.queues.running()) this.queues.stop(i);
+    this.ctrl.stop();
+    this.acked = 0n;
+    this.mac = this.defaultMac;
+    this.status = VIRTIO_NET_S_LINK_UP;
+    this.activePairs = 1;
+    this.resetFilter();
+    this.applyOffloads(0n);
+  }
+
+  enterSuspendedState(): void {}
+
+  snapshot(): NetState {
+    const table = this.shared.table();
+    return {
+      version: NET_STATE_VERSION,
+      ackedFeatures: this.acked.toString(),
+      guestOffloads: this.guestOffloads.toString(),
+      mac: this.mac.slice(),
+      mtu: this.mtu,
+      status: this.status,
+      queuePairs: this.pairs,
+      activePairs: this.activePairs,
+      rxMode: this.shared.rxMode,
+      unicast: table.unicast,
+      multicast: table.multicast,
+    };
+  }
+
+  restore(raw: unknown): void {
+    const s = validateNetState(raw, this.offered, this.pairs);
+    const offloads = BigInt(s.guestOffloads);
+    const tunFlags = offloads === 0n ? 0 : this.tap.supportedOffloads;
+    if (offloads !== 0n && tunFlags === 0) throw new Error(`net state: the guest had receive offloads 0x${offloads.toString(16)}, which tap ${this.tap.name} cannot take`);
+    // Everything checked: apply.
+    if (!this.applyOffloads(offloads)) throw new Error(`net state: tap ${this.tap.name} refused the saved offloads 0x${offloads.toString(16)}`);
+    this.acked = BigInt(s.ackedFeatures);
+    this.mac = s.mac.slice();
+    this.shared.mac = this.mac;
+    this.mtu = s.mtu;
+    this.activePairs = s.activePairs;
+    this.shared.rxMode = s.rxMode;
+    this.shared.setTable(s.unicast, s.multicast);
+    this.status = s.status;
+    if ((this.acked & VIRTIO_NET_F_GUEST_ANNOUNCE) !== 0n) {
+      // After a migration the guest announces itself (gratuitous ARP) when asked to.
+      this.status |= VIRTIO_NET_S_ANNOUNCE;
+      this.ctx.loop.defer(() => this.ctx.configChanged());
+    }
+  }
+
+  dispose(): void {
+    this.ctrl.stop();
+    this.queues.dispose();
+    this.tap.close();
+  }
+}

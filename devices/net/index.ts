@@ -1,0 +1,31 @@
+// `backend device net --socket PATH --tap-name TAP`: a virtio-net device over a Linux tap
+// (crosvm's `device net`, DPDK's vhost + tap), for QEMU's `-netdev vhost-user`, crosvm and
+// DPDK's virtio_user.
+import type { DeviceDefinition } from "../../src/device.ts";
+import { NET_ARGS, NET_REPEATABLE, parseNetOptions, resolveSocket } from "./options.ts";
+import { validateTap } from "./tap.ts";
+import { NetDevice } from "./device.ts";
+import { netPairRunner } from "./pair_runner.ts";
+import { VIRTIO_ID_NET } from "./virtio_net.ts";
+
+export const netDevice: DeviceDefinition<Record<string, unknown>> = {
+  name: "net",
+  virtioId: VIRTIO_ID_NET,
+  description: "virtio-net over a Linux tap (offloads, mergeable rx buffers, multiqueue)",
+  capabilities: { type: "net", features: ["tap-name", "tap-fd", "host-ip", "mac", "mtu", "queue-pairs"] },
+  example: ["--socket", "/run/vm/net.sock", "--tap-name", "vmtap0"],
+  args: NET_ARGS,
+  repeatable: NET_REPEATABLE,
+  socketPath(raw) {
+    return resolveSocket(raw, parseNetOptions(raw));
+  },
+  validate(raw) {
+    validateTap(parseNetOptions(raw));
+  },
+  create(raw, ctx) {
+    return new NetDevice(parseNetOptions(raw), ctx);
+  },
+  queueRunner: netPairRunner,
+};
+
+export default netDevice;

@@ -1,0 +1,228 @@
+// Thin, typed bindings to libasound.so.2 (ALSA's PCM API) through bun:ffi, for the snd device's
+// alsa backend. Opened lazily on first use, so the binary runs without libasound until someone
+// asks for `--backend alsa`. Every function is one ALSA call; errors come back as negative errno
+// values (ALSA's convention) and alsaCheck() turns them into AlsaError with snd_strerror's text.
+import { dlopen, FFIType, ptr, type Pointer } from "bun:ffi";
+
+const SYMBOLS = {
+  snd_strerror: { args: ["i32"], returns: "cstring" },
+  snd_pcm_open: { args: ["ptr", "cstring", "i32", "i32"], returns: "i32" },
+  snd_pcm_close: { args: ["ptr"], returns: "i32" },
+  snd_pcm_name: { args: ["ptr"], returns: "cstring" },
+  snd_pcm_state: { args: ["ptr"], returns: "i32" },
+  snd_pcm_nonblock: { args: ["ptr", "i32"], returns: "i32" },
+  snd_pcm_hw_params_malloc: { args: ["ptr"], returns: "i32" },
+  snd_pcm_hw_params_free: { args: ["ptr"], returns: "void" },
+  snd_pcm_hw_params_any: { args: ["ptr", "ptr"], returns: "i32" },
+  snd_pcm_hw_params: { args: ["ptr", "ptr"], returns: "i32" },
+  snd_pcm_hw_params_set_access: { args: ["ptr", "ptr", "i32"], returns: "i32" },
+  snd_pcm_hw_params_set_format: { args: ["ptr", "ptr", "i32"], returns: "i32" },
+  snd_pcm_hw_params_set_channels: { args: ["ptr", "ptr", "u32"], returns: "i32" },
+  snd_pcm_hw_params_set_rate: { args: ["ptr", "ptr", "u32", "i32"], returns: "i32" },
+  snd_pcm_hw_params_set_rate_near: { args: ["ptr", "ptr", "ptr", "ptr"], returns: "i32" },
+  snd_pcm_hw_params_set_rate_resample: { args: ["ptr", "ptr", "u32"], returns: "i32" },
+  snd_pcm_hw_params_set_period_size_near: { args: ["ptr", "ptr", "ptr", "ptr"], returns: "i32" },
+  snd_pcm_hw_params_set_buffer_size_near: { args: ["ptr", "ptr", "ptr"], returns: "i32" },
+  snd_pcm_hw_params_get_period_size: { args: ["ptr", "ptr", "ptr"], returns: "i32" },
+  snd_pcm_hw_params_get_buffer_size: { args: ["ptr", "ptr"], returns: "i32" },
+  snd_pcm_hw_params_get_channels_min: { args: ["ptr", "ptr"], returns: "i32" },
+  snd_pcm_hw_params_get_channels_max: { args: ["ptr", "ptr"], returns: "i32" },
+  snd_pcm_hw_params_test_format: { args: ["ptr", "ptr", "i32"], returns: "i32" },
+  snd_pcm_hw_params_test_rate: { args: ["ptr", "ptr", "u32", "i32"], returns: "i32" },
+  snd_pcm_hw_params_test_channels: { args: ["ptr", "ptr", "u32"], returns: "i32" },
+  snd_pcm_sw_params_malloc: { args: ["ptr"], returns: "i32" },
+  snd_pcm_sw_params_free: { args: ["ptr"], returns: "void" },
+  snd_pcm_sw_params_current: { args: ["ptr", "ptr"], returns: "i32" },
+  snd_pcm_sw_params: { args: ["ptr", "ptr"], returns: "i32" },
+  snd_pcm_sw_params_set_start_threshold: { args: ["ptr", "ptr", "u64"], returns: "i32" },
+  snd_pcm_sw_params_set_avail_min: { args: ["ptr", "ptr", "u64"], returns: "i32" },
+  snd_pcm_prepare: { args: ["ptr"], returns: "i32" },
+  snd_pcm_start: { args: ["ptr"], returns: "i32" },
+  snd_pcm_drop: { args: ["ptr"], returns: "i32" },
+  snd_pcm_drain: { args: ["ptr"], returns: "i32" },
+  snd_pcm_pause: { args: ["ptr", "i32"], returns: "i32" },
+  snd_pcm_recover: { args: ["ptr", "i32", "i32"], returns: "i32" },
+  snd_pcm_writei: { args: ["ptr", "ptr", "u64"], returns: FFIType.i64_fast },
+  snd_pcm_readi: { args: ["ptr", "ptr", "u64"], returns: FFIType.i64_fast },
+  snd_pcm_avail_update: { args: ["ptr"], returns: FFIType.i64_fast },
+  snd_pcm_delay: { args: ["ptr", "ptr"], returns: "i32" },
+  snd_pcm_poll_descriptors_count: { args: ["ptr"], returns: "i32" },
+  snd_pcm_poll_descriptors: { args: ["ptr", "ptr", "u32"], returns: "i32" },
+  snd_pcm_poll_descriptors_revents: { args: ["ptr", "ptr", "u32", "ptr"], returns: "i32" },
+} as const;
+
+type AlsaSymbols = ReturnType<typeof dlopen<typeof SYMBOLS>>["symbols"];
+
+let lib: AlsaSymbols | null = null;
+
+/** dlopens `name` (not cached); throws a message saying what to install. */
+export function loadAlsa(name = "libasound.so.2"): AlsaSymbols {
+  try {
+    return dlopen(name, SYMBOLS).symbols;
+  } catch (e) {
+    throw new Error(`the alsa backend needs ${name} (Debian: apt-get install libasound2): ${(e as Error).message}`);
+  }
+}
+
+/** The libasound symbols, opened on first call. */
+export function alsa(): AlsaSymbols {
+  lib ??= loadAlsa();
+  return lib;
+}
+
+export const SND_PCM_STREAM_PLAYBACK = 0;
+export const SND_PCM_STREAM_CAPTURE = 1;
+export const SND_PCM_NONBLOCK = 0x1;
+export const SND_PCM_ACCESS_RW_INTERLEAVED = 3;
+
+export const SND_PCM_FORMAT_U8 = 1;
+export const SND_PCM_FORMAT_S16_LE = 2;
+export const SND_PCM_FORMAT_S24_LE = 6;
+export const SND_PCM_FORMAT_S32_LE = 10;
+export const SND_PCM_FORMAT_FLOAT_LE = 14;
+export const SND_PCM_FORMAT_S24_3LE = 32;
+
+export const SND_PCM_STATE_OPEN = 0;
+export const SND_PCM_STATE_SETUP = 1;
+export const SND_PCM_STATE_PREPARED = 2;
+export const SND_PCM_STATE_RUNNING = 3;
+export const SND_PCM_STATE_XRUN = 4;
+export const SND_PCM_STATE_DRAINING = 5;
+export const SND_PCM_STATE_PAUSED = 6;
+export const SND_PCM_STATE_SUSPENDED = 7;
+export const SND_PCM_STATE_DISCONNECTED = 8;
+
+export const EAGAIN = 11;
+export const EPIPE = 32;
+export const ESTRPIPE = 86;
+
+/** A failed ALSA call: which call, the negative error code, snd_strerror's text. */
+export class AlsaError extends Error {
+  constructor(readonly call: string, readonly code: number) {
+    super(`${call}: ${String(alsa().snd_strerror(code))} (${code})`);
+    this.name = "AlsaError";
+  }
+}
+
+/** Returns `ret` when >= 0, throws AlsaError naming `call` otherwise. */
+export function alsaCheck(ret: number, call: string): number {
+  if (ret < 0) throw new AlsaError(call, ret);
+  return ret;
+}
+
+export function strerror(code: number): string {
+  return String(alsa().snd_strerror(code));
+}
+
+/** An open snd_pcm_t*. */
+export type PcmHandle = Pointer;
+
+const handleOut = new BigUint64Array(1);
+
+/** snd_pcm_open(name, stream, mode); mode SND_PCM_NONBLOCK keeps writei/readi from sleeping. */
+export function pcmOpen(name: string, stream: number, mode: number): PcmHandle {
+  alsaCheck(alsa().snd_pcm_open(handleOut, Buffer.from(`${name}\0`), stream, mode), `snd_pcm_open ${name}`);
+  return Number(handleOut[0]) as PcmHandle;
+}
+
+export function pcmClose(pcm: PcmHandle): void {
+  alsa().snd_pcm_close(pcm);
+}
+
+/** snd_pcm_hw_params_t* allocated with malloc; free it with hwParamsFree(). */
+export function hwParamsMalloc(): Pointer {
+  alsaCheck(alsa().snd_pcm_hw_params_malloc(handleOut), "snd_pcm_hw_params_malloc");
+  return Number(handleOut[0]) as Pointer;
+}
+
+export function hwParamsFree(p: Pointer): void {
+  alsa().snd_pcm_hw_params_free(p);
+}
+
+export function swParamsMalloc(): Pointer {
+  alsaCheck(alsa().snd_pcm_sw_params_malloc(handleOut), "snd_pcm_sw_params_malloc");
+  return Number(handleOut[0]) as Pointer;
+}
+
+export function swParamsFree(p: Pointer): void {
+  alsa().snd_pcm_sw_params_free(p);
+}
+
+const u32Out = new Uint32Array(1);
+const i32Dir = new Int32Array(1);
+const ulongOut = new BigUint64Array(1);
+
+/** snd_pcm_hw_params_set_rate_near: returns the rate ALSA chose. */
+export function hwSetRateNear(pcm: PcmHandle, hw: Pointer, rate: number): number {
+  u32Out[0] = rate;
+  i32Dir[0] = 0;
+  alsaCheck(alsa().snd_pcm_hw_params_set_rate_near(pcm, hw, u32Out, i32Dir), "snd_pcm_hw_params_set_rate_near");
+  return u32Out[0]!;
+}
+
+/** snd_pcm_hw_params_set_period_size_near (frames): returns the size ALSA chose. */
+export function hwSetPeriodSizeNear(pcm: PcmHandle, hw: Pointer, frames: number): number {
+  ulongOut[0] = BigInt(frames);
+  i32Dir[0] = 0;
+  alsaCheck(alsa().snd_pcm_hw_params_set_period_size_near(pcm, hw, ulongOut, i32Dir), "snd_pcm_hw_params_set_period_size_near");
+  return Number(ulongOut[0]);
+}
+
+/** snd_pcm_hw_params_set_buffer_size_near (frames): returns the size ALSA chose. */
+export function hwSetBufferSizeNear(pcm: PcmHandle, hw: Pointer, frames: number): number {
+  ulongOut[0] = BigInt(frames);
+  alsaCheck(alsa().snd_pcm_hw_params_set_buffer_size_near(pcm, hw, ulongOut), "snd_pcm_hw_params_set_buffer_size_near");
+  return Number(ulongOut[0]);
+}
+
+export function hwGetPeriodSize(hw: Pointer): number {
+  alsaCheck(alsa().snd_pcm_hw_params_get_period_size(hw, ulongOut, i32Dir), "snd_pcm_hw_params_get_period_size");
+  return Number(ulongOut[0]);
+}
+
+export function hwGetBufferSize(hw: Pointer): number {
+  alsaCheck(alsa().snd_pcm_hw_params_get_buffer_size(hw, ulongOut), "snd_pcm_hw_params_get_buffer_size");
+  return Number(ulongOut[0]);
+}
+
+export function hwGetChannelsRange(hw: Pointer): { min: number; max: number } {
+  alsaCheck(alsa().snd_pcm_hw_params_get_channels_min(hw, u32Out), "snd_pcm_hw_params_get_channels_min");
+  const min = u32Out[0]!;
+  alsaCheck(alsa().snd_pcm_hw_params_get_channels_max(hw, u32Out), "snd_pcm_hw_params_get_channels_max");
+  return { min, max: u32Out[0]! };
+}
+
+/** snd_pcm_writei: frames written, or a negative error (-EAGAIN when full in non-blocking mode, -EPIPE on underrun). */
+export function writei(pcm: PcmHandle, buf: Uint8Array, frames: number): number {
+  return Number(alsa().snd_pcm_writei(pcm, ptr(buf), BigInt(frames)));
+}
+
+/** snd_pcm_readi: frames read, or a negative error (-EAGAIN when empty, -EPIPE on overrun). */
+export function readi(pcm: PcmHandle, buf: Uint8Array, frames: number): number {
+  return Number(alsa().snd_pcm_readi(pcm, ptr(buf), BigInt(frames)));
+}
+
+/** snd_pcm_delay (frames), or throws. */
+export function delay(pcm: PcmHandle): number {
+  const out = new BigInt64Array(1);
+  alsaCheck(alsa().snd_pcm_delay(pcm, out), "snd_pcm_delay");
+  return Number(out[0]);
+}
+
+/** struct pollfd is { int fd; short events; short revents; }: 8 bytes each. */
+export const POLLFD_BYTES = 8;
+
+/** The pollfds to watch (epoll them; translate readiness with pollRevents). */
+export function pollDescriptors(pcm: PcmHandle): { fds: Uint8Array; count: number } {
+  const count = alsaCheck(alsa().snd_pcm_poll_descriptors_count(pcm), "snd_pcm_poll_descriptors_count");
+  const fds = new Uint8Array(Math.max(1, count) * POLLFD_BYTES);
+  const got = alsaCheck(alsa().snd_pcm_poll_descriptors(pcm, fds, count), "snd_pcm_poll_descriptors");
+  return { fds, count: got };
+}
+
+/** snd_pcm_poll_descriptors_revents over pollfds whose revents the caller filled in. */
+export function pollRevents(pcm: PcmHandle, fds: Uint8Array, count: number): number {
+  const rev = new Uint16Array(1);
+  alsaCheck(alsa().snd_pcm_poll_descriptors_revents(pcm, fds, count, rev), "snd_pcm_poll_descriptors_revents");
+  return rev[0]!;
+}

@@ -1,0 +1,216 @@
+// /dev/net/tun and the SIOC* interface ioctls: what a virtio-net backend needs to attach to a tap
+// (TUNSETIFF, offloads, vnet header size) and what crosvm's `--device` form needs to create and
+// configure one (address, netmask, MAC, MTU, up). Each wrapper is one ioctl; struct ifreq is 40
+// bytes on x86_64 (name[16] + a 24-byte union). Failures throw SysError naming the ioctl.
+import { libc, check, checkAllow, close, EINVAL, ENODEV } from "./libc.ts";
+import { open, O_RDWR, O_NONBLOCK } from "./io.ts";
+
+// struct ifreq ifr_flags (linux/if_tun.h)
+export const IFF_TUN = 0x0001;
+export const IFF_TAP = 0x0002;
+export const IFF_MULTI_QUEUE = 0x0100;
+export const IFF_PERSIST = 0x0800;
+export const IFF_NO_PI = 0x1000;
+export const IFF_VNET_HDR = 0x4000;
+
+// TUNSETOFFLOAD flags: what the kernel may hand us on read (partial checksums, GSO frames).
+export const TUN_F_CSUM = 0x01;
+export const TUN_F_TSO4 = 0x02;
+export const TUN_F_TSO6 = 0x04;
+export const TUN_F_TSO_ECN = 0x08;
+export const TUN_F_UFO = 0x10;
+export const TUN_F_USO4 = 0x20;
+export const TUN_F_USO6 = 0x40;
+
+// _IOW('T', n, int) = 0x40045400 | n, _IOR = 0x80045400 | n
+const TUNSETIFF = 0x400454ca;
+const TUNSETPERSIST = 0x400454cb;
+const TUNGETFEATURES = 0x800454cf;
+const TUNSETOFFLOAD = 0x400454d0;
+const TUNGETIFF = 0x800454d2;
+const TUNGETVNETHDRSZ = 0x800454d7;
+const TUNSETVNETHDRSZ = 0x400454d8;
+const TUNSETVNETLE = 0x400454dc;
+
+const SIOCGIFFLAGS = 0x8913;
+const SIOCSIFFLAGS = 0x8914;
+const SIOCSIFADDR = 0x8916;
+const SIOCSIFNETMASK = 0x891c;
+const SIOCGIFMTU = 0x8921;
+const SIOCSIFMTU = 0x8922;
+const SIOCSIFHWADDR = 0x8924;
+const SIOCGIFHWADDR = 0x8927;
+const SIOCGIFINDEX = 0x8933;
+
+/** Interface flags (SIOCGIFFLAGS) */
+export const IFF_UP = 0x1;
+export const IFF_RUNNING = 0x40;
+
+export const IFNAMSIZ = 16;
+const IFREQ_SIZE = 40;
+const AF_INET = 2;
+const SOCK_DGRAM = 2;
+const SOCK_CLOEXEC = 0o2000000;
+const ARPHRD_ETHER = 1;
+
+export const TUN_DEVICE = "/dev/net/tun";
+
+/** A zeroed struct ifreq carrying `name` (at most IFNAMSIZ-1 bytes; "tap%d" lets the kernel pick). */
+function ifreq(name: string): { buf: Uint8Array; view: DataView } {
+  const bytes = Buffer.from(name);
+  if (bytes.length >= IFNAMSIZ) throw new Error(`interface name '${name}' is longer than ${IFNAMSIZ - 1} bytes`);
+  const buf = new Uint8Array(IFREQ_SIZE);
+  buf.set(bytes, 0);
+  return { buf, view: new DataView(buf.buffer) };
+}
+
+function ifreqName(buf: Uint8Array): string {
+  const end = buf.indexOf(0);
+  return Buffer.from(buf.subarray(0, end < 0 || end > IFNAMSIZ ? IFNAMSIZ : end)).toString();
+}
+
+function ioctl(fd: number, request: number, arg: Uint8Array | number, what: string): number {
+  return check(libc.ioctl(fd, request, arg as never), what);
+}
+
+/** A new, unattached /dev/net/tun fd (non-blocking unless told otherwise, close-on-exec). */
+export function openTunDevice(nonBlocking = true): number {
+  return open(TUN_DEVICE, O_RDWR | (nonBlocking ? O_NONBLOCK : 0));
+}
+
+/** TUNSETIFF: attaches `fd` to the tap `name` (created if missing, which needs CAP_NET_ADMIN); returns the name the kernel used. */
+export function tunSetIff(fd: number, name: string, flags: number): string {
+  const r = ifreq(name);
+  r.view.setUint16(IFNAMSIZ, flags, true);
+  ioctl(fd, TUNSETIFF, r.buf, `ioctl(TUNSETIFF ${name})`);
+  return ifreqName(r.buf);
+}
+
+/** TUNGETIFF: the attached interface's name and IFF_* flags (EBADFD if `fd` is not attached). */
+export function tunGetIff(fd: number): { name: string; flags: number } {
+  const r = ifreq("");
+  ioctl(fd, TUNGETIFF, r.buf, "ioctl(TUNGETIFF)");
+  return { name: ifreqName(r.buf), flags: r.view.getUint16(IFNAMSIZ, true) };
+}
+
+/** TUNGETFEATURES: the IFF_* flags this kernel's tun driver supports. */
+export function tunGetFeatures(fd: number): number {
+  const v = new Uint32Array(1);
+  ioctl(fd, TUNGETFEATURES, new Uint8Array(v.buffer), "ioctl(TUNGETFEATURES)");
+  return v[0]!;
+}
+
+/** TUNSETOFFLOAD (the flags travel by value, not by pointer). */
+export function tunSetOffload(fd: number, tunFlags: number): void {
+  ioctl(fd, TUNSETOFFLOAD, tunFlags, `ioctl(TUNSETOFFLOAD 0x${tunFlags.toString(16)})`);
+}
+
+/** TUNSETOFFLOAD as a probe: false when the kernel refuses the combination (EINVAL). */
+export function tunTrySetOffload(fd: number, tunFlags: number): boolean {
+  return checkAllow(libc.ioctl(fd, TUNSETOFFLOAD, tunFlags as never), `ioctl(TUNSETOFFLOAD 0x${tunFlags.toString(16)})`, EINVAL) >= 0;
+}
+
+export function tunSetVnetHdrSize(fd: number, size: number): void {
+  ioctl(fd, TUNSETVNETHDRSZ, new Uint8Array(new Int32Array([size]).buffer), `ioctl(TUNSETVNETHDRSZ ${size})`);
+}
+
+export function tunGetVnetHdrSize(fd: number): number {
+  const v = new Int32Array(1);
+  ioctl(fd, TUNGETVNETHDRSZ, new Uint8Array(v.buffer), "ioctl(TUNGETVNETHDRSZ)");
+  return v[0]!;
+}
+
+/** TUNSETVNETLE: little-endian vnet headers; only a big-endian host needs it (virtio 1.x is LE). */
+export function tunSetVnetLe(fd: number, on: boolean): void {
+  ioctl(fd, TUNSETVNETLE, new Uint8Array(new Int32Array([on ? 1 : 0]).buffer), "ioctl(TUNSETVNETLE)");
+}
+
+/** TUNSETPERSIST: whether the tap outlives its last fd. */
+export function tunSetPersist(fd: number, on: boolean): void {
+  ioctl(fd, TUNSETPERSIST, on ? 1 : 0, "ioctl(TUNSETPERSIST)");
+}
+
+// ---- interface configuration (on any AF_INET socket of the interface's network namespace) ----
+
+/** The AF_INET datagram socket the SIOC* ioctls go through; it belongs to the calling thread's network namespace. */
+export function inetControlSocket(): number {
+  return check(libc.socket(AF_INET, SOCK_DGRAM | SOCK_CLOEXEC, 0), "socket(AF_INET)");
+}
+
+/** With a throwaway control socket: runs `fn(sock)`, then closes it. */
+export function withControlSocket<T>(fn: (sock: number) => T): T {
+  const sock = inetControlSocket();
+  try {
+    return fn(sock);
+  } finally {
+    close(sock);
+  }
+}
+
+/** SIOCGIFINDEX; -1 when no interface has that name (ENODEV). */
+export function ifIndex(sock: number, name: string): number {
+  const r = ifreq(name);
+  const ret = checkAllow(libc.ioctl(sock, SIOCGIFINDEX, r.buf as never), `ioctl(SIOCGIFINDEX ${name})`, ENODEV);
+  return ret < 0 ? -1 : r.view.getInt32(IFNAMSIZ, true);
+}
+
+function sockaddrIn(r: { buf: Uint8Array; view: DataView }, ip: Uint8Array): void {
+  if (ip.length !== 4) throw new Error("an IPv4 address has 4 bytes");
+  r.view.setUint16(IFNAMSIZ, AF_INET, true);
+  r.buf.set(ip, IFNAMSIZ + 4);
+}
+
+export function setIfAddr(sock: number, name: string, ip: Uint8Array): void {
+  const r = ifreq(name);
+  sockaddrIn(r, ip);
+  ioctl(sock, SIOCSIFADDR, r.buf, `ioctl(SIOCSIFADDR ${name})`);
+}
+
+export function setIfNetmask(sock: number, name: string, mask: Uint8Array): void {
+  const r = ifreq(name);
+  sockaddrIn(r, mask);
+  ioctl(sock, SIOCSIFNETMASK, r.buf, `ioctl(SIOCSIFNETMASK ${name})`);
+}
+
+export function setIfHwAddr(sock: number, name: string, mac: Uint8Array): void {
+  if (mac.length !== 6) throw new Error("a MAC address has 6 bytes");
+  const r = ifreq(name);
+  r.view.setUint16(IFNAMSIZ, ARPHRD_ETHER, true);
+  r.buf.set(mac, IFNAMSIZ + 2);
+  ioctl(sock, SIOCSIFHWADDR, r.buf, `ioctl(SIOCSIFHWADDR ${name})`);
+}
+
+export function getIfHwAddr(sock: number, name: string): Uint8Array {
+  const r = ifreq(name);
+  ioctl(sock, SIOCGIFHWADDR, r.buf, `ioctl(SIOCGIFHWADDR ${name})`);
+  return r.buf.slice(IFNAMSIZ + 2, IFNAMSIZ + 8);
+}
+
+export function getIfFlags(sock: number, name: string): number {
+  const r = ifreq(name);
+  ioctl(sock, SIOCGIFFLAGS, r.buf, `ioctl(SIOCGIFFLAGS ${name})`);
+  return r.view.getUint16(IFNAMSIZ, true);
+}
+
+export function setIfFlags(sock: number, name: string, flags: number): void {
+  const r = ifreq(name);
+  r.view.setUint16(IFNAMSIZ, flags, true);
+  ioctl(sock, SIOCSIFFLAGS, r.buf, `ioctl(SIOCSIFFLAGS ${name})`);
+}
+
+/** Brings the interface up (read-modify-write of its flags). */
+export function setIfUp(sock: number, name: string): void {
+  setIfFlags(sock, name, getIfFlags(sock, name) | IFF_UP);
+}
+
+export function getIfMtu(sock: number, name: string): number {
+  const r = ifreq(name);
+  ioctl(sock, SIOCGIFMTU, r.buf, `ioctl(SIOCGIFMTU ${name})`);
+  return r.view.getInt32(IFNAMSIZ, true);
+}
+
+export function setIfMtu(sock: number, name: string, mtu: number): void {
+  const r = ifreq(name);
+  r.view.setInt32(IFNAMSIZ, mtu, true);
+  ioctl(sock, SIOCSIFMTU, r.buf, `ioctl(SIOCSIFMTU ${name} ${mtu})`);
+}
