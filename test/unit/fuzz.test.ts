@@ -2,10 +2,11 @@
 // answer or drop the connection, never crash or hang, and keep serving afterwards.
 import { describe, test, expect, afterEach } from "bun:test";
 import { BackendUnderTest, GuestRam, Vmm, DriverQueue, FrontendConnection, Req } from "../support/frontend.ts";
-import { eventfd, signal } from "../../ffi/eventfd.ts";
+import { eventfd, signal, drain } from "../../ffi/eventfd.ts";
+import { SpawnedBackend, GuestMemfd, GuestSpace, Ring, Bump, HostileFront, blkRequest, blkGetId, eventually } from "../support/hostile.ts";
 import { close } from "../../ffi/libc.ts";
 import { HEADER_SIZE } from "../../src/protocol/constants.ts";
-import { mkdtempSync, rmSync, writeFileSync } from "node:fs";
+import { mkdtempSync, rmSync, writeFileSync, readFileSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 
@@ -133,4 +134,108 @@ describe("fuzz", () => {
     else expect(ram.bytes(dst, 32)[20]).toBe(0); // VIRTIO_BLK_S_OK after the 20-byte id
     expect(vmm.conn.requestU64(Req.GET_QUEUE_NUM)).toBe(2n);
   }, 60_000);
+});
+
+// ---- hostile ring positions (audit findings 1 and 2's error fd): seeded, against a subprocess ----
+// The backend runs in a subprocess (test/support/hostile.ts), so a hang is a reply timeout and a
+// spinning thread is killed with it. Each round is a well-behaved request or one hostile event: the
+// available index jumped more than a ring's worth in one store, a SET_VRING_BASE that disagrees with
+// the guest's index, or (block) a read whose buffer is the available ring itself, with an index from
+// the image. After each event the session must still answer, GET_VRING_BASE must stop the ring, and
+// the restarted ring must serve requests again.
+
+describe("fuzz: hostile ring positions", () => {
+  const kinds: [string, "console" | "block", string[]][] = [
+    ["console", "console", []],
+    ["block --threads 0", "block", ["--threads", "0"]],
+    ["block --threads 1", "block", ["--threads", "1"]],
+  ];
+  test.each(kinds)("seed 4242 on %s: avail-index jumps, bad SET_VRING_BASE, reads over the ring; the session goes on", async (_label, device, extra) => {
+    const SIZE = 64;
+    const r = rng(4242);
+    const dir = mkdtempSync(join(tmpdir(), "vhu-fuzz-hostile-"));
+    cleanup.push(() => rmSync(dir, { recursive: true, force: true }));
+    // Block: sectors 0..15 each hold a random avail->idx at bytes 2..3 (read over the ring).
+    const image = join(dir, "disk.img");
+    const img = new Uint8Array(8 << 20);
+    for (let s = 0; s < 16; s++) new DataView(img.buffer).setUint16(s * 512 + 2, r(0x10000), true);
+    writeFileSync(image, img);
+    const out = join(dir, "out");
+    const args = device === "console" ? ["--output-file", out] : ["--file", image, "--num-queues", "1", "--queue-size", String(SIZE), ...extra];
+    const backend = await SpawnedBackend.start(device, args);
+    cleanup.push(() => backend.kill());
+    const mem = new GuestMemfd(16 << 20);
+    cleanup.push(() => mem.dispose());
+    const space = GuestSpace.of({ mem, gpa: 0 });
+    const f = new HostileFront(backend.socketPath, 2000);
+    cleanup.push(() => f.close());
+    f.handshake();
+    expect(f.setMemTable(space)).toBe(0n);
+    const rings = Array.from({ length: device === "console" ? 2 : 1 }, (_, i) => Ring.at(space, i, SIZE, 0x10000 + i * 0x10000));
+    for (const q of rings) cleanup.push(() => q.dispose());
+    const q = rings[device === "console" ? 1 : 0]!;
+    for (const ring of rings) f.startRing(ring);
+    let bump = new Bump(1 << 20, 16 << 20);
+    let serial = 0;
+
+    const goodRequest = async (what: string) => {
+      if (device === "block") {
+        expect(`${what}: GET_ID status ${await blkGetId(space, q, bump, 3000).catch((e) => (e as Error).message)}`).toBe(`${what}: GET_ID status 0`);
+        return;
+      }
+      const text = Buffer.from(`fuzz-${++serial};`);
+      const gpa = bump.alloc(text.length);
+      space.bytes(gpa, text.length).set(text);
+      q.add([{ gpa, len: text.length }]);
+      expect(`${what}: ${await q.waitUsed(1, 3000).then(() => "done", (e) => (e as Error).message)}`).toBe(`${what}: done`);
+      expect(await eventually(() => readFileSync(out, "latin1").includes(text.toString()), 3000)).toBe(true);
+    };
+    const answers = (what: string, fn: () => unknown) => {
+      let result = "ok";
+      try {
+        fn();
+      } catch (e) {
+        result = (e as Error).message;
+      }
+      expect(`${what}: ${result}`).toBe(`${what}: ok`);
+    };
+
+    await goodRequest("before any hostile event");
+    for (let round = 0; round < 16; round++) {
+      const ev = r(device === "block" ? 4 : 3);
+      const what = `round ${round} event ${ev}`;
+      if (ev === 0) {
+        await goodRequest(what);
+        continue;
+      }
+      let breaks = true;
+      if (ev === 1) {
+        // One store moving the index (SIZE, 0xffff] entries past the backend's position.
+        q.storeAvailIdx(q.availIdx + SIZE + 1 + r(0x10000 - SIZE - 1));
+        signal(q.kick);
+      } else if (ev === 2) {
+        // The front-end restarts the ring with a base that disagrees with the guest's index.
+        answers(`${what}: GET_VRING_BASE before the restart`, () => f.getVringBase(q.index));
+        q.reset();
+        q.availIdx = r(0x10000);
+        q.storeAvailIdx(q.availIdx);
+        const base = (q.availIdx - SIZE - 1 - r(0x10000 - SIZE - 1)) & 0xffff;
+        answers(`${what}: restart at base ${base} with avail idx ${q.availIdx}`, () => f.startRing(q, { base }));
+      } else {
+        // A read of a poisoned sector into the available ring (the index it stores is random).
+        breaks = false;
+        blkRequest(space, q, bump, 0 /* IN */, r(16), q.avail, 512);
+      }
+      await Bun.sleep(20);
+      answers(`${what}: GET_FEATURES`, () => f.featuresLatency(2000));
+      expect(backend.status()).toBe("running");
+      if (breaks) expect(await eventually(() => drain(q.err) > 0, 1000)).toBe(true);
+      answers(`${what}: GET_VRING_BASE`, () => f.getVringBase(q.index));
+      q.reset();
+      answers(`${what}: clean restart`, () => f.startRing(q));
+      await goodRequest(`${what}: after the restart`);
+      bump = new Bump(1 << 20, 16 << 20);
+    }
+    expect(backend.status()).toBe("running");
+  }, 30_000);
 });
