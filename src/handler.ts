@@ -4,7 +4,7 @@
 import { close } from "../ffi/libc.ts";
 import { setNonBlocking } from "../ffi/io.ts";
 import {
-  Req, reqName, pf, ProtocolFeature, HANDLER_PROTOCOL_FEATURES, F_PROTOCOL_FEATURES, MAX_MEM_SLOTS,
+  Req, reqName, pf, ProtocolFeature, HANDLER_PROTOCOL_FEATURES, F_PROTOCOL_FEATURES, F_LOG_ALL, VHOST_VRING_F_LOG, MAX_MEM_SLOTS,
   TRANSFER_SAVE, TRANSFER_LOAD, PHASE_STOPPED, DEVICE_STATE_NO_FD,
 } from "./protocol/constants.ts";
 import { type Message, type MemoryRegionDesc, u64Bytes, vringStateBytes, configBytes } from "./protocol/codec.ts";
@@ -14,6 +14,10 @@ import { VIRTIO_F_EVENT_IDX, VIRTIO_F_INDIRECT_DESC, type VhostUserDevice } from
 import type { EventLoop } from "./event_loop.ts";
 import { encodeEnvelope, decodeEnvelope, StateTransfer, SNAPSHOT_FORMAT_VERSION } from "./snapshot.ts";
 import { BackendChannel } from "./backend_channel.ts";
+import { DirtyLog } from "./dirty_log.ts";
+
+/** Feature bits that belong to vhost-user itself, not to the virtio device. */
+const VHOST_FEATURES = F_PROTOCOL_FEATURES | F_LOG_ALL;
 import { log } from "./log.ts";
 
 /** A request the handler refuses; the session replies with an error and goes on. */
@@ -50,6 +54,8 @@ export function errorReply(code: number, msg?: Message): Uint8Array {
 interface Vring {
   num: number;
   addr: { desc: number; used: number; avail: number } | null;
+  /** SET_VRING_ADDR's VHOST_VRING_F_LOG and log address: where used-ring writes are logged. */
+  logUsed: number | null;
   base: number;
   kickFd: number;
   callFd: number;
@@ -63,7 +69,7 @@ interface Vring {
 }
 
 function newVring(): Vring {
-  return { num: 0, addr: null, base: 0, kickFd: -1, callFd: -1, errFd: -1, enabled: false, started: false, running: false, nextUsed: undefined };
+  return { num: 0, addr: null, logUsed: null, base: 0, kickFd: -1, callFd: -1, errFd: -1, enabled: false, started: false, running: false, nextUsed: undefined };
 }
 
 export class VhostUserHandler {
@@ -76,6 +82,9 @@ export class VhostUserHandler {
   private backend: BackendChannel | null = null;
   private readonly transfer: StateTransfer;
   private suspended = false;
+  /** The dirty log (SET_LOG_BASE) and its notification fd (SET_LOG_FD). */
+  private log: DirtyLog | null = null;
+  private logFd = -1;
 
   constructor(private readonly device: VhostUserDevice, private readonly loop: EventLoop) {
     this.vrings = Array.from({ length: device.maxQueues() }, newVring);
@@ -83,7 +92,7 @@ export class VhostUserHandler {
   }
 
   offeredFeatures(): bigint {
-    return this.device.features() | F_PROTOCOL_FEATURES;
+    return this.device.features() | VHOST_FEATURES;
   }
 
   offeredProtocolFeatures(): bigint {
@@ -141,7 +150,7 @@ export class VhostUserHandler {
         if (b.kind === "vringState") this.setVringNum(b.index, b.num);
         return null;
       case Req.SET_VRING_ADDR:
-        if (b.kind === "vringAddr") this.setVringAddr(b.index, b.flags, b.desc, b.used, b.avail);
+        if (b.kind === "vringAddr") this.setVringAddr(b.index, b.flags, b.desc, b.used, b.avail, b.log);
         return null;
       case Req.SET_VRING_BASE:
         if (b.kind === "vringState") this.setVringBase(b.index, b.num);
@@ -191,6 +200,13 @@ export class VhostUserHandler {
         return u64Bytes(this.setDeviceStateFd(b.direction, b.phase, msg.fds[0]!));
       case Req.CHECK_DEVICE_STATE:
         return u64Bytes(this.checkDeviceState());
+      case Req.SET_LOG_BASE:
+        if (b.kind !== "logBase") return null;
+        this.setLogBase(b.size, b.offset, msg.fds[0]!);
+        return u64Bytes(0);
+      case Req.SET_LOG_FD:
+        this.setLogFd(msg.fds[0]!);
+        return null;
       case Req.SEND_RARP: {
         if (!this.hasProtocol(ProtocolFeature.RARP) || this.device.sendRarp === undefined) throw new RequestError("SEND_RARP: RARP was not negotiated");
         // The MAC is the first 6 bytes of the u64 payload.
@@ -231,10 +247,17 @@ export class VhostUserHandler {
     const unknown = features & ~this.offeredFeatures();
     if (unknown) throw new RequestError(`SET_FEATURES: bits 0x${unknown.toString(16)} were not offered`);
     if (this.vrings.some((v) => v.running) && features !== this.ackedFeatures) {
-      throw new RequestError("SET_FEATURES: cannot change features while rings are running");
+      // Only logging may be switched on a live device (migration start and end); the rings are
+      // handed over again so every thread serving them logs, or stops logging, from now on.
+      if ((features ^ this.ackedFeatures) !== F_LOG_ALL) throw new RequestError("SET_FEATURES: cannot change features while rings are running");
+      this.withRingsPaused(() => {
+        this.ackedFeatures = features;
+      });
+      log.info(`dirty logging ${(features & F_LOG_ALL) !== 0n ? "on" : "off"}`);
+      return;
     }
     this.ackedFeatures = features;
-    this.device.ackFeatures(features & ~F_PROTOCOL_FEATURES);
+    this.device.ackFeatures(features & ~VHOST_FEATURES);
     // Without VHOST_USER_F_PROTOCOL_FEATURES rings are born enabled; with it they wait for
     // SET_VRING_ENABLE (crosvm gets this backwards).
     if ((features & F_PROTOCOL_FEATURES) === 0n) {
@@ -338,11 +361,25 @@ export class VhostUserHandler {
     v.num = num;
   }
 
-  private setVringAddr(index: number, flags: number, desc: number, used: number, avail: number): void {
+  /**
+   * A running ring may be given its addresses again with only the logging flag changed: that is
+   * how a front-end turns used-ring logging on and off around a migration (QEMU's vhost_dev_set_log).
+   */
+  private setVringAddr(index: number, flags: number, desc: number, used: number, avail: number, log: number): void {
     const v = this.vring(index, "SET_VRING_ADDR");
-    this.requireStopped(v, index, "SET_VRING_ADDR");
-    if (flags & ~1) throw new RequestError(`SET_VRING_ADDR: unknown flags 0x${flags.toString(16)}`);
+    if (flags & ~VHOST_VRING_F_LOG) throw new RequestError(`SET_VRING_ADDR: unknown flags 0x${flags.toString(16)}`);
+    const logUsed = flags & VHOST_VRING_F_LOG ? log : null;
+    if (v.running) {
+      const a = v.addr!;
+      if (a.desc !== desc || a.used !== used || a.avail !== avail) throw new RequestError(`SET_VRING_ADDR: queue ${index} is running`);
+      if (v.logUsed === logUsed) return;
+      this.deactivate(index);
+      v.logUsed = logUsed;
+      this.activate(index);
+      return;
+    }
     v.addr = { desc, used, avail };
+    v.logUsed = logUsed;
     this.activate(index);
   }
 
@@ -435,6 +472,11 @@ export class VhostUserHandler {
       indirect: (this.ackedFeatures & VIRTIO_F_INDIRECT_DESC) !== 0n,
       nextAvail: v.base, nextUsed: v.nextUsed, kickFd: v.kickFd, callFd: v.callFd, errFd: v.errFd,
     };
+    if (this.logging()) {
+      ring.log = this.log!.share();
+      if (v.logUsed !== null) ring.usedLogGpa = v.logUsed;
+      if (this.logFd >= 0) ring.logFd = this.logFd;
+    }
     try {
       checkRing(this.mem, ring);
     } catch (e) {
@@ -444,7 +486,7 @@ export class VhostUserHandler {
     log.debug(`queue ${index}: started (size ${v.num}, base ${v.base})`);
     v.running = true;
     try {
-      this.device.startQueue(ring, this.mem, this.ackedFeatures & ~F_PROTOCOL_FEATURES);
+      this.device.startQueue(ring, this.mem, this.ackedFeatures & ~VHOST_FEATURES);
     } catch (e) {
       // A fd the front-end gave that epoll refuses (a regular file as kick fd...), a thread that
       // could not take the ring: the ring stays stopped, the session goes on.
@@ -469,6 +511,47 @@ export class VhostUserHandler {
       v.nextUsed = pos.nextUsed;
     }
     log.debug(`queue ${index}: stopped at ${v.base}`);
+  }
+
+  // ---- dirty logging (live migration) ----
+
+  /** SET_LOG_BASE: maps the new log and hands running rings over to it; the old one is unmapped after. */
+  private setLogBase(size: number, offset: number, fd: number): void {
+    if (!this.hasProtocol(ProtocolFeature.LOG_SHMFD)) {
+      close(fd);
+      throw new RequestError("SET_LOG_BASE: LOG_SHMFD was not negotiated");
+    }
+    let fresh: DirtyLog;
+    try {
+      fresh = DirtyLog.map(fd, size, offset);
+    } catch (e) {
+      throw new RequestError(`SET_LOG_BASE: ${(e as Error).message}`);
+    }
+    const old = this.log;
+    this.withRingsPaused(() => {
+      this.log = fresh;
+    });
+    old?.unmap();
+    log.debug(`dirty log of ${size} bytes mapped`);
+  }
+
+  private setLogFd(fd: number): void {
+    try {
+      setNonBlocking(fd);
+    } catch (e) {
+      close(fd);
+      throw new RequestError(`SET_LOG_FD: ${(e as Error).message}`);
+    }
+    // Rings pick up the new fd with the rest of their description.
+    this.withRingsPaused(() => {
+      if (this.logFd >= 0) close(this.logFd);
+      this.logFd = fd;
+    });
+  }
+
+  /** Rings log while the driver acked LOG_ALL and a log is mapped. */
+  private logging(): boolean {
+    return (this.ackedFeatures & F_LOG_ALL) !== 0n && this.log !== null;
   }
 
   // ---- backend channel ----
@@ -536,7 +619,7 @@ export class VhostUserHandler {
       this.device.restore(env.state); // validates fully before changing anything
       this.ackedFeatures = features;
       this.ackedProtocol = protocol;
-      this.device.ackFeatures(features & ~F_PROTOCOL_FEATURES);
+      this.device.ackFeatures(features & ~VHOST_FEATURES);
     } catch (e) {
       throw new RequestError(`CHECK_DEVICE_STATE: restore refused: ${(e as Error).message}`);
     }
@@ -563,5 +646,9 @@ export class VhostUserHandler {
     this.backend?.close();
     this.backend = null;
     this.mem.clear();
+    this.log?.unmap();
+    this.log = null;
+    if (this.logFd >= 0) close(this.logFd);
+    this.logFd = -1;
   }
 }

@@ -3,6 +3,7 @@
 // chains are bounded (so loops end), and index publication uses Atomics for the memory barriers.
 import type { GuestMemory, Window } from "./memory.ts";
 import { DescriptorChain, type Segment } from "./chain.ts";
+import { DirtyLog, type DirtyLogShare } from "./dirty_log.ts";
 import { signal } from "../ffi/eventfd.ts";
 import { GuestErrorLog } from "./guest_errors.ts";
 
@@ -44,6 +45,12 @@ export interface VirtqueueConfig {
   kickFd: number;
   callFd: number;
   errFd: number;
+  /** The dirty log while the driver acked VHOST_F_LOG_ALL (live migration), else absent. */
+  log?: DirtyLogShare | null;
+  /** Guest-physical address to log used-ring writes at (SET_VRING_ADDR's log address); default usedGpa. */
+  usedLogGpa?: number;
+  /** SET_LOG_FD's eventfd, signalled after each logged publication (libvhost-user's log kick). */
+  logFd?: number;
 }
 
 /** Where a ring stopped: GET_VRING_BASE's answer (nextAvail), and where a restart continues. */
@@ -124,6 +131,10 @@ export class Virtqueue {
   private readonly usedIdx: number;
   private readonly usedRing: number;
   private readonly availEvent: number;
+  /** Dirty logging (see src/dirty_log.ts): the log, where the used ring is, and the chains in flight. */
+  private readonly log: DirtyLog | null;
+  private readonly usedLogGpa: number;
+  private readonly logChains: (DescriptorChain | undefined)[];
 
   /** The ring position now: where a stop leaves it. */
   position(): RingPosition {
@@ -157,6 +168,9 @@ export class Virtqueue {
     this.availEvent = (used.off + 4 + 8 * c.size) / 2;
     // The used index in guest memory is where the previous owner of the ring stopped.
     this.nextUsed = c.nextUsed ?? Atomics.load(this.usedU16, this.usedIdx);
+    this.log = c.log ? DirtyLog.borrow(c.log) : null;
+    this.usedLogGpa = c.usedLogGpa ?? c.usedGpa;
+    this.logChains = this.log !== null ? new Array(c.size) : [];
     this.inFlightHead = new Uint8Array(c.size);
     this.poppedHead = new Uint16Array(c.size);
     this.slotPass = new Int32Array(c.size);
@@ -225,6 +239,7 @@ export class Virtqueue {
       try {
         const chain = this.walk(head);
         this.slotKind[slot] = SLOT_CHAIN;
+        if (this.log !== null) this.logChains[head] = chain;
         return chain;
       } catch (e) {
         if (!(e instanceof ChainError)) throw e;
@@ -332,8 +347,26 @@ export class Virtqueue {
     const o = this.usedRing + (this.nextUsed & (this.size - 1)) * 8;
     this.usedDv.setUint32(o, head, true);
     this.usedDv.setUint32(o + 4, len, true);
+    if (this.log !== null) this.logCompletion(head, len); // after the writes it marks
     this.nextUsed = (this.nextUsed + 1) & 0xffff;
     this.unpublished = true;
+  }
+
+  /** Marks what completing `head` wrote: its writable bytes up to `len`, and the used element. */
+  private logCompletion(head: number, len: number): void {
+    const log = this.log!;
+    const chain = this.logChains[head];
+    this.logChains[head] = undefined;
+    if (chain !== undefined) {
+      let left = len;
+      for (const seg of chain.writable) {
+        if (left <= 0) break;
+        const n = Math.min(seg.len, left);
+        log.mark(seg.region.gpa + seg.offset, n);
+        left -= n;
+      }
+    }
+    log.mark(this.usedLogGpa + 4 + (this.nextUsed & (this.size - 1)) * 8, 8);
   }
 
   /**
@@ -344,6 +377,10 @@ export class Virtqueue {
     if (!this.unpublished) return;
     this.unpublished = false;
     Atomics.store(this.usedU16, this.usedIdx, this.nextUsed);
+    if (this.log !== null) {
+      this.log.mark(this.usedLogGpa + 2, 2);
+      if (this.config.logFd !== undefined) signal(this.config.logFd);
+    }
     if (this.notifyLater !== null) this.notifyLater();
     else if (this.needsNotification()) this.notify();
   }
@@ -383,7 +420,10 @@ export class Virtqueue {
 
   /** Asks the driver not to kick (used only without EVENT_IDX; with it, not re-arming is enough). */
   disableNotification(): void {
-    if (!this.eventIdx) Atomics.store(this.usedU16, this.usedFlags, VIRTQ_USED_F_NO_NOTIFY);
+    if (!this.eventIdx) {
+      Atomics.store(this.usedU16, this.usedFlags, VIRTQ_USED_F_NO_NOTIFY);
+      this.log?.mark(this.usedLogGpa, 2);
+    }
   }
 
   /**
@@ -392,8 +432,13 @@ export class Virtqueue {
    */
   enableNotification(): boolean {
     if (this.broken) return false;
-    if (this.eventIdx) Atomics.store(this.usedU16, this.availEvent, this.nextAvail);
-    else Atomics.store(this.usedU16, this.usedFlags, 0);
+    if (this.eventIdx) {
+      Atomics.store(this.usedU16, this.availEvent, this.nextAvail);
+      this.log?.mark(this.usedLogGpa + 4 + 8 * this.size, 2);
+    } else {
+      Atomics.store(this.usedU16, this.usedFlags, 0);
+      this.log?.mark(this.usedLogGpa, 2);
+    }
     return this.pending() !== 0;
   }
 }

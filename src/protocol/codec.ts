@@ -25,7 +25,8 @@ export type Body =
   | { kind: "memTable"; regions: MemoryRegionDesc[] }
   | { kind: "memRegion"; region: MemoryRegionDesc }
   | { kind: "config"; offset: number; size: number; flags: number; data: Uint8Array }
-  | { kind: "deviceStateFd"; direction: number; phase: number };
+  | { kind: "deviceStateFd"; direction: number; phase: number }
+  | { kind: "logBase"; size: number; offset: number };
 
 export interface Message {
   header: Header;
@@ -214,6 +215,8 @@ function decodeBody(code: number, r: Reader, what: string): Body {
     }
     case Req.SET_DEVICE_STATE_FD:
       return { kind: "deviceStateFd", direction: r.u32(0), phase: r.u32(4) };
+    case Req.SET_LOG_BASE:
+      return { kind: "logBase", size: r.num(0, "log size"), offset: r.num(8, "log offset") };
     default:
       return { kind: "none" };
   }

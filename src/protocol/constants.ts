@@ -86,6 +86,8 @@ export const VRING_NOFD_MASK = 0x100;
 /** Virtio feature bits the protocol itself uses. */
 export const F_PROTOCOL_FEATURES = 1n << 30n;
 export const F_LOG_ALL = 1n << 26n;
+/** SET_VRING_ADDR flag: log used-ring writes at the given log address. */
+export const VHOST_VRING_F_LOG = 1;
 
 export const ProtocolFeature = {
   MQ: 0,
@@ -115,6 +117,7 @@ export const pf = (bit: number) => 1n << BigInt(bit);
 /** What the common handler always offers, whatever the device. */
 export const HANDLER_PROTOCOL_FEATURES =
   pf(ProtocolFeature.MQ) |
+  pf(ProtocolFeature.LOG_SHMFD) |
   pf(ProtocolFeature.REPLY_ACK) |
   pf(ProtocolFeature.BACKEND_REQ) |
   pf(ProtocolFeature.CONFIG) |

@@ -28,7 +28,7 @@ function image(name: string, mib: number): string {
 }
 
 /** Boots a guest with one of our block devices and runs `command`; asserts a clean backend exit. */
-async function withDisk(name: string, args: string[], command: string, qemuDeviceOpts = "", timeoutMs = 240_000) {
+async function withDisk(name: string, args: string[], command: string, qemuDeviceOpts = "", timeoutMs = 240_000, memoryMiB?: number) {
   const sock = join(dir, `${name}.sock`);
   const backend = await startBackend("block", sock, args);
   running.push(backend);
@@ -37,6 +37,7 @@ async function withDisk(name: string, args: string[], command: string, qemuDevic
     devices: ["-chardev", `socket,id=blk0,path=${sock}`, "-device", `vhost-user-blk-pci,chardev=blk0${qemuDeviceOpts}`],
     extraArgs: ["-smp", "2"],
     timeoutMs,
+    memoryMiB,
   });
   const stopped = await backend.stop();
   if (r.exitStatus !== 0) {
@@ -58,6 +59,20 @@ fio --name=mixed --filename=/dev/vda --rw=randrw --bsrange=512-64k --size=16M --
     --iodepth=8 --verify=crc32c --do_verify=1 --verify_fatal=1 --output-format=terse >>/tmp/fio.out
 echo fio-ok
 `);
+    expect(r.exitStatus).toBe(0);
+    expect(r.serial).toContain("fio-ok");
+  }, 300_000);
+
+  test("-m 6G (q35 puts a region of exactly 4 GiB at 4 GiB): fio verify through rings and buffers anywhere in it", async () => {
+    const img = image("fio6g.img", 128);
+    const r = await withDisk("fio6g", ["--file", img], `
+set -e
+fio --name=verify --filename=/dev/vda --rw=randwrite --bs=4k --size=32M --ioengine=libaio --direct=1 \\
+    --iodepth=16 --verify=crc32c --do_verify=1 --verify_fatal=1 --output-format=terse >/tmp/fio.out
+fio --name=big --filename=/dev/vda --rw=write --bs=1M --size=32M --offset=64M --ioengine=libaio --direct=1 \\
+    --iodepth=4 --verify=crc32c --do_verify=1 --verify_fatal=1 --output-format=terse >>/tmp/fio.out
+echo fio-ok
+`, "", 240_000, 6144);
     expect(r.exitStatus).toBe(0);
     expect(r.serial).toContain("fio-ok");
   }, 300_000);

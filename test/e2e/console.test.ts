@@ -86,6 +86,24 @@ md5sum /tmp/r
     expect(md5(file.subarray(text.length))).toBe(guestMd5(r.serial, "/tmp/r"));
   }, 240_000);
 
+  test("-m 6G (a region of exactly 4 GiB at 4 GiB, rings and buffers anywhere): guest output byte-exact", async () => {
+    const out = join(dir, "out-6g.bin");
+    const r = await withConsole("output-6g", ["--output-file", out], {
+      memoryMiB: 6144,
+      command: `
+set -e
+exec 3<>/dev/hvc0
+stty raw -echo <&3
+head -c 4194304 /dev/urandom >/tmp/r
+cat /tmp/r >&3
+md5sum /tmp/r
+`,
+    });
+    const file = readFileSync(out);
+    expect(file.length).toBe(4 << 20);
+    expect(md5(file)).toBe(guestMd5(r.serial, "/tmp/r"));
+  }, 240_000);
+
   test("host input on the backend's stdin reaches a guest reader byte-exact", async () => {
     const data = randomBytes(256 * 1024);
     let backend: RunningBackend | undefined;

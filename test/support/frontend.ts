@@ -319,7 +319,7 @@ export class FrontendConnection {
 export const u64 = u64Bytes;
 export const vringState = vringStateBytes;
 
-export function vringAddr(index: number, desc: number, used: number, avail: number, flags = 0): Uint8Array {
+export function vringAddr(index: number, desc: number, used: number, avail: number, flags = 0, log = 0): Uint8Array {
   const b = new Uint8Array(40);
   const v = new DataView(b.buffer);
   v.setUint32(0, index, true);
@@ -327,6 +327,7 @@ export function vringAddr(index: number, desc: number, used: number, avail: numb
   v.setBigUint64(8, BigInt(desc), true);
   v.setBigUint64(16, BigInt(used), true);
   v.setBigUint64(24, BigInt(avail), true);
+  v.setBigUint64(32, BigInt(log), true);
   return b;
 }
 

@@ -11,7 +11,7 @@ import { close, EAGAIN } from "../../ffi/libc.ts";
 import { socketPair, setTimeouts } from "../../ffi/socket.ts";
 import { bindUnixDatagram } from "../../ffi/socket.ts";
 import { COMMON_FEATURES } from "../../src/device.ts";
-import { F_PROTOCOL_FEATURES, HEADER_SIZE, BackendReq } from "../../src/protocol/constants.ts";
+import { F_PROTOCOL_FEATURES, F_LOG_ALL, HEADER_SIZE, BackendReq } from "../../src/protocol/constants.ts";
 import { VIRTIO_CONSOLE_F_SIZE, VIRTIO_CONSOLE_F_MULTIPORT, VIRTIO_CONSOLE_F_EMERG_WRITE } from "../../devices/console/config.ts";
 import {
   VIRTIO_CONSOLE_DEVICE_READY, VIRTIO_CONSOLE_PORT_ADD, VIRTIO_CONSOLE_PORT_READY, VIRTIO_CONSOLE_CONSOLE_PORT,
@@ -256,7 +256,7 @@ describe("options", () => {
 describe("single port", () => {
   test("offers ring features only by default (QEMU config_size=0), two queues", async () => {
     const { vmm } = await session({ "output-file": path("out"), "input-file": "/dev/null" });
-    expect(vmm.conn.requestU64(Req.GET_FEATURES)).toBe(COMMON_FEATURES | F_PROTOCOL_FEATURES);
+    expect(vmm.conn.requestU64(Req.GET_FEATURES)).toBe(COMMON_FEATURES | F_PROTOCOL_FEATURES | F_LOG_ALL);
     expect(vmm.conn.requestU64(Req.GET_QUEUE_NUM)).toBe(2n);
   });
 
@@ -446,7 +446,7 @@ describe("config space features", () => {
 
   test("without a terminal, --config-space offers EMERG_WRITE but not SIZE", async () => {
     const { vmm } = await session({ "output-file": path("out"), "input-file": "/dev/null", "config-space": true });
-    expect(vmm.conn.requestU64(Req.GET_FEATURES)).toBe(COMMON_FEATURES | F_PROTOCOL_FEATURES | VIRTIO_CONSOLE_F_EMERG_WRITE);
+    expect(vmm.conn.requestU64(Req.GET_FEATURES)).toBe(COMMON_FEATURES | F_PROTOCOL_FEATURES | F_LOG_ALL | VIRTIO_CONSOLE_F_EMERG_WRITE);
   });
 });
 

@@ -5,7 +5,7 @@ import { socketPair } from "../../ffi/socket.ts";
 import { BackendUnderTest, FrontendConnection, GuestRam, Vmm, DriverQueue, Req, u64, vringState, vringAddr, memTable, memRegion, configPayload, deviceStateFd, pipe } from "../support/frontend.ts";
 import { close } from "../../ffi/libc.ts";
 import { eventfd } from "../../ffi/eventfd.ts";
-import { HANDLER_PROTOCOL_FEATURES, F_PROTOCOL_FEATURES } from "../../src/protocol/constants.ts";
+import { HANDLER_PROTOCOL_FEATURES, F_PROTOCOL_FEATURES, F_LOG_ALL } from "../../src/protocol/constants.ts";
 import { COMMON_FEATURES } from "../../src/device.ts";
 
 const ECHO = new URL("../support/echo_device.ts", import.meta.url).href;
@@ -40,7 +40,7 @@ async function echo(q: DriverQueue, text: string, indirect = false): Promise<str
 
 describe("negotiation", () => {
   test("offers device features plus PROTOCOL_FEATURES, and the handler's protocol features", () => {
-    expect(vmm.conn.requestU64(Req.GET_FEATURES)).toBe(COMMON_FEATURES | F_PROTOCOL_FEATURES);
+    expect(vmm.conn.requestU64(Req.GET_FEATURES)).toBe(COMMON_FEATURES | F_PROTOCOL_FEATURES | F_LOG_ALL);
     expect(vmm.conn.requestU64(Req.GET_PROTOCOL_FEATURES)).toBe(HANDLER_PROTOCOL_FEATURES);
     expect(vmm.conn.requestU64(Req.GET_QUEUE_NUM)).toBe(2n);
     expect(vmm.conn.requestU64(Req.GET_MAX_MEM_SLOTS)).toBe(509n);
@@ -55,7 +55,7 @@ describe("negotiation", () => {
 
   test("refuses protocol features that were not offered", () => {
     vmm.conn.send(Req.SET_PROTOCOL_FEATURES, u64(HANDLER_PROTOCOL_FEATURES));
-    expect(vmm.conn.ack(Req.SET_PROTOCOL_FEATURES, u64(1n << 1n /* LOG_SHMFD */))).not.toBe(0n);
+    expect(vmm.conn.ack(Req.SET_PROTOCOL_FEATURES, u64(1n << 8n /* PAGEFAULT (postcopy) */))).not.toBe(0n);
   });
 
   test("refuses SET_FEATURES and memory before SET_OWNER, and a second SET_OWNER", () => {
@@ -265,7 +265,7 @@ describe("rejections", () => {
     vmm.handshake();
     expect(vmm.conn.ack(99, new Uint8Array(0))).not.toBe(0n);
     expect(vmm.conn.ack(Req.SEND_RARP, u64(0))).not.toBe(0n);
-    expect(vmm.conn.ack(Req.SET_LOG_FD, new Uint8Array(0), [eventfd()])).not.toBe(0n);
+    expect(vmm.conn.ack(Req.SET_VRING_ENDIAN, vringState(0, 1))).not.toBe(0n);
     expect(vmm.conn.requestU64(Req.GET_QUEUE_NUM)).toBe(2n);
   });
 
