@@ -7,7 +7,7 @@ import {
   Req, reqName, pf, ProtocolFeature, HANDLER_PROTOCOL_FEATURES, F_PROTOCOL_FEATURES, F_LOG_ALL, VHOST_VRING_F_LOG, MAX_MEM_SLOTS,
   TRANSFER_SAVE, TRANSFER_LOAD, PHASE_STOPPED, DEVICE_STATE_NO_FD,
 } from "./protocol/constants.ts";
-import { type Message, type MemoryRegionDesc, u64Bytes, vringStateBytes, configBytes } from "./protocol/codec.ts";
+import { type Message, type MemoryRegionDesc, u64Bytes, vringStateBytes, configBytes, inflightBytes } from "./protocol/codec.ts";
 import { GuestMemory, MemoryRegion } from "./memory.ts";
 import { checkRing, MAX_QUEUE_SIZE, type VirtqueueConfig } from "./virtqueue.ts";
 import { VIRTIO_F_EVENT_IDX, VIRTIO_F_INDIRECT_DESC, type VhostUserDevice } from "./device.ts";
@@ -15,6 +15,7 @@ import type { EventLoop } from "./event_loop.ts";
 import { encodeEnvelope, decodeEnvelope, StateTransfer, SNAPSHOT_FORMAT_VERSION } from "./snapshot.ts";
 import { BackendChannel } from "./backend_channel.ts";
 import { DirtyLog } from "./dirty_log.ts";
+import { InflightRegion } from "./inflight.ts";
 
 /** Feature bits that belong to vhost-user itself, not to the virtio device. */
 const VHOST_FEATURES = F_PROTOCOL_FEATURES | F_LOG_ALL;
@@ -26,7 +27,7 @@ export class RequestError extends Error {}
 /** Requests whose reply carries a value (sent whether or not NEED_REPLY is set). */
 export const VALUE_REPLIES: ReadonlySet<number> = new Set([
   Req.GET_FEATURES, Req.GET_PROTOCOL_FEATURES, Req.GET_VRING_BASE, Req.GET_QUEUE_NUM, Req.GET_CONFIG,
-  Req.GET_MAX_MEM_SLOTS, Req.GET_STATUS, Req.SET_DEVICE_STATE_FD, Req.CHECK_DEVICE_STATE,
+  Req.GET_MAX_MEM_SLOTS, Req.GET_STATUS, Req.SET_DEVICE_STATE_FD, Req.CHECK_DEVICE_STATE, Req.GET_INFLIGHT_FD,
   Req.SET_LOG_BASE, Req.IOTLB_MSG, Req.POSTCOPY_END,
 ]);
 
@@ -82,6 +83,10 @@ export class VhostUserHandler {
   private backend: BackendChannel | null = null;
   private readonly transfer: StateTransfer;
   private suspended = false;
+  /** The inflight region (GET_INFLIGHT_FD/SET_INFLIGHT_FD), shared with the front-end. */
+  private inflight: InflightRegion | null = null;
+  /** fds to send with the reply being built (GET_INFLIGHT_FD); the session sends, then closes them. */
+  private replyFds: number[] = [];
   /** The dirty log (SET_LOG_BASE) and its notification fd (SET_LOG_FD). */
   private log: DirtyLog | null = null;
   private logFd = -1;
@@ -200,6 +205,13 @@ export class VhostUserHandler {
         return u64Bytes(this.setDeviceStateFd(b.direction, b.phase, msg.fds[0]!));
       case Req.CHECK_DEVICE_STATE:
         return u64Bytes(this.checkDeviceState());
+      case Req.GET_INFLIGHT_FD:
+        if (b.kind !== "inflight") return null;
+        return this.getInflightFd(b.numQueues, b.queueSize);
+      case Req.SET_INFLIGHT_FD:
+        if (b.kind !== "inflight") return null;
+        this.setInflightFd(msg.fds[0]!, b.mmapSize, b.mmapOffset, b.numQueues, b.queueSize);
+        return null;
       case Req.SET_LOG_BASE:
         if (b.kind !== "logBase") return null;
         this.setLogBase(b.size, b.offset, msg.fds[0]!);
@@ -472,6 +484,8 @@ export class VhostUserHandler {
       indirect: (this.ackedFeatures & VIRTIO_F_INDIRECT_DESC) !== 0n,
       nextAvail: v.base, nextUsed: v.nextUsed, kickFd: v.kickFd, callFd: v.callFd, errFd: v.errFd,
     };
+    const inflight = this.inflight?.queue(index) ?? null;
+    if (inflight !== null && this.hasProtocol(ProtocolFeature.INFLIGHT_SHMFD) && v.num <= inflight.queueSize) ring.inflight = inflight;
     if (this.logging()) {
       ring.log = this.log!.share();
       if (v.logUsed !== null) ring.usedLogGpa = v.logUsed;
@@ -511,6 +525,53 @@ export class VhostUserHandler {
       v.nextUsed = pos.nextUsed;
     }
     log.debug(`queue ${index}: stopped at ${v.base}`);
+  }
+
+  /** fds the reply to the last request carries (the caller sends them, then closes its copies). */
+  takeReplyFds(): number[] {
+    const fds = this.replyFds;
+    this.replyFds = [];
+    return fds;
+  }
+
+  // ---- inflight tracking (crash-safe reconnect) ----
+
+  private getInflightFd(numQueues: number, queueSize: number): Uint8Array {
+    if (!this.hasProtocol(ProtocolFeature.INFLIGHT_SHMFD)) throw new RequestError("GET_INFLIGHT_FD: INFLIGHT_SHMFD was not negotiated");
+    if (numQueues > this.vrings.length) throw new RequestError(`GET_INFLIGHT_FD: ${numQueues} queues (the device has ${this.vrings.length})`);
+    let r: { region: InflightRegion; fd: number };
+    try {
+      r = InflightRegion.allocate(numQueues, queueSize);
+    } catch (e) {
+      throw new RequestError(`GET_INFLIGHT_FD: ${(e as Error).message}`);
+    }
+    this.adoptInflight(r.region);
+    this.replyFds.push(r.fd);
+    return inflightBytes(r.region.size, 0, numQueues, queueSize);
+  }
+
+  private setInflightFd(fd: number, size: number, offset: number, numQueues: number, queueSize: number): void {
+    if (!this.hasProtocol(ProtocolFeature.INFLIGHT_SHMFD)) {
+      close(fd);
+      throw new RequestError("SET_INFLIGHT_FD: INFLIGHT_SHMFD was not negotiated");
+    }
+    let region: InflightRegion;
+    try {
+      if (numQueues > this.vrings.length) throw new Error(`${numQueues} queues (the device has ${this.vrings.length})`);
+      region = InflightRegion.map(fd, size, offset, numQueues, queueSize);
+    } catch (e) {
+      throw new RequestError(`SET_INFLIGHT_FD: ${(e as Error).message}`);
+    }
+    this.adoptInflight(region);
+  }
+
+  /** Running rings are handed over again so they track in the new region. */
+  private adoptInflight(region: InflightRegion): void {
+    const old = this.inflight;
+    this.withRingsPaused(() => {
+      this.inflight = region;
+    });
+    old?.unmap();
   }
 
   // ---- dirty logging (live migration) ----
@@ -648,6 +709,8 @@ export class VhostUserHandler {
     this.mem.clear();
     this.log?.unmap();
     this.log = null;
+    this.inflight?.unmap();
+    this.inflight = null;
     if (this.logFd >= 0) close(this.logFd);
     this.logFd = -1;
   }

@@ -90,8 +90,13 @@ export class BackendServer {
       msg = decodeMessage(header, payload, fds);
       log.debug(`<- ${reqName(code)}`);
       const reply = handler.handle(msg);
-      if (reply !== null) conn.send(encodeReply(code, reply));
-      else if (msg.needReply && handler.hasProtocol(ProtocolFeature.REPLY_ACK)) conn.send(encodeReply(code, u64Bytes(0)));
+      const replyFds = handler.takeReplyFds();
+      try {
+        if (reply !== null) conn.send(encodeReply(code, reply), replyFds);
+        else if (msg.needReply && handler.hasProtocol(ProtocolFeature.REPLY_ACK)) conn.send(encodeReply(code, u64Bytes(0)));
+      } finally {
+        for (const fd of replyFds) close(fd); // the front-end has its own copy now
+      }
     } catch (e) {
       if (e instanceof FramingError) throw e;
       if (msg === null) for (const fd of fds) close(fd); // refused before the handler took the fds

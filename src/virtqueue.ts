@@ -4,6 +4,7 @@
 import type { GuestMemory, Window } from "./memory.ts";
 import { DescriptorChain, type Segment } from "./chain.ts";
 import { DirtyLog, type DirtyLogShare } from "./dirty_log.ts";
+import { QueueInflight, type InflightShare } from "./inflight.ts";
 import { signal } from "../ffi/eventfd.ts";
 import { GuestErrorLog } from "./guest_errors.ts";
 
@@ -51,6 +52,8 @@ export interface VirtqueueConfig {
   usedLogGpa?: number;
   /** SET_LOG_FD's eventfd, signalled after each logged publication (libvhost-user's log kick). */
   logFd?: number;
+  /** This queue's part of the inflight region (INFLIGHT_SHMFD), for crash-safe reconnect. */
+  inflight?: InflightShare | null;
 }
 
 /** Where a ring stopped: GET_VRING_BASE's answer (nextAvail), and where a restart continues. */
@@ -135,6 +138,13 @@ export class Virtqueue {
   private readonly log: DirtyLog | null;
   private readonly usedLogGpa: number;
   private readonly logChains: (DescriptorChain | undefined)[];
+  /** Inflight tracking (see src/inflight.ts), and the heads a crashed predecessor left in flight. */
+  private readonly inflightRegion: QueueInflight | null;
+  private resubmit: number[] = [];
+  /** Heads popped from `resubmit`, in order (so rewind can give them back there). */
+  private readonly resubmitted: number[] = [];
+  /** Available slots passed since the queue was built: rewinding past them gives back resubmitted heads. */
+  private availPassed = 0;
 
   /** The ring position now: where a stop leaves it. */
   position(): RingPosition {
@@ -168,6 +178,17 @@ export class Virtqueue {
     this.availEvent = (used.off + 4 + 8 * c.size) / 2;
     // The used index in guest memory is where the previous owner of the ring stopped.
     this.nextUsed = c.nextUsed ?? Atomics.load(this.usedU16, this.usedIdx);
+    this.inflightRegion = c.inflight ? new QueueInflight(c.inflight, c.size) : null;
+    if (this.inflightRegion !== null) {
+      // After a crash: what the last backend had popped and not completed is served first, in
+      // its original order; the available ring continues after them (libvhost-user does the same).
+      this.resubmit = this.inflightRegion.recover(Atomics.load(this.usedU16, this.usedIdx));
+      if (this.resubmit.length > 0) {
+        this.nextUsed = Atomics.load(this.usedU16, this.usedIdx);
+        this.nextAvail = (this.nextUsed + this.resubmit.length) & 0xffff;
+      }
+    }
+
     this.log = c.log ? DirtyLog.borrow(c.log) : null;
     this.usedLogGpa = c.usedLogGpa ?? c.usedGpa;
     this.logChains = this.log !== null ? new Array(c.size) : [];
@@ -209,6 +230,23 @@ export class Virtqueue {
    * completed with length 0 (so the guest gets its buffers back), and the next one is tried.
    */
   pop(): DescriptorChain | null {
+    while (this.resubmit.length > 0 && !this.broken) {
+      const head = this.resubmit.shift()!;
+      if (head >= this.size || this.inFlightHead[head] !== 0) continue;
+      this.inFlightHead[head] = 1;
+      this.inFlight++;
+      this.resubmitted.push(head);
+      try {
+        const chain = this.walk(head);
+        if (this.log !== null) this.logChains[head] = chain;
+        return chain;
+      } catch (e) {
+        if (!(e instanceof ChainError)) throw e;
+        this.resubmitted.pop();
+        this.guestError(`bad descriptor chain at resubmitted head ${head}: ${e.message}; completed with length 0`);
+        this.add(head, 0);
+      }
+    }
     for (;;) {
       if (this.broken) return null;
       const pending = this.pending();
@@ -220,6 +258,7 @@ export class Virtqueue {
       const index = this.nextAvail;
       const slot = index & (this.size - 1);
       this.nextAvail = (index + 1) & 0xffff;
+      this.availPassed++;
       if (this.slotPass[slot] === index + 1 && this.slotKind[slot] === SLOT_COMPLETED) continue; // completed before a rewind
       this.slotPass[slot] = index + 1;
       this.slotKind[slot] = SLOT_SKIPPED;
@@ -236,6 +275,7 @@ export class Virtqueue {
       this.inFlightHead[head] = 1;
       this.inFlight++;
       this.poppedHead[slot] = head;
+      this.inflightRegion?.popped(head);
       try {
         const chain = this.walk(head);
         this.slotKind[slot] = SLOT_CHAIN;
@@ -313,8 +353,19 @@ export class Virtqueue {
   rewind(n = 1): void {
     // Checked completely first, so a refused rewind changes nothing.
     let index = this.nextAvail;
+    let fromResubmitted = 0;
+    let stepped = 0;
     for (let left = n; left > 0; ) {
+      if (stepped === this.availPassed) {
+        // Before the first pop from the available ring: the resubmitted heads, most recent first.
+        const k = this.resubmitted.length - 1 - fromResubmitted;
+        if (k < 0 || this.inFlightHead[this.resubmitted[k]!] === 0) throw new Error(`queue ${this.index}: rewind of ${n} chains, but only ${n - left} popped ones are not in flight`);
+        fromResubmitted++;
+        left--;
+        continue;
+      }
       index = (index - 1) & 0xffff;
+      stepped++;
       const slot = index & (this.size - 1);
       if (this.slotPass[slot] !== index + 1) throw new Error(`queue ${this.index}: rewind of ${n} chains, but only ${n - left} popped ones are not in flight`);
       if (this.slotKind[slot] !== SLOT_CHAIN) continue;
@@ -325,9 +376,19 @@ export class Virtqueue {
     for (let i = index; i !== this.nextAvail; i = (i + 1) & 0xffff) {
       const slot = i & (this.size - 1);
       if (this.slotKind[slot] !== SLOT_CHAIN) continue;
-      this.inFlightHead[this.poppedHead[slot]!] = 0;
+      const head = this.poppedHead[slot]!;
+      this.inFlightHead[head] = 0;
       this.inFlight--;
+      this.inflightRegion?.rewound(head);
     }
+    for (let i = 0; i < fromResubmitted; i++) {
+      // Still in flight in the region: they stay resubmissions.
+      const head = this.resubmitted.pop()!;
+      this.inFlightHead[head] = 0;
+      this.inFlight--;
+      this.resubmit.unshift(head);
+    }
+    this.availPassed -= stepped;
     this.nextAvail = index;
   }
 
@@ -348,6 +409,7 @@ export class Virtqueue {
     this.usedDv.setUint32(o, head, true);
     this.usedDv.setUint32(o + 4, len, true);
     if (this.log !== null) this.logCompletion(head, len); // after the writes it marks
+    this.inflightRegion?.completed(head);
     this.nextUsed = (this.nextUsed + 1) & 0xffff;
     this.unpublished = true;
   }
@@ -377,6 +439,7 @@ export class Virtqueue {
     if (!this.unpublished) return;
     this.unpublished = false;
     Atomics.store(this.usedU16, this.usedIdx, this.nextUsed);
+    this.inflightRegion?.published(this.nextUsed);
     if (this.log !== null) {
       this.log.mark(this.usedLogGpa + 2, 2);
       if (this.config.logFd !== undefined) signal(this.config.logFd);

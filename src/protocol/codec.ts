@@ -26,7 +26,8 @@ export type Body =
   | { kind: "memRegion"; region: MemoryRegionDesc }
   | { kind: "config"; offset: number; size: number; flags: number; data: Uint8Array }
   | { kind: "deviceStateFd"; direction: number; phase: number }
-  | { kind: "logBase"; size: number; offset: number };
+  | { kind: "logBase"; size: number; offset: number }
+  | { kind: "inflight"; mmapSize: number; mmapOffset: number; numQueues: number; queueSize: number };
 
 export interface Message {
   header: Header;
@@ -90,6 +91,9 @@ class Reader {
   private readonly v: DataView;
   constructor(private readonly bytes: Uint8Array, private readonly what: string) {
     this.v = new DataView(bytes.buffer, bytes.byteOffset, bytes.byteLength);
+  }
+  u16(o: number): number {
+    return this.v.getUint16(o, true);
   }
   u32(o: number): number {
     return this.v.getUint32(o, true);
@@ -217,6 +221,9 @@ function decodeBody(code: number, r: Reader, what: string): Body {
       return { kind: "deviceStateFd", direction: r.u32(0), phase: r.u32(4) };
     case Req.SET_LOG_BASE:
       return { kind: "logBase", size: r.num(0, "log size"), offset: r.num(8, "log offset") };
+    case Req.GET_INFLIGHT_FD:
+    case Req.SET_INFLIGHT_FD:
+      return { kind: "inflight", mmapSize: r.num(0, "inflight size"), mmapOffset: r.num(8, "inflight offset"), numQueues: r.u16(16), queueSize: r.u16(18) };
     default:
       return { kind: "none" };
   }
@@ -269,6 +276,17 @@ export function encodeReply(code: number, payload: Uint8Array): Uint8Array {
   const out = encodeHeader(code, VERSION | FLAG_REPLY, payload.byteLength);
   out.set(payload, HEADER_SIZE);
   return out;
+}
+
+/** VhostUserInflight: mmap_size u64, mmap_offset u64, num_queues u16, queue_size u16 (24 bytes, padded). */
+export function inflightBytes(mmapSize: number, mmapOffset: number, numQueues: number, queueSize: number): Uint8Array {
+  const b = new Uint8Array(24);
+  const v = new DataView(b.buffer);
+  v.setBigUint64(0, BigInt(mmapSize), true);
+  v.setBigUint64(8, BigInt(mmapOffset), true);
+  v.setUint16(16, numQueues, true);
+  v.setUint16(18, queueSize, true);
+  return b;
 }
 
 export function u64Bytes(value: bigint | number): Uint8Array {

@@ -118,6 +118,7 @@ export const pf = (bit: number) => 1n << BigInt(bit);
 export const HANDLER_PROTOCOL_FEATURES =
   pf(ProtocolFeature.MQ) |
   pf(ProtocolFeature.LOG_SHMFD) |
+  pf(ProtocolFeature.INFLIGHT_SHMFD) |
   pf(ProtocolFeature.REPLY_ACK) |
   pf(ProtocolFeature.BACKEND_REQ) |
   pf(ProtocolFeature.CONFIG) |

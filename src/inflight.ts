@@ -1,0 +1,171 @@
+// Inflight tracking for crash-safe reconnect (protocol feature INFLIGHT_SHMFD, the vhost-user
+// spec's "Inflight I/O tracking", split-ring layout). The backend allocates a shared region per
+// device (GET_INFLIGHT_FD); the front-end keeps its fd and hands it to the next backend process
+// (SET_INFLIGHT_FD) after a crash. Each descriptor head popped is marked in flight with an order
+// counter; completions are chained into a "last batch" list and cleared once the used index that
+// publishes them is stored. The stores follow the spec's order, so a crash at any instruction
+// leaves a region the next process can repair (the last batch) and replay: the heads still in
+// flight, in their original order.
+//
+// Layout per queue, as libvhost-user's (so regions stay compatible): features u64, version u16,
+// desc_num u16, last_batch_head u16, used_idx u16, then desc_num × { inflight u8, pad[5],
+// next u16, counter u64 }, the region rounded up to 64 bytes.
+import { toArrayBuffer } from "bun:ffi";
+import { memfdCreate, mmap, munmap, PROT_READ, PROT_WRITE, MAP_SHARED } from "../ffi/mem.ts";
+import { ftruncate } from "../ffi/io.ts";
+import { close } from "../ffi/libc.ts";
+
+const ALIGNMENT = 64;
+const HEADER = 16;
+const DESC = 16;
+const VERSION = 1;
+const O_VERSION = 8;
+const O_DESC_NUM = 10;
+const O_LAST_BATCH_HEAD = 12;
+const O_USED_IDX = 14;
+const D_INFLIGHT = 0;
+const D_NEXT = 6;
+const D_COUNTER = 8;
+
+/** Bytes of one queue's region for a ring of `queueSize` (libvhost-user's vu_inflight_queue_size). */
+export function queueRegionSize(queueSize: number): number {
+  return Math.ceil((DESC * queueSize + 2) / ALIGNMENT) * ALIGNMENT;
+}
+
+/** One queue's part of a mapped region, as plain data for the thread serving the queue. */
+export interface InflightShare {
+  host: number;
+  size: number;
+  /** The region's ring size (desc_num); a ring may not be larger. */
+  queueSize: number;
+}
+
+/** The whole shared region: every queue's part, back to back. */
+export class InflightRegion {
+  private constructor(readonly host: number, readonly size: number, readonly numQueues: number, readonly queueSize: number) {}
+
+  /** GET_INFLIGHT_FD: a fresh zeroed region; returns it and its fd (for the front-end to keep). */
+  static allocate(numQueues: number, queueSize: number): { region: InflightRegion; fd: number } {
+    InflightRegion.check(numQueues, queueSize);
+    const size = numQueues * queueRegionSize(queueSize);
+    const fd = memfdCreate("vhost-inflight");
+    try {
+      ftruncate(fd, size);
+      return { region: new InflightRegion(mmap(size, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0), size, numQueues, queueSize), fd };
+    } catch (e) {
+      close(fd);
+      throw e;
+    }
+  }
+
+  /** SET_INFLIGHT_FD: maps the front-end's region; closes the fd either way. */
+  static map(fd: number, size: number, offset: number, numQueues: number, queueSize: number): InflightRegion {
+    try {
+      InflightRegion.check(numQueues, queueSize);
+      const need = numQueues * queueRegionSize(queueSize);
+      if (size < need) throw new Error(`inflight region of ${size} bytes, ${numQueues} queues of ${queueSize} need ${need}`);
+      if (offset % 4096 !== 0) throw new Error(`inflight offset ${offset} is not page aligned`);
+      return new InflightRegion(mmap(need, PROT_READ | PROT_WRITE, MAP_SHARED, fd, offset), need, numQueues, queueSize);
+    } finally {
+      close(fd);
+    }
+  }
+
+  private static check(numQueues: number, queueSize: number): void {
+    if (numQueues < 1 || numQueues > 1024) throw new Error(`inflight region for ${numQueues} queues`);
+    if (queueSize < 1 || queueSize > 32768) throw new Error(`inflight region for queues of ${queueSize}`);
+  }
+
+  queue(index: number): InflightShare | null {
+    if (index >= this.numQueues) return null;
+    const size = queueRegionSize(this.queueSize);
+    return { host: this.host + index * size, size, queueSize: this.queueSize };
+  }
+
+  unmap(): void {
+    munmap(this.host, this.size);
+  }
+}
+
+/** One queue's inflight state, used by its Virtqueue in whichever thread serves it. */
+export class QueueInflight {
+  private readonly dv: DataView;
+  private counter = 1;
+  /** Heads completed since the last publication (the "last batch"). */
+  private batch: number[] = [];
+
+  constructor(share: InflightShare, private readonly ringSize: number) {
+    if (ringSize > share.queueSize) throw new Error(`ring of ${ringSize} entries, inflight region for ${share.queueSize}`);
+    this.dv = new DataView(toArrayBuffer(share.host as never, 0, share.size));
+  }
+
+  private d(head: number): number {
+    return HEADER + DESC * head;
+  }
+
+  /**
+   * At ring start: initialises a fresh region, or repairs one left by a crashed backend (the
+   * last batch may have been published but not cleared) and returns the heads still in flight,
+   * in the order they were popped. `usedIdx` is the used ring's index in guest memory.
+   */
+  recover(usedIdx: number): number[] {
+    const v = this.dv;
+    const n = this.ringSize;
+    if (v.getUint16(O_VERSION, true) !== VERSION || v.getUint16(O_DESC_NUM, true) !== n) {
+      new Uint8Array(v.buffer).fill(0);
+      v.setUint16(O_DESC_NUM, n, true);
+      v.setUint16(O_USED_IDX, usedIdx, true);
+      v.setUint16(O_VERSION, VERSION, true);
+      return [];
+    }
+    const saved = v.getUint16(O_USED_IDX, true);
+    if (saved !== usedIdx) {
+      // The last batch reached the used ring before the crash: those heads are not in flight.
+      let batch = (usedIdx - saved) & 0xffff;
+      let h = v.getUint16(O_LAST_BATCH_HEAD, true);
+      for (let i = 0; batch > 0 && i < n && h < n; i++, batch--) {
+        v.setUint8(this.d(h) + D_INFLIGHT, 0);
+        h = v.getUint16(this.d(h) + D_NEXT, true);
+      }
+      v.setUint16(O_USED_IDX, usedIdx, true);
+    }
+    const inflight: { head: number; counter: number }[] = [];
+    let max = 0;
+    for (let h = 0; h < n; h++) {
+      if (v.getUint8(this.d(h) + D_INFLIGHT) !== 1) continue;
+      const c = v.getUint32(this.d(h) + D_COUNTER, true) + v.getUint32(this.d(h) + D_COUNTER + 4, true) * 0x1_0000_0000;
+      inflight.push({ head: h, counter: c });
+      if (c > max) max = c;
+    }
+    this.counter = max + 1;
+    return inflight.sort((a, b) => a.counter - b.counter).map((e) => e.head);
+  }
+
+  /** A head taken from the available ring: its order first, then the flag. */
+  popped(head: number): void {
+    const o = this.d(head);
+    const c = this.counter++;
+    this.dv.setUint32(o + D_COUNTER, c >>> 0, true);
+    this.dv.setUint32(o + D_COUNTER + 4, Math.floor(c / 0x1_0000_0000), true);
+    this.dv.setUint8(o + D_INFLIGHT, 1);
+  }
+
+  /** A head given back unused (rewind): no longer in flight. */
+  rewound(head: number): void {
+    this.dv.setUint8(this.d(head) + D_INFLIGHT, 0);
+  }
+
+  /** A head completed (its used element is written): chained into the last batch. */
+  completed(head: number): void {
+    this.dv.setUint16(this.d(head) + D_NEXT, this.dv.getUint16(O_LAST_BATCH_HEAD, true), true);
+    this.dv.setUint16(O_LAST_BATCH_HEAD, head, true);
+    this.batch.push(head);
+  }
+
+  /** The used index `usedIdx` was stored: the batch is no longer in flight. */
+  published(usedIdx: number): void {
+    for (const h of this.batch) this.dv.setUint8(this.d(h) + D_INFLIGHT, 0);
+    this.batch = [];
+    this.dv.setUint16(O_USED_IDX, usedIdx, true);
+  }
+}
