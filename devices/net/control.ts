@@ -21,7 +21,8 @@ const MAX_COMMAND = 2 + 8 + 6 * MAC_TABLE_ENTRIES + 64;
 export interface ControlTarget {
   acked(): bigint;
   maxPairs: number;
-  setActivePairs(n: number): void;
+  /** False when the tap cannot follow. */
+  setActivePairs(n: number): boolean;
   /** Applies receive offloads; false when the tap cannot take them. */
   setGuestOffloads(features: bigint): boolean;
   setMac(mac: Uint8Array): void;
@@ -100,8 +101,7 @@ export class NetControl {
         if (cmd !== VIRTIO_NET_CTRL_MQ_VQ_PAIRS_SET || dataLen !== 2) return this.fail(`MQ command ${cmd} with ${dataLen} bytes`);
         const n = v.getUint16(0, true);
         if (n < 1 || n > this.target.maxPairs) return this.fail(`VQ_PAIRS_SET ${n} (1..${this.target.maxPairs})`);
-        this.target.setActivePairs(n);
-        return VIRTIO_NET_OK;
+        return this.target.setActivePairs(n) ? VIRTIO_NET_OK : this.fail(`the tap could not switch to ${n} queue pairs`);
       }
       case VIRTIO_NET_CTRL_GUEST_OFFLOADS: {
         if (!this.has(VIRTIO_NET_F_CTRL_GUEST_OFFLOADS)) return this.fail("GUEST_OFFLOADS without VIRTIO_NET_F_CTRL_GUEST_OFFLOADS");

@@ -46,7 +46,8 @@ export class NetDevice implements VhostUserDevice {
   private readonly defaultMac: Uint8Array;
   private mac: Uint8Array;
   private status = VIRTIO_NET_S_LINK_UP;
-  private activePairs = 1;
+  /** Pairs in use: all of them until the driver's VQ_PAIRS_SET (QEMU serves the control queue itself and never tells us). */
+  private activePairs: number;
   /** Receive offloads in force (the acked ones, or what CTRL_GUEST_OFFLOADS set since). */
   private guestOffloads = 0n;
   private readonly queues: QueueService;
@@ -56,6 +57,7 @@ export class NetDevice implements VhostUserDevice {
   constructor(opts: NetOptions, private readonly ctx: DeviceContext) {
     this.tap = openTap(opts);
     this.pairs = opts.queuePairs;
+    this.activePairs = this.pairs;
     this.mtu = opts.mtu ?? this.tap.mtu;
     this.defaultMac = opts.mac ?? randomMac();
     this.mac = this.defaultMac;
@@ -75,9 +77,7 @@ export class NetDevice implements VhostUserDevice {
     this.control = new NetControl(this.shared, {
       acked: () => this.acked,
       maxPairs: this.pairs,
-      setActivePairs: (n) => {
-        this.activePairs = n;
-      },
+      setActivePairs: (n) => this.setActivePairs(n),
       setGuestOffloads: (f) => this.applyOffloads(f),
       setMac: (m) => {
         this.mac = m;
@@ -92,6 +92,21 @@ export class NetDevice implements VhostUserDevice {
       `net: tap ${this.tap.name} (${this.pairs} queue pair(s), MTU ${this.mtu}, offloads ${opts.offloads ? `0x${this.tap.supportedOffloads.toString(16)}` : "off"}, ` +
         `MRG_RXBUF ${opts.mrgRxbuf ? "on" : "off"}), guest MAC ${formatMac(this.mac)}`,
     );
+  }
+
+  /**
+   * The pairs the driver uses (VQ_PAIRS_SET): the tap queues of the others are detached, so no
+   * frame waits on a receive queue the guest no longer serves. False when the tap refuses.
+   */
+  private setActivePairs(n: number): boolean {
+    try {
+      this.tap.setActiveQueues(n);
+    } catch (e) {
+      log.warn(`net: ${(e as Error).message}`);
+      return false;
+    }
+    this.activePairs = n;
+    return true;
   }
 
   private resetFilter(): void {
@@ -109,8 +124,14 @@ export class NetDevice implements VhostUserDevice {
   }
 
   ackFeatures(features: bigint): void {
+    const negotiatedOffloads = features & GUEST_OFFLOAD_FEATURES;
+    const sameOffloads = negotiatedOffloads === (this.acked & GUEST_OFFLOAD_FEATURES);
     this.acked = features;
-    if (!this.applyOffloads(features & GUEST_OFFLOAD_FEATURES)) log.warn("net: the tap refused the guest's receive offloads");
+    // The same receive offloads again (the handler re-acking after a restore, a front-end's repeated
+    // SET_FEATURES, e.g. QEMU's for dirty logging) keep what CTRL_GUEST_OFFLOADS or the restored
+    // state set; only a new negotiation starts over from the negotiated set.
+    if (sameOffloads) return;
+    if (!this.applyOffloads(negotiatedOffloads)) log.warn("net: the tap refused the guest's receive offloads");
   }
 
   /** Pushes receive offloads to the tap (TUNSETOFFLOAD); false when the tap refuses them. */
@@ -187,7 +208,7 @@ export class NetDevice implements VhostUserDevice {
     this.acked = 0n;
     this.mac = this.defaultMac;
     this.status = VIRTIO_NET_S_LINK_UP;
-    this.activePairs = 1;
+    if (!this.setActivePairs(this.pairs)) this.activePairs = this.pairs; // no VQ_PAIRS_SET seen yet: every queue carries frames
     this.resetFilter();
     this.applyOffloads(0n);
   }
@@ -222,7 +243,7 @@ export class NetDevice implements VhostUserDevice {
     this.mac = s.mac.slice();
     this.shared.mac = this.mac;
     this.mtu = s.mtu;
-    this.activePairs = s.activePairs;
+    if (!this.setActivePairs(s.activePairs)) log.warn(`net state: the tap keeps ${this.activePairs} queue pair(s) attached, the guest uses ${s.activePairs}`);
     this.shared.rxMode = s.rxMode;
     this.shared.setTable(s.unicast, s.multicast);
     this.status = s.status;
