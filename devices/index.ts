@@ -4,9 +4,11 @@ import type { DeviceDefinition } from "../src/device.ts";
 import { blockDevice } from "./block/index.ts";
 import { consoleDevice } from "./console/index.ts";
 import { netDevice } from "./net/index.ts";
+import { sndDevice } from "./snd/index.ts";
 
 export const DEVICES: Readonly<Record<string, DeviceDefinition<any>>> = {
   block: blockDevice,
   console: consoleDevice,
   net: netDevice,
+  snd: sndDevice,
 };

@@ -372,6 +372,17 @@ export class WavWriter {
     ftruncateSync(this.fd, this.info.dataOffset + data + pad);
   }
 
+  /** Bytes the file holds after updateHeader() (header, data, pad byte). */
+  get expectedFileSize(): number {
+    return this.info.dataOffset + this.info.dataBytes + (this.info.dataBytes & 1);
+  }
+
+  /** Closes without touching the file (another writer continued it, e.g. a restored backend). */
+  close(): void {
+    if (this.fd >= 0) closeSync(this.fd);
+    this.fd = -1;
+  }
+
   /** Fixes the sizes and closes the file. */
   finalize(): void {
     if (this.fd < 0) return;

@@ -54,7 +54,7 @@ APT_PACKAGES=(
   flex bison libaio-dev
 )
 # Net tests: namespaces and taps, traffic, captures, offload checks, DPDK's vhost as a reference.
-APT_PACKAGES+=(iproute2 iperf3 tcpdump ethtool dpdk dpdk-dev)
+APT_PACKAGES+=(iproute2 iperf3 tcpdump ethtool iputils-ping dpdk dpdk-dev)
 # Sound tests: ALSA tools for the guest initramfs (aplay/arecord/amixer), the host ALSA backend and its plugins, PulseAudio as a host sound server.
 APT_PACKAGES+=(alsa-utils libasound2 libasound2-plugins pulseaudio)
 # Packages that must come from bookworm-backports, with the minimum version we need (QEMU's configure
@@ -139,6 +139,7 @@ missing_packages() {
 apt_fingerprint() {
   { cat /etc/apt/sources.list /etc/apt/sources.list.d/* 2>/dev/null || true
     stat -c '%n %Y %s' /var/lib/dpkg/status /var/lib/apt/lists/*Release 2>/dev/null || true
+    echo "${APT_PACKAGES[*]} ${BPO_PACKAGES[*]}"  # a package added to the lists gets installed
   } | sha256sum | cut -c1-32
 }
 
@@ -231,6 +232,10 @@ GUEST_MODULES=(
 # Host binaries copied in (with their shared libraries, found with ldd).
 # These go to /usr/{s,}bin, ahead of busybox's applet links of the same name in PATH.
 GUEST_BINARIES=(/usr/bin/fio /usr/sbin/mke2fs /usr/sbin/blkdiscard)
+# Net tests: iproute2's ip and tc (per-queue qdisc counters), iputils' ping (-M do), iperf3, ethtool (busybox lacks or limits them).
+GUEST_BINARIES+=(/usr/bin/ip /usr/sbin/tc /usr/bin/ping /usr/bin/iperf3 /usr/sbin/ethtool)
+# Sound tests: ALSA's aplay/arecord/amixer and the configuration they read (/usr/share/alsa, copied as a tree).
+GUEST_BINARIES+=(/usr/bin/aplay /usr/bin/arecord /usr/bin/amixer /usr/share/alsa)
 
 INIT_SCRIPT='#!/bin/sh
 # Guest init for the e2e rig: run the fw_cfg command, report its status on the serial console, power off.
@@ -294,6 +299,7 @@ resolve_modules() {
 
 copy_with_libs() {
   local root="$1" bin="$2" lib
+  mkdir -p "$root$(dirname "$bin")"  # cp 9.1's --parents fails when the destination's parent is missing
   cp -a --parents "$bin" "$root/"
   [ -L "$bin" ] && cp -a --parents "$(readlink -f "$bin")" "$root/"
   for lib in $(ldd "$bin" 2>/dev/null | awk '/=> \// { print $3 } /^\t\/[^ ]+ \(/ { print $1 }'); do

@@ -1,0 +1,110 @@
+// Our snd backend serving a real Linux guest (6.12, virtio_snd) through QEMU's vhost-user-snd-pci:
+// the guest lists the card, plays a known WAV with aplay to hw:0,0 (it must land byte-exact in the
+// backend's WAV, at the stream's real-time rate), records from a capture WAV with arecord, and
+// sees and sets the controls with amixer. The backend listens before QEMU starts (QEMU has no
+// reconnect for this device) and must exit cleanly on SIGTERM.
+import { afterAll, beforeAll, describe, expect, test } from "bun:test";
+import { mkdtempSync, readFileSync, rmSync } from "node:fs";
+import { tmpdir } from "node:os";
+import { join } from "node:path";
+import { createHash, randomBytes } from "node:crypto";
+import { bootGuest, ensureRig, SETUP_TIMEOUT_MS, tail, type Rig } from "./rig.ts";
+import { startBackend, type RunningBackend } from "./backend.ts";
+import { WavWriter, readWavInfo } from "../../devices/snd/wav.ts";
+import * as P from "../../devices/snd/protocol.ts";
+
+let rig: Rig | undefined;
+let dir: string;
+const running: RunningBackend[] = [];
+
+beforeAll(async () => {
+  rig = await ensureRig();
+  expect(rig.qemu).toBeTruthy();
+  dir = mkdtempSync(join(tmpdir(), "e2e-snd-"));
+}, SETUP_TIMEOUT_MS);
+
+afterAll(() => {
+  for (const b of running) b.proc.kill("SIGKILL");
+  if (dir) rmSync(dir, { recursive: true, force: true });
+});
+
+const md5 = (b: Uint8Array) => createHash("md5").update(b).digest("hex");
+const FORMAT = { format: P.FMT_S16, channels: 2, rateHz: 48000 };
+const BYTES_PER_SECOND = 48000 * 4;
+
+function writeWav(path: string, pcm: Uint8Array): void {
+  const w = WavWriter.open(path, FORMAT);
+  w.write(pcm);
+  w.finalize();
+}
+
+describe("snd e2e (QEMU vhost-user-snd-pci, Linux virtio_snd)", () => {
+  test("aplay -l, aplay to hw:0,0 lands byte-exact in real time, arecord from a WAV, amixer controls", async () => {
+    const seconds = 3;
+    const play = new Uint8Array(randomBytes(seconds * BYTES_PER_SECOND));
+    const capture = new Uint8Array(randomBytes(2 * BYTES_PER_SECOND));
+    const playWav = join(dir, "play.wav");
+    const captureWav = join(dir, "capture.wav");
+    writeWav(playWav, play);
+    writeWav(captureWav, capture);
+    const out = join(dir, "out-{stream}.wav");
+    const sock = join(dir, "snd.sock");
+    const backend = await startBackend("snd", sock, ["--log-level", "warn", "--backend", "file", "--playback-file", out, "--capture-file", captureWav, "--controls"]);
+    running.push(backend);
+    const command = [
+      "set -e",
+      "cat /proc/asound/cards",
+      "aplay -l",
+      "cp /sys/firmware/qemu_fw_cfg/by_name/opt/wav/raw /tmp/play.wav",
+      "t0=$(cut -d' ' -f1 /proc/uptime)",
+      "aplay -q -D hw:0,0 /tmp/play.wav",
+      "t1=$(cut -d' ' -f1 /proc/uptime)",
+      'echo "E2E-APLAY $t0 $t1"',
+      "arecord -q -D hw:0,0 -f S16_LE -r 48000 -c 2 -t raw -d 1 /tmp/rec.raw",
+      'echo "E2E-REC $(md5sum </tmp/rec.raw | cut -d" " -f1) $(wc -c </tmp/rec.raw)"',
+      "amixer -c 0 controls",
+      "amixer -c 0 sset 'Master' 64",
+      'echo "E2E-MASTER $(amixer -c 0 sget Master | grep Mono:)"',
+    ].join("\n");
+    const r = await bootGuest({
+      command,
+      devices: ["-chardev", `socket,id=s0,path=${sock}`, "-device", "vhost-user-snd-pci,chardev=s0,controls=on"],
+      extraArgs: ["-fw_cfg", `name=opt/wav,file=${playWav}`],
+      timeoutMs: 240_000,
+    });
+    const stopped = await backend.stop();
+    if (r.exitStatus !== 0 || stopped.code !== 0) {
+      console.error(`guest serial:\n${tail(r.serial, 60)}\nqemu stderr:\n${tail(r.stderr, 20)}\nbackend:\n${tail(stopped.stderr, 20)}`);
+    }
+    expect(r.exitStatus).toBe(0);
+    expect(stopped.code).toBe(0);
+    expect(r.serial).toMatch(/virtio-snd|VirtIO SoundCard/i);
+    expect(r.serial).toMatch(/card 0: .*device 0/);
+
+    // The backend's WAV: the same PCM bytes, then at most one period of trailing silence.
+    const outPath = join(dir, "out-0.wav");
+    const info = readWavInfo(outPath);
+    const data = readFileSync(outPath).subarray(info.dataOffset, info.dataOffset + info.dataBytes);
+    expect(info).toMatchObject({ format: P.FMT_S16, channels: 2, rateHz: 48000, sizeWasStale: false });
+    expect(md5(data.subarray(0, play.length))).toBe(md5(play));
+    const trailing = data.subarray(play.length);
+    expect(trailing.every((b) => b === 0)).toBe(true);
+    console.log(`snd e2e: WAV ${data.length} bytes, ${trailing.length} trailing silence`);
+    expect(trailing.length).toBeLessThanOrEqual(BYTES_PER_SECOND / 10); // Linux's default period is well under 100 ms
+
+    const m = /E2E-APLAY ([\d.]+) ([\d.]+)/.exec(r.serial);
+    expect(m).not.toBeNull();
+    const wall = Number(m![2]) - Number(m![1]);
+    console.log(`snd e2e: aplay of ${seconds} s took ${wall.toFixed(2)} s in the guest`);
+    expect(Math.abs(wall - seconds)).toBeLessThan(0.05 * seconds + 0.3); // plus aplay's start-up under TCG
+
+    const rec = /E2E-REC ([0-9a-f]+) (\d+)/.exec(r.serial);
+    expect(rec).not.toBeNull();
+    expect(Number(rec![2])).toBe(BYTES_PER_SECOND);
+    expect(rec![1]).toBe(md5(capture.subarray(0, BYTES_PER_SECOND)));
+
+    expect(r.serial).toContain("Master Playback Volume");
+    expect(r.serial).toContain("Capture Switch");
+    expect(r.serial).toMatch(/E2E-MASTER +Mono: Playback 64 \[50%\]/);
+  }, 300_000);
+});
