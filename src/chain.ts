@@ -4,7 +4,7 @@
 // its own. Bytes move either by copy (read/write into host buffers) or, with no copy, as iovecs
 // that point straight into guest memory for readv/writev/preadv/pwritev.
 import type { IovecArray } from "../ffi/io.ts";
-import type { MemoryRegion } from "./memory.ts";
+import type { GuestMemory, MemoryRegion } from "./memory.ts";
 
 /** One checked guest buffer of a chain. */
 export interface Segment {
@@ -22,7 +22,29 @@ export class DescriptorChain {
   readonly writable: Segment[] = [];
   readableLen = 0;
   writableLen = 0;
+  /** The head descriptor (split ring) or buffer id (packed ring): what completes it. */
   constructor(readonly head: number) {}
+}
+
+/** A descriptor chain the guest built wrongly: the chain is refused, the ring goes on. */
+export class ChainError extends Error {}
+
+/**
+ * Checks one descriptor's buffer against the memory table and adds it to `chain` (readable ones
+ * must all come before writable ones, as the spec orders them).
+ */
+export function appendBuffer(chain: DescriptorChain, mem: GuestMemory, gpa: number, len: number, writable: boolean): void {
+  if (!writable && chain.writable.length > 0) throw new ChainError("device-readable descriptor after a device-writable one");
+  const r = mem.translate(gpa, len);
+  if (r === null) throw new ChainError(`buffer 0x${gpa.toString(16)}+${len} outside guest memory`);
+  const seg: Segment = { addr: r.region.host + r.offset, len, region: r.region, offset: r.offset };
+  if (writable) {
+    chain.writable.push(seg);
+    chain.writableLen += len;
+  } else {
+    chain.readable.push(seg);
+    chain.readableLen += len;
+  }
 }
 
 /** The most bytes one typed-array view of a region covers safely (see MemoryRegion.window). */

@@ -10,7 +10,7 @@ import {
 import { type Message, type MemoryRegionDesc, u64Bytes, vringStateBytes, configBytes, inflightBytes } from "./protocol/codec.ts";
 import { GuestMemory, MemoryRegion } from "./memory.ts";
 import { checkRing, MAX_QUEUE_SIZE, type VirtqueueConfig } from "./virtqueue.ts";
-import { VIRTIO_F_EVENT_IDX, VIRTIO_F_INDIRECT_DESC, type VhostUserDevice } from "./device.ts";
+import { VIRTIO_F_EVENT_IDX, VIRTIO_F_INDIRECT_DESC, VIRTIO_F_RING_PACKED, type VhostUserDevice } from "./device.ts";
 import type { EventLoop } from "./event_loop.ts";
 import { encodeEnvelope, decodeEnvelope, StateTransfer, SNAPSHOT_FORMAT_VERSION } from "./snapshot.ts";
 import { BackendChannel } from "./backend_channel.ts";
@@ -367,8 +367,9 @@ export class VhostUserHandler {
   private setVringNum(index: number, num: number): void {
     const v = this.vring(index, "SET_VRING_NUM");
     this.requireStopped(v, index, "SET_VRING_NUM");
-    if (num === 0 || num > MAX_QUEUE_SIZE || (num & (num - 1)) !== 0) {
-      throw new RequestError(`SET_VRING_NUM: size ${num} is not a power of 2 in 1..${MAX_QUEUE_SIZE}`);
+    const packed = (this.ackedFeatures & VIRTIO_F_RING_PACKED) !== 0n;
+    if (num === 0 || num > MAX_QUEUE_SIZE || (!packed && (num & (num - 1)) !== 0)) {
+      throw new RequestError(`SET_VRING_NUM: size ${num} is not ${packed ? "" : "a power of 2 "}in 1..${MAX_QUEUE_SIZE}`);
     }
     v.num = num;
   }
@@ -398,7 +399,8 @@ export class VhostUserHandler {
   private setVringBase(index: number, base: number): void {
     const v = this.vring(index, "SET_VRING_BASE");
     this.requireStopped(v, index, "SET_VRING_BASE");
-    if (base > 0xffff) throw new RequestError(`SET_VRING_BASE: ${base} is not a split-ring index`);
+    // Split: a u16 index. Packed: index | wrap << 15, and optionally the used side in bits 16-31.
+    if (base > 0xffff && (this.ackedFeatures & VIRTIO_F_RING_PACKED) === 0n) throw new RequestError(`SET_VRING_BASE: ${base} is not a split-ring index`);
     v.base = base;
     v.nextUsed = undefined;
   }
@@ -471,9 +473,11 @@ export class VhostUserHandler {
     const v = this.vrings[index]!;
     if (v.running || !v.started || !v.enabled || v.addr === null || v.num === 0 || this.mem.regionCount === 0) return;
     const { desc, used, avail } = v.addr;
+    const packed = (this.ackedFeatures & VIRTIO_F_RING_PACKED) !== 0n;
     const descGpa = this.mem.vaToGpa(desc, 16 * v.num);
-    const availGpa = this.mem.vaToGpa(avail, 6 + 2 * v.num);
-    const usedGpa = this.mem.vaToGpa(used, 6 + 8 * v.num);
+    // Packed rings: the driver and device event areas (4 bytes each) instead of avail/used rings.
+    const availGpa = this.mem.vaToGpa(avail, packed ? 4 : 6 + 2 * v.num);
+    const usedGpa = this.mem.vaToGpa(used, packed ? 4 : 6 + 8 * v.num);
     if (descGpa === null || availGpa === null || usedGpa === null) {
       log.warn(`queue ${index}: ring addresses are not in the memory table; not started`);
       return;
@@ -483,8 +487,10 @@ export class VhostUserHandler {
       eventIdx: (this.ackedFeatures & VIRTIO_F_EVENT_IDX) !== 0n,
       indirect: (this.ackedFeatures & VIRTIO_F_INDIRECT_DESC) !== 0n,
       nextAvail: v.base, nextUsed: v.nextUsed, kickFd: v.kickFd, callFd: v.callFd, errFd: v.errFd,
+      packed,
     };
-    const inflight = this.inflight?.queue(index) ?? null;
+    // Inflight tracking has the split layout only (the spec's packed layout is not implemented).
+    const inflight = packed ? null : (this.inflight?.queue(index) ?? null);
     if (inflight !== null && this.hasProtocol(ProtocolFeature.INFLIGHT_SHMFD) && v.num <= inflight.queueSize) ring.inflight = inflight;
     if (this.logging()) {
       ring.log = this.log!.share();

@@ -5,7 +5,7 @@
 // shared word that SET_CONFIG may flip at any time.
 import type { QueueRunner } from "../../src/device.ts";
 import type { EventLoop } from "../../src/event_loop.ts";
-import { Virtqueue, type RingPosition } from "../../src/virtqueue.ts";
+import { openVirtqueue, type RingPosition } from "../../src/virtqueue.ts";
 import { BlockImage } from "./image.ts";
 import { QueueProcessor, type AioMode, type BlockPolicy } from "./queue_processor.ts";
 
@@ -47,7 +47,7 @@ export class BlockQueueRunner implements QueueRunner {
   start(ring: Parameters<QueueRunner["start"]>[0], mem: Parameters<QueueRunner["start"]>[1]): void {
     this.stop(ring.index);
     this.image ??= BlockImage.open(this.o.file, { readOnly: this.o.readOnly, direct: this.o.direct });
-    const processor = new QueueProcessor(new Virtqueue(mem, ring), this.image, this.policy, this.o.aio);
+    const processor = new QueueProcessor(openVirtqueue(mem, ring), this.image, this.policy, this.o.aio);
     this.queues.set(ring.index, { processor, stop: processor.serve(this.loop) });
   }
 

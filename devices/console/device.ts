@@ -5,7 +5,7 @@
 // when the front-end has one: QEMU's generic vhost-user-device with config_size=0 never reads it, and
 // a guest that negotiated them would read zeros there.
 import { COMMON_FEATURES, type DeviceContext, type VhostUserDevice } from "../../src/device.ts";
-import { Virtqueue, type VirtqueueConfig, type RingPosition } from "../../src/virtqueue.ts";
+import { openVirtqueue, type VirtqueueConfig, type RingPosition } from "../../src/virtqueue.ts";
 import type { GuestMemory } from "../../src/memory.ts";
 import {
   VIRTIO_ID_CONSOLE, VIRTIO_CONSOLE_F_SIZE, VIRTIO_CONSOLE_F_MULTIPORT, VIRTIO_CONSOLE_F_EMERG_WRITE,
@@ -102,7 +102,7 @@ export class ConsoleDevice implements VhostUserDevice {
     const role = queueRole(ring.index);
     const target = role.kind === "control-receive" || role.kind === "control-transmit" ? this.control : this.ports[role.port];
     if (target === undefined) return;
-    target.startQueue(new Virtqueue(mem, ring));
+    target.startQueue(openVirtqueue(mem, ring));
     if (role.kind === "receive" && role.port === 0) this.announceSize();
   }
 

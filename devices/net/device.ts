@@ -4,7 +4,7 @@
 // queue fd.
 import { COMMON_FEATURES, type DeviceContext, type VhostUserDevice } from "../../src/device.ts";
 import type { GuestMemory } from "../../src/memory.ts";
-import { Virtqueue, type VirtqueueConfig, type RingPosition } from "../../src/virtqueue.ts";
+import { openVirtqueue, type VirtqueueConfig, type RingPosition } from "../../src/virtqueue.ts";
 import { QueueService } from "../../src/queue_thread.ts";
 import { WatchedQueue, processQueue } from "../../src/kick.ts";
 import { pf, ProtocolFeature } from "../../src/protocol/constants.ts";
@@ -163,7 +163,7 @@ export class NetDevice implements VhostUserDevice {
 
   startQueue(ring: VirtqueueConfig, mem: GuestMemory, ackedFeatures: bigint): void {
     if (ring.index === ctrlQueueIndex(this.pairs)) {
-      this.ctrl.start(new Virtqueue(mem, ring));
+      this.ctrl.start(openVirtqueue(mem, ring));
       return;
     }
     this.queues.start(ring, mem, ackedFeatures);

@@ -17,7 +17,7 @@ import { EAGAIN, SysError } from "../../ffi/libc.ts";
 import type { QueueRunner } from "../../src/device.ts";
 import type { EventLoop } from "../../src/event_loop.ts";
 import type { GuestMemory } from "../../src/memory.ts";
-import { Virtqueue, type RingPosition, type VirtqueueConfig } from "../../src/virtqueue.ts";
+import { openVirtqueue, type Virtqueue, type RingPosition, type VirtqueueConfig } from "../../src/virtqueue.ts";
 import { ChainReader, ChainWriter, type DescriptorChain } from "../../src/chain.ts";
 import { QueuePair, processQueue } from "../../src/kick.ts";
 import { GuestErrorLog } from "../../src/guest_errors.ts";
@@ -115,7 +115,7 @@ export class NetPairRunner implements QueueRunner {
 
   start(ring: VirtqueueConfig, mem: GuestMemory, ackedFeatures: bigint): void {
     const p = this.pair(ring.index >> 1);
-    const q = new Virtqueue(mem, ring);
+    const q = openVirtqueue(mem, ring);
     p.features = ackedFeatures;
     if (ring.index % 2 === 0) {
       p.rx = q;

@@ -5,7 +5,7 @@
 // ring that stops gives its held chains back (rewound, so the next owner of the ring serves them
 // again) or, when that is impossible, completes them: GET_VRING_BASE's answer is always final.
 import { COMMON_FEATURES, type DeviceContext, type VhostUserDevice } from "../../src/device.ts";
-import { Virtqueue, type VirtqueueConfig, type RingPosition } from "../../src/virtqueue.ts";
+import { openVirtqueue, type Virtqueue, type VirtqueueConfig, type RingPosition } from "../../src/virtqueue.ts";
 import type { DescriptorChain } from "../../src/chain.ts";
 import type { GuestMemory } from "../../src/memory.ts";
 import { WatchedQueue, processQueue } from "../../src/kick.ts";
@@ -144,7 +144,7 @@ export class SndDevice implements VhostUserDevice, ControlTarget {
   startQueue(ring: VirtqueueConfig, mem: GuestMemory): void {
     const ws = this.watched(ring.index);
     if (ws === null) return;
-    ws.start(new Virtqueue(mem, ring));
+    ws.start(openVirtqueue(mem, ring));
     const dir = ring.index === P.VQ_TX ? P.D_OUTPUT : ring.index === P.VQ_RX ? P.D_INPUT : null;
     if (dir !== null) this.enginesOf(dir).forEach((e) => e.attach());
   }

@@ -20,9 +20,16 @@ export interface RunningBackend {
   stop(): Promise<{ code: number | null; stderr: string }>;
 }
 
-export async function startBackend(device: string, socket: string, args: string[], opts: { stdin?: "pipe" | "ignore" } = {}): Promise<RunningBackend> {
+export async function startBackend(
+  device: string,
+  socket: string,
+  args: string[],
+  opts: { stdin?: "pipe" | "ignore"; env?: Record<string, string> } = {},
+): Promise<RunningBackend> {
   const proc = Bun.spawn([...backendCommand(), "device", device, "--socket", socket, ...args], {
     stdin: opts.stdin ?? "ignore",
+    // Extra variables on top of ours (e.g. test-only switches such as VHOST_BACKEND_TEST_NO_DIRTY_LOG).
+    env: opts.env ? { ...process.env, ...opts.env } : undefined,
     stdout: "pipe",
     stderr: "pipe",
   });

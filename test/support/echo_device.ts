@@ -2,7 +2,7 @@
 // writable buffers. It keeps a request counter and an 8-byte writable config field as state, so
 // snapshot/restore and config access have something real to carry.
 import { COMMON_FEATURES, type DeviceDefinition, type VhostUserDevice, type DeviceContext, type QueueRunner } from "../../src/device.ts";
-import { Virtqueue, type VirtqueueConfig, type RingPosition } from "../../src/virtqueue.ts";
+import { openVirtqueue, type Virtqueue, type VirtqueueConfig, type RingPosition } from "../../src/virtqueue.ts";
 import { ChainReader, ChainWriter } from "../../src/chain.ts";
 import type { GuestMemory } from "../../src/memory.ts";
 import { WatchedQueue, processQueue } from "../../src/kick.ts";
@@ -21,7 +21,7 @@ class EchoRunner implements QueueRunner {
 
   start(ring: VirtqueueConfig, mem: GuestMemory): void {
     this.stop(ring.index);
-    const queue = new Virtqueue(mem, ring);
+    const queue = openVirtqueue(mem, ring);
     const watched: WatchedQueue = new WatchedQueue(this.loop, () => this.echo(queue, watched));
     this.queues.set(ring.index, watched);
     watched.start(queue);

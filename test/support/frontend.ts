@@ -14,6 +14,9 @@ import { u64Bytes, vringStateBytes } from "../../src/protocol/codec.ts";
 import { Req, HEADER_SIZE, FLAG_REPLY, FLAG_NEED_REPLY, VERSION, reqName } from "../../src/protocol/constants.ts";
 import type { FromWorker, ToWorker } from "../../src/worker.ts";
 
+/** VIRTIO_F_RING_PACKED (bit 34). */
+export const RING_PACKED = 1n << 34n;
+
 export const VIRTQ_DESC_F_NEXT = 1;
 export const VIRTQ_DESC_F_WRITE = 2;
 export const VIRTQ_DESC_F_INDIRECT = 4;
@@ -429,7 +432,9 @@ export class Vmm {
     const proto = protocol ?? offeredProto;
     c.send(Req.SET_PROTOCOL_FEATURES, u64(proto));
     c.send(Req.SET_OWNER);
-    const features = want ?? offered;
+    // This driver builds split rings: it takes every offered feature but VIRTIO_F_RING_PACKED
+    // unless told otherwise (a real driver acks packed only when it lays its rings out so).
+    const features = want ?? offered & ~RING_PACKED;
     if (c.ack(Req.SET_FEATURES, u64(features)) !== 0n) throw new Error("SET_FEATURES refused");
     return { features, protocol: proto };
   }

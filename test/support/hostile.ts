@@ -467,7 +467,7 @@ export class HostileFront {
     const proto = c.requestU64(Req.GET_PROTOCOL_FEATURES);
     c.send(Req.SET_PROTOCOL_FEATURES, u64(proto));
     c.send(Req.SET_OWNER);
-    this.features = offered & mask;
+    this.features = offered & mask & ~(1n << 34n); // split rings only: no VIRTIO_F_RING_PACKED
     this.ok(c.ack(Req.SET_FEATURES, u64(this.features)), "SET_FEATURES");
     return this.features;
   }

@@ -7,7 +7,7 @@
 // thread built them, and the features and EVENT_IDX flag each queue's last start carried.
 import { threadId } from "node:worker_threads";
 import { COMMON_FEATURES, type DeviceDefinition, type VhostUserDevice, type DeviceContext, type QueueRunner } from "../../src/device.ts";
-import { Virtqueue, type VirtqueueConfig, type RingPosition } from "../../src/virtqueue.ts";
+import { openVirtqueue, type Virtqueue, type VirtqueueConfig, type RingPosition } from "../../src/virtqueue.ts";
 import { ChainReader, ChainWriter } from "../../src/chain.ts";
 import type { GuestMemory } from "../../src/memory.ts";
 import { WatchedQueue, processQueue, fillQueue } from "../../src/kick.ts";
@@ -75,7 +75,7 @@ class PairRunner implements QueueRunner {
     Atomics.store(this.shared, pairFeatHi(ring.index), Number(ackedFeatures >> 32n) | 0);
     Atomics.store(this.shared, pairEventIdx(ring.index), ring.eventIdx ? 1 : 0);
     Atomics.add(this.shared, PAIR_STARTS, 1);
-    const queue = new Virtqueue(mem, ring);
+    const queue = openVirtqueue(mem, ring);
     if (ring.index === PAIR_TX) {
       const watched: WatchedQueue = new WatchedQueue(this.loop, () => this.send(queue, watched));
       this.tx = { queue, watched };

@@ -7,7 +7,7 @@ import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { GuestRam, DriverQueue, BackendUnderTest, Vmm, Req, u64, vringState, VIRTQ_DESC_F_NEXT } from "../support/frontend.ts";
 import { GuestMemory, MemoryRegion } from "../../src/memory.ts";
-import { Virtqueue } from "../../src/virtqueue.ts";
+import { SplitVirtqueue, SplitVirtqueue as Virtqueue } from "../../src/virtqueue.ts";
 import { ChainReader, ChainWriter } from "../../src/chain.ts";
 import { EventLoop, nowUs } from "../../src/event_loop.ts";
 import { WatchedQueue, processQueue, TURN_BUDGET_CHAINS } from "../../src/kick.ts";
@@ -35,7 +35,7 @@ let dq: DriverQueue | undefined;
 function queue(size = 16): Virtqueue {
   dq?.dispose();
   dq = new DriverQueue(ram, 0, size);
-  return new Virtqueue(mem, {
+  return new SplitVirtqueue(mem, {
     index: 0, size: dq.size, descGpa: dq.desc, availGpa: dq.avail, usedGpa: dq.used,
     eventIdx: false, indirect: true, nextAvail: 0, kickFd: dq.kick, callFd: dq.call, errFd: -1,
   });

@@ -4,7 +4,7 @@
 import { describe, test, expect, beforeEach, afterEach } from "bun:test";
 import { GuestRam, DriverQueue, BackendUnderTest, Vmm, Req } from "../support/frontend.ts";
 import { GuestMemory, MemoryRegion } from "../../src/memory.ts";
-import { Virtqueue, type VirtqueueConfig } from "../../src/virtqueue.ts";
+import { SplitVirtqueue, type VirtqueueConfig } from "../../src/virtqueue.ts";
 import { InflightRegion, queueRegionSize } from "../../src/inflight.ts";
 import { inflightBytes } from "../../src/protocol/codec.ts";
 import { fstat } from "../../ffi/io.ts";
@@ -50,21 +50,21 @@ afterEach(() => {
 describe("inflight region", () => {
   test("a fresh region replays nothing and keeps the front-end's base", () => {
     requests(2);
-    const q = new Virtqueue(mem, ring(0));
+    const q = new SplitVirtqueue(mem, ring(0));
     expect(q.nextAvail).toBe(0);
     expect(q.pop()).not.toBeNull();
   });
 
   test("requests completed out of order: the new process replays the others, in pop order, then continues the ring", () => {
     const heads = requests(5);
-    const a = new Virtqueue(mem, ring(0));
+    const a = new SplitVirtqueue(mem, ring(0));
     const popped = [a.pop()!, a.pop()!, a.pop()!, a.pop()!];
     a.add(popped[2]!.head, 64); // completes the third first (io_uring on a real disk does)
     a.add(popped[0]!.head, 64);
     a.flush();
     // kill -9 here: the front-end restarts the ring from its used index (2).
     expect(dq.usedIdx()).toBe(2);
-    const b = new Virtqueue(mem, ring(2));
+    const b = new SplitVirtqueue(mem, ring(2));
     expect(b.pop()!.head).toBe(heads[1]!);
     expect(b.pop()!.head).toBe(heads[3]!);
     expect(b.pop()!.head).toBe(heads[4]!); // never popped before: taken from the ring after the replay
@@ -74,7 +74,7 @@ describe("inflight region", () => {
 
   test("a crash after the used index was stored but before the batch was cleared: the batch is not replayed", () => {
     const heads = requests(3);
-    const a = new Virtqueue(mem, ring(0));
+    const a = new SplitVirtqueue(mem, ring(0));
     const c0 = a.pop()!;
     const c1 = a.pop()!;
     a.pop();
@@ -83,18 +83,18 @@ describe("inflight region", () => {
     // The process dies between the used-index store and clearing the batch's flags.
     (a as unknown as { inflightRegion: { published: () => void } }).inflightRegion.published = () => {};
     a.flush();
-    const b = new Virtqueue(mem, ring(2));
+    const b = new SplitVirtqueue(mem, ring(2));
     expect(b.pop()!.head).toBe(heads[2]!);
     expect(b.pop()).toBeNull();
   });
 
   test("a crash before the used index was stored: the completions are replayed (the driver never saw them)", () => {
     const heads = requests(2);
-    const a = new Virtqueue(mem, ring(0));
+    const a = new SplitVirtqueue(mem, ring(0));
     const c0 = a.pop()!;
     a.pop();
     a.add(c0.head, 64); // written to the used ring, not published: the process dies here
-    const b = new Virtqueue(mem, ring(0));
+    const b = new SplitVirtqueue(mem, ring(0));
     expect(b.pop()!.head).toBe(heads[0]!);
     expect(b.pop()!.head).toBe(heads[1]!);
     expect(b.pop()).toBeNull();
@@ -102,11 +102,11 @@ describe("inflight region", () => {
 
   test("a rewound chain is not in flight; a replayed one rewinds back into the replay", () => {
     const heads = requests(3);
-    const a = new Virtqueue(mem, ring(0));
+    const a = new SplitVirtqueue(mem, ring(0));
     a.pop();
     a.pop();
     a.rewind(1);
-    const b = new Virtqueue(mem, ring(0));
+    const b = new SplitVirtqueue(mem, ring(0));
     expect(b.pop()!.head).toBe(heads[0]!); // replayed
     b.rewind(1);
     expect(b.pop()!.head).toBe(heads[0]!); // replayed again after the rewind
@@ -117,7 +117,7 @@ describe("inflight region", () => {
   test("a region sized for smaller rings is refused, and one of another ring size starts fresh", () => {
     const small = InflightRegion.allocate(1, 8);
     try {
-      expect(() => new Virtqueue(mem, { ...ring(0), inflight: small.region.queue(0) })).toThrow(/inflight region/);
+      expect(() => new SplitVirtqueue(mem, { ...ring(0), inflight: small.region.queue(0) })).toThrow(/inflight region/);
     } finally {
       small.region.unmap();
       close(small.fd);

@@ -3,7 +3,7 @@
 import { describe, test, expect, beforeEach, afterEach } from "bun:test";
 import { GuestRam, DriverQueue, VIRTQ_DESC_F_NEXT, VIRTQ_DESC_F_WRITE, VIRTQ_DESC_F_INDIRECT } from "../support/frontend.ts";
 import { GuestMemory, MemoryRegion } from "../../src/memory.ts";
-import { Virtqueue } from "../../src/virtqueue.ts";
+import { SplitVirtqueue, SplitVirtqueue as Virtqueue } from "../../src/virtqueue.ts";
 import { ChainReader, ChainWriter } from "../../src/chain.ts";
 import { drain } from "../../ffi/eventfd.ts";
 import { setLogLevel } from "../../src/log.ts";
@@ -18,7 +18,7 @@ let dq: DriverQueue;
 
 function queue(opts: { eventIdx?: boolean; indirect?: boolean; size?: number } = {}): Virtqueue {
   dq = new DriverQueue(ram, 0, opts.size ?? 16);
-  return new Virtqueue(mem, {
+  return new SplitVirtqueue(mem, {
     index: 0, size: dq.size, descGpa: dq.desc, availGpa: dq.avail, usedGpa: dq.used,
     eventIdx: opts.eventIdx ?? false, indirect: opts.indirect ?? true, nextAvail: 0,
     kickFd: dq.kick, callFd: dq.call, errFd: -1,
@@ -162,9 +162,9 @@ describe("descriptor chains", () => {
   test("rings outside guest memory or misaligned are refused at start", () => {
     dq = new DriverQueue(ram, 0, 16);
     const base = { index: 0, size: 16, eventIdx: false, indirect: true, nextAvail: 0, kickFd: -1, callFd: -1, errFd: -1 };
-    expect(() => new Virtqueue(mem, { ...base, descGpa: (1 << 20) - 64, availGpa: dq.avail, usedGpa: dq.used })).toThrow(/outside/);
-    expect(() => new Virtqueue(mem, { ...base, descGpa: dq.desc + 8, availGpa: dq.avail, usedGpa: dq.used })).toThrow(/aligned/);
-    expect(() => new Virtqueue(mem, { ...base, size: 12, descGpa: dq.desc, availGpa: dq.avail, usedGpa: dq.used })).toThrow(/power of 2/);
+    expect(() => new SplitVirtqueue(mem, { ...base, descGpa: (1 << 20) - 64, availGpa: dq.avail, usedGpa: dq.used })).toThrow(/outside/);
+    expect(() => new SplitVirtqueue(mem, { ...base, descGpa: dq.desc + 8, availGpa: dq.avail, usedGpa: dq.used })).toThrow(/aligned/);
+    expect(() => new SplitVirtqueue(mem, { ...base, size: 12, descGpa: dq.desc, availGpa: dq.avail, usedGpa: dq.used })).toThrow(/power of 2/);
   });
 });
 

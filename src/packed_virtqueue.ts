@@ -1,0 +1,378 @@
+// The device side of a packed virtqueue (virtio 1.2 §2.8, VIRTIO_F_RING_PACKED). One descriptor
+// ring carries both directions: the driver makes a chain available by writing its first
+// descriptor's flags (AVAIL = its wrap counter, USED = the inverse) last; the device writes one
+// used descriptor per chain (the buffer id, the length, flags AVAIL = USED = its wrap counter) and
+// moves on by the chain's descriptor count. Guest memory is untrusted: the first descriptor's
+// flags are read with a barrier, every field once, chains are bounded by the ring size, every
+// buffer is checked against the memory table; devices see the same DescriptorChain as on a split
+// ring and cannot tell the two apart.
+//
+// Rewound chains (a device that could not start a request, MRG_RXBUF chains a frame did not need)
+// are kept, already walked, and handed out again before the ring is read: on a packed ring the
+// device's used descriptors overwrite the slots of chains it consumed, so the ring position cannot
+// simply move back. A stop reports the position of the first rewound chain, whose slots are still
+// the driver's (used writes never reach past the chains completed before it).
+import type { GuestMemory } from "./memory.ts";
+import { DescriptorChain, ChainError, appendBuffer } from "./chain.ts";
+import { DirtyLog } from "./dirty_log.ts";
+import { signal } from "../ffi/eventfd.ts";
+import { GuestErrorLog } from "./guest_errors.ts";
+import {
+  VIRTQ_DESC_F_NEXT, VIRTQ_DESC_F_WRITE, VIRTQ_DESC_F_INDIRECT, MAX_QUEUE_SIZE, MAX_INDIRECT_ENTRIES,
+  locate, type Located, type VirtqueueConfig, type RingPosition,
+} from "./ring.ts";
+import type { Virtqueue } from "./virtqueue.ts";
+
+const F_AVAIL = 1 << 7;
+const F_USED = 1 << 15;
+/** Event suppression flags (driver and device areas: off_wrap u16, flags u16). */
+const EVENT_ENABLE = 0;
+const EVENT_DISABLE = 1;
+const EVENT_DESC = 2;
+const WRAP = 1 << 15;
+
+/** Throws if `c` does not describe a packed ring that lies in `mem`. */
+export function checkPackedRing(mem: GuestMemory, c: VirtqueueConfig): void {
+  if (c.size === 0 || c.size > MAX_QUEUE_SIZE) throw new Error(`queue ${c.index}: size ${c.size} is not in 1..${MAX_QUEUE_SIZE}`);
+  locate(mem, c.descGpa, 16 * c.size, 16, `queue ${c.index} descriptor ring`);
+  locate(mem, c.availGpa, 4, 4, `queue ${c.index} driver event area`);
+  locate(mem, c.usedGpa, 4, 4, `queue ${c.index} device event area`);
+}
+
+/** A chain taken from the ring, for completion and rewind. */
+interface Popped {
+  id: number;
+  /** Ring descriptors the chain took (1 for an indirect one). */
+  count: number;
+  /** Where the ring stood before it (index | wrap << 15). */
+  from: number;
+  chain: DescriptorChain;
+}
+
+export class PackedVirtqueue implements Virtqueue {
+  readonly index: number;
+  readonly size: number;
+  readonly eventIdx: boolean;
+  private readonly indirect: boolean;
+  private readonly maxIndirect: number;
+  kickFd: number;
+  callFd: number;
+  errFd: number;
+  broken = false;
+  inFlight = 0;
+  readonly config: VirtqueueConfig;
+  notifyLater: (() => void) | null = null;
+  private readonly errorLog: GuestErrorLog;
+
+  private readonly ring: Located;
+  private readonly ringU16: Uint16Array;
+  private readonly ringFlags0: number;
+  private readonly driverArea: Located;
+  private readonly deviceArea: Located;
+  /** Next descriptor to read, and the driver's wrap counter we expect there. */
+  private availIdx: number;
+  private availWrap: boolean;
+  /** Next slot for a used descriptor, and our wrap counter. */
+  private usedIdx: number;
+  private usedWrap: boolean;
+  /** Chains in flight by buffer id. */
+  private readonly byId: (Popped | undefined)[];
+  /** Chains popped and not completed, in pop order (rewind takes from the end). */
+  private readonly order: Popped[] = [];
+  /** Rewound chains, handed out again before the ring is read. */
+  private readonly stash: Popped[] = [];
+  /** Used descriptors written but not yet published: slot and flags, in completion order. */
+  private pendingUsed: { slot: number; flags: number }[] = [];
+  private signalledUsed: number | null = null;
+  private readonly log: DirtyLog | null;
+
+  constructor(private readonly mem: GuestMemory, c: VirtqueueConfig) {
+    this.index = c.index;
+    this.size = c.size;
+    this.eventIdx = c.eventIdx;
+    this.indirect = c.indirect;
+    this.maxIndirect = Math.max(c.size, MAX_INDIRECT_ENTRIES);
+    this.kickFd = c.kickFd;
+    this.callFd = c.callFd;
+    this.errFd = c.errFd;
+    if (c.size === 0 || c.size > MAX_QUEUE_SIZE) throw new Error(`queue ${c.index}: size ${c.size} is not in 1..${MAX_QUEUE_SIZE}`);
+    this.ring = locate(mem, c.descGpa, 16 * c.size, 16, `queue ${c.index} descriptor ring`);
+    this.driverArea = locate(mem, c.availGpa, 4, 4, `queue ${c.index} driver event area`);
+    this.deviceArea = locate(mem, c.usedGpa, 4, 4, `queue ${c.index} device event area`);
+    this.ringU16 = this.ring.win.u16;
+    this.ringFlags0 = (this.ring.off + 14) / 2;
+    // GET/SET_VRING_BASE for packed rings: index in bits 0-14, wrap counter in bit 15 (a fresh
+    // ring starts at 0 with the counter set). The used side continues where the available side
+    // stopped, unless the front-end says otherwise (bits 16-31, or nextUsed).
+    const avail = c.nextAvail & 0xffff;
+    const used = c.nextUsed ?? (c.nextAvail > 0xffff ? c.nextAvail >>> 16 : avail);
+    this.availIdx = (avail & 0x7fff) % c.size;
+    this.availWrap = (avail & WRAP) !== 0 || c.nextAvail === 0;
+    this.usedIdx = (used & 0x7fff) % c.size;
+    this.usedWrap = (used & WRAP) !== 0 || (c.nextAvail === 0 && c.nextUsed === undefined);
+    this.byId = new Array(c.size);
+    this.log = c.log ? DirtyLog.borrow(c.log) : null;
+    this.config = { ...c };
+    this.errorLog = new GuestErrorLog(`queue ${c.index}`);
+  }
+
+  get errors(): number {
+    return this.errorLog.count;
+  }
+
+  private guestError(message: string): void {
+    this.errorLog.report(message);
+  }
+
+  private breakRing(message: string): void {
+    this.guestError(`${message}; queue stopped until reset`);
+    this.broken = true;
+    if (this.errFd >= 0) signal(this.errFd);
+  }
+
+  private get availPos(): number {
+    return this.availIdx | (this.availWrap ? WRAP : 0);
+  }
+
+  /** Where a stop leaves the ring: before the first rewound chain, if any. */
+  get nextAvail(): number {
+    return this.stash.length > 0 ? this.stash[0]!.from : this.availPos;
+  }
+
+  get nextUsed(): number {
+    return this.usedIdx | (this.usedWrap ? WRAP : 0);
+  }
+
+  position(): RingPosition {
+    return { nextAvail: this.nextAvail, nextUsed: this.nextUsed };
+  }
+
+  private descAvailable(slot: number, wrap: boolean): boolean {
+    const f = Atomics.load(this.ringU16, this.ringFlags0 + slot * 8);
+    return ((f & F_AVAIL) !== 0) === wrap && ((f & F_USED) !== 0) !== wrap;
+  }
+
+  pending(): number {
+    if (this.broken) return 0;
+    return this.stash.length > 0 || this.descAvailable(this.availIdx, this.availWrap) ? 1 : 0;
+  }
+
+  pop(): DescriptorChain | null {
+    const again = this.stash.shift();
+    if (again !== undefined) {
+      this.track(again);
+      return again.chain;
+    }
+    for (;;) {
+      if (this.broken || !this.descAvailable(this.availIdx, this.availWrap)) return null;
+      const from = this.availPos;
+      let walked: { id: number; count: number; chain: DescriptorChain | null; error: string | null };
+      try {
+        walked = this.walk();
+      } catch (e) {
+        if (!(e instanceof ChainError)) throw e;
+        this.breakRing(e.message); // the chain's extent is unknown: the ring cannot be followed
+        return null;
+      }
+      this.advance(walked.count);
+      const { id, count } = walked;
+      if (this.byId[id] !== undefined) {
+        this.guestError(`buffer id ${id} is already in flight; chain skipped`);
+        continue;
+      }
+      const popped: Popped = { id, count, from, chain: walked.chain ?? new DescriptorChain(id) };
+      this.track(popped);
+      if (walked.error !== null) {
+        this.guestError(`bad descriptor chain (buffer id ${id}): ${walked.error}; completed with length 0`);
+        this.add(id, 0);
+        continue;
+      }
+      return popped.chain;
+    }
+  }
+
+  private track(p: Popped): void {
+    this.byId[p.id] = p;
+    this.order.push(p);
+    this.inFlight++;
+  }
+
+  private advance(n: number): void {
+    this.availIdx += n;
+    if (this.availIdx >= this.size) {
+      this.availIdx -= this.size;
+      this.availWrap = !this.availWrap;
+    }
+  }
+
+  /**
+   * Walks the chain at the available position. Its extent (count) and buffer id (of its last
+   * descriptor) must be found, or the ring is broken (ChainError); a chain whose buffers are bad
+   * is returned with `error` set, to be completed empty.
+   */
+  private walk(): { id: number; count: number; chain: DescriptorChain | null; error: string | null } {
+    const dv = this.ring.win.dv;
+    const base = this.ring.off;
+    let slot = this.availIdx;
+    let count = 0;
+    let id = 0;
+    let error: string | null = null;
+    let chain: DescriptorChain | null = new DescriptorChain(0);
+    for (;;) {
+      if (++count > this.size) throw new ChainError(`chain longer than the ring's ${this.size} descriptors`);
+      const o = base + slot * 16;
+      const gpa = dv.getUint32(o + 4, true) * 0x1_0000_0000 + dv.getUint32(o, true);
+      const len = dv.getUint32(o + 8, true);
+      id = dv.getUint16(o + 12, true);
+      const flags = dv.getUint16(o + 14, true);
+      if (error === null) {
+        try {
+          if (flags & VIRTQ_DESC_F_INDIRECT) {
+            if (count !== 1 || flags & VIRTQ_DESC_F_NEXT) throw new ChainError("an indirect descriptor must be alone in its chain");
+            this.walkIndirect(chain!, gpa, len);
+          } else appendBuffer(chain!, this.mem, gpa, len, (flags & VIRTQ_DESC_F_WRITE) !== 0);
+        } catch (e) {
+          if (!(e instanceof ChainError)) throw e;
+          error = e.message;
+          chain = null;
+        }
+      }
+      if ((flags & VIRTQ_DESC_F_NEXT) === 0) break;
+      slot = slot + 1 === this.size ? 0 : slot + 1;
+    }
+    if (id >= this.size) throw new ChainError(`buffer id ${id} (ring of ${this.size})`);
+    if (chain !== null) (chain as { head: number }).head = id;
+    return { id, count, chain, error };
+  }
+
+  private walkIndirect(chain: DescriptorChain, gpa: number, len: number): void {
+    if (!this.indirect) throw new ChainError("indirect descriptor without VIRTIO_F_INDIRECT_DESC");
+    if (len === 0 || len % 16 !== 0 || len / 16 > this.maxIndirect) {
+      throw new ChainError(`indirect table of ${len} bytes (needs 16..${16 * this.maxIndirect}, a multiple of 16)`);
+    }
+    const r = this.mem.translate(gpa, len);
+    const win = r === null ? null : r.region.window(r.offset, len);
+    if (r === null || win === null) throw new ChainError(`indirect table 0x${gpa.toString(16)}+${len} outside guest memory`);
+    const dv = win.dv;
+    const base = r.offset - win.start;
+    // Packed indirect tables are read in order; NEXT is ignored in them (§2.8.19).
+    for (let i = 0; i < len / 16; i++) {
+      const o = base + i * 16;
+      const flags = dv.getUint16(o + 14, true);
+      if (flags & VIRTQ_DESC_F_INDIRECT) throw new ChainError("nested indirect table");
+      appendBuffer(chain, this.mem, dv.getUint32(o + 4, true) * 0x1_0000_0000 + dv.getUint32(o, true), dv.getUint32(o + 8, true), (flags & VIRTQ_DESC_F_WRITE) !== 0);
+    }
+  }
+
+  /** Gives back the last `n` chains popped and not completed; they are handed out again first. */
+  rewind(n = 1): void {
+    if (n > this.order.length) throw new Error(`queue ${this.index}: rewind of ${n} chains, but only ${this.order.length} popped ones are not in flight`);
+    for (let i = 0; i < n; i++) {
+      const p = this.order.pop()!;
+      this.byId[p.id] = undefined;
+      this.inFlight--;
+      this.stash.unshift(p);
+    }
+  }
+
+  undoPop(): void {
+    this.rewind(1);
+  }
+
+  /** Writes the used descriptor for buffer `id`; the driver sees it at the next flush(). */
+  add(id: number, len: number): void {
+    const p = id < this.size ? this.byId[id] : undefined;
+    if (p === undefined) throw new Error(`queue ${this.index}: completion of buffer ${id}, which is not in flight`);
+    this.byId[id] = undefined;
+    this.inFlight--;
+    const k = this.order.indexOf(p);
+    if (k >= 0) this.order.splice(k, 1);
+    const slot = this.usedIdx;
+    const o = this.ring.off + slot * 16;
+    const dv = this.ring.win.dv;
+    dv.setUint32(o + 8, len, true);
+    dv.setUint16(o + 12, id, true);
+    this.pendingUsed.push({ slot, flags: (this.usedWrap ? F_AVAIL | F_USED : 0) | (len > 0 ? VIRTQ_DESC_F_WRITE : 0) });
+    if (this.log !== null) {
+      let left = len;
+      for (const seg of p.chain.writable) {
+        if (left <= 0) break;
+        const m = Math.min(seg.len, left);
+        this.log.mark(seg.region.gpa + seg.offset, m);
+        left -= m;
+      }
+    }
+    this.usedIdx += p.count;
+    if (this.usedIdx >= this.size) {
+      this.usedIdx -= this.size;
+      this.usedWrap = !this.usedWrap;
+    }
+  }
+
+  /**
+   * Publishes the used descriptors written since the last flush: their flags, the first one last
+   * (so the driver sees the batch at once), each store a release barrier.
+   */
+  flush(): void {
+    const batch = this.pendingUsed;
+    if (batch.length === 0) return;
+    this.pendingUsed = [];
+    for (let i = batch.length - 1; i >= 0; i--) {
+      const u = batch[i]!;
+      Atomics.store(this.ringU16, this.ringFlags0 + u.slot * 8, u.flags);
+      this.log?.mark(this.config.descGpa + u.slot * 16, 16);
+    }
+    if (this.log !== null && this.config.logFd !== undefined) signal(this.config.logFd);
+    if (this.notifyLater !== null) this.notifyLater();
+    else if (this.needsNotification()) this.notify();
+  }
+
+  /** No cheap estimate on a packed ring: never counts as busy for coalescing. */
+  driverOutstanding(): number {
+    return 0;
+  }
+
+  notifyIfNeeded(): void {
+    if (this.needsNotification()) this.notify();
+  }
+
+  /** The driver's event suppression (QEMU's virtio_packed_should_notify). */
+  private needsNotification(): boolean {
+    const u16 = this.driverArea.win.u16;
+    const at = this.driverArea.off / 2;
+    const flags = Atomics.load(u16, at + 1);
+    const now = this.usedIdx;
+    const old = this.signalledUsed;
+    this.signalledUsed = now;
+    if (flags === EVENT_DISABLE) return false;
+    if (flags !== EVENT_DESC || !this.eventIdx) return true;
+    if (old === null) return true;
+    const offWrap = Atomics.load(u16, at);
+    let off = offWrap & 0x7fff;
+    if (((offWrap & WRAP) !== 0) !== this.usedWrap) off -= this.size;
+    return ((now - off - 1) & 0xffff) < ((now - old) & 0xffff);
+  }
+
+  notify(): void {
+    if (this.callFd >= 0) signal(this.callFd);
+  }
+
+  private setDeviceEvent(flags: number, offWrap?: number): void {
+    const u16 = this.deviceArea.win.u16;
+    const at = this.deviceArea.off / 2;
+    if (offWrap !== undefined) Atomics.store(u16, at, offWrap);
+    Atomics.store(u16, at + 1, flags);
+    this.log?.mark(this.config.usedGpa, 4);
+  }
+
+  disableNotification(): void {
+    this.setDeviceEvent(EVENT_DISABLE);
+  }
+
+  enableNotification(): boolean {
+    if (this.broken) return false;
+    if (this.eventIdx) this.setDeviceEvent(EVENT_DESC, this.availPos);
+    else this.setDeviceEvent(EVENT_ENABLE);
+    return this.pending() !== 0;
+  }
+}
