@@ -7,8 +7,8 @@
 //   puts the chain back and waits for EPOLLOUT; the loop never blocks.
 // - receive: ONE readv from the tap straight into guest receive buffers. With MRG_RXBUF a frame may
 //   span several chains: enough chains for the largest frame the guest may receive are popped
-//   first (chains a frame did not need serve the next frame, and are rewound at the end of the
-//   batch); num_buffers is written into the first. When the guest has no buffers, reading stops
+//   first (chains a frame did not need stay held for the next frames, and go back to the ring
+//   when the queue stops); num_buffers is written into the first. When the guest has no buffers, reading stops
 //   until its next kick: frames wait in (or are dropped by) the kernel's tap queue, never truncated
 //   or merged here.
 import { ptr } from "bun:ffi";
@@ -132,11 +132,12 @@ export class NetPairRunner implements QueueRunner {
     const p = this.pairs.get(index >> 1);
     if (p === undefined) return null;
     if (index % 2 === 0 && p.rx !== null && p.held.length > 0) {
-      // A frame waiting for more buffers: its chains go back to the ring and the frame is dropped.
+      // Held receive chains go back to the ring, in order (they are the latest pops); a frame
+      // waiting for more buffers is dropped with them.
       p.rx.rewind(p.held.length);
       p.clearHeld();
+      if (p.tail !== null) this.shared.count(p.index, PairStat.RxDropped);
       p.tail = null;
-      this.shared.count(p.index, PairStat.RxDropped);
     }
     const pos = p.queues.member(index).stop();
     if (index % 2 === 0) p.rx = null;
@@ -324,12 +325,8 @@ export class NetPairRunner implements QueueRunner {
         this.completeFrame(p, q, n, mergeable);
       }
     } finally {
-      // Chains no frame needed go back to the driver's ring, in order (they are the latest pops);
-      // those holding the start of a frame in progress stay until its tail is delivered.
-      if (p.tail === null && p.held.length > 0) {
-        q.rewind(p.held.length);
-        p.clearHeld();
-      }
+      // Chains no frame needed yet stay held for the next frames (popped and walked once, not per
+      // wakeup); stop() gives them back to the ring.
       q.flush();
     }
   }
