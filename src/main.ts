@@ -144,6 +144,9 @@ function supervise(start: ToWorker, socketPath: string | undefined): Promise<voi
   process.on("SIGTERM", () => shutdown("SIGTERM"));
   process.on("SIGINT", () => shutdown("SIGINT"));
   process.on("SIGWINCH", () => toWorker({ type: "host-event", name: "resize" }));
+  // Host events a device may act on (sound: jacks unplugged and plugged back, as a headset would).
+  process.on("SIGUSR1", () => toWorker({ type: "host-event", name: "jack-unplug" }));
+  process.on("SIGUSR2", () => toWorker({ type: "host-event", name: "jack-plug" }));
   worker.onmessage = (ev: MessageEvent<FromWorker>) => {
     const msg = ev.data;
     if (msg.type === "ready") wakeFd = msg.wakeFd;
