@@ -7,6 +7,7 @@ import { DirtyLog } from "./dirty_log.ts";
 import { QueueInflight } from "./inflight.ts";
 import { signal } from "../ffi/eventfd.ts";
 import { GuestErrorLog } from "./guest_errors.ts";
+import { log } from "./log.ts";
 import {
   VIRTQ_DESC_F_NEXT, VIRTQ_DESC_F_WRITE, VIRTQ_DESC_F_INDIRECT, MAX_QUEUE_SIZE, MAX_INDIRECT_ENTRIES,
   locate, type Located, type VirtqueueConfig, type RingPosition,
@@ -127,6 +128,7 @@ export class SplitVirtqueue implements Virtqueue {
       // its original order; the available ring continues after them (libvhost-user does the same).
       this.resubmit = this.inflightRegion.recover(Atomics.load(this.usedU16, this.usedIdx));
       if (this.resubmit.length > 0) {
+        log.info(`queue ${c.index}: resubmitting ${this.resubmit.length} chain(s) left in flight by the previous backend`);
         this.nextUsed = Atomics.load(this.usedU16, this.usedIdx);
         this.nextAvail = (this.nextUsed + this.resubmit.length) & 0xffff;
       }

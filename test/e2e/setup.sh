@@ -373,13 +373,25 @@ step_initramfs() {
 }
 
 # ---------------------------------------------------------------------------------------------------
-# Patched QEMU with user-creatable vhost-user-device(-pci)
+# Patched QEMU with user-creatable vhost-user-device(-pci) whose back-end state migrates
 # ---------------------------------------------------------------------------------------------------
 
 QEMU_CONSOLE="$CACHE/qemu-console/qemu-system-x86_64"
+# Patches applied (patch -p1) on top of the user_creatable edit; part of the build's cache key.
+QEMU_CONSOLE_PATCHES=("$(dirname "$SCRIPT_PATH")"/qemu-patches/*.patch)
+
+# Changes whenever the recipe below or a patch changes: a binary built from another recipe is rebuilt.
+qemu_console_key() {
+  { echo "qemu-console recipe 2 ($QEMU_UPSTREAM_VERSION): user_creatable edit, edk2 skip"
+    cat "${QEMU_CONSOLE_PATCHES[@]}"
+  } | sha256sum | cut -c1-32
+}
 
 step_qemu_console() {
-  if [ -x "$QEMU_CONSOLE" ]; then return 0; fi
+  local key
+  key="$(qemu_console_key)"
+  if [ -x "$QEMU_CONSOLE" ] && [ "$(cat "$QEMU_CONSOLE.key" 2>/dev/null)" = "$key" ]; then return 0; fi
+  [ -x "$QEMU_CONSOLE" ] && log "patched QEMU is out of date (recipe or patches changed): rebuilding"
   local work="$CACHE/qemu-console/work"
   rm -rf "$work" && mkdir -p "$work"
   log "fetching QEMU source package (bookworm-backports)"
@@ -407,6 +419,11 @@ step_qemu_console() {
     "$src/hw/virtio/vhost-user-device.c" "$src/hw/virtio/vhost-user-device-pci.c"
   grep -q 'user_creatable = true' "$src/hw/virtio/vhost-user-device.c" || die "patch did not apply (device)"
   grep -q 'user_creatable = true' "$src/hw/virtio/vhost-user-device-pci.c" || die "patch did not apply (pci)"
+  # Back-end state migration for vhost-user-base devices (SET_DEVICE_STATE_FD, like vhost-user-fs).
+  local p
+  for p in "${QEMU_CONSOLE_PATCHES[@]}"; do
+    patch -p1 -N -s -d "$src" <"$p" >"$work/patch.log" 2>&1 || { cat "$work/patch.log" >&2; die "patch $(basename "$p") did not apply"; }
+  done
   # The +ds tarball has no firmware blobs: drop the edk2 unpack step (it would reference missing
   # .bz2 inputs). The binary uses Debian's firmware via -L at run time.
   sed -i 's/^if unpack_edk2_blobs$/if false/; s/^if install_edk2_blobs$/if false/' "$src/pc-bios/meson.build"
@@ -426,6 +443,7 @@ step_qemu_console() {
     || { tail -n 40 "$work/build.log" >&2; die "QEMU build failed"; }
   install -s -m 755 "$src/build/qemu-system-x86_64" "$QEMU_CONSOLE.tmp"
   mv "$QEMU_CONSOLE.tmp" "$QEMU_CONSOLE"
+  echo "$key" >"$QEMU_CONSOLE.key"
   # Keep the logs, drop the ~1 GB tree.
   mv "$work"/*.log "$CACHE/qemu-console/" 2>/dev/null || true
   rm -rf "$work"
