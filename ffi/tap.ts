@@ -86,6 +86,17 @@ export function tunSetIff(fd: number, name: string, flags: number): string {
   return ifreqName(r.buf);
 }
 
+/** TUNSETQUEUE (_IOW('T', 217, int)): attaches or detaches one queue of a multi_queue tap. */
+const TUNSETQUEUE = 0x400454d9;
+export const IFF_ATTACH_QUEUE = 0x0200;
+export const IFF_DETACH_QUEUE = 0x0400;
+
+export function tunSetQueue(fd: number, attach: boolean): void {
+  const r = ifreq("");
+  r.view.setUint16(IFNAMSIZ, attach ? IFF_ATTACH_QUEUE : IFF_DETACH_QUEUE, true);
+  ioctl(fd, TUNSETQUEUE, r.buf, `ioctl(TUNSETQUEUE ${attach ? "attach" : "detach"})`);
+}
+
 /** TUNGETIFF: the attached interface's name and IFF_* flags (EBADFD if `fd` is not attached). */
 export function tunGetIff(fd: number): { name: string; flags: number } {
   const r = ifreq("");

@@ -3,7 +3,7 @@
 // QEMU (tap_probe_*) and crosvm do and then follow what the guest negotiated, so the kernel only
 // hands us partial checksums and GSO frames the guest accepts.
 import { readFileSync } from "node:fs";
-import { libc, check, close, SysError, EPERM, EBUSY, EINVAL, ENOENT, ENOTTY, EAGAIN } from "../../ffi/libc.ts";
+import { close, SysError, EPERM, EBUSY, EINVAL, ENOENT, ENOTTY, EAGAIN } from "../../ffi/libc.ts";
 import { write, setNonBlocking } from "../../ffi/io.ts";
 import * as tun from "../../ffi/tap.ts";
 import {
@@ -20,10 +20,6 @@ const TAP_FLAGS = tun.IFF_TAP | tun.IFF_NO_PI | tun.IFF_VNET_HDR;
 /** The name template of taps we create (crosvm's), filled in by the kernel. */
 const CREATED_TAP_NAME = "vmtap%d";
 const EBADFD = 77;
-/** TUNSETQUEUE (_IOW('T', 217, int)) with IFF_ATTACH_QUEUE / IFF_DETACH_QUEUE in the ifreq flags. */
-const TUNSETQUEUE = 0x400454d9;
-const IFF_ATTACH_QUEUE = 0x0200;
-const IFF_DETACH_QUEUE = 0x0400;
 const CAP_NET_ADMIN_BIT = 12n;
 
 const NEEDS_CAP = "needs CAP_NET_ADMIN: run as root or give the binary cap_net_admin";
@@ -257,13 +253,9 @@ export class Tap {
   setActiveQueues(n: number): void {
     const want = Math.max(1, Math.min(n, this.fds.length));
     if (want === this.attachedQueues || this.closed) return;
-    const ifr = new Uint8Array(40);
-    const v = new DataView(ifr.buffer);
     for (let i = 1; i < this.fds.length; i++) {
       const attached = i < this.attachedQueues;
-      if (attached === i < want) continue;
-      v.setUint16(16, i < want ? IFF_ATTACH_QUEUE : IFF_DETACH_QUEUE, true);
-      check(libc.ioctl(this.fds[i]!, TUNSETQUEUE, ifr as never), `ioctl(TUNSETQUEUE ${i < want ? "attach" : "detach"} queue ${i} of ${this.name})`);
+      if (attached !== i < want) tun.tunSetQueue(this.fds[i]!, i < want);
     }
     this.attachedQueues = want;
   }
