@@ -57,7 +57,8 @@ interface Vring {
   addr: { desc: number; used: number; avail: number } | null;
   /** SET_VRING_ADDR's VHOST_VRING_F_LOG and log address: where used-ring writes are logged. */
   logUsed: number | null;
-  base: number;
+  /** SET_VRING_BASE's value or where the ring stopped; null until either (a fresh ring). */
+  base: number | null;
   kickFd: number;
   callFd: number;
   errFd: number;
@@ -70,7 +71,7 @@ interface Vring {
 }
 
 function newVring(): Vring {
-  return { num: 0, addr: null, logUsed: null, base: 0, kickFd: -1, callFd: -1, errFd: -1, enabled: false, started: false, running: false, nextUsed: undefined };
+  return { num: 0, addr: null, logUsed: null, base: null, kickFd: -1, callFd: -1, errFd: -1, enabled: false, started: false, running: false, nextUsed: undefined };
 }
 
 export class VhostUserHandler {
@@ -97,7 +98,7 @@ export class VhostUserHandler {
   }
 
   offeredFeatures(): bigint {
-    return this.device.features() | VHOST_FEATURES;
+    return this.device.features() | VHOST_FEATURES | VIRTIO_F_RING_PACKED;
   }
 
   offeredProtocolFeatures(): bigint {
@@ -405,6 +406,11 @@ export class VhostUserHandler {
     v.nextUsed = undefined;
   }
 
+  /** Where ring `v` starts: a fresh packed ring at index 0 with both wrap counters set. */
+  private baseOf(v: Vring): number {
+    return v.base ?? ((this.ackedFeatures & VIRTIO_F_RING_PACKED) !== 0n ? 0x8000 : 0);
+  }
+
   private getVringBase(index: number): number {
     const v = this.vring(index, "GET_VRING_BASE");
     this.deactivate(index);
@@ -416,7 +422,7 @@ export class VhostUserHandler {
       this.suspended = true;
       this.device.enterSuspendedState();
     }
-    return v.base;
+    return this.baseOf(v);
   }
 
   private setVringFd(code: number, index: number, fd: number): void {
@@ -486,7 +492,7 @@ export class VhostUserHandler {
       index, size: v.num, descGpa, availGpa, usedGpa,
       eventIdx: (this.ackedFeatures & VIRTIO_F_EVENT_IDX) !== 0n,
       indirect: (this.ackedFeatures & VIRTIO_F_INDIRECT_DESC) !== 0n,
-      nextAvail: v.base, nextUsed: v.nextUsed, kickFd: v.kickFd, callFd: v.callFd, errFd: v.errFd,
+      nextAvail: this.baseOf(v), nextUsed: v.nextUsed, kickFd: v.kickFd, callFd: v.callFd, errFd: v.errFd,
       packed,
     };
     // Inflight tracking has the split layout only (the spec's packed layout is not implemented).

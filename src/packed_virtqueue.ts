@@ -46,6 +46,8 @@ interface Popped {
   count: number;
   /** Where the ring stood before it (index | wrap << 15). */
   from: number;
+  /** Order of the chain in the ring (pops from the ring count up; a rewound chain keeps its own). */
+  seq: number;
   chain: DescriptorChain;
 }
 
@@ -85,6 +87,9 @@ export class PackedVirtqueue implements Virtqueue {
   private pendingUsed: { slot: number; flags: number }[] = [];
   private signalledUsed: number | null = null;
   private readonly log: DirtyLog | null;
+  /** Sequence number of the next chain taken from the ring, and the latest one the device completed. */
+  private seq = 0;
+  private lastCompletedSeq = -1;
 
   constructor(private readonly mem: GuestMemory, c: VirtqueueConfig) {
     this.index = c.index;
@@ -102,14 +107,16 @@ export class PackedVirtqueue implements Virtqueue {
     this.ringU16 = this.ring.win.u16;
     this.ringFlags0 = (this.ring.off + 14) / 2;
     // GET/SET_VRING_BASE for packed rings: index in bits 0-14, wrap counter in bit 15 (a fresh
-    // ring starts at 0 with the counter set). The used side continues where the available side
-    // stopped, unless the front-end says otherwise (bits 16-31, or nextUsed).
+    // ring is 0x8000: index 0, counter set; 0 is index 0 after an odd number of wraps, and the
+    // handler passes 0x8000 for a ring the front-end gave no base). The used side continues where
+    // the available side stopped, unless the front-end says otherwise (bits 16-31, as QEMU sends
+    // them, or nextUsed).
     const avail = c.nextAvail & 0xffff;
     const used = c.nextUsed ?? (c.nextAvail > 0xffff ? c.nextAvail >>> 16 : avail);
     this.availIdx = (avail & 0x7fff) % c.size;
-    this.availWrap = (avail & WRAP) !== 0 || c.nextAvail === 0;
+    this.availWrap = (avail & WRAP) !== 0;
     this.usedIdx = (used & 0x7fff) % c.size;
-    this.usedWrap = (used & WRAP) !== 0 || (c.nextAvail === 0 && c.nextUsed === undefined);
+    this.usedWrap = (used & WRAP) !== 0;
     this.byId = new Array(c.size);
     this.log = c.log ? DirtyLog.borrow(c.log) : null;
     this.config = { ...c };
@@ -158,6 +165,7 @@ export class PackedVirtqueue implements Virtqueue {
   }
 
   pop(): DescriptorChain | null {
+    if (this.broken) return null;
     const again = this.stash.shift();
     if (again !== undefined) {
       this.track(again);
@@ -166,7 +174,7 @@ export class PackedVirtqueue implements Virtqueue {
     for (;;) {
       if (this.broken || !this.descAvailable(this.availIdx, this.availWrap)) return null;
       const from = this.availPos;
-      let walked: { id: number; count: number; chain: DescriptorChain | null; error: string | null };
+      let walked: { id: number; count: number; chain: DescriptorChain | null; error: string | null; badId: boolean };
       try {
         walked = this.walk();
       } catch (e) {
@@ -176,15 +184,21 @@ export class PackedVirtqueue implements Virtqueue {
       }
       this.advance(walked.count);
       const { id, count } = walked;
+      // Neither can be completed (no used descriptor may name them): skipped, as a split ring
+      // skips such heads. The used side simply never gets these slots back.
+      if (walked.badId) {
+        this.guestError(`buffer id ${id} (queue size ${this.size}); chain skipped`);
+        continue;
+      }
       if (this.byId[id] !== undefined) {
         this.guestError(`buffer id ${id} is already in flight; chain skipped`);
         continue;
       }
-      const popped: Popped = { id, count, from, chain: walked.chain ?? new DescriptorChain(id) };
+      const popped: Popped = { id, count, from, seq: this.seq++, chain: walked.chain ?? new DescriptorChain(id) };
       this.track(popped);
       if (walked.error !== null) {
         this.guestError(`bad descriptor chain (buffer id ${id}): ${walked.error}; completed with length 0`);
-        this.add(id, 0);
+        this.complete(id, 0, false);
         continue;
       }
       return popped.chain;
@@ -210,7 +224,7 @@ export class PackedVirtqueue implements Virtqueue {
    * descriptor) must be found, or the ring is broken (ChainError); a chain whose buffers are bad
    * is returned with `error` set, to be completed empty.
    */
-  private walk(): { id: number; count: number; chain: DescriptorChain | null; error: string | null } {
+  private walk(): { id: number; count: number; chain: DescriptorChain | null; error: string | null; badId: boolean } {
     const dv = this.ring.win.dv;
     const base = this.ring.off;
     let slot = this.availIdx;
@@ -240,9 +254,9 @@ export class PackedVirtqueue implements Virtqueue {
       if ((flags & VIRTQ_DESC_F_NEXT) === 0) break;
       slot = slot + 1 === this.size ? 0 : slot + 1;
     }
-    if (id >= this.size) throw new ChainError(`buffer id ${id} (ring of ${this.size})`);
+    if (id >= this.size) return { id, count, chain: null, error: null, badId: true };
     if (chain !== null) (chain as { head: number }).head = id;
-    return { id, count, chain, error };
+    return { id, count, chain, error, badId: false };
   }
 
   private walkIndirect(chain: DescriptorChain, gpa: number, len: number): void {
@@ -264,9 +278,16 @@ export class PackedVirtqueue implements Virtqueue {
     }
   }
 
-  /** Gives back the last `n` chains popped and not completed; they are handed out again first. */
+  /**
+   * Gives back the last `n` chains popped and not completed; they are handed out again first.
+   * Refused (nothing changes) when the device completed a chain popped after the first of them:
+   * its used descriptor may overwrite their slots, so a stop could not hand them back.
+   */
   rewind(n = 1): void {
-    if (n > this.order.length) throw new Error(`queue ${this.index}: rewind of ${n} chains, but only ${this.order.length} popped ones are not in flight`);
+    if (n <= 0) return;
+    if (n > this.order.length) throw new Error(`queue ${this.index}: rewind of ${n} chains, but only ${this.order.length} popped ones are in flight`);
+    const first = this.order[this.order.length - n]!;
+    if (this.lastCompletedSeq > first.seq) throw new Error(`queue ${this.index}: rewind of buffer ${first.id}, but a chain popped after it was already completed`);
     for (let i = 0; i < n; i++) {
       const p = this.order.pop()!;
       this.byId[p.id] = undefined;
@@ -281,8 +302,14 @@ export class PackedVirtqueue implements Virtqueue {
 
   /** Writes the used descriptor for buffer `id`; the driver sees it at the next flush(). */
   add(id: number, len: number): void {
-    const p = id < this.size ? this.byId[id] : undefined;
+    this.complete(id, len, true);
+  }
+
+  private complete(id: number, len: number, byDevice: boolean): void {
+    const p = id >= 0 && id < this.size ? this.byId[id] : undefined;
     if (p === undefined) throw new Error(`queue ${this.index}: completion of buffer ${id}, which is not in flight`);
+    // A malformed chain the queue completed itself does not stop a rewind over it (the guest's fault).
+    if (byDevice && p.seq > this.lastCompletedSeq) this.lastCompletedSeq = p.seq;
     this.byId[id] = undefined;
     this.inFlight--;
     const k = this.order.indexOf(p);
@@ -336,21 +363,26 @@ export class PackedVirtqueue implements Virtqueue {
     if (this.needsNotification()) this.notify();
   }
 
-  /** The driver's event suppression (QEMU's virtio_packed_should_notify). */
+  /**
+   * The driver's event suppression (QEMU's virtio_packed_should_notify). Positions are counted
+   * modulo two rings (index, plus the ring size while the wrap counter is set), so a batch that
+   * wraps the used side is measured exactly (QEMU's u16 arithmetic treats it as 64K entries).
+   */
   private needsNotification(): boolean {
     const u16 = this.driverArea.win.u16;
     const at = this.driverArea.off / 2;
     const flags = Atomics.load(u16, at + 1);
-    const now = this.usedIdx;
+    const span = 2 * this.size;
+    const now = this.usedIdx + (this.usedWrap ? this.size : 0);
     const old = this.signalledUsed;
     this.signalledUsed = now;
     if (flags === EVENT_DISABLE) return false;
     if (flags !== EVENT_DESC || !this.eventIdx) return true;
     if (old === null) return true;
     const offWrap = Atomics.load(u16, at);
-    let off = offWrap & 0x7fff;
-    if (((offWrap & WRAP) !== 0) !== this.usedWrap) off -= this.size;
-    return ((now - off - 1) & 0xffff) < ((now - old) & 0xffff);
+    const off = ((offWrap & 0x7fff) % this.size) + ((offWrap & WRAP) !== 0 ? this.size : 0);
+    // vring_need_event(): notify if the driver's event lies in [old, now).
+    return (now - off - 1 + 2 * span) % span < (now - old + span) % span;
   }
 
   notify(): void {

@@ -77,6 +77,26 @@ echo fio-ok
     expect(r.serial).toContain("fio-ok");
   }, 300_000);
 
+  test("packed ring (packed=on): fio verify and ext2 through VIRTIO_F_RING_PACKED", async () => {
+    const img = image("packed.img", 128);
+    const r = await withDisk("packed", ["--file", img], `
+set -e
+# Bit 34 (VIRTIO_F_RING_PACKED) of the negotiated features: the driver really runs a packed ring.
+test "$(cut -c35 /sys/block/vda/device/features)" = 1
+fio --name=verify --filename=/dev/vda --rw=randwrite --bs=4k --size=32M --ioengine=libaio --direct=1 \\
+    --iodepth=16 --verify=crc32c --do_verify=1 --verify_fatal=1 --output-format=terse >/tmp/fio.out
+fio --name=mixed --filename=/dev/vda --rw=randrw --bsrange=512-128k --size=16M --offset=64M --ioengine=libaio --direct=1 \\
+    --iodepth=8 --verify=crc32c --do_verify=1 --verify_fatal=1 --output-format=terse >>/tmp/fio.out
+mke2fs -q -F /dev/vda
+mkdir -p /mnt && mount -t ext2 /dev/vda /mnt
+head -c 3000000 /dev/urandom >/mnt/f && sync && md5sum /mnt/f >/tmp/sum
+umount /mnt && echo 3 >/proc/sys/vm/drop_caches && mount -t ext2 /dev/vda /mnt && md5sum -c /tmp/sum
+echo packed-ok
+`, ",packed=on", 240_000);
+    expect(r.exitStatus).toBe(0);
+    expect(r.serial).toContain("packed-ok");
+  }, 300_000);
+
   test("ext2 filesystem: mkfs, files, remount, checksums", async () => {
     const img = image("fs.img", 64);
     const r = await withDisk("fs", ["--file", img], `

@@ -5,7 +5,7 @@ import { describe, test, expect, afterEach } from "bun:test";
 import { readFileSync, statSync, truncateSync, copyFileSync, mkdirSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
-import { BackendUnderTest, DriverQueue, Req, configPayload } from "../support/frontend.ts";
+import { BackendUnderTest, DriverQueue, Req, configPayload, RING_PACKED } from "../support/frontend.ts";
 import {
   SECTOR, IMAGE_BYTES, CAPACITY, rng, randomBytes, randomIo, tempDir, makeImage, segment, concat, Disk, opened, disposeDisks,
   type BlkReq, type Pending, type Result,
@@ -118,7 +118,7 @@ describe("block: features and config space", () => {
   test("CONFIG_WCE without FLUSH starts in writethrough", async () => {
     const d = await Disk.start({ file: makeImage() }, { activate: false });
     const offered = d.vmm.conn.requestU64(Req.GET_FEATURES);
-    d.vmm.handshake(offered & ~VIRTIO_BLK_F_FLUSH);
+    d.vmm.handshake(offered & ~VIRTIO_BLK_F_FLUSH & ~RING_PACKED);
     expect(d.config(32, 1).getUint8(0)).toBe(0);
   });
 });

@@ -5,7 +5,7 @@ import { mkdtempSync, readFileSync, writeFileSync, rmSync, existsSync } from "no
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { createHash, randomBytes } from "node:crypto";
-import { BackendUnderTest, GuestRam, Vmm, DriverQueue, Req, configPayload, type BufferSpec } from "../support/frontend.ts";
+import { BackendUnderTest, GuestRam, Vmm, DriverQueue, Req, configPayload, RING_PACKED, type BufferSpec } from "../support/frontend.ts";
 import { open, read, write, ioctl, fcntl, tcgetattr, O_RDONLY, O_WRONLY, O_RDWR, O_NONBLOCK } from "../../ffi/io.ts";
 import { close, EAGAIN } from "../../ffi/libc.ts";
 import { socketPair, setTimeouts } from "../../ffi/socket.ts";
@@ -256,7 +256,7 @@ describe("options", () => {
 describe("single port", () => {
   test("offers ring features only by default (QEMU config_size=0), two queues", async () => {
     const { vmm } = await session({ "output-file": path("out"), "input-file": "/dev/null" });
-    expect(vmm.conn.requestU64(Req.GET_FEATURES)).toBe(COMMON_FEATURES | F_PROTOCOL_FEATURES | F_LOG_ALL);
+    expect(vmm.conn.requestU64(Req.GET_FEATURES)).toBe(COMMON_FEATURES | F_PROTOCOL_FEATURES | F_LOG_ALL | RING_PACKED);
     expect(vmm.conn.requestU64(Req.GET_QUEUE_NUM)).toBe(2n);
   });
 
@@ -446,7 +446,7 @@ describe("config space features", () => {
 
   test("without a terminal, --config-space offers EMERG_WRITE but not SIZE", async () => {
     const { vmm } = await session({ "output-file": path("out"), "input-file": "/dev/null", "config-space": true });
-    expect(vmm.conn.requestU64(Req.GET_FEATURES)).toBe(COMMON_FEATURES | F_PROTOCOL_FEATURES | F_LOG_ALL | VIRTIO_CONSOLE_F_EMERG_WRITE);
+    expect(vmm.conn.requestU64(Req.GET_FEATURES)).toBe(COMMON_FEATURES | F_PROTOCOL_FEATURES | F_LOG_ALL | RING_PACKED | VIRTIO_CONSOLE_F_EMERG_WRITE);
   });
 });
 

@@ -2,7 +2,7 @@
 // the lifecycle crosvm's handler test walks, then one test per rejection rule.
 import { describe, test, expect, beforeEach, afterEach } from "bun:test";
 import { socketPair } from "../../ffi/socket.ts";
-import { BackendUnderTest, FrontendConnection, GuestRam, Vmm, DriverQueue, Req, u64, vringState, vringAddr, memTable, memRegion, configPayload, deviceStateFd, pipe } from "../support/frontend.ts";
+import { BackendUnderTest, FrontendConnection, GuestRam, Vmm, DriverQueue, Req, RING_PACKED, u64, vringState, vringAddr, memTable, memRegion, configPayload, deviceStateFd, pipe } from "../support/frontend.ts";
 import { close } from "../../ffi/libc.ts";
 import { eventfd } from "../../ffi/eventfd.ts";
 import { HANDLER_PROTOCOL_FEATURES, F_PROTOCOL_FEATURES, F_LOG_ALL } from "../../src/protocol/constants.ts";
@@ -40,7 +40,7 @@ async function echo(q: DriverQueue, text: string, indirect = false): Promise<str
 
 describe("negotiation", () => {
   test("offers device features plus PROTOCOL_FEATURES, and the handler's protocol features", () => {
-    expect(vmm.conn.requestU64(Req.GET_FEATURES)).toBe(COMMON_FEATURES | F_PROTOCOL_FEATURES | F_LOG_ALL);
+    expect(vmm.conn.requestU64(Req.GET_FEATURES)).toBe(COMMON_FEATURES | F_PROTOCOL_FEATURES | F_LOG_ALL | RING_PACKED);
     expect(vmm.conn.requestU64(Req.GET_PROTOCOL_FEATURES)).toBe(HANDLER_PROTOCOL_FEATURES);
     expect(vmm.conn.requestU64(Req.GET_QUEUE_NUM)).toBe(2n);
     expect(vmm.conn.requestU64(Req.GET_MAX_MEM_SLOTS)).toBe(509n);
