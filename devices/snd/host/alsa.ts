@@ -1,9 +1,12 @@
 // `--backend alsa`: each prepared stream opens a host ALSA PCM (non-blocking) configured to the
 // guest's format, rate, channels, period and buffer. Timing comes from ALSA, not the Pacer: its
-// poll descriptors are watched with loop.watch while there is work, a tx buffer completes once
-// ALSA has taken all its frames, an rx buffer once ALSA has filled it. (ALSA's `null` PCM takes
-// frames instantly, so over it the guest runs as fast as it sends.) Underruns and overruns are
-// recovered with snd_pcm_recover and reported as XRUN.
+// poll descriptors are watched with loop.watch while there is work. A tx buffer is written to
+// ALSA as soon as there is room, and completes once it has been played: when snd_pcm_delay says
+// its last frame has left (so the guest's drain, and the STOP after it, come after the sound, and
+// STOP loses nothing: what is written but not yet played stays held and is written again at
+// START). An rx buffer completes once ALSA has filled it. (ALSA's `null` PCM takes frames
+// instantly and reports no delay, so over it the guest runs as fast as it sends.) Underruns and
+// overruns are recovered with snd_pcm_recover and reported as XRUN.
 import * as A from "../../../ffi/alsa.ts";
 import { EPOLLIN, EPOLLOUT } from "../../../ffi/epoll.ts";
 import { hostCaps, frameBytes, rateHz, type PcmCaps } from "../formats.ts";
@@ -12,6 +15,8 @@ import type { PcmParams } from "../stream.ts";
 import type { SndOptions, SndStreamSpec } from "../options.ts";
 import type { EngineContext, HeldBuffer, HostStreamState, SndHost, StreamEngine } from "./host.ts";
 import { log } from "../../../src/log.ts";
+import { EPERM, SysError } from "../../../ffi/libc.ts";
+import type { Timer } from "../../../src/event_loop.ts";
 
 const ALSA_FORMAT: Record<number, number> = {
   [P.FMT_U8]: A.SND_PCM_FORMAT_U8,
@@ -63,6 +68,9 @@ interface Pending {
   /** Output: the PCM (read from the guest when first written); input: what was captured so far. */
   data: Uint8Array | null;
   done: number;
+  /** Output: written to ALSA in full; `end` is then the stream frame count just after it. */
+  written: boolean;
+  end: number;
 }
 
 class AlsaEngine implements StreamEngine {
@@ -71,6 +79,23 @@ class AlsaEngine implements StreamEngine {
   private readonly pollfds: Uint8Array;
   private readonly pollCount: number;
   private readonly fds: number[] = [];
+  /**
+   * What ALSA asks to wait for on each of `fds` (pollfd.events), which is not always the stream's
+   * direction: plugins built on ioplug, such as `pulse`, signal a playback PCM's room with POLLIN.
+   */
+  private readonly fdInterest = new Map<number, { readable: boolean; writable: boolean }>();
+  /**
+   * Some of ALSA's poll descriptors cannot be epolled (the `null` PCM's is /dev/null: EPERM);
+   * poll(2) calls such a descriptor always ready, so when ALSA says EAGAIN the engine retries on
+   * a timer (a quarter period) instead of waiting for readiness.
+   */
+  private unpollable = false;
+  private wake: Timer | null = null;
+  private wakeAt = Infinity;
+  private readonly retryUs: number;
+  private readonly rate: number;
+  /** Output: frames written since ALSA was last prepared (the stream position of the next write). */
+  private writtenFrames = 0;
   private readonly queue: Pending[] = [];
   private running = false;
   private attached = true;
@@ -80,6 +105,8 @@ class AlsaEngine implements StreamEngine {
   constructor(private readonly ctx: EngineContext, direction: P.Direction, device: string, p: PcmParams) {
     this.output = direction === P.D_OUTPUT;
     this.frame = frameBytes(p.format, p.channels);
+    this.rate = rateHz(p.rate)!;
+    this.retryUs = Math.max(500, Math.round((p.periodBytes / this.frame / this.rate) * 250_000));
     this.pcm = A.pcmOpen(device, this.output ? A.SND_PCM_STREAM_PLAYBACK : A.SND_PCM_STREAM_CAPTURE, A.SND_PCM_NONBLOCK);
     try {
       configure(this.pcm, p, this.frame);
@@ -89,10 +116,20 @@ class AlsaEngine implements StreamEngine {
       const dv = new DataView(pd.fds.buffer);
       for (let i = 0; i < pd.count; i++) {
         const fd = dv.getInt32(i * A.POLLFD_BYTES, true);
-        if (this.fds.includes(fd)) continue;
-        this.fds.push(fd);
+        const events = dv.getInt16(i * A.POLLFD_BYTES + 4, true);
+        const seen = this.fdInterest.get(fd);
+        const interest = { readable: (seen?.readable ?? false) || (events & EPOLLIN) !== 0, writable: (seen?.writable ?? false) || (events & EPOLLOUT) !== 0 };
+        this.fdInterest.set(fd, interest);
+        if (seen || this.fds.includes(fd)) continue;
         const h = (events: number) => this.onPoll(fd, events);
-        ctx.loop.watch(fd, { readable: h, writable: h }, { readable: false, writable: false });
+        try {
+          ctx.loop.watch(fd, { readable: h, writable: h }, { readable: false, writable: false });
+        } catch (e) {
+          if (!(e instanceof SysError && e.errno === EPERM)) throw e;
+          this.unpollable = true;
+          continue;
+        }
+        this.fds.push(fd);
       }
     } catch (e) {
       for (const fd of this.fds) ctx.loop.remove(fd);
@@ -102,7 +139,7 @@ class AlsaEngine implements StreamEngine {
   }
 
   push(b: HeldBuffer): void {
-    this.queue.push({ held: b, data: null, done: 0 });
+    this.queue.push({ held: b, data: null, done: 0, written: false, end: 0 });
     this.service();
   }
 
@@ -113,24 +150,25 @@ class AlsaEngine implements StreamEngine {
   }
 
   stop(): void {
+    if (this.output && this.running && this.attached) this.completePlayed();
     this.running = false;
-    A.alsa().snd_pcm_drop(this.pcm);
-    A.alsa().snd_pcm_prepare(this.pcm);
+    this.rewind();
     this.updateInterest();
   }
 
   release(): void {
     this.running = false;
     A.alsa().snd_pcm_drop(this.pcm);
+    this.writtenFrames = 0;
     for (const q of this.queue.splice(0)) this.ctx.complete(q.held, 0, null);
     this.ctx.flush();
     this.updateInterest();
   }
 
   detach(): HeldBuffer[] {
+    if (this.output && this.running && this.attached) this.completePlayed();
     this.attached = false;
-    A.alsa().snd_pcm_drop(this.pcm);
-    A.alsa().snd_pcm_prepare(this.pcm);
+    this.rewind();
     this.updateInterest();
     return this.queue.splice(0).map((q) => q.held);
   }
@@ -145,14 +183,49 @@ class AlsaEngine implements StreamEngine {
   close(): void {
     if (this.closed) return;
     this.closed = true;
+    this.wake?.cancel();
+    this.wake = null;
     for (const fd of this.fds) this.ctx.loop.remove(fd);
     A.pcmClose(this.pcm);
   }
 
-  private updateInterest(): void {
+  /** Drops what ALSA holds and prepares it again; held output buffers will be written anew. */
+  private rewind(): void {
+    A.alsa().snd_pcm_drop(this.pcm);
+    A.alsa().snd_pcm_prepare(this.pcm);
+    this.writtenFrames = 0;
+    for (const q of this.queue) {
+      q.done = 0;
+      q.written = false;
+    }
+  }
+
+  /**
+   * Watches ALSA's descriptors while there is something to write or read, and arms the timer for
+   * `waitUs` (the next written buffer's end is due to be played) or, when a descriptor cannot be
+   * watched, to retry after EAGAIN.
+   */
+  private updateInterest(waitUs = Infinity): void {
     if (this.closed) return;
-    const want = this.running && this.attached && this.queue.length > 0;
-    for (const fd of this.fds) this.ctx.loop.setInterest(fd, { readable: want && !this.output, writable: want && this.output });
+    const active = this.running && this.attached;
+    const want = active && this.queue.some((q) => !q.written);
+    for (const fd of this.fds) {
+      const i = this.fdInterest.get(fd)!;
+      this.ctx.loop.setInterest(fd, { readable: want && i.readable, writable: want && i.writable });
+    }
+    let us = active ? waitUs : Infinity;
+    if (want && (this.unpollable || this.fds.length === 0)) us = Math.min(us, this.retryUs);
+    const at = us === Infinity ? Infinity : performance.now() * 1000 + us;
+    if (this.wake && at >= this.wakeAt - 200) return; // armed for sooner (or about the same time)
+    this.wake?.cancel();
+    this.wake = null;
+    this.wakeAt = at;
+    if (at === Infinity) return;
+    this.wake = this.ctx.loop.timer(us, () => {
+      this.wake = null;
+      this.wakeAt = Infinity;
+      this.service();
+    });
   }
 
   private onPoll(fd: number, events: number): void {
@@ -172,14 +245,96 @@ class AlsaEngine implements StreamEngine {
   /** Moves as many frames as ALSA takes or gives now; completes the buffers that are done. */
   private service(): void {
     if (this.closed) return;
+    if (this.output) this.serviceOutput();
+    else this.serviceInput();
+  }
+
+  /**
+   * Stream frames played so far: written minus what snd_pcm_delay says is still to be heard
+   * (all of it once ALSA is not running: it ran dry, or never started).
+   */
+  private playedFrames(): number {
+    const s = A.alsa();
+    const state = s.snd_pcm_state(this.pcm);
+    if (state === A.SND_PCM_STATE_PREPARED) return 0;
+    if (state !== A.SND_PCM_STATE_RUNNING && state !== A.SND_PCM_STATE_DRAINING) return this.writtenFrames;
+    try {
+      return this.writtenFrames - Math.min(this.writtenFrames, Math.max(0, A.delay(this.pcm)));
+    } catch {
+      return this.writtenFrames;
+    }
+  }
+
+  /** Completes the written buffers at the head of the queue that have been played; returns µs until the next one is due (or Infinity). */
+  private completePlayed(): number {
+    const played = this.playedFrames();
+    const pending = this.writtenFrames - played;
+    let completed = false;
+    while (this.queue.length > 0 && this.queue[0]!.written && this.queue[0]!.end <= played) {
+      const q = this.queue.shift()!;
+      this.ctx.complete(q.held, pending * this.frame, null);
+      completed = true;
+    }
+    if (completed) this.ctx.flush();
+    const head = this.queue[0];
+    if (!head?.written) return Infinity;
+    // At least a millisecond: ALSA's delay moves in steps (a period, or a server's update).
+    return Math.max(1000, ((head.end - played) / this.rate) * 1e6);
+  }
+
+  private serviceOutput(): void {
+    const s = A.alsa();
+    if (!(this.running && this.attached)) return this.updateInterest();
+    for (;;) {
+      const q = this.queue.find((x) => !x.written);
+      if (!q) break;
+      q.data ??= this.ctx.pcmOf(q.held);
+      const left = q.data.subarray(q.done);
+      const frames = Math.floor(left.length / this.frame);
+      const r = frames === 0 ? 0 : A.writei(this.pcm, left, frames);
+      if (r === -A.EAGAIN) break;
+      if (r < 0) {
+        // An underrun: everything written has been played. Complete it; rewrite the rest.
+        const e = s.snd_pcm_recover(this.pcm, r, 1);
+        const lost = this.queue.filter((x) => x.written);
+        this.queue.splice(0, lost.length);
+        for (const x of lost) this.ctx.complete(x.held, 0, null);
+        this.writtenFrames = 0;
+        for (const x of this.queue) {
+          x.done = 0;
+          x.written = false;
+        }
+        this.ctx.xrun();
+        this.ctx.flush();
+        if (e < 0) {
+          log.warn(`snd alsa: ${A.strerror(r)}; stream stopped`);
+          this.running = false;
+          break;
+        }
+        continue;
+      }
+      q.done += r * this.frame;
+      this.writtenFrames += r;
+      if (frames === 0 || q.done + this.frame > q.data.length) {
+        q.written = true;
+        q.end = this.writtenFrames;
+      }
+      if (s.snd_pcm_state(this.pcm) === A.SND_PCM_STATE_PREPARED) s.snd_pcm_start(this.pcm);
+    }
+    // Fewer frames than the start threshold: start anyway, the guest has started.
+    if (this.writtenFrames > 0 && s.snd_pcm_state(this.pcm) === A.SND_PCM_STATE_PREPARED) s.snd_pcm_start(this.pcm);
+    this.updateInterest(this.completePlayed());
+  }
+
+  private serviceInput(): void {
     let completed = false;
     const s = A.alsa();
     while (this.running && this.attached && this.queue.length > 0) {
       const q = this.queue[0]!;
-      q.data ??= this.output ? this.ctx.pcmOf(q.held) : new Uint8Array(q.held.bytes);
+      q.data ??= new Uint8Array(q.held.bytes);
       const left = q.data.subarray(q.done);
       const frames = Math.floor(left.length / this.frame);
-      let r = frames === 0 ? 0 : this.output ? A.writei(this.pcm, left, frames) : A.readi(this.pcm, left, frames);
+      const r = frames === 0 ? 0 : A.readi(this.pcm, left, frames);
       if (r === -A.EAGAIN) break;
       if (r < 0) {
         if (s.snd_pcm_recover(this.pcm, r, 1) < 0) {
@@ -189,24 +344,15 @@ class AlsaEngine implements StreamEngine {
         }
         this.ctx.xrun();
         completed = true;
-        if (!this.output) s.snd_pcm_start(this.pcm);
+        s.snd_pcm_start(this.pcm);
         continue;
       }
       q.done += r * this.frame;
       if (frames === 0 || q.done + this.frame > q.data.length) {
         this.queue.shift();
-        let latency = 0;
-        if (this.output) {
-          try {
-            latency = Math.max(0, A.delay(this.pcm)) * this.frame;
-          } catch {
-            latency = 0;
-          }
-        }
-        this.ctx.complete(q.held, latency, this.output ? null : q.data);
+        this.ctx.complete(q.held, 0, q.data);
         completed = true;
       }
-      if (this.output && s.snd_pcm_state(this.pcm) === A.SND_PCM_STATE_PREPARED) s.snd_pcm_start(this.pcm);
     }
     if (completed) this.ctx.flush();
     this.updateInterest();

@@ -1,0 +1,200 @@
+// The driver side of a virtio-snd device for tests (what Linux's virtio-snd driver does on its
+// four rings), over the in-process front-end's Vmm/DriverQueue, plus a backend started as a
+// subprocess (`bun src/main.ts device snd ...`) for tests that need their own C environment
+// (ALSA_CONFIG_PATH, PULSE_SERVER: Bun's process.env does not reach libasound's getenv).
+import { existsSync } from "node:fs";
+import { join } from "node:path";
+import type { Subprocess } from "bun";
+import { GuestRam, Vmm, DriverQueue } from "./frontend.ts";
+import * as P from "../../devices/snd/protocol.ts";
+
+export function u32(b: Uint8Array, off = 0): number {
+  return new DataView(b.buffer, b.byteOffset, b.byteLength).getUint32(off, true);
+}
+
+export interface Done {
+  id: number;
+  len: number;
+  at: number;
+  status: number;
+  latency: number;
+  data: Uint8Array;
+}
+
+export interface StreamParams {
+  bufferBytes: number;
+  periodBytes: number;
+  features: number;
+  channels: number;
+  format: number;
+  rate: number;
+}
+
+/** 48 kHz S16 stereo, 10 ms periods, 4 periods of buffer. */
+export const DEFAULT_PARAMS: StreamParams = { bufferBytes: 4 * 1920, periodBytes: 1920, features: 0, channels: 2, format: P.FMT_S16, rate: P.RATE_48000 };
+
+/** Four rings, request helpers, and the tx/rx chains in flight with their buffers. */
+export class SndDriver {
+  ctrl!: DriverQueue;
+  event!: DriverQueue;
+  tx!: DriverQueue;
+  rx!: DriverQueue;
+  private inflight = new Map<string, { status: number; data: number; bytes: number }>();
+
+  constructor(readonly vmm: Vmm, readonly ram: GuestRam) {}
+
+  activate(want?: bigint, queueSize = 64): bigint {
+    const f = this.vmm.handshake(want).features;
+    this.vmm.setMemTable();
+    this.vmm.queues = [0, 1, 2, 3].map((i) => new DriverQueue(this.ram, i, queueSize));
+    for (const q of this.vmm.queues) this.vmm.startQueue(q);
+    [this.ctrl, this.event, this.tx, this.rx] = this.vmm.queues as [DriverQueue, DriverQueue, DriverQueue, DriverQueue];
+    return f;
+  }
+
+  put(bytes: Uint8Array): number {
+    const gpa = this.ram.alloc(Math.max(1, bytes.length));
+    this.ram.bytes(gpa, bytes.length).set(bytes);
+    return gpa;
+  }
+
+  /** One control request; returns the device-written bytes. */
+  async request(req: Uint8Array, replyLen = P.HDR_BYTES, timeoutMs = 5000): Promise<Uint8Array> {
+    const reply = this.ram.alloc(Math.max(1, replyLen));
+    this.ctrl.addChain([{ gpa: this.put(req), len: req.length }, { gpa: reply, len: replyLen, write: true }]);
+    const [u] = await this.ctrl.waitUsed(1, timeoutMs);
+    return this.ram.bytes(reply, u!.len).slice();
+  }
+
+  async status(req: Uint8Array): Promise<number> {
+    return u32(await this.request(req));
+  }
+
+  async setParams(streamId: number, o: Partial<StreamParams> = {}): Promise<number> {
+    return this.status(P.encodePcmSetParams({ streamId, ...DEFAULT_PARAMS, ...o }));
+  }
+
+  async pcm(code: P.PcmCode, streamId: number): Promise<number> {
+    return this.status(P.encodePcmHdr(code, streamId));
+  }
+
+  /** One tx chain: header + PCM (indirect: one descriptor in the ring), then an 8-byte status. */
+  sendTx(streamId: number, pcm: Uint8Array, indirect = false): number {
+    const data = new Uint8Array(4 + pcm.length);
+    data.set(P.encodePcmXfer(streamId));
+    data.set(pcm, 4);
+    const status = this.ram.alloc(P.PCM_STATUS_BYTES);
+    const head = this.tx.addChain([{ gpa: this.put(data), len: data.length }, { gpa: status, len: P.PCM_STATUS_BYTES, write: true }], { indirect });
+    this.inflight.set(`2/${head}`, { status, data: 0, bytes: 0 });
+    return head;
+  }
+
+  /** One rx chain: header, then room for `bytes` and the status. */
+  postRx(streamId: number, bytes: number): number {
+    const buf = this.ram.alloc(bytes + P.PCM_STATUS_BYTES);
+    const head = this.rx.addChain([{ gpa: this.put(P.encodePcmXfer(streamId)), len: 4 }, { gpa: buf, len: bytes + P.PCM_STATUS_BYTES, write: true }]);
+    this.inflight.set(`3/${head}`, { status: buf + bytes, data: buf, bytes });
+    return head;
+  }
+
+  /** Completed tx/rx chains since the last call. */
+  takeIo(q: DriverQueue): Done[] {
+    const now = performance.now();
+    return q.takeUsed().map((u) => {
+      q.recycle(u.id);
+      const key = `${q.index}/${u.id}`;
+      const f = this.inflight.get(key)!;
+      this.inflight.delete(key);
+      const st = u.len >= 8 ? this.ram.bytes(f.status, 8) : new Uint8Array(8);
+      return { id: u.id, len: u.len, at: now, status: u32(st), latency: u32(st, 4), data: this.ram.bytes(f.data, Math.max(0, Math.min(f.bytes, u.len - 8))).slice() };
+    });
+  }
+
+  async waitIo(q: DriverQueue, count: number, timeoutMs = 5000): Promise<Done[]> {
+    const got: Done[] = [];
+    const deadline = Date.now() + timeoutMs;
+    while (got.length < count) {
+      got.push(...this.takeIo(q));
+      if (got.length >= count) break;
+      if (Date.now() > deadline) throw new Error(`queue ${q.index}: ${got.length}/${count} completions after ${timeoutMs} ms`);
+      await Bun.sleep(0.5);
+    }
+    return got;
+  }
+
+  /**
+   * Plays `pcm` (a whole number of periods) on `streamId` as Linux does: `inFlight` periods queued
+   * before START, then one more per completion. Returns the completions in order.
+   */
+  async play(streamId: number, pcm: Uint8Array, periodBytes: number, opts: { inFlight?: number; timeoutMs?: number } = {}): Promise<Done[]> {
+    const periods = pcm.length / periodBytes;
+    const chunk = (i: number) => pcm.subarray(i * periodBytes, (i + 1) * periodBytes);
+    let sent = 0;
+    for (; sent < Math.min(opts.inFlight ?? 4, periods); sent++) this.sendTx(streamId, chunk(sent));
+    const st = await this.pcm(P.R_PCM_START, streamId);
+    if (st !== P.S_OK) throw new Error(`PCM_START: status 0x${st.toString(16)}`);
+    const done: Done[] = [];
+    while (done.length < periods) {
+      const got = await this.waitIo(this.tx, 1, opts.timeoutMs ?? 5000);
+      done.push(...got);
+      for (let i = 0; i < got.length && sent < periods; i++, sent++) this.sendTx(streamId, chunk(sent));
+    }
+    return done;
+  }
+
+  /** Records `periods` periods on `streamId`: `inFlight` rx buffers before START, one more per completion. */
+  async record(streamId: number, periods: number, periodBytes: number, opts: { inFlight?: number; timeoutMs?: number } = {}): Promise<Done[]> {
+    let posted = 0;
+    for (; posted < Math.min(opts.inFlight ?? 4, periods); posted++) this.postRx(streamId, periodBytes);
+    const st = await this.pcm(P.R_PCM_START, streamId);
+    if (st !== P.S_OK) throw new Error(`PCM_START: status 0x${st.toString(16)}`);
+    const done: Done[] = [];
+    while (done.length < periods) {
+      const got = await this.waitIo(this.rx, 1, opts.timeoutMs ?? 5000);
+      done.push(...got);
+      for (let i = 0; i < got.length && posted < periods; i++, posted++) this.postRx(streamId, periodBytes);
+    }
+    return done;
+  }
+}
+
+const ROOT = join(import.meta.dir, "../..");
+
+/** `backend device snd` as a child process (from the sources), with its own environment. */
+export class SndSubprocess {
+  readonly proc: Subprocess<"ignore", "pipe", "pipe">;
+  private stderrText: Promise<string>;
+
+  constructor(readonly socketPath: string, args: string[], env: Record<string, string>) {
+    this.proc = Bun.spawn([process.execPath, join(ROOT, "src/main.ts"), "device", "snd", "--socket", socketPath, ...args], {
+      stdin: "ignore",
+      stdout: "pipe",
+      stderr: "pipe",
+      env: { ...(process.env as Record<string, string>), ...env },
+    });
+    this.stderrText = new Response(this.proc.stderr).text();
+  }
+
+  /** Waits for the socket (or the process to die, with its stderr). */
+  async ready(timeoutMs = 10_000): Promise<void> {
+    const deadline = Date.now() + timeoutMs;
+    while (!existsSync(this.socketPath)) {
+      if (this.proc.exitCode !== null || Date.now() > deadline) {
+        this.proc.kill("SIGKILL");
+        throw new Error(`snd backend did not listen on ${this.socketPath} (exit ${this.proc.exitCode}): ${await this.stderrText}`);
+      }
+      await Bun.sleep(10);
+    }
+  }
+
+  /** SIGTERM (SIGKILL after 3 s); the exit code and stderr. */
+  async stop(): Promise<{ code: number | null; stderr: string }> {
+    if (this.proc.exitCode === null) {
+      this.proc.kill("SIGTERM");
+      const t = setTimeout(() => this.proc.kill("SIGKILL"), 3000);
+      await this.proc.exited;
+      clearTimeout(t);
+    }
+    return { code: this.proc.exitCode, stderr: await this.stderrText };
+  }
+}
