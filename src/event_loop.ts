@@ -40,6 +40,8 @@ export class EventLoop {
   private readonly handlers = new Map<number, FdHandler>();
   private readonly deferred: (() => void)[] = [];
   private nextTurnTasks: (() => void)[] = [];
+  /** The other of the two next-turn arrays (swapped each turn, so a turn allocates nothing). */
+  private carriedTasks: (() => void)[] = [];
   /** Counts loop turns (one epoll_wait and what it dispatched); per-turn budgets key on it. */
   turn = 0;
   /** Written by other threads (after a postMessage) to wake the loop so messages get handled. */
@@ -161,7 +163,8 @@ export class EventLoop {
   runOnce(timeoutMs: number): void {
     // Swapped every turn: what this turn's handlers schedule runs in the next one, not this one.
     const carried = this.nextTurnTasks;
-    this.nextTurnTasks = [];
+    this.nextTurnTasks = this.carriedTasks;
+    this.carriedTasks = carried;
     const n = this.epoll.wait(this.deferred.length > 0 || carried.length > 0 ? 0 : timeoutMs);
     this.turn++;
     for (let i = 0; i < n; i++) {
@@ -175,13 +178,14 @@ export class EventLoop {
         log.error(`event handler for fd ${fd} failed:`, e);
       }
     }
-    for (const fn of carried) {
+    for (let i = 0; i < carried.length; i++) {
       try {
-        fn();
+        carried[i]!();
       } catch (e) {
         log.error("task continued from the previous turn failed:", e);
       }
     }
+    carried.length = 0;
     this.runDeferred();
   }
 
