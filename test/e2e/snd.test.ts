@@ -4,7 +4,7 @@
 // sees and sets the controls with amixer. The backend listens before QEMU starts (QEMU has no
 // reconnect for this device) and must exit cleanly on SIGTERM.
 import { afterAll, beforeAll, describe, expect, test } from "bun:test";
-import { mkdtempSync, readFileSync, rmSync } from "node:fs";
+import { mkdtempSync, readFileSync, rmSync, writeFileSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { createHash, randomBytes } from "node:crypto";
@@ -107,4 +107,109 @@ describe("snd e2e (QEMU vhost-user-snd-pci, Linux virtio_snd)", () => {
     expect(r.serial).toContain("Capture Switch");
     expect(r.serial).toMatch(/E2E-MASTER +Mono: Playback 64 \[50%\]/);
   }, 300_000);
+
+  test("two output streams played at once", async () => {
+    const seconds = 2;
+    const a = new Uint8Array(randomBytes(seconds * BYTES_PER_SECOND));
+    const b = new Uint8Array(randomBytes(seconds * BYTES_PER_SECOND));
+    const aWav = join(dir, "two-a.wav");
+    const bWav = join(dir, "two-b.wav");
+    writeWav(aWav, a);
+    writeWav(bWav, b);
+    const tdir = mkdtempSync(join(dir, "two-"));
+    const sock = join(tdir, "snd.sock");
+    const backend = await startBackend("snd", sock, ["--log-level", "warn", "--backend", "file", "--streams", "out=2,in=0", "--playback-file", join(tdir, "out-{stream}.wav")]);
+    running.push(backend);
+    // Each aplay prints its own start/end uptime; both must succeed (wait PID returns its status).
+    const play = (dev: string, file: string, tag: string) =>
+      `(t0=$(cut -d' ' -f1 /proc/uptime); aplay -q -D ${dev} ${file}; rc=$?; t1=$(cut -d' ' -f1 /proc/uptime); echo "E2E-${tag} $rc $t0 $t1"; exit $rc) &`;
+    const command = [
+      "set -e",
+      "aplay -l",
+      "cp /sys/firmware/qemu_fw_cfg/by_name/opt/a/raw /tmp/a.wav",
+      "cp /sys/firmware/qemu_fw_cfg/by_name/opt/b/raw /tmp/b.wav",
+      play("hw:0,0", "/tmp/a.wav", "A"),
+      "pa=$!",
+      play("hw:0,1", "/tmp/b.wav", "B"),
+      "pb=$!",
+      "wait $pa",
+      "wait $pb",
+    ].join("\n");
+    const r = await bootGuest({
+      command,
+      devices: ["-chardev", `socket,id=s0,path=${sock}`, "-device", "vhost-user-snd-pci,chardev=s0"],
+      extraArgs: ["-fw_cfg", `name=opt/a,file=${aWav}`, "-fw_cfg", `name=opt/b,file=${bWav}`],
+      timeoutMs: 60_000,
+    });
+    const stopped = await backend.stop();
+    if (r.exitStatus !== 0 || stopped.code !== 0) {
+      console.error(`guest serial:\n${tail(r.serial, 60)}\nqemu stderr:\n${tail(r.stderr, 20)}\nbackend:\n${tail(stopped.stderr, 20)}`);
+    }
+    expect(r.exitStatus).toBe(0);
+    expect(stopped.code).toBe(0);
+    // out=2: two PCM devices (one per stream), each with one playback subdevice.
+    expect(r.serial).toMatch(/card 0: .*device 0/);
+    expect(r.serial).toMatch(/card 0: .*device 1/);
+
+    for (const [id, pcm, tag] of [[0, a, "A"], [1, b, "B"]] as const) {
+      const outPath = join(tdir, `out-${id}.wav`);
+      const info = readWavInfo(outPath);
+      expect(info).toMatchObject({ format: P.FMT_S16, channels: 2, rateHz: 48000, sizeWasStale: false });
+      const data = readFileSync(outPath).subarray(info.dataOffset, info.dataOffset + info.dataBytes);
+      expect(data.length).toBeGreaterThanOrEqual(pcm.length);
+      expect(md5(data.subarray(0, pcm.length))).toBe(md5(pcm));
+      const trailing = data.subarray(pcm.length);
+      expect(trailing.every((x) => x === 0)).toBe(true);
+      expect(trailing.length).toBeLessThanOrEqual(BYTES_PER_SECOND / 10);
+
+      const m = new RegExp(`E2E-${tag} (\\d+) ([\\d.]+) ([\\d.]+)`).exec(r.serial);
+      expect(m).not.toBeNull();
+      expect(Number(m![1])).toBe(0);
+      const wall = Number(m![3]) - Number(m![2]);
+      console.log(`snd e2e: concurrent aplay ${tag} of ${seconds} s took ${wall.toFixed(2)} s, WAV ${data.length} bytes, ${trailing.length} trailing silence`);
+      expect(Math.abs(wall - seconds)).toBeLessThanOrEqual(0.1 * seconds);
+    }
+  }, 90_000);
+
+  test("ALSA backend through ALSA's file plugin, from a guest", async () => {
+    const seconds = 2;
+    const pcm = new Uint8Array(randomBytes(seconds * BYTES_PER_SECOND));
+    const wav = join(dir, "alsa-play.wav");
+    writeWav(wav, pcm);
+    const tdir = mkdtempSync(join(dir, "alsa-"));
+    const raw = join(tdir, "out.raw");
+    const conf = join(tdir, "asound.conf");
+    writeFileSync(conf, [
+      "pcm.null { type null }",
+      `pcm.tofile { type file; slave.pcm "null"; file "${raw}"; format "raw" }`,
+      "pcm.default { type null }",
+      "",
+    ].join("\n"));
+    const sock = join(tdir, "snd.sock");
+    const backend = await startBackend("snd", sock, ["--log-level", "warn", "--backend", "alsa", "--streams", "out=1,in=0", "--alsa-playback", "tofile"], {
+      env: { ALSA_CONFIG_PATH: conf },
+    });
+    running.push(backend);
+    const command = [
+      "set -e",
+      "cp /sys/firmware/qemu_fw_cfg/by_name/opt/wav/raw /tmp/play.wav",
+      "aplay -q -D hw:0,0 /tmp/play.wav",
+    ].join("\n");
+    const r = await bootGuest({
+      command,
+      devices: ["-chardev", `socket,id=s0,path=${sock}`, "-device", "vhost-user-snd-pci,chardev=s0"],
+      extraArgs: ["-fw_cfg", `name=opt/wav,file=${wav}`],
+      timeoutMs: 60_000,
+    });
+    const stopped = await backend.stop();
+    if (r.exitStatus !== 0 || stopped.code !== 0) {
+      console.error(`guest serial:\n${tail(r.serial, 60)}\nqemu stderr:\n${tail(r.stderr, 20)}\nbackend:\n${tail(stopped.stderr, 20)}`);
+    }
+    expect(r.exitStatus).toBe(0);
+    expect(stopped.code).toBe(0);
+    const got = new Uint8Array(readFileSync(raw));
+    console.log(`snd e2e: ALSA file plugin wrote ${got.length} bytes for ${pcm.length} played`);
+    expect(got.length).toBe(pcm.length);
+    expect(md5(got)).toBe(md5(pcm));
+  }, 90_000);
 });

@@ -5,7 +5,8 @@
 // its last frame has left (so the guest's drain, and the STOP after it, come after the sound, and
 // STOP loses nothing: what is written but not yet played stays held and is written again at
 // START). An rx buffer completes once ALSA has filled it. (ALSA's `null` PCM takes frames
-// instantly and reports no delay, so over it the guest runs as fast as it sends.) Underruns and
+// instantly and reports no delay, so output completions are also capped at real time since ALSA
+// started: over `null` the guest plays at its stream's rate, as Linux needs.) Underruns and
 // overruns are recovered with snd_pcm_recover and reported as XRUN.
 import * as A from "../../../ffi/alsa.ts";
 import { EPOLLIN, EPOLLOUT } from "../../../ffi/epoll.ts";
@@ -96,6 +97,11 @@ class AlsaEngine implements StreamEngine {
   private readonly rate: number;
   /** Output: frames written since ALSA was last prepared (the stream position of the next write). */
   private writtenFrames = 0;
+  /**
+   * Output: when (µs, performance.now) ALSA was first seen running since it was last prepared;
+   * played frames are capped at real time from then (see playedFrames).
+   */
+  private runningSinceUs: number | null = null;
   private readonly queue: Pending[] = [];
   private running = false;
   private attached = true;
@@ -160,6 +166,7 @@ class AlsaEngine implements StreamEngine {
     this.running = false;
     A.alsa().snd_pcm_drop(this.pcm);
     this.writtenFrames = 0;
+    this.runningSinceUs = null;
     for (const q of this.queue.splice(0)) this.ctx.complete(q.held, 0, null);
     this.ctx.flush();
     this.updateInterest();
@@ -194,6 +201,7 @@ class AlsaEngine implements StreamEngine {
     A.alsa().snd_pcm_drop(this.pcm);
     A.alsa().snd_pcm_prepare(this.pcm);
     this.writtenFrames = 0;
+    this.runningSinceUs = null;
     for (const q of this.queue) {
       q.done = 0;
       q.written = false;
@@ -251,18 +259,30 @@ class AlsaEngine implements StreamEngine {
 
   /**
    * Stream frames played so far: written minus what snd_pcm_delay says is still to be heard
-   * (all of it once ALSA is not running: it ran dry, or never started).
+   * (all of it once ALSA is not running: it ran dry, or never started), and while running never
+   * more than real time (plus 1%, so a device clock a little fast is not held back) since ALSA
+   * started: a PCM without a clock (`null`, or `file` over it) takes a whole buffer at once and
+   * reports no delay, and a Linux guest whose buffer completes in one go sees its hw_ptr wrap to
+   * where it was, no progress, and fails the write with EIO.
    */
   private playedFrames(): number {
     const s = A.alsa();
     const state = s.snd_pcm_state(this.pcm);
     if (state === A.SND_PCM_STATE_PREPARED) return 0;
-    if (state !== A.SND_PCM_STATE_RUNNING && state !== A.SND_PCM_STATE_DRAINING) return this.writtenFrames;
-    try {
-      return this.writtenFrames - Math.min(this.writtenFrames, Math.max(0, A.delay(this.pcm)));
-    } catch {
+    if (state !== A.SND_PCM_STATE_RUNNING && state !== A.SND_PCM_STATE_DRAINING) {
+      this.runningSinceUs = null;
       return this.writtenFrames;
     }
+    const now = performance.now() * 1000;
+    this.runningSinceUs ??= now;
+    const realTime = Math.floor(((now - this.runningSinceUs) / 1e6) * this.rate * 1.01);
+    let played: number;
+    try {
+      played = this.writtenFrames - Math.min(this.writtenFrames, Math.max(0, A.delay(this.pcm)));
+    } catch {
+      played = this.writtenFrames;
+    }
+    return Math.min(played, realTime);
   }
 
   /** Completes the written buffers at the head of the queue that have been played; returns µs until the next one is due (or Infinity). */
@@ -300,6 +320,7 @@ class AlsaEngine implements StreamEngine {
         this.queue.splice(0, lost.length);
         for (const x of lost) this.ctx.complete(x.held, 0, null);
         this.writtenFrames = 0;
+        this.runningSinceUs = null;
         for (const x of this.queue) {
           x.done = 0;
           x.written = false;
