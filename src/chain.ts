@@ -99,16 +99,14 @@ function iovecsAt(segs: readonly Segment[], pos: number, len: number, iov: Iovec
   return remaining === 0;
 }
 
-/** A cursor over one side of a chain. */
+/** A cursor over one side of a chain; reusable for the next chain with reset(). */
 abstract class ChainCursor {
   /** Bytes consumed so far. */
   pos = 0;
   /** Bytes of this side the cursor may use (the end, less what was carved off). */
-  protected end: number;
-
-  constructor(protected readonly segs: readonly Segment[], total: number) {
-    this.end = total;
-  }
+  protected end = 0;
+  protected segs: readonly Segment[] = [];
+  chain!: DescriptorChain;
 
   get remaining(): number {
     return this.end - this.pos;
@@ -139,8 +137,18 @@ abstract class ChainCursor {
 
 /** Reads a chain's device-readable bytes in order. */
 export class ChainReader extends ChainCursor {
-  constructor(readonly chain: DescriptorChain) {
-    super(chain.readable, chain.readableLen);
+  constructor(chain?: DescriptorChain) {
+    super();
+    if (chain !== undefined) this.reset(chain);
+  }
+
+  /** Starts over on `chain` (a device's hot path reuses one reader). */
+  reset(chain: DescriptorChain): this {
+    this.chain = chain;
+    this.segs = chain.readable;
+    this.end = chain.readableLen;
+    this.pos = 0;
+    return this;
   }
 
   /** Copies up to dst.length bytes; returns how many. */
@@ -155,8 +163,19 @@ export class ChainReader extends ChainCursor {
 export class ChainWriter extends ChainCursor {
   private statusAt = -1;
 
-  constructor(readonly chain: DescriptorChain) {
-    super(chain.writable, chain.writableLen);
+  constructor(chain?: DescriptorChain) {
+    super();
+    if (chain !== undefined) this.reset(chain);
+  }
+
+  /** Starts over on `chain` (a device's hot path reuses one writer per request slot). */
+  reset(chain: DescriptorChain): this {
+    this.chain = chain;
+    this.segs = chain.writable;
+    this.end = chain.writableLen;
+    this.pos = 0;
+    this.statusAt = -1;
+    return this;
   }
 
   /** Bytes written (or skipped over) so far: what the used element reports. */
@@ -194,9 +213,19 @@ export class ChainWriter extends ChainCursor {
     return copyAt(this.segs, pos, src.subarray(0, Math.max(0, Math.min(src.length, this.end - pos))), true);
   }
 
-  /** Stores the carved-off status byte. */
+  /** Stores the carved-off status byte (one byte, written in place: this is every block request's path). */
   writeStatus(status: number): void {
     if (this.statusAt < 0) throw new Error("writeStatus without carveStatus");
-    copyAt(this.segs, this.statusAt, Uint8Array.of(status), true);
+    let skip = this.statusAt;
+    for (const seg of this.segs) {
+      if (skip >= seg.len) {
+        skip -= seg.len;
+        continue;
+      }
+      const at = seg.offset + skip;
+      const win = seg.region.window(at, 1)!;
+      win.u8[at - win.start] = status;
+      return;
+    }
   }
 }

@@ -23,11 +23,13 @@ export interface Timer {
   cancel(): void;
 }
 
-interface TimerEntry extends Timer {
-  deadline: number;
-  seq: number;
-  fn: () => void;
-  cancelled: boolean;
+/** One allocation per timer: the entry is its own handle. */
+class TimerEntry implements Timer {
+  cancelled = false;
+  constructor(readonly deadline: number, readonly seq: number, readonly fn: () => void) {}
+  cancel(): void {
+    this.cancelled = true;
+  }
 }
 
 /** Microseconds on the monotonic clock (performance.now has sub-µs resolution). */
@@ -94,15 +96,7 @@ export class EventLoop {
 
   /** Calls `fn` once, `us` microseconds from now (on this thread, from the loop). */
   timer(us: number, fn: () => void): Timer {
-    const entry: TimerEntry = {
-      deadline: nowUs() + Math.max(0, us),
-      seq: this.timerSeq++,
-      fn,
-      cancelled: false,
-      cancel: () => {
-        entry.cancelled = true;
-      },
-    };
+    const entry = new TimerEntry(nowUs() + Math.max(0, us), this.timerSeq++, fn);
     heapPush(this.timers, entry);
     this.armTimerFd();
     return entry;

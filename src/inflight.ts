@@ -92,7 +92,7 @@ export class QueueInflight {
   private readonly dv: DataView;
   private counter = 1;
   /** Heads completed since the last publication (the "last batch"). */
-  private batch: number[] = [];
+  private readonly batch: number[] = [];
 
   constructor(share: InflightShare, private readonly ringSize: number) {
     if (ringSize > share.queueSize) throw new Error(`ring of ${ringSize} entries, inflight region for ${share.queueSize}`);
@@ -164,8 +164,8 @@ export class QueueInflight {
 
   /** The used index `usedIdx` was stored: the batch is no longer in flight. */
   published(usedIdx: number): void {
-    for (const h of this.batch) this.dv.setUint8(this.d(h) + D_INFLIGHT, 0);
-    this.batch = [];
+    for (let i = 0; i < this.batch.length; i++) this.dv.setUint8(this.d(this.batch[i]!) + D_INFLIGHT, 0);
+    this.batch.length = 0;
     this.dv.setUint16(O_USED_IDX, usedIdx, true);
   }
 }

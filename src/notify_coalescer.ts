@@ -22,11 +22,14 @@ export class NotifyCoalescer {
       this.queue.notifyIfNeeded();
       return;
     }
-    this.pending = this.loop.timer(this.delayUs, () => {
-      this.pending = null;
-      this.queue.notifyIfNeeded();
-    });
+    this.pending = this.loop.timer(this.delayUs, this.fire);
   }
+
+  /** Bound once: scheduling allocates only the timer. */
+  private readonly fire = (): void => {
+    this.pending = null;
+    this.queue.notifyIfNeeded();
+  };
 
   /** Sends what is pending now and stops coalescing (the queue is stopping). */
   dispose(): void {

@@ -72,6 +72,8 @@ const IN_FLIGHT = -1;
 export class QueueProcessor {
   readonly stats: QueueStats = { requests: 0, bytesRead: 0, bytesWritten: 0, errors: 0, unsupported: 0 };
   private readonly guestErrors: GuestErrorLog;
+  private readonly reader = new ChainReader();
+  private readonly syncWriter = new ChainWriter();
   private readonly iov: IovecArray;
   private readonly header = new RequestHeader();
   private readonly segments = new Uint8Array(MAX_DISCARD_SEGMENTS * DISCARD_SEGMENT_SIZE);
@@ -159,8 +161,9 @@ export class QueueProcessor {
    * IN_FLIGHT when the engine completes it later. */
   handle(chain: DescriptorChain): number {
     this.stats.requests++;
-    const reader = new ChainReader(chain);
-    const writer = new ChainWriter(chain);
+    // Reused cursors: the engine's next slot owns the writer its completion needs.
+    const reader = this.reader.reset(chain);
+    const writer = (this.engine === null ? this.syncWriter : this.engine.nextSlot()!.writer).reset(chain);
     if (!writer.carveStatus()) {
       this.guestError(chain, "request has no writable byte for its status; completed with length 0");
       return 0;

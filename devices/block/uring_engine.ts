@@ -18,7 +18,7 @@ import { SysError, close, EINVAL } from "../../ffi/libc.ts";
 import { eventfd, drain } from "../../ffi/eventfd.ts";
 import { EPOLLIN } from "../../ffi/epoll.ts";
 import type { EventLoop } from "../../src/event_loop.ts";
-import type { DescriptorChain, ChainWriter } from "../../src/chain.ts";
+import { ChainWriter, type DescriptorChain } from "../../src/chain.ts";
 import { advance, type BlockImage } from "./image.ts";
 
 export const OP_READ = 0;
@@ -38,6 +38,8 @@ export class IoSlot {
   chain: DescriptorChain | null = null;
   /** Where the request's status byte goes once it completes. */
   status: ChainWriter | null = null;
+  /** The slot's own cursor for the request it carries (reused: no allocation per request). */
+  readonly writer = new ChainWriter();
   /** Byte offset in the image, bytes to transfer, bytes done. */
   offset = 0;
   len = 0;
