@@ -39,7 +39,10 @@ export class SndDriver {
   event!: DriverQueue;
   tx!: DriverQueue;
   rx!: DriverQueue;
+  /** head → where its status (and, for rx, data) lives. */
   private inflight = new Map<string, { status: number; data: number; bytes: number }>();
+  private eventBufs = new Map<number, number>();
+  events: P.SndEvent[] = [];
 
   constructor(readonly vmm: Vmm, readonly ram: GuestRam) {}
 
@@ -48,8 +51,13 @@ export class SndDriver {
     this.vmm.setMemTable();
     this.vmm.queues = [0, 1, 2, 3].map((i) => new DriverQueue(this.ram, i, queueSize));
     for (const q of this.vmm.queues) this.vmm.startQueue(q);
-    [this.ctrl, this.event, this.tx, this.rx] = this.vmm.queues as [DriverQueue, DriverQueue, DriverQueue, DriverQueue];
+    this.bind();
     return f;
+  }
+
+  /** Names the four rings of vmm.queues (after a test set them up itself). */
+  bind(): void {
+    [this.ctrl, this.event, this.tx, this.rx] = this.vmm.queues as [DriverQueue, DriverQueue, DriverQueue, DriverQueue];
   }
 
   put(bytes: Uint8Array): number {
@@ -61,7 +69,9 @@ export class SndDriver {
   /** One control request; returns the device-written bytes. */
   async request(req: Uint8Array, replyLen = P.HDR_BYTES, timeoutMs = 5000): Promise<Uint8Array> {
     const reply = this.ram.alloc(Math.max(1, replyLen));
-    this.ctrl.addChain([{ gpa: this.put(req), len: req.length }, { gpa: reply, len: replyLen, write: true }]);
+    const bufs: { gpa: number; len: number; write?: boolean }[] = [{ gpa: this.put(req), len: req.length }];
+    if (replyLen > 0) bufs.push({ gpa: reply, len: replyLen, write: true });
+    this.ctrl.addChain(bufs);
     const [u] = await this.ctrl.waitUsed(1, timeoutMs);
     return this.ram.bytes(reply, u!.len).slice();
   }
@@ -78,13 +88,13 @@ export class SndDriver {
     return this.status(P.encodePcmHdr(code, streamId));
   }
 
-  /** One tx chain: header + PCM (indirect: one descriptor in the ring), then an 8-byte status. */
-  sendTx(streamId: number, pcm: Uint8Array, indirect = false): number {
+  /** One tx chain: header + PCM (indirect: one descriptor in the ring), then a `statusLen`-byte status (0: none). */
+  sendTx(streamId: number, pcm: Uint8Array, statusLen = P.PCM_STATUS_BYTES, indirect = false): number {
     const data = new Uint8Array(4 + pcm.length);
     data.set(P.encodePcmXfer(streamId));
     data.set(pcm, 4);
-    const status = this.ram.alloc(P.PCM_STATUS_BYTES);
-    const head = this.tx.addChain([{ gpa: this.put(data), len: data.length }, { gpa: status, len: P.PCM_STATUS_BYTES, write: true }], { indirect });
+    const status = this.ram.alloc(Math.max(1, statusLen));
+    const head = this.tx.addChain([{ gpa: this.put(data), len: data.length }, ...(statusLen > 0 ? [{ gpa: status, len: statusLen, write: true }] : [])], { indirect });
     this.inflight.set(`2/${head}`, { status, data: 0, bytes: 0 });
     return head;
   }
@@ -120,6 +130,35 @@ export class SndDriver {
       await Bun.sleep(0.5);
     }
     return got;
+  }
+
+  /** Posts `n` event buffers. */
+  postEvents(n: number): void {
+    for (let i = 0; i < n; i++) {
+      const gpa = this.ram.alloc(P.EVENT_BYTES);
+      this.eventBufs.set(this.event.addChain([{ gpa, len: P.EVENT_BYTES, write: true }]), gpa);
+    }
+  }
+
+  /** Events delivered so far (each used buffer is posted again). */
+  collectEvents(): P.SndEvent[] {
+    for (const u of this.event.takeUsed()) {
+      this.event.recycle(u.id);
+      this.events.push(P.decodeEvent(this.ram.bytes(this.eventBufs.get(u.id)!, 8)));
+      this.eventBufs.delete(u.id);
+      this.postEvents(1);
+    }
+    return this.events;
+  }
+
+  async waitEvent(pred: (e: P.SndEvent) => boolean, timeoutMs = 3000): Promise<P.SndEvent> {
+    const deadline = Date.now() + timeoutMs;
+    for (;;) {
+      const e = this.collectEvents().find(pred);
+      if (e) return e;
+      if (Date.now() > deadline) throw new Error(`no such event; got ${JSON.stringify(this.events)}`);
+      await Bun.sleep(1);
+    }
   }
 
   /**

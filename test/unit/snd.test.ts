@@ -8,7 +8,8 @@ import { mkdtempSync, readFileSync, rmSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { randomBytes } from "node:crypto";
-import { BackendUnderTest, GuestRam, Vmm, DriverQueue, Req, configPayload } from "../support/frontend.ts";
+import { BackendUnderTest, GuestRam, Vmm, Req, configPayload } from "../support/frontend.ts";
+import { SndDriver, u32, type Done } from "../support/snd_driver.ts";
 import { COMMON_FEATURES } from "../../src/device.ts";
 
 import * as P from "../../devices/snd/protocol.ts";
@@ -27,150 +28,10 @@ function tempDir(): string {
 }
 
 // 48 kHz S16 stereo, 10 ms periods, 4 periods of buffer: what aplay asks by default, shortened.
-const RATE = P.RATE_48000;
 const FRAME = 4;
 const PERIOD = 480 * FRAME;
 const BUFFER = 4 * PERIOD;
 const PERIOD_US = 10_000;
-
-function u32(b: Uint8Array, off = 0): number {
-  return new DataView(b.buffer, b.byteOffset, b.byteLength).getUint32(off, true);
-}
-
-interface Done {
-  id: number;
-  len: number;
-  at: number;
-  status: number;
-  latency: number;
-  data: Uint8Array;
-}
-
-/** The driver side: four rings, request helpers, and the chains in flight with their buffers. */
-class SndDriver {
-  ctrl!: DriverQueue;
-  event!: DriverQueue;
-  tx!: DriverQueue;
-  rx!: DriverQueue;
-  /** head → where its status (and, for rx, data) lives. */
-  private inflight = new Map<string, { status: number; data: number; bytes: number }>();
-  private eventBufs = new Map<number, number>();
-  events: P.SndEvent[] = [];
-
-  constructor(readonly vmm: Vmm, readonly ram: GuestRam) {}
-
-  activate(want?: bigint): bigint {
-    const f = this.vmm.handshake(want).features;
-    this.vmm.setMemTable();
-    this.vmm.queues = [0, 1, 2, 3].map((i) => new DriverQueue(this.ram, i, 64));
-    for (const q of this.vmm.queues) this.vmm.startQueue(q);
-    this.bind();
-    return f;
-  }
-
-  bind(): void {
-    [this.ctrl, this.event, this.tx, this.rx] = this.vmm.queues as [DriverQueue, DriverQueue, DriverQueue, DriverQueue];
-  }
-
-  put(bytes: Uint8Array): number {
-    const gpa = this.ram.alloc(Math.max(1, bytes.length));
-    this.ram.bytes(gpa, bytes.length).set(bytes);
-    return gpa;
-  }
-
-  /** One control request; returns the device-written bytes. */
-  async request(req: Uint8Array, replyLen = P.HDR_BYTES): Promise<Uint8Array> {
-    const reply = this.ram.alloc(Math.max(1, replyLen));
-    const bufs = [{ gpa: this.put(req), len: req.length }];
-    if (replyLen > 0) bufs.push({ gpa: reply, len: replyLen, write: true } as never);
-    this.ctrl.addChain(bufs);
-    const [u] = await this.ctrl.waitUsed(1);
-    return this.ram.bytes(reply, u!.len).slice();
-  }
-
-  async status(req: Uint8Array): Promise<number> {
-    return u32(await this.request(req));
-  }
-
-  async setParams(streamId: number, o: Partial<{ bufferBytes: number; periodBytes: number; features: number; channels: number; format: number; rate: number }> = {}): Promise<number> {
-    return this.status(P.encodePcmSetParams({ streamId, bufferBytes: BUFFER, periodBytes: PERIOD, features: 0, channels: 2, format: P.FMT_S16, rate: RATE, ...o }));
-  }
-
-  async pcm(code: P.PcmCode, streamId: number): Promise<number> {
-    return this.status(P.encodePcmHdr(code, streamId));
-  }
-
-  /** Sends one tx chain: header + PCM, then an 8-byte status. */
-  sendTx(streamId: number, pcm: Uint8Array, statusLen = P.PCM_STATUS_BYTES, indirect = false): number {
-    const data = new Uint8Array(4 + pcm.length);
-    data.set(P.encodePcmXfer(streamId));
-    data.set(pcm, 4);
-    const status = this.ram.alloc(Math.max(1, statusLen));
-    const head = this.tx.addChain([{ gpa: this.put(data), len: data.length }, ...(statusLen > 0 ? [{ gpa: status, len: statusLen, write: true }] : [])], { indirect });
-    this.inflight.set(`2/${head}`, { status, data: 0, bytes: 0 });
-    return head;
-  }
-
-  /** Posts one rx chain: header, then room for `bytes` and the status. */
-  postRx(streamId: number, bytes: number): number {
-    const buf = this.ram.alloc(bytes + P.PCM_STATUS_BYTES);
-    const head = this.rx.addChain([{ gpa: this.put(P.encodePcmXfer(streamId)), len: 4 }, { gpa: buf, len: bytes + P.PCM_STATUS_BYTES, write: true }]);
-    this.inflight.set(`3/${head}`, { status: buf + bytes, data: buf, bytes });
-    return head;
-  }
-
-  /** Completed tx/rx chains since the last call, stamped with the time the test saw them. */
-  takeIo(q: DriverQueue): Done[] {
-    const now = performance.now();
-    return q.takeUsed().map((u) => {
-      q.recycle(u.id);
-      const key = `${q.index}/${u.id}`;
-      const f = this.inflight.get(key)!;
-      this.inflight.delete(key);
-      const st = u.len >= 8 ? this.ram.bytes(f.status, 8) : new Uint8Array(8);
-      return { id: u.id, len: u.len, at: now, status: u32(st), latency: u32(st, 4), data: this.ram.bytes(f.data, Math.max(0, Math.min(f.bytes, u.len - 8))).slice() };
-    });
-  }
-
-  async waitIo(q: DriverQueue, count: number, timeoutMs = 5000): Promise<Done[]> {
-    const got: Done[] = [];
-    const deadline = Date.now() + timeoutMs;
-    while (got.length < count) {
-      got.push(...this.takeIo(q));
-      if (got.length >= count) break;
-      if (Date.now() > deadline) throw new Error(`queue ${q.index}: ${got.length}/${count} completions`);
-      await Bun.sleep(0.5);
-    }
-    return got;
-  }
-
-  postEvents(n: number): void {
-    for (let i = 0; i < n; i++) {
-      const gpa = this.ram.alloc(P.EVENT_BYTES);
-      this.eventBufs.set(this.event.addChain([{ gpa, len: P.EVENT_BYTES, write: true }]), gpa);
-    }
-  }
-
-  collectEvents(): P.SndEvent[] {
-    for (const u of this.event.takeUsed()) {
-      this.event.recycle(u.id);
-      this.events.push(P.decodeEvent(this.ram.bytes(this.eventBufs.get(u.id)!, 8)));
-      this.eventBufs.delete(u.id);
-      this.postEvents(1);
-    }
-    return this.events;
-  }
-
-  async waitEvent(pred: (e: P.SndEvent) => boolean, timeoutMs = 3000): Promise<P.SndEvent> {
-    const deadline = Date.now() + timeoutMs;
-    for (;;) {
-      const e = this.collectEvents().find(pred);
-      if (e) return e;
-      if (Date.now() > deadline) throw new Error(`no such event; got ${JSON.stringify(this.events)}`);
-      await Bun.sleep(1);
-    }
-  }
-}
 
 async function session(options: Record<string, unknown>, ram?: GuestRam): Promise<{ backend: BackendUnderTest; drv: SndDriver }> {
   const backend = new BackendUnderTest("snd", options);
