@@ -11,6 +11,7 @@
 import { toArrayBuffer } from "bun:ffi";
 import { mmap, munmap, PROT_READ, PROT_WRITE, MAP_SHARED } from "../ffi/mem.ts";
 import { close } from "../ffi/libc.ts";
+import type { DescriptorChain } from "./chain.ts";
 
 export const LOG_PAGE = 4096;
 /** The most bitmap bytes accepted: covers 16 TiB of guest-physical space. */
@@ -57,6 +58,17 @@ export class DirtyLog {
     const last = Math.min(Math.floor((gpa + len - 1) / LOG_PAGE), this.size * 8 - 1);
     for (let page = first; page <= last; page++) {
       Atomics.or(this.bits, page >>> 3, 1 << (page & 7));
+    }
+  }
+
+  /** Marks the first `len` bytes of a completed chain's writable buffers (what the device wrote). */
+  markWritten(chain: DescriptorChain, len: number): void {
+    let left = len;
+    for (const seg of chain.writable) {
+      if (left <= 0) break;
+      const n = Math.min(seg.len, left);
+      this.mark(seg.region.gpa + seg.offset, n);
+      left -= n;
     }
   }
 

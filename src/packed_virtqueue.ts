@@ -320,15 +320,7 @@ export class PackedVirtqueue implements Virtqueue {
     dv.setUint32(o + 8, len, true);
     dv.setUint16(o + 12, id, true);
     this.pendingUsed.push({ slot, flags: (this.usedWrap ? F_AVAIL | F_USED : 0) | (len > 0 ? VIRTQ_DESC_F_WRITE : 0) });
-    if (this.log !== null) {
-      let left = len;
-      for (const seg of p.chain.writable) {
-        if (left <= 0) break;
-        const m = Math.min(seg.len, left);
-        this.log.mark(seg.region.gpa + seg.offset, m);
-        left -= m;
-      }
-    }
+    this.log?.markWritten(p.chain, len);
     this.usedIdx += p.count;
     if (this.usedIdx >= this.size) {
       this.usedIdx -= this.size;

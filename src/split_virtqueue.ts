@@ -353,15 +353,7 @@ export class SplitVirtqueue implements Virtqueue {
     const log = this.log!;
     const chain = this.logChains[head];
     this.logChains[head] = undefined;
-    if (chain !== undefined) {
-      let left = len;
-      for (const seg of chain.writable) {
-        if (left <= 0) break;
-        const n = Math.min(seg.len, left);
-        log.mark(seg.region.gpa + seg.offset, n);
-        left -= n;
-      }
-    }
+    if (chain !== undefined) log.markWritten(chain, len);
     log.mark(this.usedLogGpa + 4 + (this.nextUsed & (this.size - 1)) * 8, 8);
   }
 
