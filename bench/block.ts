@@ -60,6 +60,8 @@ const USAGE = `usage: bun run bench:block [options]
                     shows as anonymous addresses) into bench/results/, and print a per-DSO/symbol summary
   --source          run ours from source (\`bun src/main.ts\`) instead of dist/backend
   --ours-bin PATH   run this backend executable instead of dist/backend (e.g. another checkout's build)
+  --peer-bin PATH   serve the peer disk with this build of ours instead of qsd (two builds side by side in one
+                    guest: "qsd" in the tables is then that build; e.g. --peer-bin /tmp/old/dist/backend)
   --ours-arg ARG    extra argument for \`backend device block\` (repeatable, e.g. --ours-arg=--direct)
   --qsd-aio A       aio= of qsd's file driver: threads (default, qsd's own default), io_uring, native
   --qsd-iothread    run qsd's export in an iothread (default: main loop, qsd's default)
@@ -111,6 +113,7 @@ async function main(): Promise<void> {
       perf: { type: "boolean", default: false },
       source: { type: "boolean", default: false },
       "ours-bin": { type: "string" },
+      "peer-bin": { type: "string" },
       "ours-arg": { type: "string", multiple: true, default: [] },
       "qsd-aio": { type: "string", default: "threads" },
       "qsd-iothread": { type: "boolean", default: false },
@@ -147,6 +150,8 @@ async function main(): Promise<void> {
     : JOBS;
   if (!["threads", "io_uring", "native"].includes(a["qsd-aio"]!)) throw new Error(`--qsd-aio ${a["qsd-aio"]}`);
   if (peerOnly && a.profile) throw new Error("--profile profiles our backend; it makes no sense with --peer-only");
+  const peerBin = a["peer-bin"] ? resolve(a["peer-bin"]) : undefined;
+  if (peerBin !== undefined && (peerOnly || !existsSync(peerBin))) throw new Error(`--peer-bin ${peerBin}: not found, or with --peer-only`);
 
   const rig = await ensureRig();
   const oursCmd = peerOnly ? [] : await prepareOurs({ profile: a.profile!, source: a.source!, bin: a["ours-bin"] });
@@ -160,8 +165,9 @@ async function main(): Promise<void> {
   const images: Record<BackendKind, string> = { ours: "/dev/shm/bench-ours.img", qsd: "/dev/shm/bench-qsd.img" };
   const tmp = mkdtempSync(join(tmpdir(), "bench-block-"));
   const steps = plan(jobs, rounds);
-  const qsdDesc =
-    `qemu-storage-daemon driver=file cache.direct=off (buffered) aio=${a["qsd-aio"]}` +
+  const qsdDesc = peerBin !== undefined
+    ? `[--peer-bin] ${peerBin} device block --num-queues 1 --queue-size ${queueSize}${a["ours-arg"]!.length ? " " + a["ours-arg"]!.join(" ") : ""}`
+    : `qemu-storage-daemon driver=file cache.direct=off (buffered) aio=${a["qsd-aio"]}` +
     `${a["qsd-iothread"] ? " iothread" : " main-loop"} num-queues=1`;
   const oursDesc = peerOnly
     ? `[--peer-only] a second ${qsdDesc}`
@@ -195,6 +201,7 @@ async function main(): Promise<void> {
         rig,
         qsdAio: a["qsd-aio"]!,
         qsdIothread: a["qsd-iothread"]!,
+        peerBin,
         profileDir: a.profile ? profileDir : undefined,
       });
       try {
@@ -421,6 +428,8 @@ async function startBackends(o: {
   rig: Rig;
   qsdAio: string;
   qsdIothread: boolean;
+  /** Serve the "qsd" slot with this build of ours instead. */
+  peerBin?: string;
   profileDir?: string;
 }): Promise<Record<BackendKind, Backend>> {
   const qsdOpts = (kind: BackendKind) => ({
@@ -432,7 +441,9 @@ async function startBackends(o: {
     aio: o.qsdAio,
     iothread: o.qsdIothread,
   });
-  const qsd = await startQsd("qsd", qsdOpts("qsd"));
+  const qsd = o.peerBin !== undefined
+    ? await startOurs("qsd", { command: [o.peerBin], extraArgs: o.oursArgs, image: o.images.qsd, socket: socketPath(o.tmp, "qsd"), numQueues: 1, queueSize: o.queueSize })
+    : await startQsd("qsd", qsdOpts("qsd"));
   let ours: Backend;
   try {
     if (o.peerOnly) {
