@@ -90,13 +90,22 @@ export class InflightRegion {
 /** One queue's inflight state, used by its Virtqueue in whichever thread serves it. */
 export class QueueInflight {
   private readonly dv: DataView;
+  /** The same bytes as u8/u16/u32 for the per-request marks (not a DataView there: see
+   * DescriptorTable in src/ring.ts). Every field is naturally aligned in the layout. */
+  private readonly u8: Uint8Array;
+  private readonly u16: Uint16Array;
+  private readonly u32: Uint32Array;
   private counter = 1;
   /** Heads completed since the last publication (the "last batch"). */
   private readonly batch: number[] = [];
 
   constructor(share: InflightShare, private readonly ringSize: number) {
     if (ringSize > share.queueSize) throw new Error(`ring of ${ringSize} entries, inflight region for ${share.queueSize}`);
-    this.dv = new DataView(toArrayBuffer(share.host as never, 0, share.size));
+    const ab = toArrayBuffer(share.host as never, 0, share.size);
+    this.dv = new DataView(ab);
+    this.u8 = new Uint8Array(ab);
+    this.u16 = new Uint16Array(ab, 0, share.size >>> 1);
+    this.u32 = new Uint32Array(ab, 0, share.size >>> 2);
   }
 
   private d(head: number): number {
@@ -145,27 +154,27 @@ export class QueueInflight {
   popped(head: number): void {
     const o = this.d(head);
     const c = this.counter++;
-    this.dv.setUint32(o + D_COUNTER, c >>> 0, true);
-    this.dv.setUint32(o + D_COUNTER + 4, Math.floor(c / 0x1_0000_0000), true);
-    this.dv.setUint8(o + D_INFLIGHT, 1);
+    this.u32[(o + D_COUNTER) / 4] = c >>> 0;
+    this.u32[(o + D_COUNTER) / 4 + 1] = Math.floor(c / 0x1_0000_0000);
+    this.u8[o + D_INFLIGHT] = 1;
   }
 
   /** A head given back unused (rewind): no longer in flight. */
   rewound(head: number): void {
-    this.dv.setUint8(this.d(head) + D_INFLIGHT, 0);
+    this.u8[this.d(head) + D_INFLIGHT] = 0;
   }
 
   /** A head completed (its used element is written): chained into the last batch. */
   completed(head: number): void {
-    this.dv.setUint16(this.d(head) + D_NEXT, this.dv.getUint16(O_LAST_BATCH_HEAD, true), true);
-    this.dv.setUint16(O_LAST_BATCH_HEAD, head, true);
+    this.u16[(this.d(head) + D_NEXT) / 2] = this.u16[O_LAST_BATCH_HEAD / 2]!;
+    this.u16[O_LAST_BATCH_HEAD / 2] = head;
     this.batch.push(head);
   }
 
   /** The used index `usedIdx` was stored: the batch is no longer in flight. */
   published(usedIdx: number): void {
-    for (let i = 0; i < this.batch.length; i++) this.dv.setUint8(this.d(this.batch[i]!) + D_INFLIGHT, 0);
+    for (let i = 0; i < this.batch.length; i++) this.u8[this.d(this.batch[i]!) + D_INFLIGHT] = 0;
     this.batch.length = 0;
-    this.dv.setUint16(O_USED_IDX, usedIdx, true);
+    this.u16[O_USED_IDX / 2] = usedIdx;
   }
 }

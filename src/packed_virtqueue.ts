@@ -19,7 +19,7 @@ import { signal } from "../ffi/eventfd.ts";
 import { GuestErrorLog } from "./guest_errors.ts";
 import {
   VIRTQ_DESC_F_NEXT, VIRTQ_DESC_F_WRITE, VIRTQ_DESC_F_INDIRECT, MAX_QUEUE_SIZE, MAX_INDIRECT_ENTRIES,
-  locate, type Located, type VirtqueueConfig, type RingPosition,
+  locate, DescriptorTable, type Located, type VirtqueueConfig, type RingPosition,
 } from "./ring.ts";
 import type { Virtqueue } from "./virtqueue.ts";
 
@@ -67,6 +67,9 @@ export class PackedVirtqueue implements Virtqueue {
   private readonly errorLog: GuestErrorLog;
 
   private readonly ring: Located;
+  /** The descriptor ring and each indirect table, read through typed arrays (see DescriptorTable). */
+  private readonly table: DescriptorTable;
+  private readonly indirectTable = new DescriptorTable();
   private readonly ringU16: Uint16Array;
   private readonly ringFlags0: number;
   private readonly driverArea: Located;
@@ -102,6 +105,7 @@ export class PackedVirtqueue implements Virtqueue {
     this.errFd = c.errFd;
     if (c.size === 0 || c.size > MAX_QUEUE_SIZE) throw new Error(`queue ${c.index}: size ${c.size} is not in 1..${MAX_QUEUE_SIZE}`);
     this.ring = locate(mem, c.descGpa, 16 * c.size, 16, `queue ${c.index} descriptor ring`);
+    this.table = new DescriptorTable().at(this.ring.win, this.ring.off, 16 * c.size);
     this.driverArea = locate(mem, c.availGpa, 4, 4, `queue ${c.index} driver event area`);
     this.deviceArea = locate(mem, c.usedGpa, 4, 4, `queue ${c.index} device event area`);
     this.ringU16 = this.ring.win.u16;
@@ -225,8 +229,7 @@ export class PackedVirtqueue implements Virtqueue {
    * is returned with `error` set, to be completed empty.
    */
   private walk(): { id: number; count: number; chain: DescriptorChain | null; error: string | null; badId: boolean } {
-    const dv = this.ring.win.dv;
-    const base = this.ring.off;
+    const table = this.table;
     let slot = this.availIdx;
     let count = 0;
     let id = 0;
@@ -234,11 +237,10 @@ export class PackedVirtqueue implements Virtqueue {
     let chain: DescriptorChain | null = new DescriptorChain(0);
     for (;;) {
       if (++count > this.size) throw new ChainError(`chain longer than the ring's ${this.size} descriptors`);
-      const o = base + slot * 16;
-      const gpa = dv.getUint32(o + 4, true) * 0x1_0000_0000 + dv.getUint32(o, true);
-      const len = dv.getUint32(o + 8, true);
-      id = dv.getUint16(o + 12, true);
-      const flags = dv.getUint16(o + 14, true);
+      const gpa = table.addr(slot);
+      const len = table.len(slot);
+      id = table.word12(slot);
+      const flags = table.word14(slot);
       if (error === null) {
         try {
           if (flags & VIRTQ_DESC_F_INDIRECT) {
@@ -267,14 +269,12 @@ export class PackedVirtqueue implements Virtqueue {
     const r = this.mem.translate(gpa, len);
     const win = r === null ? null : r.region.window(r.offset, len);
     if (r === null || win === null) throw new ChainError(`indirect table 0x${gpa.toString(16)}+${len} outside guest memory`);
-    const dv = win.dv;
-    const base = r.offset - win.start;
+    const table = this.indirectTable.at(win, r.offset - win.start, len);
     // Packed indirect tables are read in order; NEXT is ignored in them (§2.8.19).
     for (let i = 0; i < len / 16; i++) {
-      const o = base + i * 16;
-      const flags = dv.getUint16(o + 14, true);
+      const flags = table.word14(i);
       if (flags & VIRTQ_DESC_F_INDIRECT) throw new ChainError("nested indirect table");
-      appendBuffer(chain, this.mem, dv.getUint32(o + 4, true) * 0x1_0000_0000 + dv.getUint32(o, true), dv.getUint32(o + 8, true), (flags & VIRTQ_DESC_F_WRITE) !== 0);
+      appendBuffer(chain, this.mem, table.addr(i), table.len(i), (flags & VIRTQ_DESC_F_WRITE) !== 0);
     }
   }
 
@@ -315,10 +315,10 @@ export class PackedVirtqueue implements Virtqueue {
     const k = this.order.indexOf(p);
     if (k >= 0) this.order.splice(k, 1);
     const slot = this.usedIdx;
-    const o = this.ring.off + slot * 16;
-    const dv = this.ring.win.dv;
-    dv.setUint32(o + 8, len, true);
-    dv.setUint16(o + 12, id, true);
+    // The used descriptor's len and id; its flags are stored at flush (typed arrays: see DescriptorTable).
+    const t = this.table;
+    t.u32[t.base + 4 * slot + 2] = len;
+    t.u16[2 * (t.base + 4 * slot) + 6] = id;
     this.pendingUsed.push({ slot, flags: (this.usedWrap ? F_AVAIL | F_USED : 0) | (len > 0 ? VIRTQ_DESC_F_WRITE : 0) });
     this.log?.markWritten(p.chain, len);
     this.usedIdx += p.count;

@@ -64,3 +64,56 @@ export function locate(mem: GuestMemory, gpa: number, len: number, align: number
   return { win, off: r.offset - win.start };
 }
 
+
+/**
+ * A table of 16-byte descriptors in guest memory (the split ring's table, a packed ring, an
+ * indirect table), read through 32- and 16-bit typed-array views. Not through a DataView: with
+ * Bun 1.4.5, DataView reads and writes of mapped guest memory made JavaScriptCore's optimized
+ * code exit on every call ("Uncountable" OSR exits that never taught the profiler anything), so
+ * the hottest loops ran in the baseline tier (bench/README.md, "Profiling ours"). Typed arrays
+ * use the host's byte order, which is little-endian like virtio's on every platform Bun runs on.
+ *
+ * The fields are those of both layouts: split {addr u64, len u32, flags u16, next u16}, packed
+ * {addr u64, len u32, id u16, flags u16}; entry `i` is words [base + 4i, base + 4i + 4).
+ */
+export class DescriptorTable {
+  u32: Uint32Array = new Uint32Array(0);
+  u16: Uint16Array = new Uint16Array(0);
+  /** Index in u32 of entry 0. */
+  base = 0;
+  /** For a table that is not 4-byte aligned (no spec rule aligns indirect tables): a copy, read once. */
+  private scratch: Uint32Array | null = null;
+
+  /** Points at the `len`-byte table at byte `off` of `win`; `len` is a multiple of 16. */
+  at(win: Window, off: number, len: number): this {
+    if (off % 4 === 0) {
+      this.u32 = win.u32;
+      this.u16 = win.u16;
+      this.base = off / 4;
+      return this;
+    }
+    if (this.scratch === null || this.scratch.length < len / 4) this.scratch = new Uint32Array(len / 4);
+    new Uint8Array(this.scratch.buffer, 0, len).set(win.u8.subarray(off, off + len));
+    this.u32 = this.scratch;
+    this.u16 = new Uint16Array(this.scratch.buffer);
+    this.base = 0;
+    return this;
+  }
+
+  /** The guest address in entry `i` (a u64; exact below 2^53, and no region lies above that). */
+  addr(i: number): number {
+    const w = this.base + 4 * i;
+    return this.u32[w + 1]! * 0x1_0000_0000 + this.u32[w]!;
+  }
+  len(i: number): number {
+    return this.u32[this.base + 4 * i + 2]!;
+  }
+  /** The u16 at byte 12 of entry `i`: split flags, packed buffer id. */
+  word12(i: number): number {
+    return this.u16[2 * (this.base + 4 * i) + 6]!;
+  }
+  /** The u16 at byte 14 of entry `i`: split next, packed flags. */
+  word14(i: number): number {
+    return this.u16[2 * (this.base + 4 * i) + 7]!;
+  }
+}

@@ -10,7 +10,7 @@ import { GuestErrorLog } from "./guest_errors.ts";
 import { log } from "./log.ts";
 import {
   VIRTQ_DESC_F_NEXT, VIRTQ_DESC_F_WRITE, VIRTQ_DESC_F_INDIRECT, MAX_QUEUE_SIZE, MAX_INDIRECT_ENTRIES,
-  locate, type Located, type VirtqueueConfig, type RingPosition,
+  locate, DescriptorTable, type VirtqueueConfig, type RingPosition,
 } from "./ring.ts";
 import type { Virtqueue } from "./virtqueue.ts";
 
@@ -66,13 +66,18 @@ export class SplitVirtqueue implements Virtqueue {
   readonly config: VirtqueueConfig;
   private unpublished = false;
 
-  private readonly desc: Located;
+  /** The descriptor table, and a view re-pointed at each indirect table (see DescriptorTable). */
+  private readonly table: DescriptorTable;
+  private readonly indirectTable = new DescriptorTable();
+  /** The indirect descriptor walkTable stopped at. */
+  private indirectGpa = 0;
+  private indirectLen = 0;
   private readonly availU16: Uint16Array;
   private readonly availFlags: number;
   private readonly availIdx: number;
   private readonly availRing: number;
   private readonly usedEvent: number;
-  private readonly usedDv: DataView;
+  private readonly usedU32: Uint32Array;
   private readonly usedU16: Uint16Array;
   private readonly usedFlags: number;
   private readonly usedIdx: number;
@@ -106,7 +111,8 @@ export class SplitVirtqueue implements Virtqueue {
     this.callFd = c.callFd;
     this.errFd = c.errFd;
     this.nextAvail = c.nextAvail & 0xffff;
-    this.desc = locate(mem, c.descGpa, 16 * c.size, 16, `queue ${c.index} descriptor table`);
+    const desc = locate(mem, c.descGpa, 16 * c.size, 16, `queue ${c.index} descriptor table`);
+    this.table = new DescriptorTable().at(desc.win, desc.off, 16 * c.size);
     const avail = locate(mem, c.availGpa, 6 + 2 * c.size, 2, `queue ${c.index} available ring`);
     const used = locate(mem, c.usedGpa, 6 + 8 * c.size, 4, `queue ${c.index} used ring`);
     this.availU16 = avail.win.u16;
@@ -114,7 +120,7 @@ export class SplitVirtqueue implements Virtqueue {
     this.availIdx = this.availFlags + 1;
     this.availRing = this.availFlags + 2;
     this.usedEvent = this.availRing + c.size;
-    this.usedDv = used.win.dv;
+    this.usedU32 = used.win.u32;
     this.usedU16 = used.win.u16;
     this.usedFlags = used.off / 2;
     this.usedIdx = this.usedFlags + 1;
@@ -235,45 +241,50 @@ export class SplitVirtqueue implements Virtqueue {
     }
   }
 
-  /** Walks and checks the chain starting at `head`. */
+  /**
+   * Walks and checks the chain starting at `head`: in the descriptor table, then in the indirect
+   * table its last descriptor may name, each by a loop of its own (walkTable).
+   */
   private walk(head: number): DescriptorChain {
     const chain = new DescriptorChain(head);
-    let dv = this.desc.win.dv;
-    let base = this.desc.off;
-    let tableSize = this.size;
-    let inIndirect = false;
-    let idx = head;
-    let count = 0;
-    for (;;) {
+    if (this.walkTable(chain, this.table, this.size, head) < 0) return chain;
+    // The indirect descriptor's address and length, as walkTable read them (each field once).
+    const gpa = this.indirectGpa;
+    const len = this.indirectLen;
+    if (!this.indirect) throw new ChainError("indirect descriptor without VIRTIO_F_INDIRECT_DESC");
+    if (len === 0 || len % 16 !== 0 || len / 16 > this.maxIndirect) {
+      throw new ChainError(`indirect table of ${len} bytes (needs 16..${16 * this.maxIndirect}, a multiple of 16)`);
+    }
+    const r = this.mem.translate(gpa, len);
+    const win = r === null ? null : r.region.window(r.offset, len);
+    if (r === null || win === null) throw new ChainError(`indirect table 0x${gpa.toString(16)}+${len} outside guest memory`);
+    if (this.walkTable(chain, this.indirectTable.at(win, r.offset - win.start, len), len / 16, 0) >= 0) {
+      throw new ChainError("nested indirect table");
+    }
+    return chain;
+  }
+
+  /**
+   * Appends the buffers of the chain at entry `idx` of `table` (of `tableSize` entries) to `chain`.
+   * Returns -1 at the chain's end, or the index of the indirect descriptor that ends the chain here
+   * (its address and length left in indirectGpa/indirectLen).
+   */
+  private walkTable(chain: DescriptorChain, table: DescriptorTable, tableSize: number, idx: number): number {
+    for (let count = 1; ; count++) {
       if (idx >= tableSize) throw new ChainError(`next index ${idx} outside table of ${tableSize}`);
-      if (++count > tableSize) throw new ChainError(`chain longer than ${tableSize} descriptors (loop?)`);
-      const o = base + idx * 16;
-      const addrLo = dv.getUint32(o, true);
-      const addrHi = dv.getUint32(o + 4, true);
-      const len = dv.getUint32(o + 8, true);
-      const flags = dv.getUint16(o + 12, true);
-      const next = dv.getUint16(o + 14, true);
-      const gpa = addrHi * 0x1_0000_0000 + addrLo;
+      if (count > tableSize) throw new ChainError(`chain longer than ${tableSize} descriptors (loop?)`);
+      const gpa = table.addr(idx);
+      const len = table.len(idx);
+      const flags = table.word12(idx);
+      const next = table.word14(idx);
       if (flags & VIRTQ_DESC_F_INDIRECT) {
-        if (!this.indirect) throw new ChainError("indirect descriptor without VIRTIO_F_INDIRECT_DESC");
-        if (inIndirect) throw new ChainError("nested indirect table");
         if (flags & VIRTQ_DESC_F_NEXT) throw new ChainError("indirect descriptor with NEXT set");
-        if (len === 0 || len % 16 !== 0 || len / 16 > this.maxIndirect) {
-          throw new ChainError(`indirect table of ${len} bytes (needs 16..${16 * this.maxIndirect}, a multiple of 16)`);
-        }
-        const r = this.mem.translate(gpa, len);
-        const win = r === null ? null : r.region.window(r.offset, len);
-        if (r === null || win === null) throw new ChainError(`indirect table 0x${gpa.toString(16)}+${len} outside guest memory`);
-        dv = win.dv;
-        base = r.offset - win.start;
-        tableSize = len / 16;
-        inIndirect = true;
-        idx = 0;
-        count = 0;
-        continue;
+        this.indirectGpa = gpa;
+        this.indirectLen = len;
+        return idx;
       }
       appendBuffer(chain, this.mem, gpa, len, (flags & VIRTQ_DESC_F_WRITE) !== 0);
-      if ((flags & VIRTQ_DESC_F_NEXT) === 0) return chain;
+      if ((flags & VIRTQ_DESC_F_NEXT) === 0) return -1;
       idx = next;
     }
   }
@@ -339,9 +350,11 @@ export class SplitVirtqueue implements Virtqueue {
     if (head >= this.size || this.inFlightHead[head] === 0) throw new Error(`queue ${this.index}: completion of descriptor ${head}, which is not in flight`);
     this.inFlightHead[head] = 0;
     this.inFlight--;
-    const o = this.usedRing + (this.nextUsed & (this.size - 1)) * 8;
-    this.usedDv.setUint32(o, head, true);
-    this.usedDv.setUint32(o + 4, len, true);
+    // The used element {id u32, len u32}; the used ring is 4-byte aligned (typed arrays, not a
+    // DataView: see DescriptorTable).
+    const w = this.usedRing / 4 + (this.nextUsed & (this.size - 1)) * 2;
+    this.usedU32[w] = head;
+    this.usedU32[w + 1] = len;
     if (this.log !== null) this.logCompletion(head, len); // after the writes it marks
     this.inflightRegion?.completed(head);
     this.nextUsed = (this.nextUsed + 1) & 0xffff;

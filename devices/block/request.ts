@@ -20,17 +20,18 @@ export class RequestHeader {
   read(reader: ChainReader): boolean {
     if (reader.remaining < REQUEST_HEADER_SIZE) return false;
     const first = reader.chain.readable[0]!;
-    if (reader.pos === 0 && first.len >= REQUEST_HEADER_SIZE) {
+    if (reader.pos === 0 && first.len >= REQUEST_HEADER_SIZE && first.offset % 4 === 0) {
+      // In place, through the 32-bit view (not a DataView: see DescriptorTable in src/ring.ts).
       const win = first.region.window(first.offset, REQUEST_HEADER_SIZE);
       if (win !== null) {
-        const o = first.offset - win.start;
-        this.type = win.dv.getUint32(o, true);
-        this.sector = win.dv.getUint32(o + 8, true) + win.dv.getUint32(o + 12, true) * 0x1_0000_0000;
+        const w = (first.offset - win.start) / 4;
+        this.type = win.u32[w]!;
+        this.sector = win.u32[w + 2]! + win.u32[w + 3]! * 0x1_0000_0000;
         reader.skip(REQUEST_HEADER_SIZE);
         return true;
       }
     }
-    // Header split across descriptors (allowed: drivers need not frame messages).
+    // Header split across descriptors (allowed: drivers need not frame messages), or unaligned.
     if (reader.read(this.scratch) !== REQUEST_HEADER_SIZE) return false;
     const v = this.scratchView;
     this.type = v.getUint32(0, true);

@@ -90,6 +90,8 @@ export interface BlkReq {
   dataWithStatus?: boolean;
   splitHeader?: boolean;
   headerLen?: number;
+  /** The header's address this many bytes past a 4 KiB boundary (not 4-byte aligned: read by copy). */
+  headerMisalign?: number;
   noStatus?: boolean;
 }
 
@@ -185,7 +187,7 @@ export class Disk {
     } else {
       if (req.splitHeader) {
         bufs.push({ gpa: put(header.subarray(0, 8)), len: 8 }, { gpa: put(header.subarray(8)), len: header.length - 8 });
-      } else bufs.push({ gpa: put(header), len: header.length });
+      } else bufs.push({ gpa: put(header, req.headerMisalign), len: header.length });
       if (readable.length > 0) {
         let off = 0;
         for (const n of splitLen(readable.length, req.pieces ?? 1, this.r)) {

@@ -104,10 +104,11 @@ export class DriverQueue {
   }
 
   /** Chains `bufs` into the descriptor table (or an indirect table) and makes the chain available. */
-  addChain(bufs: BufferSpec[], opts: { indirect?: boolean; kick?: boolean } = {}): number {
+  addChain(bufs: BufferSpec[], opts: { indirect?: boolean; kick?: boolean; misalign?: number } = {}): number {
     let head: number;
     if (opts.indirect) {
-      const table = this.ram.alloc(16 * bufs.length, 16);
+      // `misalign`: the table starts that many bytes past a 16-byte boundary (the spec asks no alignment of it).
+      const table = this.ram.alloc(16 * bufs.length + (opts.misalign ?? 0), 16) + (opts.misalign ?? 0);
       bufs.forEach((b, i) => this.writeDesc(table, i, b.gpa, b.len, (b.write ? VIRTQ_DESC_F_WRITE : 0) | (i + 1 < bufs.length ? VIRTQ_DESC_F_NEXT : 0), i + 1));
       head = this.takeDesc();
       this.writeDesc(this.desc, head, table, 16 * bufs.length, VIRTQ_DESC_F_INDIRECT, 0);

@@ -109,10 +109,11 @@ export class PackedDriverQueue {
    * Makes `bufs` available as one chain (or one indirect descriptor); returns its buffer id.
    * `kick`: true kicks always, "auto" only if the device's event suppression asks for it.
    */
-  addChain(bufs: BufferSpec[], opts: { indirect?: boolean; kick?: boolean | "auto" } = {}): number {
+  addChain(bufs: BufferSpec[], opts: { indirect?: boolean; kick?: boolean | "auto"; misalign?: number } = {}): number {
     const id = this.takeId();
     if (opts.indirect) {
-      const table = this.ram.alloc(16 * bufs.length, 16);
+      // `misalign`: the table starts that many bytes past a 16-byte boundary (the spec asks no alignment of it).
+      const table = this.ram.alloc(16 * bufs.length + (opts.misalign ?? 0), 16) + (opts.misalign ?? 0);
       bufs.forEach((b, i) => this.writeDesc(table, i, b.gpa, b.len, 0, b.write ? VIRTQ_DESC_F_WRITE : 0));
       this.addRaw([{ gpa: table, len: 16 * bufs.length, flags: VIRTQ_DESC_F_INDIRECT, id }], { kick: opts.kick, track: id });
     } else {

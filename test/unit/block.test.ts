@@ -138,7 +138,7 @@ describe("block: data integrity", () => {
     await randomIo({}, 9, 8, "/dev/shm");
   });
 
-  test("any framing: header with data, data with status, header split in two", async () => {
+  test("any framing: header with data, data with status, header split in two, header not 4-byte aligned", async () => {
     const d = await Disk.start({ file: makeImage() });
     const data = randomBytes(rng(3), 4096);
     expect((await d.one({ type: VIRTIO_BLK_T_OUT, sector: 8, out: data, headerWithData: true })).status).toBe(VIRTIO_BLK_S_OK);
@@ -149,6 +149,11 @@ describe("block: data integrity", () => {
     const r2 = await d.one({ type: VIRTIO_BLK_T_IN, sector: 8, inLen: 4096, splitHeader: true, pieces: 5 });
     expect(r2.status).toBe(VIRTIO_BLK_S_OK);
     expect(r2.data).toEqual(data);
+    for (const headerMisalign of [1, 2, 3, 6]) {
+      const r = await d.one({ type: VIRTIO_BLK_T_IN, sector: 8, inLen: 4096, headerMisalign });
+      expect(r.status).toBe(VIRTIO_BLK_S_OK);
+      expect(r.data).toEqual(data);
+    }
   });
 
   test("a batch of completions costs one call notification (EVENT_IDX)", async () => {

@@ -195,6 +195,38 @@ describe("packed ring: chains", () => {
     expect(q.position()).toEqual({ nextAvail: 2, nextUsed: 2 });
   });
 
+  test("indirect tables that are not 4-byte aligned are read right, whatever their size", () => {
+    const q = queue();
+    const data = ram.alloc(1024);
+    ram.bytes(data, 1024).forEach((_, i, a) => (a[i] = (i * 7) & 0xff));
+    const chains = [
+      { misalign: 2, parts: [5, 11, 64] },
+      { misalign: 10, parts: [1, 2, 3, 4, 5, 6, 7, 8, 9] },
+      { misalign: 0, parts: [32, 8] },
+    ];
+    const ids = chains.map((c) => {
+      let off = 0;
+      const bufs = c.parts.map((len, i) => {
+        const b = { gpa: data + off, len, write: i === c.parts.length - 1 };
+        off += len;
+        return b;
+      });
+      return pd.addChain(bufs, { indirect: true, kick: false, misalign: c.misalign });
+    });
+    chains.forEach((c, k) => {
+      const chain = q.pop()!;
+      expect(chain.head).toBe(ids[k]!);
+      expect(chain.readable.map((s) => s.len)).toEqual(c.parts.slice(0, -1));
+      expect(chain.writable.map((s) => s.len)).toEqual(c.parts.slice(-1));
+      const want = c.parts.slice(0, -1).reduce((a, b) => a + b, 0);
+      const got = new Uint8Array(want);
+      expect(new ChainReader(chain).read(got)).toBe(want);
+      expect([...got]).toEqual(Array.from({ length: want }, (_, i) => (i * 7) & 0xff));
+      q.add(chain.head, 0);
+    });
+    expect(q.errors).toBe(0);
+  });
+
   test("an indirect table may be longer than a small ring; refused without INDIRECT_DESC", () => {
     const q = queue({ size: 4 });
     const bufs = Array.from({ length: 10 }, (_, i) => ({ gpa: ram.alloc(512), len: 512, write: i >= 6 }));

@@ -126,6 +126,38 @@ describe("descriptor chains", () => {
     });
   }
 
+  test("indirect tables that are not 4-byte aligned are read right, whatever their size, and aligned ones after them", () => {
+    const q = queue();
+    const data = ram.alloc(4096);
+    ram.bytes(data, 4096).forEach((_, i, a) => (a[i] = i & 0xff));
+    const chains = [
+      { misalign: 2, parts: [7, 9, 300] },
+      { misalign: 6, parts: [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12] }, // larger than the first: the copy grows
+      { misalign: 1, parts: [16] },
+      { misalign: 0, parts: [40, 24] },
+    ];
+    for (const c of chains) {
+      let off = 0;
+      const bufs = c.parts.map((len, i) => {
+        const b = { gpa: data + off, len, write: i === c.parts.length - 1 };
+        off += len;
+        return b;
+      });
+      dq.addChain(bufs, { indirect: true, kick: false, misalign: c.misalign });
+    }
+    for (const c of chains) {
+      const chain = q.pop()!;
+      expect(chain.readable.map((s) => s.len)).toEqual(c.parts.slice(0, -1));
+      expect(chain.writable.map((s) => s.len)).toEqual(c.parts.slice(-1));
+      const want = c.parts.slice(0, -1).reduce((a, b) => a + b, 0);
+      const got = new Uint8Array(want);
+      expect(new ChainReader(chain).read(got)).toBe(want);
+      expect([...got]).toEqual(Array.from({ length: want }, (_, i) => i & 0xff));
+      q.add(chain.head, 0);
+    }
+    expect(q.errors).toBe(0);
+  });
+
   test("an indirect table may be longer than a small ring (Linux sizes it by seg_max)", () => {
     const q = queue({ size: 4 });
     const bufs = Array.from({ length: 10 }, () => ({ gpa: ram.alloc(512), len: 512 }));
