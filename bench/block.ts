@@ -42,6 +42,7 @@ import {
   type Step,
 } from "./lib/guest.ts";
 import { fmt, fmtInt, max, median, min, spreadPct, table } from "./lib/stats.ts";
+import { jitDumpEnv, startPerf } from "./lib/perf.ts";
 
 const ROOT = resolve(import.meta.dir, "..");
 
@@ -57,7 +58,7 @@ const USAGE = `usage: bun run bench:block [options]
   --profile         run ours as \`bun --cpu-prof src/main.ts\` (profiles land in bench/results/; CPU figures
                     of ours are then inflated by the profiler)
   --perf            also record ours with \`perf record -g\` (all threads; kernel and native frames resolve, JIT'd JS
-                    shows as anonymous addresses) into bench/results/, and print a per-DSO/symbol summary
+                    is named with its tier through JSC's JITDump) into bench/results/, and print a per-DSO/symbol summary
   --source          run ours from source (\`bun src/main.ts\`) instead of dist/backend
   --ours-bin PATH   run this backend executable instead of dist/backend (e.g. another checkout's build)
   --peer-bin PATH   serve the peer disk with this build of ours instead of qsd (two builds side by side in one
@@ -160,6 +161,8 @@ async function main(): Promise<void> {
   const resultsDir = join(ROOT, "bench", "results");
   mkdirSync(resultsDir, { recursive: true });
   const profileDir = join(resultsDir, `block-${date}-cpuprof`);
+  const jitDumpDir = join(resultsDir, `block-${date}-jitdump`);
+  if (a.perf) mkdirSync(jitDumpDir, { recursive: true });
   const outPath = a.out ? resolve(a.out) : join(resultsDir, `block-${date}.json`);
 
   const images: Record<BackendKind, string> = { ours: "/dev/shm/bench-ours.img", qsd: "/dev/shm/bench-qsd.img" };
@@ -202,15 +205,20 @@ async function main(): Promise<void> {
         qsdAio: a["qsd-aio"]!,
         qsdIothread: a["qsd-iothread"]!,
         peerBin,
+        jitDumpDir: a.perf && !peerOnly ? jitDumpDir : undefined,
         profileDir: a.profile ? profileDir : undefined,
       });
       try {
         const vda = order === "A" ? backends.ours : backends.qsd;
         const vdb = order === "A" ? backends.qsd : backends.ours;
         const t0 = Date.now();
-        const perf = a.perf && !peerOnly ? startPerf(backends.ours.pid, join(resultsDir, `block-${date}-${order}.perf.data`)) : null;
+        const perfOut = join(resultsDir, `block-${date}-${order}.perf.data`);
+        const perf = a.perf && !peerOnly ? startPerf(backends.ours.pid, perfOut, jitDumpDir) : null;
         const res = await runBoot({ order, steps, runtimeS, rampS, vda, vdb, rig, queueSize, serial: a.serial!, timeoutMs: perBootS * 3000 + 120_000 });
-        if (perf) await perf.stop();
+        if (perf) {
+          const top = await perf.stop();
+          console.log(`  perf: ${perfOut.replace(ROOT + "/", "")} (perf report -i ... --sort dso,sym); top of ours:\n` + top.slice(0, 30).map((l) => "    " + l).join("\n"));
+        }
         samples.push(...res.samples);
         infos[order] = res.info;
         console.log(`  boot ${order} done in ${((Date.now() - t0) / 1000).toFixed(0)} s (${res.samples.length} samples)`);
@@ -430,6 +438,8 @@ async function startBackends(o: {
   qsdIothread: boolean;
   /** Serve the "qsd" slot with this build of ours instead. */
   peerBin?: string;
+  /** Have ours write JITDump files here (for --perf: JS frames named). */
+  jitDumpDir?: string;
   profileDir?: string;
 }): Promise<Record<BackendKind, Backend>> {
   const qsdOpts = (kind: BackendKind) => ({
@@ -454,7 +464,10 @@ async function startBackends(o: {
         command: o.oursCmd.map((c) => c.replace("__PROFILE_DIR__", o.profileDir ?? "")),
         // JavaScriptCore's own sampling profiler, per VM (main thread, device worker, each queue thread):
         // one SamplingProfile.*.txt per thread with the hottest functions and bytecodes, on exit.
-        env: o.profileDir ? { BUN_JSC_useSamplingProfiler: "1", BUN_JSC_samplingProfilerPath: o.profileDir } : undefined,
+        env: {
+          ...(o.profileDir ? { BUN_JSC_useSamplingProfiler: "1", BUN_JSC_samplingProfilerPath: o.profileDir } : {}),
+          ...(o.jitDumpDir ? jitDumpEnv(o.jitDumpDir) : {}),
+        },
         extraArgs: o.oursArgs,
         image: o.images.ours,
         socket: socketPath(o.tmp, "ours"),
@@ -678,23 +691,6 @@ async function runBoot(o: {
     if (!info[disk]?.includes(slot)) throw new Error(`boot ${o.order}: ${disk} is not the device in slot ${slot}: ${info[disk]}`);
   }
   return { samples, info };
-}
-
-/** `perf record` attached to a running process (all its threads) until stop(). */
-function startPerf(pid: number, out: string): { stop(): Promise<void> } {
-  const p = Bun.spawn(["perf", "record", "-F", "999", "-g", "-p", String(pid), "-o", out], { stdout: "ignore", stderr: "pipe" });
-  return {
-    async stop() {
-      p.kill("SIGINT");
-      await p.exited;
-      const rep = Bun.spawnSync(
-        ["perf", "report", "-i", out, "--stdio", "--no-children", "--sort", "dso,sym", "-g", "none", "--percent-limit", "1.5"],
-        { stdout: "pipe", stderr: "pipe" },
-      );
-      const lines = rep.stdout.toString().split("\n").filter((l) => /%/.test(l) && !l.startsWith("#"));
-      console.log(`  perf: ${out.replace(ROOT + "/", "")} (perf report -i ... --sort dso,sym); top of ours:\n` + lines.slice(0, 25).map((l) => "    " + l.trim()).join("\n"));
-    },
-  };
 }
 
 /** Asks QEMU to quit through its QMP socket (best effort). */

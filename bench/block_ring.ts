@@ -8,14 +8,14 @@
  * builds of ours can be compared back to back (`--ours-bin`) alongside qemu-storage-daemon.
  *
  *   bun run bench:block-ring [--rounds 5] [--seconds 3] [--jobs a,b] [--ours-bin label=PATH ...]
- *                            [--no-qsd] [--qsd PATH] [--perf label]
+ *                            [--no-qsd] [--qsd PATH] [--perf-stat] [--perf]
  *
  * Per job and backend it prints the median IOPS and host CPU µs per I/O (utime+stime of the whole
  * backend process, all threads, from /proc/PID/stat) and each one's ratio to the first backend.
  * The driver itself is single-threaded and busy only between waits on the call eventfd; its own CPU
  * is not counted. Backends run one after the other, never at once, rotating order every round.
  */
-import { existsSync, mkdtempSync, rmSync } from "node:fs";
+import { existsSync, mkdirSync, mkdtempSync, rmSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join, resolve } from "node:path";
 import { parseArgs } from "node:util";
@@ -30,6 +30,7 @@ import { VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT } from "../devices/block/config.ts";
 import { FrontendConnection, GuestRam, Req, RING_PACKED, u64, vringAddr, vringState, memTable } from "../test/support/frontend.ts";
 import { cpuTicks, CLK_TCK, createImage, startOurs, startQsd, type Backend } from "./lib/backends.ts";
 import { fmt, median, table } from "./lib/stats.ts";
+import { jitDumpEnv, startPerf } from "./lib/perf.ts";
 
 const ROOT = resolve(import.meta.dir, "..");
 
@@ -242,6 +243,7 @@ class RingDriver {
 
 interface Contender {
   label: string;
+  ours: boolean;
   start(socket: string, image: string): Promise<Backend>;
 }
 
@@ -257,6 +259,7 @@ async function main(): Promise<void> {
       "image-mib": { type: "string", default: "1024" },
       "ours-arg": { type: "string", multiple: true },
       "perf-stat": { type: "boolean", default: false },
+      perf: { type: "boolean", default: false },
     },
   });
   const rounds = Number(a.rounds);
@@ -264,6 +267,13 @@ async function main(): Promise<void> {
   const jobs = a.jobs ? a.jobs.split(",").map((n) => JOBS.find((j) => j.name === n) ?? fail(`unknown job ${n}`)) : JOBS;
   const imageBytes = Number(a["image-mib"]) << 20;
   const contenders: Contender[] = [];
+  const resultsDir = join(ROOT, "bench", "results");
+  const stamp = new Date().toISOString().replace(/[:.]/g, "-").replace(/Z$/, "");
+  const jitDir = (label: string) => {
+    const d = join(resultsDir, `block-ring-${stamp}-${label}-jitdump`);
+    mkdirSync(d, { recursive: true });
+    return d;
+  };
   const bins = a["ours-bin"]?.length ? a["ours-bin"] : [`ours=${join(ROOT, "dist/backend")}`];
   for (const spec of bins) {
     const eq = spec.indexOf("=");
@@ -272,8 +282,17 @@ async function main(): Promise<void> {
     if (!existsSync(bin)) fail(`${bin} not found (bun run build)`);
     contenders.push({
       label,
+      ours: true,
       start: (socket, image) =>
-        startOurs("ours", { command: [bin], extraArgs: a["ours-arg"] ?? [], image, socket, numQueues: 1, queueSize: QUEUE_SIZE }),
+        startOurs("ours", {
+          command: [bin],
+          extraArgs: a["ours-arg"] ?? [],
+          image,
+          socket,
+          numQueues: 1,
+          queueSize: QUEUE_SIZE,
+          env: a.perf ? jitDumpEnv(jitDir(label)) : undefined,
+        }),
     });
   }
   if (!a["no-qsd"]) {
@@ -281,6 +300,7 @@ async function main(): Promise<void> {
     if (!qsd) fail("qemu-storage-daemon not found: pass --qsd PATH or --no-qsd");
     contenders.push({
       label: "qsd",
+      ours: false,
       start: (socket, image) => startQsd("qsd", { qsd, aio: "threads", iothread: false, image, socket, numQueues: 1, queueSize: QUEUE_SIZE }),
     });
   }
@@ -296,6 +316,12 @@ async function main(): Promise<void> {
     }
     console.log(`block ring bench: ${rounds} rounds × ${seconds} s per job and backend; CLK_TCK ${CLK_TCK}`);
     for (const l of live) console.log(`  ${l.c.label}: ${l.b.argv.join(" ")}`);
+    const perfs = a.perf
+      ? live.filter((l) => l.c.ours).map((l) => {
+          const out = join(resultsDir, `block-ring-${stamp}-${l.c.label}.perf.data`);
+          return { label: l.c.label, out, rec: startPerf(l.b.pid, out, join(resultsDir, `block-ring-${stamp}-${l.c.label}-jitdump`)) };
+        })
+      : [];
     const results = new Map<string, { iops: number[]; cpu: number[]; rounds: number[]; errors: number }>();
     const counters: { job: string; label: string; ios: number; syscalls: number; switches: number }[] = [];
     for (let round = 0; round < rounds; round++) {
@@ -319,6 +345,10 @@ async function main(): Promise<void> {
         }
       }
       process.stderr.write(`round ${round + 1}/${rounds} done\n`);
+    }
+    for (const p of perfs) {
+      const top = await p.rec.stop();
+      console.log(`perf of ${p.label}: ${p.out.replace(ROOT + "/", "")}; top symbols:\n` + top.slice(0, 30).map((l) => "  " + l).join("\n") + "\n");
     }
     const base = live[0]!.c.label;
     const rows: string[][] = [];
