@@ -262,14 +262,7 @@ export class PackedVirtqueue implements Virtqueue {
   }
 
   private walkIndirect(chain: DescriptorChain, gpa: number, len: number): void {
-    if (!this.indirect) throw new ChainError("indirect descriptor without VIRTIO_F_INDIRECT_DESC");
-    if (len === 0 || len % 16 !== 0 || len / 16 > this.maxIndirect) {
-      throw new ChainError(`indirect table of ${len} bytes (needs 16..${16 * this.maxIndirect}, a multiple of 16)`);
-    }
-    const r = this.mem.translate(gpa, len);
-    const win = r === null ? null : r.region.window(r.offset, len);
-    if (r === null || win === null) throw new ChainError(`indirect table 0x${gpa.toString(16)}+${len} outside guest memory`);
-    const table = this.indirectTable.at(win, r.offset - win.start, len);
+    const table = this.indirectTable.atIndirect(this.mem, gpa, len, this.indirect, this.maxIndirect);
     // Packed indirect tables are read in order; NEXT is ignored in them (§2.8.19).
     for (let i = 0; i < len / 16; i++) {
       const flags = table.word14(i);

@@ -3,6 +3,7 @@
 import type { GuestMemory, Window } from "./memory.ts";
 import type { DirtyLogShare } from "./dirty_log.ts";
 import type { InflightShare } from "./inflight.ts";
+import { ChainError } from "./chain.ts";
 
 export const VIRTQ_DESC_F_NEXT = 1;
 export const VIRTQ_DESC_F_WRITE = 2;
@@ -98,6 +99,22 @@ export class DescriptorTable {
     this.u16 = new Uint16Array(this.scratch.buffer);
     this.base = 0;
     return this;
+  }
+
+  /**
+   * Points at the indirect table an indirect descriptor names (`gpa`, `len`), after the checks
+   * both layouts make: the feature negotiated, a whole number of entries, at most `maxEntries`,
+   * inside guest memory. A bad one is the guest's error (ChainError: the chain is refused).
+   */
+  atIndirect(mem: GuestMemory, gpa: number, len: number, negotiated: boolean, maxEntries: number): this {
+    if (!negotiated) throw new ChainError("indirect descriptor without VIRTIO_F_INDIRECT_DESC");
+    if (len === 0 || len % 16 !== 0 || len / 16 > maxEntries) {
+      throw new ChainError(`indirect table of ${len} bytes (needs 16..${16 * maxEntries}, a multiple of 16)`);
+    }
+    const r = mem.translate(gpa, len);
+    const win = r === null ? null : r.region.window(r.offset, len);
+    if (r === null || win === null) throw new ChainError(`indirect table 0x${gpa.toString(16)}+${len} outside guest memory`);
+    return this.at(win, r.offset - win.start, len);
   }
 
   /** The guest address in entry `i` (a u64; exact below 2^53, and no region lies above that). */

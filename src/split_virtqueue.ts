@@ -249,18 +249,9 @@ export class SplitVirtqueue implements Virtqueue {
     const chain = new DescriptorChain(head);
     if (this.walkTable(chain, this.table, this.size, head) < 0) return chain;
     // The indirect descriptor's address and length, as walkTable read them (each field once).
-    const gpa = this.indirectGpa;
     const len = this.indirectLen;
-    if (!this.indirect) throw new ChainError("indirect descriptor without VIRTIO_F_INDIRECT_DESC");
-    if (len === 0 || len % 16 !== 0 || len / 16 > this.maxIndirect) {
-      throw new ChainError(`indirect table of ${len} bytes (needs 16..${16 * this.maxIndirect}, a multiple of 16)`);
-    }
-    const r = this.mem.translate(gpa, len);
-    const win = r === null ? null : r.region.window(r.offset, len);
-    if (r === null || win === null) throw new ChainError(`indirect table 0x${gpa.toString(16)}+${len} outside guest memory`);
-    if (this.walkTable(chain, this.indirectTable.at(win, r.offset - win.start, len), len / 16, 0) >= 0) {
-      throw new ChainError("nested indirect table");
-    }
+    const table = this.indirectTable.atIndirect(this.mem, this.indirectGpa, len, this.indirect, this.maxIndirect);
+    if (this.walkTable(chain, table, len / 16, 0) >= 0) throw new ChainError("nested indirect table");
     return chain;
   }
 
