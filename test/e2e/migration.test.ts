@@ -187,7 +187,8 @@ async function blockMigration(label: string, env?: Record<string, string>): Prom
   // migration converges by itself: the reads are done either way), then the limits are lifted.
   const syncs = (await waitMigration(src.qmp, () => true, 5_000)).ram!["dirty-sync-count"];
   info = await waitMigration(src.qmp, (i) => i.ram!["dirty-sync-count"] > syncs, 60_000);
-  if (info.status !== "active" && info.status !== "completed") fail(`migration ${info.status}: ${JSON.stringify(info)}`);
+  // "device": converged by itself and saving device state (the VM stopped), on its way to completed.
+  if (!["active", "device", "completed"].includes(info.status)) fail(`migration ${info.status}: ${JSON.stringify(info)}`);
   const iterations = info.ram!["dirty-sync-count"];
   if (info.status === "active") await src.qmp.execute("migrate-set-parameters", { "max-bandwidth": 1024 * MiB, "downtime-limit": 300 });
   info = await waitMigration(src.qmp, (i) => i.status === "completed", 120_000);
