@@ -9,7 +9,7 @@ import { GuestRam, DriverQueue, BackendUnderTest, Vmm, Req, u64, vringState, VIR
 import { GuestMemory, MemoryRegion } from "../../src/memory.ts";
 import { SplitVirtqueue, SplitVirtqueue as Virtqueue } from "../../src/virtqueue.ts";
 import { ChainReader, ChainWriter } from "../../src/chain.ts";
-import { EventLoop, nowUs } from "../../src/event_loop.ts";
+import { EventLoop, nowUs, TURNS_PER_YIELD } from "../../src/event_loop.ts";
 import { WatchedQueue, processQueue, TURN_BUDGET_CHAINS } from "../../src/kick.ts";
 import { COMMON_FEATURES, VIRTIO_F_EVENT_IDX } from "../../src/device.ts";
 import { F_PROTOCOL_FEATURES } from "../../src/protocol/constants.ts";
@@ -486,6 +486,74 @@ describe("event loop", () => {
       close(fd);
       close(other);
     }
+  });
+
+  describe("run(): yielding to Bun's event loop", () => {
+    /** Runs `loop` with an fd that is always ready (a busy queue) while `body` runs; counts Bun loop turns. */
+    async function busy(body: (stats: { bunTurns: number }) => Promise<void>): Promise<void> {
+      const fd = eventfd();
+      loop.add(fd, 1, () => signal(fd)); // never drained: ready at every turn
+      signal(fd);
+      const stats = { bunTurns: 0 };
+      let counting = true;
+      const tick = () => {
+        stats.bunTurns++;
+        if (counting) setImmediate(tick);
+      };
+      setImmediate(tick);
+      loop.run();
+      try {
+        await body(stats);
+      } finally {
+        counting = false;
+        loop.stop();
+        await Bun.sleep(5);
+        loop.remove(fd);
+        close(fd);
+      }
+    }
+
+    test("a busy loop runs many turns per turn of Bun's loop, not one", async () => {
+      await busy(async (stats) => {
+        const t0 = loop.turn;
+        const b0 = stats.bunTurns;
+        await Bun.sleep(100);
+        const perYield = (loop.turn - t0) / Math.max(1, stats.bunTurns - b0);
+        expect(perYield).toBeGreaterThan(TURNS_PER_YIELD / 2);
+        expect(perYield).toBeLessThanOrEqual(TURNS_PER_YIELD + 1);
+      });
+    });
+
+    test("a busy loop still lets Bun's timers run, and yields right after a wake (a posted message)", async () => {
+      await busy(async () => {
+        const fired = await Promise.race([Bun.sleep(5).then(() => true), Bun.sleep(1000).then(() => false)]);
+        expect(fired).toBe(true);
+        // After a wake the loop yields in that very turn: an immediate queued before the wake runs
+        // within the next turn or two of ours, not TURNS_PER_YIELD turns later.
+        const ran = await new Promise<number>((resolve) => {
+          let at = -1;
+          setImmediate(() => {
+            loop.wake();
+            at = loop.turn;
+            setImmediate(() => resolve(loop.turn - at));
+          });
+        });
+        expect(ran).toBeLessThanOrEqual(2);
+      });
+    });
+
+    test("an idle loop blocks: a few turns in 150 ms of nothing, then the timer that ends them", async () => {
+      const t0 = loop.turn;
+      const turns = await new Promise<number>((resolve) => {
+        loop.timer(150_000, () => resolve(loop.turn - t0));
+        loop.run(); // blocks this thread until the timer: the test's own awaits cannot run meanwhile
+      });
+      loop.stop();
+      await Bun.sleep(5);
+      // At most: the bounded wait that ran out (the loop went idle), the blocking one the timer ended,
+      // and slack for a wake; a loop polling every UNYIELDED_WAIT_MS would show 7 or more.
+      expect(turns).toBeLessThanOrEqual(3);
+    });
   });
 
   describe("turn budget", () => {
