@@ -108,6 +108,14 @@ abstract class ChainCursor {
   protected segs: readonly Segment[] = [];
   chain!: DescriptorChain;
 
+  /** Starts over on one side (`segs`, `end` bytes) of `chain`. */
+  protected point(chain: DescriptorChain, segs: readonly Segment[], end: number): void {
+    this.chain = chain;
+    this.segs = segs;
+    this.end = end;
+    this.pos = 0;
+  }
+
   get remaining(): number {
     return this.end - this.pos;
   }
@@ -144,10 +152,7 @@ export class ChainReader extends ChainCursor {
 
   /** Starts over on `chain` (a device's hot path reuses one reader). */
   reset(chain: DescriptorChain): this {
-    this.chain = chain;
-    this.segs = chain.readable;
-    this.end = chain.readableLen;
-    this.pos = 0;
+    this.point(chain, chain.readable, chain.readableLen);
     return this;
   }
 
@@ -170,10 +175,7 @@ export class ChainWriter extends ChainCursor {
 
   /** Starts over on `chain` (a device's hot path reuses one writer per request slot). */
   reset(chain: DescriptorChain): this {
-    this.chain = chain;
-    this.segs = chain.writable;
-    this.end = chain.writableLen;
-    this.pos = 0;
+    this.point(chain, chain.writable, chain.writableLen);
     this.statusAt = -1;
     return this;
   }

@@ -84,6 +84,7 @@ export class DescriptorTable {
   base = 0;
   /** For a table that is not 4-byte aligned (no spec rule aligns indirect tables): a copy, read once. */
   private scratch: Uint32Array | null = null;
+  private scratch16: Uint16Array | null = null;
 
   /** Points at the `len`-byte table at byte `off` of `win`; `len` is a multiple of 16. */
   at(win: Window, off: number, len: number): this {
@@ -93,10 +94,13 @@ export class DescriptorTable {
       this.base = off / 4;
       return this;
     }
-    if (this.scratch === null || this.scratch.length < len / 4) this.scratch = new Uint32Array(len / 4);
+    if (this.scratch === null || this.scratch.length < len / 4) {
+      this.scratch = new Uint32Array(len / 4);
+      this.scratch16 = new Uint16Array(this.scratch.buffer);
+    }
     new Uint8Array(this.scratch.buffer, 0, len).set(win.u8.subarray(off, off + len));
     this.u32 = this.scratch;
-    this.u16 = new Uint16Array(this.scratch.buffer);
+    this.u16 = this.scratch16!;
     this.base = 0;
     return this;
   }
