@@ -11,6 +11,8 @@
 import { toArrayBuffer } from "bun:ffi";
 import { mmap, munmap, PROT_READ, PROT_WRITE, MAP_SHARED } from "../ffi/mem.ts";
 import { close } from "../ffi/libc.ts";
+import { checkSharedFile } from "./shared_file.ts";
+import { log } from "./log.ts";
 import type { DescriptorChain } from "./chain.ts";
 
 export const LOG_PAGE = 4096;
@@ -37,6 +39,12 @@ export class DirtyLog {
     try {
       if (size === 0 || size > MAX_LOG_BYTES) throw new Error(`log of ${size} bytes (1..${MAX_LOG_BYTES})`);
       if (offset % LOG_PAGE !== 0) throw new Error(`log offset ${offset} is not page aligned`);
+      // Marking a bit past the end of the file would raise SIGBUS (QEMU's log is a memfd sealed
+      // against shrinking; one we can seal is sealed here).
+      const guard = checkSharedFile(fd, offset, size, "log", { regularOnly: true });
+      if (guard === "unsealable" || guard === "not-memfd") {
+        log.warn("dirty log: its file cannot be sealed against shrinking; a front-end that truncates it can crash this backend");
+      }
       return new DirtyLog(mmap(size, PROT_READ | PROT_WRITE, MAP_SHARED, fd, offset), size, true);
     } finally {
       close(fd);

@@ -4,41 +4,9 @@
 import { toArrayBuffer } from "bun:ffi";
 import { mmap, munmap, PROT_READ, PROT_WRITE, MAP_SHARED } from "../ffi/mem.ts";
 import { close } from "../ffi/libc.ts";
-import { fstat, fcntl, S_IFMT, S_IFREG } from "../ffi/io.ts";
+import { checkSharedFile } from "./shared_file.ts";
 import { log } from "./log.ts";
 import type { MemoryRegionDesc } from "./protocol/codec.ts";
-
-const F_ADD_SEALS = 1033;
-const F_GET_SEALS = 1034;
-const F_SEAL_SEAL = 0x0001;
-const F_SEAL_SHRINK = 0x0002;
-
-/** How well a region's file is protected against being truncated under our mapping. */
-export type ShrinkGuard = "sealed" | "sealed-now" | "unsealable" | "not-memfd";
-
-/**
- * A front-end that truncates the file behind a mapped region makes our next access to the lost
- * pages raise SIGBUS, which kills the process. A memfd that allows sealing gets F_SEAL_SHRINK
- * here (QEMU's memory-backend-memfd seals by default; the seal only forbids shrinking, which no
- * VMM needs while the region is in the table). A file that cannot be sealed stays a risk (README,
- * "Robustness"), reported once per region.
- */
-export function guardAgainstShrinking(fd: number): ShrinkGuard {
-  let seals: number;
-  try {
-    seals = fcntl(fd, F_GET_SEALS);
-  } catch {
-    return "not-memfd"; // EINVAL: not a memfd (tmpfs or hugetlbfs file, block device...)
-  }
-  if (seals & F_SEAL_SHRINK) return "sealed";
-  if (seals & F_SEAL_SEAL) return "unsealable"; // memfd created without MFD_ALLOW_SEALING, or sealed shut
-  try {
-    fcntl(fd, F_ADD_SEALS, F_SEAL_SHRINK);
-    return "sealed-now";
-  } catch {
-    return "unsealable";
-  }
-}
 
 const PAGE = 4096;
 /** An ArrayBuffer cannot exceed 4 GiB, so larger regions get overlapping 2 GiB windows every
@@ -83,21 +51,17 @@ export class MemoryRegion {
   static map(desc: MemoryRegionDesc, fd: number): MemoryRegion {
     try {
       if (desc.size === 0) throw new Error("memory region of size 0");
-      // Touching a mapped page beyond the end of the file raises SIGBUS, which would kill the
-      // process: a region must lie inside its file.
-      const st = fstat(fd);
-      if ((st.mode & S_IFMT) === S_IFREG && st.size < desc.mmapOffset + desc.size) {
-        throw new Error(`region ${desc.mmapOffset}+${desc.size} extends past the end of its ${st.size}-byte file`);
-      }
-      if ((st.mode & S_IFMT) === S_IFREG) {
-        const guard = guardAgainstShrinking(fd);
-        if (guard === "unsealable" || guard === "not-memfd") {
-          log.warn(
-            `memory region 0x${desc.gpa.toString(16)}+0x${desc.size.toString(16)}: its file cannot be sealed against shrinking ` +
-              `(${guard === "not-memfd" ? "not a memfd" : "memfd without sealing"}); a front-end that truncates it can crash this backend ` +
-              "(use QEMU's memory-backend-memfd, which seals by default)",
-          );
-        }
+      // A region must lie inside its file (a page past its end raises SIGBUS), and a memfd that
+      // allows it is sealed against shrinking. A file that cannot be sealed stays a risk (README,
+      // "Robustness"), reported once per region.
+      const where = `region 0x${desc.gpa.toString(16)}+0x${desc.size.toString(16)}`;
+      const guard = checkSharedFile(fd, desc.mmapOffset, desc.size, where, { regularOnly: false });
+      if (guard === "unsealable" || guard === "not-memfd") {
+        log.warn(
+          `memory ${where}: its file cannot be sealed against shrinking ` +
+            `(${guard === "not-memfd" ? "not a memfd" : "memfd without sealing"}); a front-end that truncates it can crash this backend ` +
+            "(use QEMU's memory-backend-memfd, which seals by default)",
+        );
       }
       const aligned = desc.mmapOffset - (desc.mmapOffset % PAGE);
       const delta = desc.mmapOffset - aligned;
