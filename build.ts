@@ -2,7 +2,7 @@
 // any other Worker entry) must be listed as extra entry points so the binary embeds them.
 import { mkdirSync } from "node:fs";
 
-const entries = ["src/main.ts", "src/worker.ts", "src/queue_worker.ts"];
+const entries = ["app/main.ts", "app/device_worker.ts", "app/queue_worker.ts"];
 mkdirSync("dist", { recursive: true });
 const proc = Bun.spawnSync(
   [process.execPath, "build", "--compile", "--minify-syntax", "--sourcemap", ...entries, "--outfile", "dist/backend"],

@@ -55,11 +55,11 @@ const USAGE = `usage: bun run bench:block [options]
   --image-mib N     size of each /dev/shm image (default 1024)
   --queue-size N    virtqueue size for both disks (default 128, QEMU's default)
   --peer-only       serve both disks with qemu-storage-daemon (harness check; also BENCH_PEER_ONLY=1)
-  --profile         run ours as \`bun --cpu-prof src/main.ts\` (profiles land in bench/results/; CPU figures
+  --profile         run ours as \`bun --cpu-prof app/main.ts\` (profiles land in bench/results/; CPU figures
                     of ours are then inflated by the profiler)
   --perf            also record ours with \`perf record -g\` (all threads; kernel and native frames resolve, JIT'd JS
                     is named with its tier through JSC's JITDump) into bench/results/, and print a per-DSO/symbol summary
-  --source          run ours from source (\`bun src/main.ts\`) instead of dist/backend
+  --source          run ours from source (\`bun app/main.ts\`) instead of dist/backend
   --ours-bin PATH   run this backend executable instead of dist/backend (e.g. another checkout's build)
   --peer-bin PATH   serve the peer disk with this build of ours instead of qsd (two builds side by side in one
                     guest: "qsd" in the tables is then that build; e.g. --peer-bin /tmp/old/dist/backend)
@@ -390,10 +390,10 @@ async function prepareOurs(o: { profile: boolean; source: boolean; bin?: string 
     if (!existsSync(o.bin)) throw new Error(`--ours-bin ${o.bin}: no such file`);
     return [resolve(o.bin)];
   }
-  const { DEVICES } = await import("../devices/index.ts");
+  const { DEVICES } = await import("../app/registry.ts");
   if (!DEVICES.block) {
     throw new Error(
-      "our block device is not registered in devices/index.ts yet: run with --peer-only (or BENCH_PEER_ONLY=1) " +
+      "our block device is not registered in app/registry.ts yet: run with --peer-only (or BENCH_PEER_ONLY=1) " +
         "to bench qsd against qsd",
     );
   }
@@ -401,9 +401,9 @@ async function prepareOurs(o: { profile: boolean; source: boolean; bin?: string 
     // `bun --cpu-prof` profiles only the main thread (checked with Bun 1.4.5), and our hot path runs in
     // the device worker and the queue threads; the env-enabled JavaScriptCore sampling profiler (see
     // startBackends) covers every thread. Both write on exit, so ours must exit cleanly on SIGTERM.
-    return [process.execPath, "--cpu-prof", "--cpu-prof-md", "--cpu-prof-dir=__PROFILE_DIR__", join(ROOT, "src/main.ts")];
+    return [process.execPath, "--cpu-prof", "--cpu-prof-md", "--cpu-prof-dir=__PROFILE_DIR__", join(ROOT, "app/main.ts")];
   }
-  if (o.source) return [process.execPath, join(ROOT, "src/main.ts")];
+  if (o.source) return [process.execPath, join(ROOT, "app/main.ts")];
   const bin = join(ROOT, "dist/backend");
   const newest = newestMtime([join(ROOT, "src"), join(ROOT, "devices"), join(ROOT, "ffi"), join(ROOT, "build.ts"), join(ROOT, "package.json")]);
   if (!existsSync(bin) || statSync(bin).mtimeMs < newest) {

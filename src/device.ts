@@ -3,7 +3,7 @@
 // meaning and its host-side resources.
 //
 // Threads. Every VhostUserDevice method is called on the device thread (the worker that owns the
-// vhost-user socket, src/worker.ts), one at a time, from the handler. A device that serves its
+// vhost-user socket, src/device_thread.ts), one at a time, from the handler. A device that serves its
 // queues in parallel does so through a QueueRunner per queue thread (src/queue_thread.ts); the
 // runner's methods are called on its own thread. A throw from any method is reported and
 // contained: from a request handler, the front-end gets an error reply and the session goes on;
@@ -11,6 +11,7 @@
 import type { EventLoop } from "./event_loop.ts";
 import type { VirtqueueConfig, RingPosition } from "./virtqueue.ts";
 import type { GuestMemory } from "./memory.ts";
+import type { HostAccess } from "./host_access.ts";
 
 export type { VirtqueueConfig, RingPosition };
 
@@ -20,6 +21,8 @@ export interface DeviceContext {
   loop: EventLoop;
   /** Tells the front-end to re-read the config space (BACKEND_CONFIG_CHANGE_MSG), if it can be told. */
   configChanged(): void;
+  /** The queue threads' entry file (a URL) for QueueService: the program's, which knows the devices. */
+  queueThreadEntry: string;
 }
 
 export interface VhostUserDevice {
@@ -77,9 +80,21 @@ export const VIRTIO_F_RING_PACKED = 1n << 34n;
 /** The ring features every device here supports through the common Virtqueue. */
 export const COMMON_FEATURES = VIRTIO_F_VERSION_1 | VIRTIO_F_INDIRECT_DESC | VIRTIO_F_EVENT_IDX;
 
-/** A device built from parsed command-line options. */
-export interface DeviceDefinition<Options = Record<string, unknown>> {
-  /** `backend device <name>`; also the key in devices/index.ts and the snapshot's device name. */
+/** Host signals a device may ask to be told about (forwarded to VhostUserDevice.hostEvent). */
+export type HostSignal = "SIGWINCH" | "SIGUSR1" | "SIGUSR2";
+
+/**
+ * A device built from command-line options, in a fixed order (crosvm opens in the parent, then
+ * jails): `parse(raw)` checks the options and returns them as plain data; `acquire(options)`, in
+ * the main thread before anything is served, opens every fd the device will ever need (images,
+ * taps, io_urings, host files) and returns them as plain, structured-cloneable data (fds are
+ * process-wide); `create(options, resources, ctx)` builds the device in its thread from those,
+ * and spawns its queue threads. From then on until exit the device opens nothing, creates no
+ * socket and starts no thread beyond what `hostAccess(options)` declares (the sandbox turns that
+ * declaration into its rules; the strace tests hold every device to it).
+ */
+export interface DeviceDefinition<Options = any, Resources = any> {
+  /** `backend device <name>`; also the key in the registry (app/registry.ts) and the snapshot's device name. */
   name: string;
   /** Virtio device id (1 net, 2 block, 3 console, 25 sound); the same as the created device's virtioId. */
   virtioId: number;
@@ -95,18 +110,26 @@ export interface DeviceDefinition<Options = Record<string, unknown>> {
   args: Record<string, unknown>;
   /** Options that may be given more than once; they arrive as arrays of strings. */
   repeatable?: string[];
+  /** Host signals the device acts on, and the host event each becomes (console: SIGWINCH → "resize"). */
+  hostSignals?: Readonly<Partial<Record<HostSignal, string>>>;
   /**
    * The vhost-user socket path the device's own options name, if any (crosvm's `SOCK,...` option
    * forms); throws when they disagree with --socket/--fd. Called in the main thread first.
    */
-  socketPath?(options: Options): string | null;
-  /** Validates options in the main thread so bad options fail before the socket is created. */
-  validate?(options: Options): void;
-  /** Builds the device inside the worker. */
-  create(options: Options, ctx: DeviceContext): VhostUserDevice;
+  socketPath?(raw: Record<string, unknown>): string | null;
+  /** Checks the raw command-line options and returns them parsed, as plain data; throws on bad ones. */
+  parse(raw: Record<string, unknown>): Options;
+  /** Opens everything the device needs, in the main thread, before serving; plain data. Undefined: nothing. */
+  acquire?(options: Options): Resources;
+  /** Closes what acquire opened, when startup fails after it. */
+  release?(resources: Resources): void;
+  /** What the device may still open or connect to after acquire (default: nothing). */
+  hostAccess?(options: Options): HostAccess;
+  /** Builds the device inside its thread from its options and acquired resources. */
+  create(options: Options, resources: Resources, ctx: DeviceContext): VhostUserDevice;
   /**
    * Builds the runner for one queue thread (see QueueRunner). Called on that thread with the
-   * options the device passed to its QueueThreadPool; the thread finds it through the registry.
+   * options the device passed to its QueueService; the thread finds it through the registry.
    */
   queueRunner?: (options: unknown, loop: EventLoop) => QueueRunner;
 }

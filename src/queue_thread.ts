@@ -7,7 +7,11 @@
 // host addresses of the guest mappings (the device thread owns them and unmaps only after every
 // ring using them stopped); stop() is synchronous (the thread completes what is in flight and
 // reports the ring position through shared memory), which is what GET_VRING_BASE needs. The
-// runner is found through the device registry (static imports, so the compiled binary has it).
+// thread runs the program's queue-thread entry file (DeviceContext.queueThreadEntry), which finds
+// the runner through the device registry (static imports, so the compiled binary has it).
+//
+// Threads are spawned when the service is created, in the device's create() — before the backend
+// reports ready — not at the guest's first request: after startup a device starts no thread.
 import { signal } from "../ffi/eventfd.ts";
 import type { GuestMemory } from "./memory.ts";
 import type { VirtqueueConfig, RingPosition } from "./virtqueue.ts";
@@ -43,9 +47,12 @@ export class QueueThread {
   private readonly shared = new Int32Array(new SharedArrayBuffer(32));
   private stopSeq = 0;
 
-  /** `device` names a registered device with a queueRunner; `module` (tests) overrides the registry. */
-  constructor(device: string, options: unknown, logLevel: string, module?: string) {
-    this.worker = new Worker(new URL("./queue_worker.ts", import.meta.url).href);
+  /**
+   * `entry` is the queue threads' entry file; `device` names a registered device with a
+   * queueRunner; `module` (tests) overrides the registry.
+   */
+  constructor(entry: string, device: string, options: unknown, logLevel: string, module?: string) {
+    this.worker = new Worker(entry);
     this.post({ type: "init", device, module, options, sab: this.shared.buffer as SharedArrayBuffer, logLevel });
   }
 
@@ -93,6 +100,8 @@ export class QueueThread {
 }
 
 export interface QueueServiceOptions {
+  /** The queue threads' entry file (DeviceContext.queueThreadEntry). */
+  entry: string;
   /** Registry name of the device whose queueRunner serves the queues in queue threads. */
   device: string;
   /** Test hook: a module whose default export is that DeviceDefinition. */
@@ -111,8 +120,9 @@ export interface QueueServiceOptions {
 
 /**
  * Where a device's queues run: one runner in the device thread, or one per queue thread. Queue
- * threads start on first use and live as long as the device; one that stops answering is
- * terminated and replaced on the next start.
+ * threads start with the service and live as long as the device; one that stops answering is
+ * terminated and replaced on the next start (the one thread started after startup, and only
+ * after a thread hung).
  */
 export class QueueService {
   private local: QueueRunner | null = null;
@@ -120,7 +130,13 @@ export class QueueService {
   /** Queue index → the thread serving it (-1: the device thread). */
   private readonly servedBy = new Map<number, number>();
 
-  constructor(private readonly o: QueueServiceOptions) {}
+  constructor(private readonly o: QueueServiceOptions) {
+    for (let t = 0; t < o.threads; t++) this.threads[t] = this.spawn();
+  }
+
+  private spawn(): QueueThread {
+    return new QueueThread(this.o.entry, this.o.device, this.o.options, logLevelName(), this.o.module);
+  }
 
   private threadFor(index: number): number {
     if (this.o.threads === 0) return -1;
@@ -138,7 +154,7 @@ export class QueueService {
     } else {
       let thread = this.threads[t];
       if (thread === undefined) {
-        thread = new QueueThread(this.o.device, this.o.options, logLevelName(), this.o.module);
+        thread = this.spawn();
         this.threads[t] = thread;
       }
       thread.start(ring, mem, ackedFeatures);

@@ -58,7 +58,7 @@ export interface BackendOptions {
 }
 
 export interface OursOptions extends BackendOptions {
-  /** argv prefix that runs the backend CLI, e.g. ["/work/main/dist/backend"] or ["bun", "src/main.ts"]. */
+  /** argv prefix that runs the backend CLI, e.g. ["/work/main/dist/backend"] or ["bun", "app/main.ts"]. */
   command: string[];
   /** Extra args for `device block` (e.g. ["--direct"]). */
   extraArgs: string[];

@@ -98,7 +98,7 @@ export class BlockDevice implements VhostUserDevice {
       policy: plainPolicy, cacheMode: this.cacheMode.buffer as SharedArrayBuffer,
     };
     this.queues = new QueueService({
-      device: "block", options: threadOptions, threads: opts.threads, loop: ctx.loop, runner: blockQueueRunner,
+      entry: ctx.queueThreadEntry, device: "block", options: threadOptions, threads: opts.threads, loop: ctx.loop, runner: blockQueueRunner,
     });
     log.info(
       `block: ${opts.file} (${image.isBlockDevice ? "block device" : "file"}, ${image.size} bytes, ` +

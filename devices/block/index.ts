@@ -2,14 +2,14 @@
 // host block device (qemu-storage-daemon's vhost-user-blk export, crosvm's `device block`).
 import { accessSync, constants, statSync } from "node:fs";
 import type { DeviceDefinition } from "../../src/device.ts";
-import { BLOCK_ARGS, parseBlockOptions } from "./options.ts";
+import { BLOCK_ARGS, parseBlockOptions, type BlockOptions } from "./options.ts";
 import { BlockDevice } from "./device.ts";
 import { blockQueueRunner } from "./queue_runner.ts";
 
 /** virtio spec 5.2: the block device. */
 const VIRTIO_ID_BLOCK = 2;
 
-export const blockDevice: DeviceDefinition<Record<string, unknown>> = {
+export const blockDevice: DeviceDefinition<BlockOptions> = {
   name: "block",
   virtioId: VIRTIO_ID_BLOCK,
   description: "virtio-blk over a raw disk image or a block device",
@@ -18,7 +18,7 @@ export const blockDevice: DeviceDefinition<Record<string, unknown>> = {
   capabilities: { type: "blk", features: ["blk-file", "read-only"] },
   example: ["--socket", "/run/vm/disk.sock", "--file", "disk.img"],
   args: BLOCK_ARGS,
-  validate(raw) {
+  parse(raw) {
     const o = parseBlockOptions(raw);
     let st;
     try {
@@ -32,9 +32,10 @@ export const blockDevice: DeviceDefinition<Record<string, unknown>> = {
     } catch {
       throw new Error(`--file ${o.file}: not ${o.readOnly ? "readable" : "readable and writable (use --read-only to serve it read-only)"}`);
     }
+    return o;
   },
-  create(raw, ctx) {
-    return new BlockDevice(parseBlockOptions(raw), ctx);
+  create(o, _resources, ctx) {
+    return new BlockDevice(o, ctx);
   },
   queueRunner: blockQueueRunner,
 };

@@ -75,7 +75,7 @@ function openPorts(o: ConsoleOptions): PortSetup[] {
   return setup;
 }
 
-export const consoleDevice: DeviceDefinition<Record<string, unknown>> = {
+export const consoleDevice: DeviceDefinition<ConsoleOptions> = {
   name: "console",
   virtioId: VIRTIO_ID_CONSOLE,
   capabilities: { type: "console", features: [] },
@@ -85,11 +85,13 @@ export const consoleDevice: DeviceDefinition<Record<string, unknown>> = {
     "from stdin or --input-file. QEMU: -device vhost-user-device-pci,chardev=c0,virtio-id=3,num_vqs=2,config_size=0",
   args,
   repeatable: ["port"],
-  validate(options) {
-    checkPaths(parseConsoleOptions(options));
+  hostSignals: { SIGWINCH: "resize" },
+  parse(raw) {
+    const o = parseConsoleOptions(raw);
+    checkPaths(o);
+    return o;
   },
-  create(options, ctx: DeviceContext) {
-    const o = parseConsoleOptions(options);
+  create(o, _resources, ctx: DeviceContext) {
     return new ConsoleDevice(ctx, openPorts(o), o.configSpace);
   },
 };

@@ -71,7 +71,7 @@ export class NetDevice implements VhostUserDevice {
     this.resetFilter();
     const runnerOptions: NetRunnerOptions = { fds: [...this.tap.fds], mtu: this.mtu, shared: this.shared.sab };
     this.queues = new QueueService({
-      device: "net", options: runnerOptions, threads: this.pairs > 1 ? this.pairs : 0, threadOf: (i) => i >> 1,
+      entry: ctx.queueThreadEntry, device: "net", options: runnerOptions, threads: this.pairs > 1 ? this.pairs : 0, threadOf: (i) => i >> 1,
       loop: ctx.loop, runner: netPairRunner,
     });
     this.control = new NetControl(this.shared, {

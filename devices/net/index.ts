@@ -2,13 +2,13 @@
 // (crosvm's `device net`, DPDK's vhost + tap), for QEMU's `-netdev vhost-user`, crosvm and
 // DPDK's virtio_user.
 import type { DeviceDefinition } from "../../src/device.ts";
-import { NET_ARGS, NET_REPEATABLE, parseNetOptions, resolveSocket } from "./options.ts";
+import { NET_ARGS, NET_REPEATABLE, parseNetOptions, resolveSocket, type NetOptions } from "./options.ts";
 import { validateTap } from "./tap.ts";
 import { NetDevice } from "./device.ts";
 import { netPairRunner } from "./pair_runner.ts";
 import { VIRTIO_ID_NET } from "./virtio_net.ts";
 
-export const netDevice: DeviceDefinition<Record<string, unknown>> = {
+export const netDevice: DeviceDefinition<NetOptions> = {
   name: "net",
   virtioId: VIRTIO_ID_NET,
   description: "virtio-net over a Linux tap (offloads, mergeable rx buffers, multiqueue)",
@@ -19,11 +19,13 @@ export const netDevice: DeviceDefinition<Record<string, unknown>> = {
   socketPath(raw) {
     return resolveSocket(raw, parseNetOptions(raw));
   },
-  validate(raw) {
-    validateTap(parseNetOptions(raw));
+  parse(raw) {
+    const o = parseNetOptions(raw);
+    validateTap(o);
+    return o;
   },
-  create(raw, ctx) {
-    return new NetDevice(parseNetOptions(raw), ctx);
+  create(o, _resources, ctx) {
+    return new NetDevice(o, ctx);
   },
   queueRunner: netPairRunner,
 };

@@ -2,11 +2,11 @@
 // `device snd`), with null, file (WAV) and ALSA host backends, optional jacks and controls.
 import type { DeviceDefinition } from "../../src/device.ts";
 import * as P from "./protocol.ts";
-import { SND_ARGS, parseSndOptions, checkSndPaths } from "./options.ts";
+import { SND_ARGS, parseSndOptions, checkSndPaths, type SndOptions } from "./options.ts";
 import { SndDevice, VIRTIO_ID_SOUND } from "./device.ts";
 import { probeAlsa } from "./host/alsa.ts";
 
-export const sndDevice: DeviceDefinition<Record<string, unknown>> = {
+export const sndDevice: DeviceDefinition<SndOptions> = {
   name: "snd",
   virtioId: VIRTIO_ID_SOUND,
   description:
@@ -15,7 +15,8 @@ export const sndDevice: DeviceDefinition<Record<string, unknown>> = {
   capabilities: { type: "sound", features: [] },
   example: ["--socket", "/run/vm/snd.sock", "--backend", "file", "--playback-file", "guest-audio.wav"],
   args: SND_ARGS,
-  validate(raw) {
+  hostSignals: { SIGUSR1: "jack-unplug", SIGUSR2: "jack-plug" },
+  parse(raw) {
     const o = parseSndOptions(raw);
     checkSndPaths(o);
     if (o.backend === "alsa") {
@@ -28,9 +29,10 @@ export const sndDevice: DeviceDefinition<Record<string, unknown>> = {
         }
       }
     }
+    return o;
   },
-  create(raw, ctx) {
-    return new SndDevice(parseSndOptions(raw), ctx);
+  create(o, _resources, ctx) {
+    return new SndDevice(o, ctx);
   },
 };
 

@@ -10,7 +10,7 @@ const BINARY = join(ROOT, "dist/backend");
 
 export function backendCommand(): string[] {
   if (process.env.E2E_FROM_SOURCE !== "1" && existsSync(BINARY)) return [BINARY];
-  return [process.execPath, join(ROOT, "src/main.ts")];
+  return [process.execPath, join(ROOT, "app/main.ts")];
 }
 
 export interface RunningBackend {

@@ -5,7 +5,7 @@ import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { FrontendConnection, Req } from "../support/frontend.ts";
 import { waitForPath } from "./rig.ts";
-import { DEVICES } from "../../devices/index.ts";
+import { DEVICES } from "../../app/registry.ts";
 
 const ROOT = join(import.meta.dir, "../..");
 const BINARY = join(ROOT, "dist/backend");

@@ -63,7 +63,7 @@ class EchoDevice implements VhostUserDevice {
   constructor(private readonly ctx: DeviceContext, threaded: boolean) {
     this.config.set(MAGIC, 0);
     this.queues = new QueueService({
-      device: "echo", module: new URL("./echo_device.ts", import.meta.url).href, options: {},
+      entry: ctx.queueThreadEntry, device: "echo", module: new URL("./echo_device.ts", import.meta.url).href, options: {},
       threads: threaded ? ECHO_QUEUES : 0, threadOf: (i) => i, loop: ctx.loop,
       runner: (_o, loop) => new EchoRunner(loop, () => this.processed++),
     });
@@ -116,7 +116,8 @@ const definition: DeviceDefinition = {
   capabilities: { type: "echo", features: [] },
   example: ["--socket", "/tmp/echo.sock"],
   args: {},
-  create: (opts, ctx) => new EchoDevice(ctx, opts.threaded === true),
+  parse: (raw) => ({ threaded: raw.threaded === true }),
+  create: (opts: { threaded: boolean }, _resources, ctx) => new EchoDevice(ctx, opts.threaded),
   queueRunner: (_options, loop) => new EchoRunner(loop, () => {}),
 };
 export default definition;

@@ -1,6 +1,7 @@
 // An in-process vhost-user front-end (the VMM side) for tests: guest memory in a memfd, the driver
 // side of split rings, eventfds for kicks and calls, and a blocking client of the backend socket.
-// The backend runs in a real Worker (src/worker.ts), exactly as in the binary.
+// The backend runs in a real device thread (app/device_worker.ts), exactly as in the binary: its
+// options parsed and its resources acquired here first, as app/main.ts does.
 import { toArrayBuffer } from "bun:ffi";
 import { mkdtempSync, rmSync } from "node:fs";
 import { tmpdir } from "node:os";
@@ -12,7 +13,9 @@ import { eventfd, drain, signal } from "../../ffi/eventfd.ts";
 import { close, EAGAIN } from "../../ffi/libc.ts";
 import { u64Bytes, vringStateBytes } from "../../src/protocol/codec.ts";
 import { Req, HEADER_SIZE, FLAG_REPLY, FLAG_NEED_REPLY, VERSION, reqName } from "../../src/protocol/constants.ts";
-import type { FromWorker, ToWorker } from "../../src/worker.ts";
+import type { FromWorker, ToWorker } from "../../src/device_thread.ts";
+import type { DeviceDefinition } from "../../src/device.ts";
+import { DEVICES } from "../../app/registry.ts";
 
 /** VIRTIO_F_RING_PACKED (bit 34). */
 export const RING_PACKED = 1n << 34n;
@@ -216,8 +219,9 @@ export class BackendUnderTest {
 
   constructor(device: string, options: Record<string, unknown> = {}, module?: string) {
     const listenFd = listenUnix(this.socketPath, 4);
-    this.worker = new Worker(new URL("../../src/worker.ts", import.meta.url).href);
-    this.ready = new Promise((resolve, reject) => {
+    const worker = new Worker(new URL("../../app/device_worker.ts", import.meta.url).href);
+    this.worker = worker;
+    const started = new Promise<void>((resolve, reject) => {
       this.worker.onmessage = (ev: MessageEvent<FromWorker>) => {
         const m = ev.data;
         if (m.type === "ready") {
@@ -227,8 +231,18 @@ export class BackendUnderTest {
         else if (m.type === "finished") this.finished = true;
       };
     });
-    const start: ToWorker = { type: "start", device, module, options, listenFd, logLevel: process.env.TEST_LOG_LEVEL ?? "silent" };
-    this.worker.postMessage(start);
+    this.ready = (async () => {
+      const def = module !== undefined ? ((await import(module)).default as DeviceDefinition) : DEVICES[device];
+      if (def === undefined) throw new Error(`unknown device '${device}'`);
+      const parsed = def.parse(options);
+      const start: ToWorker = {
+        type: "start", device, module, options: parsed, resources: def.acquire?.(parsed), listenFd,
+        queueThreadEntry: new URL("../../app/queue_worker.ts", import.meta.url).href,
+        logLevel: process.env.TEST_LOG_LEVEL ?? "silent",
+      };
+      worker.postMessage(start);
+      await started;
+    })();
   }
 
   hostEvent(name: string): void {

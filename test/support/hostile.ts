@@ -1,7 +1,7 @@
 // Driver-side helpers for hostile front-end / guest tests (test/unit/hostile.test.ts and the hostile
 // part of fuzz.test.ts). Unlike frontend.ts, everything here is built so that a backend that hangs,
 // spins or crashes cannot take the test runner with it:
-// - SpawnedBackend runs `bun src/main.ts device ...` in a subprocess (a SIGSEGV/SIGBUS kills only it,
+// - SpawnedBackend runs `bun app/main.ts device ...` in a subprocess (a SIGSEGV/SIGBUS kills only it,
 //   a spinning thread is SIGKILLed at cleanup, and its CPU time is readable from /proc/PID/stat);
 // - GuestMemfd maps guest memory in small windows on demand, so regions of 4 GiB and more (which
 //   no single ArrayBuffer can span) work, and only touched pages exist (the memfd stays sparse);
@@ -28,7 +28,7 @@ export const MFD_ALLOW_SEALING = 2;
 const PAGE = 4096;
 const CHUNK = 2 * MiB;
 
-const MAIN = join(import.meta.dir, "../../src/main.ts");
+const MAIN = join(import.meta.dir, "../../app/main.ts");
 
 // ---- the backend in a subprocess ----
 
@@ -38,7 +38,7 @@ export interface SpawnOptions {
   logLevel?: string;
 }
 
-/** `bun src/main.ts device <device> --socket ... <args>` in a subprocess of its own. */
+/** `bun app/main.ts device <device> --socket ... <args>` in a subprocess of its own. */
 export class SpawnedBackend {
   readonly dir: string;
   readonly socketPath: string;

@@ -163,7 +163,7 @@ class PairDevice implements VhostUserDevice {
   constructor(o: PairOptions, ctx: DeviceContext) {
     Atomics.store(new Int32Array(o.sab), PAIR_DEVICE_THREAD, threadId);
     this.queues = new QueueService({
-      device: "pair", module: new URL("./pair_device.ts", import.meta.url).href,
+      entry: ctx.queueThreadEntry, device: "pair", module: new URL("./pair_device.ts", import.meta.url).href,
       options: { path: o.path, sab: o.sab },
       threads: o.threads ?? 1, threadOf: () => 0, loop: ctx.loop,
       runner: (opts, loop) => new PairRunner(opts as PairOptions, loop),
@@ -198,7 +198,8 @@ const definition: DeviceDefinition = {
   capabilities: { type: "pair", features: [] },
   example: ["--socket", "/tmp/pair.sock"],
   args: {},
-  create: (opts, ctx) => new PairDevice(opts as unknown as PairOptions, ctx),
+  parse: (raw) => raw as unknown as PairOptions,
+  create: (opts: PairOptions, _resources, ctx) => new PairDevice(opts, ctx),
   queueRunner: (options, loop) => new PairRunner(options as PairOptions, loop),
 };
 export default definition;

@@ -1,6 +1,6 @@
 // The driver side of a virtio-snd device for tests (what Linux's virtio-snd driver does on its
 // four rings), over the in-process front-end's Vmm/DriverQueue, plus a backend started as a
-// subprocess (`bun src/main.ts device snd ...`) for tests that need their own C environment
+// subprocess (`bun app/main.ts device snd ...`) for tests that need their own C environment
 // (ALSA_CONFIG_PATH, PULSE_SERVER: Bun's process.env does not reach libasound's getenv).
 import { existsSync } from "node:fs";
 import { join } from "node:path";
@@ -205,7 +205,7 @@ export class SndSubprocess {
   private stderrText: Promise<string>;
 
   constructor(readonly socketPath: string, args: string[], env: Record<string, string>) {
-    this.proc = Bun.spawn([process.execPath, join(ROOT, "src/main.ts"), "device", "snd", "--socket", socketPath, ...args], {
+    this.proc = Bun.spawn([process.execPath, join(ROOT, "app/main.ts"), "device", "snd", "--socket", socketPath, ...args], {
       stdin: "ignore",
       stdout: "pipe",
       stderr: "pipe",

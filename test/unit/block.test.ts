@@ -30,21 +30,21 @@ const statusOf = async (d: Disk, req: BlkReq) => (await d.one(req)).status;
 // ---- tests ----
 
 describe("block: options and registration", () => {
-  test("validate checks the file and the options in the main thread", () => {
+  test("parse checks the file and the options in the main thread", () => {
     const img = makeImage();
-    expect(() => blockDevice.validate!({ file: img })).not.toThrow();
-    expect(() => blockDevice.validate!({})).toThrow(/--file/);
-    expect(() => blockDevice.validate!({ file: join(tmpdir(), "no-such-image-xyz.img") })).toThrow(/no such file/);
-    expect(() => blockDevice.validate!({ file: tmpdir() })).toThrow(/neither a regular file nor a block device/);
-    expect(() => blockDevice.validate!({ file: img, serial: "x".repeat(21) })).toThrow(/longer than 20/);
-    expect(() => blockDevice.validate!({ file: img, "num-queues": "0" })).toThrow(/num-queues/);
-    expect(() => blockDevice.validate!({ file: img, "queue-size": "100" })).toThrow(/power of 2/);
-    expect(() => blockDevice.validate!({ file: img, "read-only": true, "num-queues": "4", "queue-size": "128" })).not.toThrow();
+    expect(() => blockDevice.parse({ file: img })).not.toThrow();
+    expect(() => blockDevice.parse({})).toThrow(/--file/);
+    expect(() => blockDevice.parse({ file: join(tmpdir(), "no-such-image-xyz.img") })).toThrow(/no such file/);
+    expect(() => blockDevice.parse({ file: tmpdir() })).toThrow(/neither a regular file nor a block device/);
+    expect(() => blockDevice.parse({ file: img, serial: "x".repeat(21) })).toThrow(/longer than 20/);
+    expect(() => blockDevice.parse({ file: img, "num-queues": "0" })).toThrow(/num-queues/);
+    expect(() => blockDevice.parse({ file: img, "queue-size": "100" })).toThrow(/power of 2/);
+    expect(() => blockDevice.parse({ file: img, "read-only": true, "num-queues": "4", "queue-size": "128" })).not.toThrow();
   });
 
-  test("a worker that cannot open the image reports a fatal error", async () => {
+  test("a backend that cannot open the image fails before serving, saying why", async () => {
     const b = new BackendUnderTest("block", { file: join(tmpdir(), "no-such-image-xyz.img") });
-    await expect(b.ready).rejects.toThrow(/ENOENT/);
+    await expect(b.ready).rejects.toThrow(/ENOENT|no such file/);
     await b.stop();
   });
 });

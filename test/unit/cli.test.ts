@@ -7,12 +7,12 @@ import { join } from "node:path";
 import { FrontendConnection, Req } from "../support/frontend.ts";
 import { listenUnix, socketPair } from "../../ffi/socket.ts";
 import { close } from "../../ffi/libc.ts";
-import { DEVICES } from "../../devices/index.ts";
+import { DEVICES } from "../../app/registry.ts";
 import { booleanFromArgv, booleanOption, parseBoolean, systemdListenFds } from "../../src/cli_args.ts";
-import { commandLine, wrap } from "../../src/help.ts";
+import { commandLine, wrap } from "../../app/help.ts";
 import echoDevice from "../support/echo_device.ts";
 
-const MAIN = join(import.meta.dir, "../../src/main.ts");
+const MAIN = join(import.meta.dir, "../../app/main.ts");
 
 function run(args: string[]) {
   const p = Bun.spawnSync([process.execPath, MAIN, ...args], { stdout: "pipe", stderr: "pipe" });

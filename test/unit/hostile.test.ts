@@ -1,5 +1,5 @@
 // Regression tests for the hostile-guest / hostile-front-end audit findings. The backend runs as a
-// real subprocess (`bun src/main.ts device ...`, see test/support/hostile.ts), so a backend that
+// real subprocess (`bun app/main.ts device ...`, see test/support/hostile.ts), so a backend that
 // crashes (SIGSEGV, SIGBUS), hangs or spins fails the test and is SIGKILLed, and the test runner
 // survives. A hang is detected by a reply timeout on the vhost-user socket (1-2 s), not by the test
 // timeout.

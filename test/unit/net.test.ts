@@ -35,7 +35,7 @@ import {
 
 const AVAILABLE = netnsAvailable();
 const HAVE_ETHTOOL = AVAILABLE && sh(["ethtool", "--version"], true).code === 0;
-const MAIN = join(import.meta.dir, "../../src/main.ts");
+const MAIN = join(import.meta.dir, "../../app/main.ts");
 
 const AF_UNIX = 1;
 const AF_PACKET = 17;

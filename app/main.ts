@@ -1,18 +1,20 @@
 #!/usr/bin/env bun
 // `backend`: serves virtio devices to VMMs over vhost-user. The main thread parses the command
-// line, creates the socket, handles signals and supervises one worker thread per device.
+// line, runs the device's acquire phase (everything it will ever open, opened here), creates the
+// socket, handles signals and supervises the device's thread. This folder (app/) is the program:
+// the only place that knows both the library (src/) and the devices (devices/).
 import { defineCommand, runMain, type ArgsDef, type showUsage } from "citty";
 import { existsSync, lstatSync } from "node:fs";
-import { DEVICES } from "../devices/index.ts";
-import type { DeviceDefinition } from "./device.ts";
+import { DEVICES } from "./registry.ts";
+import type { DeviceDefinition, HostSignal } from "../src/device.ts";
 import { listenUnix, isListening } from "../ffi/socket.ts";
 import { fcntl, unlink } from "../ffi/io.ts";
 import { libc, errno, errnoName } from "../ffi/libc.ts";
 import { signal } from "../ffi/eventfd.ts";
-import { log, setLogLevel, LOG_LEVELS } from "./log.ts";
-import { booleanFromArgv, repeatedOption, systemdListenFds, SD_LISTEN_FDS_START } from "./cli_args.ts";
+import { log, setLogLevel, LOG_LEVELS } from "../src/log.ts";
+import { booleanFromArgv, repeatedOption, systemdListenFds, SD_LISTEN_FDS_START } from "../src/cli_args.ts";
 import { usagePrinter, withUsage } from "./help.ts";
-import type { FromWorker, ToWorker } from "./worker.ts";
+import type { FromWorker, ToWorker, WorkerStart } from "../src/device_thread.ts";
 import pkg from "../package.json" with { type: "json" };
 
 const COMMON_ARGS = {
@@ -103,9 +105,13 @@ async function runDevice(def: DeviceDefinition, args: Record<string, unknown>, r
   const sources = [options.socket, options["socket-path"], options.fd].filter((x) => x !== undefined).length;
   if (sources > 1) throw new Error(SOCKET_SOURCES);
   const activated = sources === 0 ? activatedSocket() : undefined;
-  def.validate?.(options);
+  const parsed = def.parse(options);
+  const resources = def.acquire?.(parsed);
 
-  const start: ToWorker = { type: "start", device: def.name, options, logLevel: String(options["log-level"]) };
+  const start: WorkerStart = {
+    type: "start", device: def.name, options: parsed, resources, logLevel: String(options["log-level"]),
+    queueThreadEntry: QUEUE_THREAD_ENTRY,
+  };
   if (options.fd !== undefined) {
     const fd = Number(options.fd);
     if (!/^[0-9]+$/.test(String(options.fd)) || !Number.isSafeInteger(fd)) throw new Error(`--fd ${String(options.fd)} is not a file descriptor number`);
@@ -117,12 +123,16 @@ async function runDevice(def: DeviceDefinition, args: Record<string, unknown>, r
   } else {
     start.listenFd = activated; // systemd owns that socket and its path: left alone on exit
   }
-  await supervise(start, socketPath);
+  await supervise(start, socketPath, def.hostSignals ?? {});
 }
 
+/** The thread entry files, beside this one (the compiled binary embeds them: see build.ts). */
+const DEVICE_THREAD_ENTRY = new URL("./device_worker.ts", import.meta.url).href;
+const QUEUE_THREAD_ENTRY = new URL("./queue_worker.ts", import.meta.url).href;
+
 /** Runs the device worker and ties its life to this process: signals, failures, exit codes. */
-function supervise(start: ToWorker, socketPath: string | undefined): Promise<void> {
-  const worker = new Worker(new URL("./worker.ts", import.meta.url).href);
+function supervise(start: WorkerStart, socketPath: string | undefined, hostSignals: Readonly<Partial<Record<HostSignal, string>>>): Promise<void> {
+  const worker = new Worker(DEVICE_THREAD_ENTRY);
   let wakeFd = -1;
   let exiting = false;
   const toWorker = (msg: ToWorker) => {
@@ -143,10 +153,8 @@ function supervise(start: ToWorker, socketPath: string | undefined): Promise<voi
   };
   process.on("SIGTERM", () => shutdown("SIGTERM"));
   process.on("SIGINT", () => shutdown("SIGINT"));
-  process.on("SIGWINCH", () => toWorker({ type: "host-event", name: "resize" }));
-  // Host events a device may act on (sound: jacks unplugged and plugged back, as a headset would).
-  process.on("SIGUSR1", () => toWorker({ type: "host-event", name: "jack-unplug" }));
-  process.on("SIGUSR2", () => toWorker({ type: "host-event", name: "jack-plug" }));
+  // Host events the device asked for (console: resize on SIGWINCH; sound: jacks on SIGUSR1/2).
+  for (const [sig, name] of Object.entries(hostSignals)) process.on(sig as HostSignal, () => toWorker({ type: "host-event", name }));
   worker.onmessage = (ev: MessageEvent<FromWorker>) => {
     const msg = ev.data;
     if (msg.type === "ready") wakeFd = msg.wakeFd;

@@ -1,11 +1,12 @@
-// Entry point of a queue thread (see queue_thread.ts): builds the device's QueueRunner on its own
+// The body of a queue thread (see queue_thread.ts): builds the device's QueueRunner on its own
 // epoll loop and hands it the rings it is given, over borrowed views of the device thread's guest
-// mappings.
+// mappings. The program's thread entry file (app/) calls serveQueueThread with the way to find a
+// device's runner factory, so this library knows no device.
 import { EventLoop } from "./event_loop.ts";
 import { GuestMemory, MemoryRegion } from "./memory.ts";
 import { log, setLogLevel } from "./log.ts";
-import { DEVICES } from "../devices/index.ts";
-import type { DeviceDefinition, QueueRunner } from "./device.ts";
+import type { QueueRunner } from "./device.ts";
+import type { EventLoop as Loop } from "./event_loop.ts";
 import { type ToQueueThread, SLOT_READY, SLOT_WAKE_FD, SLOT_STOP_SEQ, SLOT_NEXT_AVAIL, SLOT_NEXT_USED, SLOT_ERROR, ERROR_NOT_RUNNING } from "./queue_thread.ts";
 
 declare const self: Worker;
@@ -19,6 +20,11 @@ interface ThreadState {
 
 let state: ThreadState | null = null;
 
+/** How a queue thread finds the runner factory of `device` (or of the test module `module`). */
+export type RunnerFactoryLookup = (device: string, module: string | undefined) => Promise<((options: unknown, loop: Loop) => QueueRunner) | undefined>;
+
+/** Makes this Worker a queue thread. */
+export function serveQueueThread(findRunner: RunnerFactoryLookup): void {
 self.onmessage = async (ev: MessageEvent<ToQueueThread>) => {
   const msg = ev.data;
   switch (msg.type) {
@@ -26,11 +32,10 @@ self.onmessage = async (ev: MessageEvent<ToQueueThread>) => {
       const shared = new Int32Array(msg.sab);
       try {
         setLogLevel(msg.logLevel);
-        const registry = DEVICES as Record<string, DeviceDefinition<any>>;
-        const def = msg.module !== undefined ? ((await import(msg.module)).default as DeviceDefinition) : registry[msg.device];
-        if (def?.queueRunner === undefined) throw new Error(`device '${msg.device}' has no queue runner`);
+        const factory = await findRunner(msg.device, msg.module);
+        if (factory === undefined) throw new Error(`device '${msg.device}' has no queue runner`);
         const loop = new EventLoop();
-        state = { loop, runner: def.queueRunner(msg.options, loop), shared };
+        state = { loop, runner: factory(msg.options, loop), shared };
         Atomics.store(shared, SLOT_WAKE_FD, loop.wakeFd);
         Atomics.store(shared, SLOT_READY, 1);
       } catch (e) {
@@ -76,3 +81,4 @@ self.onmessage = async (ev: MessageEvent<ToQueueThread>) => {
       return;
   }
 };
+}
