@@ -19,13 +19,30 @@ const SOCKADDR_UN_LEN = 110;
 export const MAX_FDS = 8;
 const cmsgSpace = (n: number) => 16 + ((4 * n + 7) & ~7);
 
+/** Longest unix socket path bind/connect take (sun_path is 108 bytes with its terminating NUL). */
+export const MAX_SOCKET_PATH = SOCKADDR_UN_LEN - 2 - 1;
+
 function sockaddrUn(path: string): Uint8Array {
   const bytes = Buffer.from(path);
-  if (bytes.length >= SOCKADDR_UN_LEN - 2) throw new Error(`socket path too long: ${path}`);
+  if (bytes.length > MAX_SOCKET_PATH) throw new Error(`socket path too long (${bytes.length} bytes, at most ${MAX_SOCKET_PATH}): ${path}`);
   const sa = new Uint8Array(SOCKADDR_UN_LEN);
   sa[0] = AF_UNIX;
   sa.set(bytes, 2);
   return sa;
+}
+
+/**
+ * A sockaddr_un for `name` and its length: a path, or an abstract name written `@name` (sun_path
+ * starts with NUL and the name is exactly the bytes given, as systemd's NOTIFY_SOCKET says).
+ */
+export function unixAddress(name: string): { addr: Uint8Array; len: number } {
+  if (!name.startsWith("@")) return { addr: sockaddrUn(name), len: SOCKADDR_UN_LEN };
+  const bytes = Buffer.from(name.slice(1));
+  if (bytes.length > SOCKADDR_UN_LEN - 3) throw new Error(`abstract socket name too long: ${name}`);
+  const addr = new Uint8Array(SOCKADDR_UN_LEN);
+  addr[0] = AF_UNIX;
+  addr.set(bytes, 3);
+  return { addr, len: 3 + bytes.length };
 }
 
 /** A new unix socket of `type`, set up by `setup` (closed again if that throws). */
@@ -40,12 +57,54 @@ function unixSocket(type: number, setup: (fd: number) => void): number {
   return fd;
 }
 
-/** Creates, binds and listens on a unix stream socket at `path` (which must not exist). */
-export function listenUnix(path: string, backlog = 1): number {
+/**
+ * Creates, binds and listens on a unix stream socket at `path` (which must not exist).
+ * `beforeListen` runs between bind and listen, while no peer can connect yet (permissions).
+ */
+export function listenUnix(path: string, backlog = 1, beforeListen?: () => void): number {
   return unixSocket(SOCK_STREAM, (fd) => {
     check(libc.bind(fd, sockaddrUn(path), SOCKADDR_UN_LEN), `bind(${path})`);
+    beforeListen?.();
     check(libc.listen(fd, backlog), "listen");
   });
+}
+
+/**
+ * Sends one datagram to the unix socket `name` (a path or `@abstract`) from a new unbound
+ * socket: sd_notify's way. Returns bytes sent; throws with errno.
+ */
+export function sendDatagramTo(name: string, data: Uint8Array): number {
+  const { addr, len } = unixAddress(name);
+  const fd = check(libc.socket(AF_UNIX, SOCK_DGRAM | SOCK_CLOEXEC, 0), "socket");
+  try {
+    const msg = new Uint8Array(56);
+    const mv = new DataView(msg.buffer);
+    const iov = new BigUint64Array([BigInt(ptr(data)), BigInt(data.length)]);
+    mv.setBigUint64(0, BigInt(ptr(addr)), true);
+    mv.setUint32(8, len, true);
+    mv.setBigUint64(16, BigInt(ptr(iov)), true);
+    mv.setBigUint64(24, 1n, true);
+    for (;;) {
+      const r = checkAllow(libc.sendmsg(fd, msg, MSG_NOSIGNAL), `sendmsg(${name})`, EINTR);
+      if (r !== -EINTR) return r;
+    }
+  } finally {
+    close(fd);
+  }
+}
+
+/** The credentials of a connected unix socket's peer (SO_PEERCRED: taken when it connected). */
+export interface PeerCredentials {
+  pid: number;
+  uid: number;
+  gid: number;
+}
+
+export function peerCredentials(fd: number): PeerCredentials {
+  const ucred = new Int32Array(3);
+  const len = new Uint32Array([12]);
+  check(libc.getsockopt(fd, SOL_SOCKET, 17 /* SO_PEERCRED */, ucred, len), "getsockopt(SO_PEERCRED)");
+  return { pid: ucred[0]!, uid: ucred[1]! >>> 0, gid: ucred[2]! >>> 0 };
 }
 
 export function connectUnix(path: string): number {
@@ -58,9 +117,10 @@ export function connectUnixDatagram(path: string, nonBlocking = true): number {
     check(libc.connect(fd, sockaddrUn(path), SOCKADDR_UN_LEN), `connect(${path})`));
 }
 
-/** A non-blocking datagram socket bound at `path` (which must not exist). */
+/** A non-blocking datagram socket bound at `path` (which must not exist) or at an `@abstract` name. */
 export function bindUnixDatagram(path: string): number {
-  return unixSocket(SOCK_DGRAM | SOCK_NONBLOCK, (fd) => check(libc.bind(fd, sockaddrUn(path), SOCKADDR_UN_LEN), `bind(${path})`));
+  const { addr, len } = unixAddress(path);
+  return unixSocket(SOCK_DGRAM | SOCK_NONBLOCK, (fd) => check(libc.bind(fd, addr, len), `bind(${path})`));
 }
 
 /** accept4 with CLOEXEC (and NONBLOCK when asked); returns -EAGAIN when nothing is pending. */

@@ -57,6 +57,8 @@ APT_PACKAGES=(
 APT_PACKAGES+=(iproute2 iperf3 tcpdump ethtool iputils-ping dpdk dpdk-dev)
 # Sound tests: ALSA tools for the guest initramfs (aplay/arecord/amixer), the host ALSA backend and its plugins, PulseAudio as a host sound server.
 APT_PACKAGES+=(alsa-utils libasound2 libasound2-plugins pulseaudio)
+# Metrics tests: the Prometheus project's own exposition parsers (strict OpenMetrics, text 0.0.4).
+APT_PACKAGES+=(python3-prometheus-client)
 # Packages that must come from bookworm-backports, with the minimum version we need (QEMU's configure
 # insists on meson >= 1.5 and pycotap, and cannot fetch them offline).
 BPO_PACKAGES=(qemu-system-x86 qemu-utils meson python3-pycotap)
