@@ -48,6 +48,8 @@ export class NetDevice implements VhostUserDevice {
   private status = VIRTIO_NET_S_LINK_UP;
   /** Pairs in use: all of them until the driver's VQ_PAIRS_SET (QEMU serves the control queue itself and never tells us). */
   private activePairs: number;
+  /** Pairs whose receive ring runs (started and enabled): QEMU tells us the pairs in use only this way. */
+  private readonly rxRunning: boolean[];
   /** Receive offloads in force (the acked ones, or what CTRL_GUEST_OFFLOADS set since). */
   private guestOffloads = 0n;
   private readonly queues: QueueService;
@@ -58,6 +60,7 @@ export class NetDevice implements VhostUserDevice {
     this.tap = openTap(opts);
     this.pairs = opts.queuePairs;
     this.activePairs = this.pairs;
+    this.rxRunning = new Array<boolean>(this.pairs).fill(false);
     this.mtu = opts.mtu ?? this.tap.mtu;
     this.defaultMac = opts.mac ?? randomMac();
     this.mac = this.defaultMac;
@@ -88,6 +91,8 @@ export class NetDevice implements VhostUserDevice {
       },
     });
     this.ctrl = new WatchedQueue(ctx.loop, () => this.serveControl());
+    // Until a pair's receive ring runs, its tap queue takes no frames (the virtio default is one pair).
+    if (!this.updateAttachedQueues()) throw new Error(`tap ${this.tap.name}: could not detach the queues of pairs not in use`);
     log.info(
       `net: tap ${this.tap.name} (${this.pairs} queue pair(s), MTU ${this.mtu}, offloads ${opts.offloads ? `0x${this.tap.supportedOffloads.toString(16)}` : "off"}, ` +
         `MRG_RXBUF ${opts.mrgRxbuf ? "on" : "off"}), guest MAC ${formatMac(this.mac)}`,
@@ -99,14 +104,27 @@ export class NetDevice implements VhostUserDevice {
    * frame waits on a receive queue the guest no longer serves. False when the tap refuses.
    */
   private setActivePairs(n: number): boolean {
+    const before = this.activePairs;
+    this.activePairs = n;
+    if (this.updateAttachedQueues()) return true;
+    this.activePairs = before;
+    this.updateAttachedQueues();
+    return false;
+  }
+
+  /**
+   * Attaches the tap queue of each pair in use whose receive ring runs, and detaches the others:
+   * the kernel steers each flow to an attached queue, and a frame on a queue no ring serves would
+   * be lost. False when the tap refuses.
+   */
+  private updateAttachedQueues(): boolean {
     try {
-      this.tap.setActiveQueues(n);
+      this.tap.setAttached((i) => i < this.activePairs && this.rxRunning[i] === true);
+      return true;
     } catch (e) {
       log.warn(`net: ${(e as Error).message}`);
       return false;
     }
-    this.activePairs = n;
-    return true;
   }
 
   private resetFilter(): void {
@@ -167,10 +185,19 @@ export class NetDevice implements VhostUserDevice {
       return;
     }
     this.queues.start(ring, mem, ackedFeatures);
+    if (ring.index % 2 === 0) {
+      this.rxRunning[ring.index >> 1] = true;
+      this.updateAttachedQueues();
+    }
   }
 
   stopQueue(index: number): RingPosition | null {
     if (index === ctrlQueueIndex(this.pairs)) return this.ctrl.stop();
+    if (index % 2 === 0 && this.rxRunning[index >> 1] === true) {
+      // Detached first: the kernel stops steering flows to the queue before its ring stops.
+      this.rxRunning[index >> 1] = false;
+      this.updateAttachedQueues();
+    }
     return this.queues.stop(index);
   }
 
@@ -204,11 +231,12 @@ export class NetDevice implements VhostUserDevice {
 
   reset(): void {
     for (const i of this.queues.running()) this.queues.stop(i);
+    this.rxRunning.fill(false);
     this.ctrl.stop();
     this.acked = 0n;
     this.mac = this.defaultMac;
     this.status = VIRTIO_NET_S_LINK_UP;
-    if (!this.setActivePairs(this.pairs)) this.activePairs = this.pairs; // no VQ_PAIRS_SET seen yet: every queue carries frames
+    if (!this.setActivePairs(this.pairs)) this.activePairs = this.pairs; // no VQ_PAIRS_SET seen yet: every running pair carries frames
     this.resetFilter();
     this.applyOffloads(0n);
   }

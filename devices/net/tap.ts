@@ -231,8 +231,8 @@ export function rarpFrame(mac: Uint8Array): Uint8Array {
 export class Tap {
   private closed = false;
   private currentOffloads = 0;
-  /** Queues (fds) from this index on are detached from the tap: the kernel steers no frames to them. */
-  private attachedQueues: number;
+  /** Whether each queue (fd) is attached to the tap: the kernel steers frames only to attached queues. */
+  private readonly attached: boolean[];
 
   constructor(
     readonly name: string,
@@ -243,21 +243,28 @@ export class Tap {
     /** The tap's MTU when it was opened. */
     readonly mtu: number,
   ) {
-    this.attachedQueues = fds.length;
+    this.attached = fds.map(() => true); // TUNSETIFF attaches
   }
 
   /**
-   * Keeps the first `n` queues attached and detaches the others (TUNSETQUEUE), so the kernel
-   * steers every flow to the queue pairs the guest uses (CTRL_MQ_VQ_PAIRS_SET), as QEMU does.
+   * Attaches the queues `want` picks and detaches the others (TUNSETQUEUE), so the kernel steers
+   * flows only to queues a pair serves. Queue 0 stays attached: a tap without queues drops every
+   * frame, and frames waiting there reach the guest once its first pair runs. A detached queue's
+   * fd still transmits. Throws on the first queue the kernel refuses (the others keep their state).
    */
-  setActiveQueues(n: number): void {
-    const want = Math.max(1, Math.min(n, this.fds.length));
-    if (want === this.attachedQueues || this.closed) return;
+  setAttached(want: (queue: number) => boolean): void {
+    if (this.closed) return;
     for (let i = 1; i < this.fds.length; i++) {
-      const attached = i < this.attachedQueues;
-      if (attached !== i < want) tun.tunSetQueue(this.fds[i]!, i < want);
+      const w = want(i);
+      if (w === this.attached[i]) continue;
+      tun.tunSetQueue(this.fds[i]!, w);
+      this.attached[i] = w;
     }
-    this.attachedQueues = want;
+  }
+
+  /** Whether queue `i` is attached. */
+  isAttached(i: number): boolean {
+    return this.attached[i] ?? false;
   }
 
   /** The TUN_F_* flags last set on the tap. */

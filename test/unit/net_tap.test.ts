@@ -310,6 +310,23 @@ describe.skipIf(!AVAILABLE)("net tap (in a network namespace)", () => {
     write(ps, frame, frame.length);
     const { pkt } = await receive(t.fds, (p) => ethertypeAt(p, VIRTIO_NET_HDR_SIZE) === TEST_ETHERTYPE);
     expect(Buffer.from(pkt.subarray(VIRTIO_NET_HDR_SIZE)).equals(Buffer.from(frame))).toBe(true);
+    // Queue 1 detached: every flow comes to queue 0, and queue 1's fd still transmits.
+    t.setAttached(() => false);
+    expect([t.isAttached(0), t.isAttached(1)]).toEqual([true, false]);
+    for (let i = 0; i < 16; i++) {
+      const f = testFrame(`detached ${i}`, `02:00:00:00:ab:${(16 + i).toString(16)}`);
+      write(ps, f, f.length);
+      const got = await receive(t.fds, (p) => ethertypeAt(p, VIRTIO_NET_HDR_SIZE) === TEST_ETHERTYPE);
+      expect(got.fd).toBe(t.fds[0]!);
+    }
+    const out = testFrame("from a detached queue");
+    const outPkt = new Uint8Array(VIRTIO_NET_HDR_SIZE + out.length);
+    outPkt.set(out, VIRTIO_NET_HDR_SIZE);
+    expect(write(t.fds[1]!, outPkt, outPkt.length)).toBe(outPkt.length);
+    const sent = await receive([ps], (p) => ethertypeAt(p, 0) === TEST_ETHERTYPE);
+    expect(Buffer.from(sent.pkt).equals(Buffer.from(out))).toBe(true);
+    t.setAttached(() => true);
+    expect(t.isAttached(1)).toBe(true);
     t.close();
     // One pair on a multi_queue tap works too (opened with IFF_MULTI_QUEUE behind the scenes).
     openIn(opts({ kind: "name", name: "vtmq" })).close();
