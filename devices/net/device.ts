@@ -72,7 +72,8 @@ export class NetDevice implements VhostUserDevice {
       (this.pairs > 1 ? VIRTIO_NET_F_MQ : 0n) |
       (opts.offloads ? offloadFeatures(this.tap.supportedOffloads) | VIRTIO_NET_F_CTRL_GUEST_OFFLOADS : 0n);
     this.resetFilter();
-    const runnerOptions: NetRunnerOptions = { fds: [...this.tap.fds], mtu: this.mtu, shared: this.shared.sab };
+    this.shared.mtu = this.mtu;
+    const runnerOptions: NetRunnerOptions = { fds: [...this.tap.fds], shared: this.shared.data };
     this.queues = new QueueService({
       entry: ctx.queueThreadEntry, device: "net", options: runnerOptions, threads: this.pairs > 1 ? this.pairs : 0, threadOf: (i) => i >> 1,
       loop: ctx.loop, runner: netPairRunner,
@@ -222,6 +223,7 @@ export class NetDevice implements VhostUserDevice {
   /** NET_SET_MTU: the front-end's MTU; the tap follows when we may change it. */
   setMtu(mtu: number): void {
     this.mtu = mtu;
+    this.shared.mtu = mtu; // the frame threads size their receive buffers by it
     try {
       tun.withControlSocket((s) => tun.setIfMtu(s, this.tap.name, mtu));
     } catch (e) {
@@ -271,6 +273,7 @@ export class NetDevice implements VhostUserDevice {
     this.mac = s.mac.slice();
     this.shared.mac = this.mac;
     this.mtu = s.mtu;
+    this.shared.mtu = s.mtu;
     if (!this.setActivePairs(s.activePairs)) log.warn(`net state: the tap keeps ${this.activePairs} queue pair(s) attached, the guest uses ${s.activePairs}`);
     this.shared.rxMode = s.rxMode;
     this.shared.setTable(s.unicast, s.multicast);
@@ -286,5 +289,6 @@ export class NetDevice implements VhostUserDevice {
     this.ctrl.stop();
     this.queues.dispose();
     this.tap.close();
+    this.shared.record.dispose();
   }
 }

@@ -19,9 +19,10 @@ import type { EventLoop } from "../../src/event_loop.ts";
 import type { GuestMemory } from "../../src/memory.ts";
 import { openVirtqueue, type Virtqueue, type RingPosition, type VirtqueueConfig } from "../../src/virtqueue.ts";
 import { ChainReader, ChainWriter, type DescriptorChain } from "../../src/chain.ts";
-import { QueuePair, processQueue } from "../../src/kick.ts";
+import { QueuePair, processQueue, fillQueue } from "../../src/kick.ts";
 import { GuestErrorLog } from "../../src/guest_errors.ts";
-import { NetShared, PairStat, RX_PROMISC } from "./shared.ts";
+import type { SharedRecordData } from "../../src/shared_record.ts";
+import { NetShared, PairStat } from "./shared.ts";
 import {
   VIRTIO_NET_HDR_SIZE, HDR_NUM_BUFFERS, VIRTIO_NET_F_MRG_RXBUF, VIRTIO_NET_F_CSUM, VIRTIO_NET_F_HOST_TSO4,
   VIRTIO_NET_F_HOST_TSO6, VIRTIO_NET_F_HOST_UFO, VIRTIO_NET_F_HOST_USO, VIRTIO_NET_F_HOST_ECN,
@@ -42,9 +43,8 @@ const MAX_IOVECS = 1024;
 export interface NetRunnerOptions {
   /** Tap queue fd of pair i (opened by the device thread; fds are process-wide). */
   fds: number[];
-  /** The device's MTU: the largest non-GSO frame is this plus the Ethernet header. */
-  mtu: number;
-  shared: SharedArrayBuffer;
+  /** The device thread's NetShared (filter, MTU, offloads, counters). */
+  shared: SharedRecordData;
 }
 
 /** One rx/tx pair: its queues and the tap queue they share. */
@@ -55,6 +55,8 @@ class Pair {
   features = 0n;
   /** Reading the tap is paused: the guest had no receive buffers (resumes at its kick). */
   starved = false;
+  /** The last read found the tap empty (until it is readable again). */
+  tapEmpty = false;
   /** The tap was full: transmit resumes at EPOLLOUT. */
   txBlocked = false;
   watching = false;
@@ -99,6 +101,20 @@ export class NetPairRunner implements QueueRunner {
 
   constructor(private readonly o: NetRunnerOptions, private readonly loop: EventLoop) {
     this.shared = new NetShared(o.shared);
+  }
+
+  /** The record's version when mtu and bigFrames were read. */
+  private settingsVersion = -1;
+  private mtu = 1500;
+  private bigFrames = false;
+
+  /** Takes the device thread's latest MTU and offloads (NET_SET_MTU, CTRL_GUEST_OFFLOADS) when they changed. */
+  private refreshSettings(): void {
+    const v = this.shared.record.version;
+    if (v === this.settingsVersion) return;
+    this.settingsVersion = v;
+    this.mtu = this.shared.mtu;
+    this.bigFrames = this.shared.bigFrames;
   }
 
   private pair(index: number): Pair {
@@ -257,77 +273,86 @@ export class NetPairRunner implements QueueRunner {
 
   /** The most bytes one received frame (with its header) may take. */
   private frameLimit(): number {
-    return this.shared.bigFrames ? MAX_RX_GSO : VIRTIO_NET_HDR_SIZE + this.o.mtu + L2_OVERHEAD;
+    return this.bigFrames ? MAX_RX_GSO : VIRTIO_NET_HDR_SIZE + this.mtu + L2_OVERHEAD;
   }
 
   /**
-   * Receives frames while the tap has them and the guest has buffers. Each frame is read with one
-   * readv into the held chains, plus a bounce buffer behind them: a frame larger than the chains
-   * at hand is never truncated; its tail waits in `p.tail` for the guest's next buffers (mergeable)
-   * or the frame is dropped (a buffer too small without MRG_RXBUF).
+   * Receives frames while the tap has them and the guest has buffers: fillQueue's "disable
+   * notifications, fill, re-enable, re-check" loop, where filling a chain means holding it and
+   * reading every frame the held chains can take. Each frame is read with one readv into the held
+   * chains, plus a bounce buffer behind them: a frame larger than the chains at hand is never
+   * truncated; its tail waits in `p.tail` for the guest's next buffers (mergeable) or the frame is
+   * dropped (a buffer too small without MRG_RXBUF). Chains no frame needed yet stay held for the
+   * next frames (popped and walked once, not per wakeup); stop() gives them back to the ring.
    */
   private receive(p: Pair): void {
     const q = p.rx;
     if (q === null || p.starved) return;
+    this.refreshSettings();
     const mergeable = (p.features & VIRTIO_NET_F_MRG_RXBUF) !== 0n;
     const budget = p.queues.rx.budget;
-    try {
-      q.disableNotification();
-      for (;;) {
-        if (budget.exhausted) {
-          budget.yieldTurn();
-          return;
-        }
-        // Gather buffers: for the tail of a frame in progress, or for the largest next frame.
-        const need = p.tail !== null ? p.heldCapacity + p.tail.length : mergeable ? this.frameLimit() : 1;
-        while (p.heldCapacity < need) {
-          const chain = q.pop();
-          if (chain === null) break;
-          p.hold(chain);
-          if (!mergeable) break;
-        }
-        this.completeUnusable(p, q);
-        if (p.tail !== null) {
-          if (!this.deliverTail(p, q)) {
-            if (q.enableNotification()) {
-              q.disableNotification();
-              continue;
-            }
-            this.starve(p);
-            return;
-          }
-          continue;
-        }
-        if (p.heldCapacity === 0) {
-          // Re-arm, then look again: buffers added meanwhile would otherwise wait for a kick.
-          if (q.enableNotification()) {
-            q.disableNotification();
-            continue;
-          }
-          this.starve(p);
-          return;
-        }
-        const n = this.readFrame(p);
-        if (n === -EAGAIN) return;
-        if (n < 0) continue; // dropped or filtered: its chains serve the next frame
-        budget.spendChain(n);
-        if (n > p.heldCapacity) {
-          if (!mergeable) {
-            this.guestErrors.report(`rx queue ${q.index}: frame of ${n} bytes does not fit a ${p.heldCapacity}-byte buffer (no MRG_RXBUF); dropped`);
-            this.shared.count(p.index, PairStat.RxDropped);
-            continue;
-          }
-          // The tail went to the bounce buffer; it is copied into the next chains.
-          p.tail = this.bounce.slice(0, n - p.heldCapacity);
-          p.frameLen = n;
-          continue;
-        }
-        this.completeFrame(p, q, n, mergeable);
+    p.tapEmpty = false; // the tap became readable or the guest added buffers: look again
+    let force = false;
+    for (;;) {
+      // The chains already held first, then new ones one by one (fillQueue publishes all at its end).
+      this.deliver(p, q, mergeable, force);
+      const outOfBuffers = fillQueue(q, () => p.tail !== null || !p.tapEmpty, (chain) => {
+        p.hold(chain);
+        this.deliver(p, q, mergeable, false);
+        return true;
+      }, budget);
+      if (!outOfBuffers) return;
+      if (budget.exhausted) {
+        budget.yieldTurn();
+        return;
       }
-    } finally {
-      // Chains no frame needed yet stay held for the next frames (popped and walked once, not per
-      // wakeup); stop() gives them back to the ring.
-      q.flush();
+      // The ring ran dry with fewer chains held than the largest frame needs: the next frames may
+      // fit them anyway (read once more, whatever is held); a frame's tail waits for the next kick.
+      if (!force && p.tail === null && p.heldCapacity > 0) {
+        force = true;
+        continue;
+      }
+      this.starve(p);
+      return;
+    }
+  }
+
+  /**
+   * Reads frames into the held chains while they can take the largest frame (or, with `force`,
+   * any), completing each; a frame's tail goes into chains held after it. Stops when the tap is
+   * empty, the held chains are not enough, or the turn's budget is spent.
+   */
+  private deliver(p: Pair, q: Virtqueue, mergeable: boolean, force: boolean): void {
+    const budget = p.queues.rx.budget;
+    for (;;) {
+      this.completeUnusable(p, q);
+      if (p.tail !== null) {
+        if (!this.deliverTail(p, q)) return; // the rest waits for more chains
+        continue;
+      }
+      if (p.tapEmpty || p.heldCapacity === 0) return;
+      if (!force && p.heldCapacity < (mergeable ? this.frameLimit() : 1)) return;
+      if (budget.exhausted) return;
+      const n = this.readFrame(p);
+      if (n === -EAGAIN) {
+        p.tapEmpty = true;
+        return;
+      }
+      if (n < 0) continue; // dropped or filtered: its chains serve the next frame
+      // Bytes count here; the chains were counted when popped.
+      budget.spendBytes(n);
+      if (n > p.heldCapacity) {
+        if (!mergeable) {
+          this.guestErrors.report(`rx queue ${q.index}: frame of ${n} bytes does not fit a ${p.heldCapacity}-byte buffer (no MRG_RXBUF); dropped`);
+          this.shared.count(p.index, PairStat.RxDropped);
+          continue;
+        }
+        // The tail went to the bounce buffer; it is copied into the next chains.
+        p.tail = this.bounce.slice(0, n - p.heldCapacity);
+        p.frameLen = n;
+        continue;
+      }
+      this.completeFrame(p, q, n, mergeable);
     }
   }
 
@@ -406,7 +431,7 @@ export class NetPairRunner implements QueueRunner {
       this.shared.count(p.index, PairStat.RxDropped);
       return -1;
     }
-    if ((this.shared.rxMode & RX_PROMISC) === 0) {
+    if (!this.shared.promiscuous()) {
       this.frameBytes(p, VIRTIO_NET_HDR_SIZE, this.dest);
       if (!this.shared.accepts(this.dest)) {
         this.shared.count(p.index, PairStat.RxFiltered);

@@ -1,8 +1,11 @@
-// What the net device thread (control queue, feature negotiation) shares with the threads that
-// move frames: the receive filter the driver programs (CTRL_RX, CTRL_MAC), whether received
-// frames may be GSO-sized (the guest's offloads, which CTRL_GUEST_OFFLOADS may change at any time),
-// and per-pair counters. One SharedArrayBuffer, one writer (the device thread), readers that
-// tolerate a torn update (it affects the filtering of one frame at most).
+// What the net device thread (control queue, feature negotiation, front-end requests) shares with
+// the threads that move frames: the receive filter the driver programs (CTRL_RX, CTRL_MAC),
+// whether received frames may be GSO-sized (the guest's offloads, which CTRL_GUEST_OFFLOADS may
+// change at any time), the MTU (NET_SET_MTU), and per-pair counters. One SharedRecord
+// (src/shared_record.ts): one writer (the device thread), readers that see whole values; the
+// frame threads keep a copy of the filter and refresh it when the record's version moves.
+
+import { SharedRecord, i32, bool, bytes, counters, type SharedRecordData } from "../../src/shared_record.ts";
 
 export const RX_PROMISC = 1;
 export const RX_ALLMULTI = 2;
@@ -29,102 +32,149 @@ export const enum PairStat {
 const STATS_PER_PAIR = 8;
 const MAX_PAIRS = 16;
 
-// Int32 word indices.
-const W_RX_MODE = 0;
-const W_BIG_FRAMES = 1;
-const W_UNI_COUNT = 2;
-const W_MULTI_COUNT = 3;
-const W_STATS = 16;
-// Byte offsets.
-const B_MAC = 1024;
-const B_TABLE = 1040;
-const SIZE = B_TABLE + 6 * MAC_TABLE_ENTRIES + 16;
+export const NET_SHARED_SCHEMA = {
+  rxMode: i32,
+  bigFrames: bool,
+  mtu: i32,
+  mac: bytes(6),
+  unicastCount: i32,
+  multicastCount: i32,
+  /** Unicast addresses, then multicast ones, 6 bytes each. */
+  table: bytes(6 * MAC_TABLE_ENTRIES),
+  stats: counters(MAX_PAIRS * STATS_PER_PAIR),
+};
+export type NetSharedRecord = SharedRecord<typeof NET_SHARED_SCHEMA>;
+
+/** The receive filter as a frame thread uses it: a plain copy, taken at one version of the record. */
+interface Filter {
+  version: number;
+  mode: number;
+  mac: Uint8Array;
+  table: Uint8Array;
+  unicast: number;
+  multicast: number;
+}
 
 export class NetShared {
-  readonly i32: Int32Array;
-  readonly u8: Uint8Array;
+  readonly record: NetSharedRecord;
+  private filter: Filter | null = null;
 
-  constructor(readonly sab: SharedArrayBuffer = new SharedArrayBuffer(SIZE)) {
-    this.i32 = new Int32Array(sab);
-    this.u8 = new Uint8Array(sab);
+  /** A new record (`subscribers`: wake-up slots, one per frame thread), or the one `data` shares. */
+  constructor(data?: SharedRecordData, subscribers = 0) {
+    this.record = data === undefined ? SharedRecord.create(NET_SHARED_SCHEMA, subscribers) : SharedRecord.attach(NET_SHARED_SCHEMA, data);
+  }
+
+  get data(): SharedRecordData {
+    return this.record.shared;
   }
 
   get rxMode(): number {
-    return Atomics.load(this.i32, W_RX_MODE);
+    return this.record.get("rxMode");
   }
   set rxMode(v: number) {
-    Atomics.store(this.i32, W_RX_MODE, v);
+    this.record.set("rxMode", v);
   }
 
   /** Received frames may be up to 64 KiB (the guest acked a receive GSO offload). */
   get bigFrames(): boolean {
-    return Atomics.load(this.i32, W_BIG_FRAMES) === 1;
+    return this.record.get("bigFrames");
   }
   set bigFrames(v: boolean) {
-    Atomics.store(this.i32, W_BIG_FRAMES, v ? 1 : 0);
+    this.record.set("bigFrames", v);
+  }
+
+  /** The device's MTU (the largest non-GSO frame is this plus the Ethernet header). */
+  get mtu(): number {
+    return this.record.get("mtu");
+  }
+  set mtu(v: number) {
+    this.record.set("mtu", v);
   }
 
   get mac(): Uint8Array {
-    return this.u8.slice(B_MAC, B_MAC + 6);
+    return this.record.get("mac");
   }
   set mac(m: Uint8Array) {
-    this.u8.set(m.subarray(0, 6), B_MAC);
+    this.record.set("mac", m.subarray(0, 6));
   }
 
   /** The driver's MAC_TABLE_SET: unicast then multicast addresses (at most MAC_TABLE_ENTRIES together). */
   setTable(unicast: Uint8Array[], multicast: Uint8Array[]): void {
     const all = [...unicast, ...multicast];
     if (all.length > MAC_TABLE_ENTRIES) throw new Error(`MAC table of ${all.length} entries (at most ${MAC_TABLE_ENTRIES})`);
-    all.forEach((m, i) => this.u8.set(m, B_TABLE + 6 * i));
-    Atomics.store(this.i32, W_UNI_COUNT, unicast.length);
-    Atomics.store(this.i32, W_MULTI_COUNT, multicast.length);
+    const t = new Uint8Array(6 * all.length);
+    all.forEach((m, i) => t.set(m.subarray(0, 6), 6 * i));
+    this.record.update((w) => {
+      w("table", t);
+      w("unicastCount", unicast.length);
+      w("multicastCount", multicast.length);
+    });
   }
 
   table(): { unicast: Uint8Array[]; multicast: Uint8Array[] } {
-    const u = Atomics.load(this.i32, W_UNI_COUNT);
-    const m = Atomics.load(this.i32, W_MULTI_COUNT);
-    const at = (i: number) => this.u8.slice(B_TABLE + 6 * i, B_TABLE + 6 * i + 6);
-    return { unicast: Array.from({ length: u }, (_, i) => at(i)), multicast: Array.from({ length: m }, (_, i) => at(u + i)) };
+    const f = this.current();
+    const at = (i: number) => f.table.slice(6 * i, 6 * i + 6);
+    return { unicast: Array.from({ length: f.unicast }, (_, i) => at(i)), multicast: Array.from({ length: f.multicast }, (_, i) => at(f.unicast + i)) };
   }
 
-  /**
-   * Whether a frame for destination `d` (its first 6 bytes) passes the driver's filter, as
-   * QEMU's receive_filter decides (virtio 1.2 §5.1.6.5.1). Promiscuous mode, the reset default,
-   * passes everything without looking.
-   */
+  /** The filter at the record's current version (copied again only after a change). */
+  private current(): Filter {
+    const v = this.record.version;
+    if (this.filter !== null && this.filter.version === v) return this.filter;
+    // Read at one version: a change in between is read again.
+    for (let tries = 0; ; tries++) {
+      const version = this.record.version;
+      const f: Filter = {
+        version,
+        mode: this.record.get("rxMode"),
+        mac: this.record.get("mac"),
+        table: this.record.get("table"),
+        unicast: Math.min(this.record.get("unicastCount"), MAC_TABLE_ENTRIES),
+        multicast: Math.min(this.record.get("multicastCount"), MAC_TABLE_ENTRIES),
+      };
+      f.multicast = Math.min(f.multicast, MAC_TABLE_ENTRIES - f.unicast);
+      if ((version & 1) === 0 && this.record.version === version) return (this.filter = f);
+      if (tries > 1000) return f;
+    }
+  }
+
+  /** Whether a frame to destination `d` passes the driver's receive filter (QEMU's receive_filter). */
   accepts(d: Uint8Array): boolean {
-    const mode = this.rxMode;
+    const f = this.current();
+    const mode = f.mode;
     if (mode & RX_PROMISC) return true;
-    const u = Atomics.load(this.i32, W_UNI_COUNT);
-    const m = Atomics.load(this.i32, W_MULTI_COUNT);
     if (d[0]! & 1) {
       const broadcast = d[0] === 0xff && d[1] === 0xff && d[2] === 0xff && d[3] === 0xff && d[4] === 0xff && d[5] === 0xff;
       if (broadcast) return (mode & RX_NOBCAST) === 0;
       if (mode & RX_NOMULTI) return false;
       if (mode & RX_ALLMULTI) return true;
-      return this.inTable(d, u, u + m);
+      return inTable(f.table, d, f.unicast, f.unicast + f.multicast);
     }
     if (mode & RX_NOUNI) return false;
     if (mode & RX_ALLUNI) return true;
-    if (this.matches(d, B_MAC)) return true;
-    return this.inTable(d, 0, u);
+    if (matches(f.mac, 0, d)) return true;
+    return inTable(f.table, d, 0, f.unicast);
   }
 
-  private inTable(d: Uint8Array, from: number, to: number): boolean {
-    for (let i = from; i < to; i++) if (this.matches(d, B_TABLE + 6 * i)) return true;
-    return false;
-  }
-
-  private matches(d: Uint8Array, at: number): boolean {
-    const t = this.u8;
-    return d[0] === t[at] && d[1] === t[at + 1] && d[2] === t[at + 2] && d[3] === t[at + 3] && d[4] === t[at + 4] && d[5] === t[at + 5];
+  /** Whether the filter lets every frame through (no destination to look at). */
+  promiscuous(): boolean {
+    return (this.current().mode & RX_PROMISC) !== 0;
   }
 
   count(pair: number, stat: PairStat, n = 1): void {
-    if (pair < MAX_PAIRS) Atomics.add(this.i32, W_STATS + pair * STATS_PER_PAIR + stat, n);
+    if (pair < MAX_PAIRS) this.record.count("stats", pair * STATS_PER_PAIR + stat, n);
   }
 
   stat(pair: number, stat: PairStat): number {
-    return Atomics.load(this.i32, W_STATS + pair * STATS_PER_PAIR + stat);
+    return pair < MAX_PAIRS ? this.record.counter("stats", pair * STATS_PER_PAIR + stat) : 0;
   }
+}
+
+function inTable(t: Uint8Array, d: Uint8Array, from: number, to: number): boolean {
+  for (let i = from; i < to; i++) if (matches(t, 6 * i, d)) return true;
+  return false;
+}
+
+function matches(t: Uint8Array, at: number, d: Uint8Array): boolean {
+  return d[0] === t[at] && d[1] === t[at + 1] && d[2] === t[at + 2] && d[3] === t[at + 3] && d[4] === t[at + 4] && d[5] === t[at + 5];
 }

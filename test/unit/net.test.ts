@@ -865,7 +865,8 @@ class DirectRunner {
     const fd2 = openSync(`/proc/self/fd/${this.ram.fd}`, "r+");
     this.mem.add(MemoryRegion.map({ gpa: 0, size: this.ram.size, uaddr: this.ram.uaddr, mmapOffset: 0 }, fd2));
     this.shared.rxMode = RX_PROMISC; // what the device sets at reset
-    this.runner = new NetPairRunner({ fds: [fd], mtu: 1500, shared: this.shared.sab }, this.loop);
+    this.shared.mtu = 1500;
+    this.runner = new NetPairRunner({ fds: [fd], shared: this.shared.data }, this.loop);
   }
 
   start(q: DriverQueue, features: bigint): void {
