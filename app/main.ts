@@ -7,13 +7,14 @@ import { defineCommand, runMain, type ArgsDef, type showUsage } from "citty";
 import { existsSync, lstatSync } from "node:fs";
 import { DEVICES } from "./registry.ts";
 import type { DeviceDefinition, HostSignal } from "../src/device.ts";
-import { listenUnix, isListening } from "../ffi/socket.ts";
+import { listenUnix, isListening, unixListenerAlive } from "../ffi/socket.ts";
 import { fcntl, unlink } from "../ffi/io.ts";
 import { libc, errno, errnoName } from "../ffi/libc.ts";
 import { signal } from "../ffi/eventfd.ts";
 import { log, setLogLevel, LOG_LEVELS } from "../src/log.ts";
 import { booleanFromArgv, repeatedOption, systemdListenFds, SD_LISTEN_FDS_START } from "../src/cli_args.ts";
 import { usagePrinter, withUsage } from "./help.ts";
+import { checkArgv, type OptionSpec } from "./argv_check.ts";
 import type { FromWorker, ToWorker, WorkerStart } from "../src/device_thread.ts";
 import pkg from "../package.json" with { type: "json" };
 
@@ -31,10 +32,15 @@ const COMMON_ARGS = {
 
 const SOCKET_SOURCES = "give exactly one of --socket PATH, --socket-path PATH or --fd N, or start from a systemd .socket unit";
 
-/** Removes a stale socket left by a previous run; refuses to touch anything that is not a socket. */
+/**
+ * Removes a stale socket left by a previous run; refuses to touch anything that is not a socket,
+ * or a socket something still listens on (unlinking it would leave that backend running but
+ * unreachable, and two backends serving one image).
+ */
 function prepareSocketPath(path: string): void {
   if (!existsSync(path)) return;
   if (!lstatSync(path).isSocket()) throw new Error(`${path} exists and is not a socket`);
+  if (unixListenerAlive(path)) throw new Error(`${path} is in use by a running backend (something accepts connections on it); stop it first or choose another --socket`);
   unlink(path);
 }
 
@@ -92,6 +98,7 @@ function deviceOptions(def: DeviceDefinition, args: Record<string, unknown>, raw
 
 async function runDevice(def: DeviceDefinition, args: Record<string, unknown>, rawArgs: readonly string[]): Promise<void> {
   setLogLevel(String(args["log-level"] ?? "info"));
+  checkArgv(rawArgs, { ...COMMON_ARGS, ...(def.args as ArgsDef) } as Record<string, OptionSpec>);
   const options = deviceOptions(def, args, rawArgs);
   if (options["print-capabilities"] === true) {
     console.log(JSON.stringify({ type: def.capabilities.type, features: def.capabilities.features }));

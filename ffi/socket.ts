@@ -1,7 +1,9 @@
 // AF_UNIX stream sockets with SCM_RIGHTS fd passing (sendmsg/recvmsg). Struct layouts are the
 // x86_64 glibc ones: msghdr 56 bytes, iovec 16, cmsghdr header 16, sockaddr_un 110.
 import { ptr } from "bun:ffi";
-import { libc, check, checkAllow, close, EAGAIN, EINTR } from "./libc.ts";
+import { libc, check, checkAllow, close, errno, SysError, EAGAIN, EINTR, ENOENT } from "./libc.ts";
+
+const ECONNREFUSED = 111;
 
 const AF_UNIX = 1;
 const SOCK_STREAM = 1;
@@ -235,5 +237,23 @@ export class MsgIo {
       const r = checkAllow(libc.sendmsg(fd, this.msg, MSG_NOSIGNAL), "sendmsg", EAGAIN, EINTR);
       if (r !== -EINTR) return r;
     }
+  }
+}
+
+/**
+ * Whether something listens on the unix socket at `path`: a non-blocking connect that succeeds,
+ * or finds the backlog full (EAGAIN), means a live listener; a refusal means a stale socket file.
+ * The probe connection is closed at once (the listener sees a peer that hangs up).
+ */
+export function unixListenerAlive(path: string): boolean {
+  const fd = check(libc.socket(AF_UNIX, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0), "socket");
+  try {
+    if (libc.connect(fd, sockaddrUn(path), SOCKADDR_UN_LEN) >= 0) return true;
+    const e = errno();
+    if (e === EAGAIN) return true;
+    if (e === ECONNREFUSED || e === ENOENT) return false;
+    throw new SysError(`connect(${path})`, e);
+  } finally {
+    close(fd);
   }
 }

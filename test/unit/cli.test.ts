@@ -100,6 +100,77 @@ describe("cli", () => {
     expect(echoDevice.virtioId).toBe(0x3f); // the test device is a full definition too
   });
 
+  test("unknown options, stray words and empty values are refused, naming the word and the closest option", () => {
+    const dir = mkdtempSync(join(tmpdir(), "vhu-cli-"));
+    try {
+      const img = join(dir, "disk.img");
+      Bun.spawnSync(["truncate", "-s", "1M", img]);
+      const sock = join(dir, "s.sock");
+      // Each of these used to start serving (with the option ignored); a backend that starts is
+      // killed by the timeout and fails the exit-code check.
+      const refuse = (args: string[], message: string) => {
+        const p = Bun.spawnSync([process.execPath, MAIN, "device", "block", ...args], { stdout: "pipe", stderr: "pipe", timeout: 8000 });
+        expect({ args, code: p.exitCode }).toEqual({ args, code: 1 });
+        expect(p.stderr.toString()).toContain(message);
+        expect(existsSync(sock)).toBe(false);
+      };
+      refuse(["--socket", sock, "--file", img, "--readonly"], "unknown option --readonly (did you mean --read-only?)");
+      refuse(["--socket", sock, "--file", img, "--num-queue", "4"], "unknown option --num-queue (did you mean --num-queues?)");
+      refuse(["--socket", sock, "--file", img, "--frobnicate"], "unknown option --frobnicate");
+      refuse(["--socket", sock, "--file", img, "-r"], "unknown option -r");
+      refuse(["--socket", sock, "--file", img, "extra"], "unexpected argument 'extra'");
+      refuse(["--socket", sock, "--file", img, "--", "extra"], "unexpected argument 'extra'");
+      refuse(["--file", img, "--socket", ""], "--socket: the value is empty");
+      refuse(["--file", img, "--socket="], "--socket: the value is empty");
+      refuse(["--file", img, "--socket"], "--socket needs a value");
+      refuse(["--socket", "--file", img], "--socket needs a value");
+      refuse(["--socket", sock, "--file", img, "--no-num-queues"], "--num-queues takes a value");
+      for (const name of ["console", "net", "snd"]) {
+        const p = Bun.spawnSync([process.execPath, MAIN, "device", name, "--socket", sock, "--bogus-option"], { stdout: "pipe", stderr: "pipe", timeout: 8000 });
+        expect(p.exitCode).toBe(1);
+        expect(p.stderr.toString()).toContain("unknown option --bogus-option");
+      }
+    } finally {
+      rmSync(dir, { recursive: true, force: true });
+    }
+  });
+
+  test("a socket a running backend listens on is never taken over; a stale socket file is replaced", async () => {
+    const dir = mkdtempSync(join(tmpdir(), "vhu-cli-"));
+    const sock = join(dir, "s.sock");
+    const first = Bun.spawn([process.execPath, MAIN, "device", "console", "--socket", sock, "--output-file", join(dir, "out")], { stdout: "pipe", stderr: "pipe" });
+    try {
+      await waitFor(() => existsSync(sock));
+      const second = Bun.spawnSync([process.execPath, MAIN, "device", "console", "--socket", sock, "--output-file", join(dir, "out2")], { stdout: "pipe", stderr: "pipe", timeout: 8000 });
+      expect(second.exitCode).toBe(1);
+      expect(second.stderr.toString()).toContain(`${sock} is in use by a running backend`);
+      // The first one still answers on its path.
+      const c = new FrontendConnection(sock);
+      expect(c.requestU64(Req.GET_FEATURES) > 0n).toBe(true);
+      close(c.fd);
+    } finally {
+      first.kill("SIGTERM");
+      await first.exited;
+    }
+    // A socket file nobody listens on (a backend killed with SIGKILL leaves one) is replaced.
+    close(listenUnix(sock, 1));
+    const third = Bun.spawn([process.execPath, MAIN, "device", "console", "--socket", sock, "--output-file", join(dir, "out3")], { stdout: "pipe", stderr: "pipe" });
+    try {
+      await waitFor(() => {
+        try {
+          close(new FrontendConnection(sock).fd);
+          return true;
+        } catch {
+          return false;
+        }
+      });
+    } finally {
+      third.kill("SIGTERM");
+      await third.exited;
+      rmSync(dir, { recursive: true, force: true });
+    }
+  });
+
   test("one boolean rule: --x, --no-x, --x=true|false|on|off|1|0, the last one wins", () => {
     for (const t of ["true", "on", "1", "ON"]) expect(parseBoolean(t, "--x")).toBe(true);
     for (const f of ["false", "off", "0", "Off"]) expect(parseBoolean(f, "--x")).toBe(false);
