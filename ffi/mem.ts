@@ -8,6 +8,7 @@ export const MAP_PRIVATE = 2;
 export const MAP_ANONYMOUS = 0x20;
 export const MAP_POPULATE = 0x8000;
 export const MFD_CLOEXEC = 1;
+export const MFD_ALLOW_SEALING = 2;
 
 const MAP_FAILED = 2 ** 64 - 1; // (void*)-1 arrives as a rounded float
 

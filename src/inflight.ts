@@ -11,9 +11,11 @@
 // desc_num u16, last_batch_head u16, used_idx u16, then desc_num × { inflight u8, pad[5],
 // next u16, counter u64 }, the region rounded up to 64 bytes.
 import { toArrayBuffer } from "bun:ffi";
-import { memfdCreate, mmap, munmap, PROT_READ, PROT_WRITE, MAP_SHARED } from "../ffi/mem.ts";
+import { memfdCreate, MFD_CLOEXEC, MFD_ALLOW_SEALING, mmap, munmap, PROT_READ, PROT_WRITE, MAP_SHARED } from "../ffi/mem.ts";
 import { ftruncate } from "../ffi/io.ts";
 import { close } from "../ffi/libc.ts";
+import { checkSharedFile, guardAgainstShrinking } from "./shared_file.ts";
+import { log } from "./log.ts";
 
 const ALIGNMENT = 64;
 const HEADER = 16;
@@ -48,9 +50,11 @@ export class InflightRegion {
   static allocate(numQueues: number, queueSize: number): { region: InflightRegion; fd: number } {
     InflightRegion.check(numQueues, queueSize);
     const size = numQueues * queueRegionSize(queueSize);
-    const fd = memfdCreate("vhost-inflight");
+    // Sealed against shrinking, so the next backend given this fd can rely on its size.
+    const fd = memfdCreate("vhost-inflight", MFD_CLOEXEC | MFD_ALLOW_SEALING);
     try {
       ftruncate(fd, size);
+      guardAgainstShrinking(fd);
       return { region: new InflightRegion(mmap(size, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0), size, numQueues, queueSize), fd };
     } catch (e) {
       close(fd);
@@ -65,6 +69,11 @@ export class InflightRegion {
       const need = numQueues * queueRegionSize(queueSize);
       if (size < need) throw new Error(`inflight region of ${size} bytes, ${numQueues} queues of ${queueSize} need ${need}`);
       if (offset % 4096 !== 0) throw new Error(`inflight offset ${offset} is not page aligned`);
+      // The claimed size is the front-end's word; the file's is what a read past it would SIGBUS on.
+      const guard = checkSharedFile(fd, offset, need, "inflight region", { regularOnly: true });
+      if (guard === "unsealable" || guard === "not-memfd") {
+        log.warn("inflight region: its file cannot be sealed against shrinking; a front-end that truncates it can crash this backend");
+      }
       return new InflightRegion(mmap(need, PROT_READ | PROT_WRITE, MAP_SHARED, fd, offset), need, numQueues, queueSize);
     } finally {
       close(fd);

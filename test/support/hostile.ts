@@ -12,7 +12,7 @@ import { toArrayBuffer } from "bun:ffi";
 import { existsSync, mkdtempSync, rmSync, readFileSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
-import { memfdCreate, mmap, munmap, PROT_READ, PROT_WRITE, MAP_SHARED, MFD_CLOEXEC } from "../../ffi/mem.ts";
+import { memfdCreate, mmap, munmap, PROT_READ, PROT_WRITE, MAP_SHARED, MFD_CLOEXEC, MFD_ALLOW_SEALING } from "../../ffi/mem.ts";
 import { ftruncate, pipe, write, setNonBlocking, fcntl, O_CLOEXEC, O_NONBLOCK } from "../../ffi/io.ts";
 import { setTimeouts, connectUnix } from "../../ffi/socket.ts";
 import { eventfd, drain, signal, EFD_CLOEXEC } from "../../ffi/eventfd.ts";
@@ -24,7 +24,7 @@ export { VIRTQ_DESC_F_NEXT, VIRTQ_DESC_F_WRITE, VIRTQ_DESC_F_INDIRECT };
 export const KiB = 1024;
 export const MiB = 1 << 20;
 export const GiB = 2 ** 30;
-export const MFD_ALLOW_SEALING = 2;
+export { MFD_ALLOW_SEALING };
 const PAGE = 4096;
 const CHUNK = 2 * MiB;
 

@@ -15,6 +15,8 @@ import { Req } from "../support/frontend.ts";
 import { memfdCreate, MFD_CLOEXEC } from "../../ffi/mem.ts";
 import { ftruncate } from "../../ffi/io.ts";
 import { close } from "../../ffi/libc.ts";
+import { inflightBytes } from "../../src/protocol/codec.ts";
+import { queueRegionSize } from "../../src/inflight.ts";
 
 const RING = 64;
 const PAGE = 4096;
@@ -145,3 +147,66 @@ describe("SET_LOG_BASE with a file shorter than claimed (issue 16, item 1)", () 
     expect({ shrink, io, status: await b.settle(100) }).toEqual({ shrink: "EPERM", io: "ok", status: "running" });
   }, 15_000);
 });
+
+// ---- 2. the inflight region ----
+
+/** One queue's region for a ring of 1024 is 16448 bytes: 5 pages, of which a 4 KiB file holds one. */
+const INFLIGHT_CASES: (ShortCase & { queueSize: number })[] = [
+  { name: "a 0-byte file", fileBytes: 0, size: queueRegionSize(RING), offset: 0, queueSize: RING },
+  { name: "an offset past the end of the file", fileBytes: 2 * PAGE, size: PAGE, offset: 4 * PAGE, queueSize: RING },
+  { name: "a file shorter than the size claimed", fileBytes: PAGE, size: queueRegionSize(1024), offset: 0, queueSize: 1024 },
+];
+
+describe("SET_INFLIGHT_FD with a file shorter than claimed (issue 16, item 2)", () => {
+  for (const c of INFLIGHT_CASES) {
+    test(`${c.name}: refused with an error reply; the ring and a later session are served`, async () => {
+      const { b, space } = await blockRig();
+      const { f, q } = open(b, space);
+      const reply = f.conn.ack(Req.SET_INFLIGHT_FD, inflightBytes(c.size, c.offset, 1, c.queueSize), [file(c.fileBytes)]);
+      // Starting the ring reads (and initialises) its part of the region.
+      const io = await attemptAsync(async () => {
+        f.startRing(q);
+        await writeRead(space, q, new Bump(1 * MiB, 2 * MiB), 64, 3 * MiB);
+      });
+      const status = await b.settle(100);
+      expect({ refused: reply !== 0n, io, status }).toEqual({ refused: true, io: "ok", status: "running" });
+      f.close();
+      const next = open(b, space);
+      next.f.startRing(next.q);
+      expect(await attemptAsync(() => writeRead(space, next.q, new Bump(2 * MiB, 3 * MiB), 128, 4 * MiB))).toBe("ok");
+    }, 15_000);
+  }
+
+  test("a region that fits its file is adopted and sealed against shrinking", async () => {
+    const { b, space } = await blockRig();
+    const { f, q } = open(b, space);
+    const fd = file(queueRegionSize(RING));
+    expect(f.conn.ack(Req.SET_INFLIGHT_FD, inflightBytes(queueRegionSize(RING), 0, 1, RING), [fd])).toBe(0n);
+    let shrink = "succeeded";
+    try {
+      ftruncate(fd, 0);
+    } catch (e) {
+      shrink = (e as { code?: string }).code ?? String(e);
+    }
+    const io = await attemptAsync(async () => {
+      f.startRing(q);
+      await writeRead(space, q, new Bump(1 * MiB, 2 * MiB), 64, 3 * MiB);
+    });
+    expect({ shrink, io, status: await b.settle(100) }).toEqual({ shrink: "EPERM", io: "ok", status: "running" });
+  }, 15_000);
+});
+
+test("the region GET_INFLIGHT_FD allocates is sealed against shrinking (the next backend relies on its size)", async () => {
+  const { b, space } = await blockRig();
+  const { f } = open(b, space);
+  const r = f.conn.request(Req.GET_INFLIGHT_FD, inflightBytes(0, 0, 1, RING));
+  expect(r.fds.length).toBe(1);
+  later(() => close(r.fds[0]!));
+  let shrink = "succeeded";
+  try {
+    ftruncate(r.fds[0]!, 0);
+  } catch (e) {
+    shrink = (e as { code?: string }).code ?? String(e);
+  }
+  expect(shrink).toBe("EPERM");
+}, 15_000);
