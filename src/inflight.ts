@@ -130,10 +130,7 @@ export class QueueInflight {
     const v = this.dv;
     const n = this.ringSize;
     if (v.getUint16(O_VERSION, true) !== VERSION || v.getUint16(O_DESC_NUM, true) !== n) {
-      new Uint8Array(v.buffer).fill(0);
-      v.setUint16(O_DESC_NUM, n, true);
-      v.setUint16(O_USED_IDX, usedIdx, true);
-      v.setUint16(O_VERSION, VERSION, true);
+      this.restart(usedIdx);
       return [];
     }
     const saved = v.getUint16(O_USED_IDX, true);
@@ -157,6 +154,17 @@ export class QueueInflight {
     }
     this.counter = max + 1;
     return inflight.sort((a, b) => a.counter - b.counter).map((e) => e.head);
+  }
+
+  /** Starts the region over for this ring: nothing in flight, the used index `usedIdx`. */
+  restart(usedIdx: number): void {
+    const v = this.dv;
+    this.u8.fill(0);
+    v.setUint16(O_DESC_NUM, this.ringSize, true);
+    v.setUint16(O_USED_IDX, usedIdx, true);
+    v.setUint16(O_VERSION, VERSION, true);
+    this.counter = 1;
+    this.batch.length = 0;
   }
 
   /** A head taken from the available ring: its order first, then the flag. */
@@ -186,4 +194,31 @@ export class QueueInflight {
     this.batch.length = 0;
     this.u16[O_USED_IDX / 2] = usedIdx;
   }
+}
+
+/**
+ * Whether `heads` (in the order they were popped) can be what a backend left in flight on a split
+ * ring of `size` whose used index is `usedIdx` and available index `availIdx`; `availHead(i)` is
+ * the head in available slot i. Returns null, or why not.
+ *
+ * Whatever a backend popped and did not complete, the driver still counts as outstanding, so at
+ * most avail - used heads are in flight; and the last backend popped the slots before
+ * used + (heads in flight), in order, so each head in flight sits in a slot of its own there, in
+ * pop order (completions out of order leave heads in flight before the used index: io_uring on
+ * a real disk). Slots before avail - size were rewritten by the driver and cannot be checked: a
+ * region naming heads only found there is refused too, which costs those requests (the driver's
+ * timeout) rather than running stale chains.
+ */
+export function checkReplay(heads: readonly number[], usedIdx: number, availIdx: number, size: number, availHead: (index: number) => number): string | null {
+  const k = heads.length;
+  const outstanding = (availIdx - usedIdx) & 0xffff;
+  if (outstanding > size) return `the available index (${availIdx}) is ${outstanding} entries ahead of the used index (${usedIdx}), more than the ring's ${size}`;
+  if (k > outstanding) return `${k} heads in flight, but the driver has ${outstanding} requests outstanding (available index ${availIdx}, used index ${usedIdx})`;
+  let m = k - 1;
+  const visible = size - (outstanding - k);
+  for (let s = 0, i = (usedIdx + k - 1) & 0xffff; s < visible && m >= 0; s++, i = (i - 1) & 0xffff) {
+    if (availHead(i) === heads[m]) m--;
+  }
+  if (m >= 0) return `head ${heads[m]} is marked in flight, but the available ring does not hold it (in pop order) where the last backend popped`;
+  return null;
 }

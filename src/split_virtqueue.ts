@@ -4,7 +4,7 @@
 import type { GuestMemory } from "./memory.ts";
 import { DescriptorChain, ChainError, appendBuffer } from "./chain.ts";
 import { DirtyLog } from "./dirty_log.ts";
-import { QueueInflight } from "./inflight.ts";
+import { QueueInflight, checkReplay } from "./inflight.ts";
 import { signal } from "../ffi/eventfd.ts";
 import { GuestErrorLog } from "./guest_errors.ts";
 import { log } from "./log.ts";
@@ -132,11 +132,19 @@ export class SplitVirtqueue implements Virtqueue {
     if (this.inflightRegion !== null) {
       // After a crash: what the last backend had popped and not completed is served first, in
       // its original order; the available ring continues after them (libvhost-user does the same).
-      this.resubmit = this.inflightRegion.recover(Atomics.load(this.usedU16, this.usedIdx));
-      if (this.resubmit.length > 0) {
-        log.info(`queue ${c.index}: resubmitting ${this.resubmit.length} chain(s) left in flight by the previous backend`);
-        this.nextUsed = Atomics.load(this.usedU16, this.usedIdx);
-        this.nextAvail = (this.nextUsed + this.resubmit.length) & 0xffff;
+      // The region is the front-end's word: it is checked against the ring first, and one that
+      // does not fit (stale, forged) is not replayed at all (libvhost-user trusts it).
+      const usedNow = Atomics.load(this.usedU16, this.usedIdx);
+      const heads = this.inflightRegion.recover(usedNow);
+      const refused = heads.length === 0 ? null : checkReplay(heads, usedNow, Atomics.load(this.availU16, this.availIdx), c.size, (i) => this.availU16[this.availRing + (i & (c.size - 1))]!);
+      if (refused !== null) {
+        log.warn(`queue ${c.index}: inflight region refused, nothing replayed: ${refused}; the ring continues from its own indices`);
+        this.inflightRegion.restart(usedNow);
+      } else if (heads.length > 0) {
+        log.info(`queue ${c.index}: resubmitting ${heads.length} chain(s) left in flight by the previous backend`);
+        this.resubmit = heads;
+        this.nextUsed = usedNow;
+        this.nextAvail = (this.nextUsed + heads.length) & 0xffff;
       }
     }
 
