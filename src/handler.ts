@@ -31,8 +31,13 @@ export const VALUE_REPLIES: ReadonlySet<number> = new Set([
   Req.SET_LOG_BASE, Req.IOTLB_MSG, Req.POSTCOPY_END,
 ]);
 
-/** The error reply for a value request: shaped like the real one where the spec defines an error value. */
-export function errorReply(code: number, msg?: Message): Uint8Array {
+/**
+ * The error reply for a value request, shaped like the real one: an error value where the spec
+ * has one, or null where it has none (GET_VRING_BASE...). A front-end reads exactly the size of
+ * the reply it expects (crosvm), so a short reply would leave it waiting: the caller drops the
+ * session instead.
+ */
+export function errorReply(code: number, msg?: Message): Uint8Array | null {
   switch (code) {
     case Req.GET_CONFIG: {
       const b = msg?.body;
@@ -45,10 +50,10 @@ export function errorReply(code: number, msg?: Message): Uint8Array {
     case Req.IOTLB_MSG:
     case Req.POSTCOPY_END:
       return u64Bytes(1);
+    case Req.GET_INFLIGHT_FD:
+      return inflightBytes(0, 0, 0, 0); // size 0: no region (QEMU then goes on without one)
     default:
-      // No error value exists (GET_VRING_BASE...): an empty payload makes the front-end fail the
-      // request cleanly instead of waiting for a reply that never comes.
-      return new Uint8Array(0);
+      return null;
   }
 }
 

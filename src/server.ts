@@ -4,7 +4,7 @@
 // (crosvm exits instead).
 import { EPOLLIN, EPOLLHUP, EPOLLERR } from "../ffi/epoll.ts";
 import { accept } from "../ffi/socket.ts";
-import { close, EAGAIN } from "../ffi/libc.ts";
+import { close, EAGAIN, SysError } from "../ffi/libc.ts";
 import { setNonBlocking } from "../ffi/io.ts";
 import { Connection } from "./protocol/connection.ts";
 import { decodeMessage, encodeReply, u64Bytes, FramingError, MessageError, type Message } from "./protocol/codec.ts";
@@ -13,6 +13,11 @@ import { VhostUserHandler, RequestError, VALUE_REPLIES, errorReply } from "./han
 import type { EventLoop } from "./event_loop.ts";
 import type { VhostUserDevice } from "./device.ts";
 import { log } from "./log.ts";
+
+/** A send that failed because the front-end closed its end: a disconnect, not an internal error. */
+function peerGone(e: unknown): boolean {
+  return e instanceof SysError && (e.code === "EPIPE" || e.code === "ECONNRESET");
+}
 
 export interface ServerOptions {
   /** A listening socket to accept front-ends on... */
@@ -76,6 +81,7 @@ export class BackendServer {
       }
     } catch (e) {
       if (e instanceof FramingError) return this.endSession(`dropping front-end: ${e.message}`, "warn");
+      if (peerGone(e)) return this.endSession("front-end disconnected (it closed the connection before our reply)");
       log.error("session failed:", e);
       this.endSession("dropping front-end after an internal error", "error");
     }
@@ -98,14 +104,18 @@ export class BackendServer {
         for (const fd of replyFds) close(fd); // the front-end has its own copy now
       }
     } catch (e) {
-      if (e instanceof FramingError) throw e;
+      if (e instanceof FramingError || peerGone(e)) throw e;
       if (msg === null) for (const fd of fds) close(fd); // refused before the handler took the fds
       const known = e instanceof RequestError || e instanceof MessageError;
       if (known) log.warn(`refused ${reqName(code)}: ${(e as Error).message}`);
       else log.error(`${reqName(code)} failed:`, e);
       const needReply = (header.flags & 0x8) !== 0;
-      if (VALUE_REPLIES.has(code)) conn.send(encodeReply(code, errorReply(code, msg ?? undefined)));
-      else if (needReply && handler.hasProtocol(ProtocolFeature.REPLY_ACK)) conn.send(encodeReply(code, u64Bytes(1)));
+      if (VALUE_REPLIES.has(code)) {
+        const reply = errorReply(code, msg ?? undefined);
+        // No well-formed error reply exists: a short one would leave the front-end waiting.
+        if (reply === null) return this.endSession(`dropping front-end: ${reqName(code)} failed and its reply has no error form`, "warn");
+        conn.send(encodeReply(code, reply));
+      } else if (needReply && handler.hasProtocol(ProtocolFeature.REPLY_ACK)) conn.send(encodeReply(code, u64Bytes(1)));
     }
   }
 
