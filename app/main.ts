@@ -113,8 +113,22 @@ async function runDevice(def: DeviceDefinition, args: Record<string, unknown>, r
   if (sources > 1) throw new Error(SOCKET_SOURCES);
   const activated = sources === 0 ? activatedSocket() : undefined;
   const parsed = def.parse(options);
+  // A socket another backend serves is refused before this one opens (and locks) anything.
+  if (options.fd === undefined && socketPath !== undefined) prepareSocketPath(socketPath);
   const resources = def.acquire?.(parsed);
+  try {
+    await serve(def, options, parsed, resources, socketPath, activated);
+  } catch (e) {
+    if (resources !== undefined) def.release?.(resources);
+    throw e;
+  }
+}
 
+/** Past the acquire phase: the socket, then the device's thread. */
+async function serve(
+  def: DeviceDefinition, options: Record<string, unknown>, parsed: unknown, resources: unknown,
+  socketPath: string | undefined, activated: number | undefined,
+): Promise<void> {
   const start: WorkerStart = {
     type: "start", device: def.name, options: parsed, resources, logLevel: String(options["log-level"]),
     queueThreadEntry: QUEUE_THREAD_ENTRY,
@@ -125,7 +139,6 @@ async function runDevice(def: DeviceDefinition, args: Record<string, unknown>, r
     if (isListening(fd)) start.listenFd = fd;
     else start.connectedFd = fd;
   } else if (socketPath !== undefined) {
-    prepareSocketPath(socketPath);
     start.listenFd = listenUnix(socketPath, 1);
   } else {
     start.listenFd = activated; // systemd owns that socket and its path: left alone on exit

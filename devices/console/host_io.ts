@@ -4,6 +4,10 @@
 //
 // stdin/stdout are reopened through /proc/self/fd when they are pipes or terminals: the new open
 // file description can be made O_NONBLOCK without changing the one the shell shares with us.
+//
+// Opening and using are apart: the open* functions run in the device's acquire phase (main
+// thread, before serving) and return plain data (fds and what to do with them); inputFrom and
+// outputFrom build the endpoints from that data in the device thread.
 import { toArrayBuffer, type Pointer } from "bun:ffi";
 import {
   open, read, write, fstat, fcntl, setNonBlocking, isatty, tcgetattr, tcsetattr, ioctl,
@@ -56,7 +60,7 @@ export interface OutputSink {
   close(): void;
 }
 
-interface FdOwnership {
+export interface FdOwnership {
   /** We opened it and close it. */
   owned: boolean;
   /** File status flags to put back on a shared fd we had to make non-blocking ourselves. */
@@ -150,28 +154,41 @@ class FdInput implements InputSource {
   }
 }
 
+/** An input opened in the acquire phase: plain data. */
+export interface AcquiredInput {
+  what: string;
+  fd: number;
+  pollable: boolean;
+  own: FdOwnership;
+}
+
 /** stdin, or null when the process has none (fd 0 closed). */
-export function openStdin(): InputSource | null {
+export function openStdin(): AcquiredInput | null {
   let type: number;
   try {
     type = fileType(0);
   } catch {
     return null;
   }
-  if (isDirect(type)) return new FdInput("stdin", 0, false, { owned: false, restoreFlags: null });
+  if (isDirect(type)) return { what: "stdin", fd: 0, pollable: false, own: { owned: false, restoreFlags: null } };
   const r = reopenStdio(0, O_RDONLY);
-  return new FdInput("stdin", r.fd, true, r);
+  return { what: "stdin", fd: r.fd, pollable: true, own: r };
 }
 
 /** A file, FIFO or terminal to read guest input from. Opening a FIFO does not wait for a writer. */
-export function openInputFile(path: string): InputSource {
+export function openInputFile(path: string): AcquiredInput {
   const fd = open(path, O_RDONLY | O_NONBLOCK | O_NOCTTY);
   try {
-    return new FdInput(path, fd, !isDirect(fileType(fd)), { owned: true, restoreFlags: null });
+    return { what: path, fd, pollable: !isDirect(fileType(fd)), own: { owned: true, restoreFlags: null } };
   } catch (e) {
     close(fd);
     throw e;
   }
+}
+
+/** The input endpoint for acquired data (in the device thread: a terminal is put in raw mode here). */
+export function inputFrom(a: AcquiredInput): InputSource {
+  return new FdInput(a.what, a.fd, a.pollable, a.own);
 }
 
 // ---- output ----
@@ -188,12 +205,17 @@ class FdOutput implements OutputSink {
   }
 }
 
+/** An output opened in the acquire phase: plain data. */
+export type AcquiredOutput =
+  | { kind: "fd"; what: string; fd: number; own: FdOwnership }
+  | { kind: "syslog"; fd: number; socketPath: string; tag: string };
+
 /** stdout (or stderr, fd 2). */
-export function openStdStream(fd: 1 | 2): OutputSink {
+export function openStdStream(fd: 1 | 2): AcquiredOutput {
   const what = fd === 1 ? "stdout" : "stderr";
-  if (isDirect(fileType(fd))) return new FdOutput(what, fd, { owned: false, restoreFlags: null });
+  if (isDirect(fileType(fd))) return { kind: "fd", what, fd, own: { owned: false, restoreFlags: null } };
   const r = reopenStdio(fd, O_WRONLY);
-  return new FdOutput(what, r.fd, r);
+  return { kind: "fd", what, fd: r.fd, own: r };
 }
 
 /**
@@ -201,7 +223,7 @@ export function openStdStream(fd: 1 | 2): OutputSink {
  * waits for a reader and never fails for want of one: output stays in the pipe (and then in the
  * guest's ring) until a reader comes.
  */
-export function openOutputFile(path: string): OutputSink {
+export function openOutputFile(path: string): AcquiredOutput {
   let fd: number;
   let readWrite = false;
   try {
@@ -220,7 +242,7 @@ export function openOutputFile(path: string): OutputSink {
     close(fd);
     throw e;
   }
-  return new FdOutput(path, fd, { owned: true, restoreFlags: null });
+  return { kind: "fd", what: path, fd, own: { owned: true, restoreFlags: null } };
 }
 
 // ---- syslog ----
@@ -305,7 +327,7 @@ class SyslogOutput implements OutputSink {
  * A syslog sink; when no syslog daemon listens at `socketPath`, guest output goes to stderr
  * instead (with a warning), rather than nowhere.
  */
-export function openSyslog(tag: string, socketPath: string): OutputSink {
+export function openSyslog(tag: string, socketPath: string): AcquiredOutput {
   let fd: number;
   try {
     fd = connectUnixDatagram(socketPath);
@@ -313,5 +335,16 @@ export function openSyslog(tag: string, socketPath: string): OutputSink {
     log.warn(`syslog: ${(e as Error).message}; guest output goes to stderr instead`);
     return openStdStream(2);
   }
-  return new SyslogOutput(fd, socketPath, tag);
+  return { kind: "syslog", fd, socketPath, tag };
+}
+
+/** The output endpoint for acquired data (in the device thread). */
+export function outputFrom(a: AcquiredOutput): OutputSink {
+  return a.kind === "syslog" ? new SyslogOutput(a.fd, a.socketPath, a.tag) : new FdOutput(a.what, a.fd, a.own);
+}
+
+/** Gives back what the acquire phase opened, when the device is never created. */
+export function releaseAcquired(a: AcquiredInput | AcquiredOutput): void {
+  if ("own" in a) release(a.fd, a.own);
+  else close(a.fd);
 }

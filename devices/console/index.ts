@@ -5,7 +5,11 @@ import type { DeviceDefinition, DeviceContext } from "../../src/device.ts";
 import { ConsoleDevice, type PortSetup } from "./device.ts";
 import { VIRTIO_ID_CONSOLE } from "./config.ts";
 import { parseConsoleOptions, checkPaths, type PortEndpointOptions, type ConsoleOptions } from "./options.ts";
-import { openStdin, openInputFile, openStdStream, openOutputFile, openSyslog, type InputSource, type OutputSink } from "./host_io.ts";
+import {
+  openStdin, openInputFile, openStdStream, openOutputFile, openSyslog, inputFrom, outputFrom, releaseAcquired,
+  type AcquiredInput, type AcquiredOutput,
+} from "./host_io.ts";
+import { NO_HOST_ACCESS } from "../../src/host_access.ts";
 
 const args = {
   "output-file": {
@@ -42,40 +46,60 @@ const args = {
   },
 } as const;
 
-function openInput(o: PortEndpointOptions, isPort0: boolean): InputSource | null {
+function openInput(o: PortEndpointOptions, isPort0: boolean): AcquiredInput | null {
   if (o.inputFile !== null) return openInputFile(o.inputFile);
   return isPort0 ? openStdin() : null;
 }
 
-function openOutput(o: PortEndpointOptions, isPort0: boolean, tag: string, syslogSocket: string): OutputSink | null {
+function openOutput(o: PortEndpointOptions, isPort0: boolean, tag: string, syslogSocket: string): AcquiredOutput | null {
   if (o.syslog) return openSyslog(tag, syslogSocket);
   if (o.outputFile !== null) return openOutputFile(o.outputFile);
   return isPort0 ? openStdStream(1) : null; // other ports without an output discard it
 }
 
-/** Opens every port's host side; on a failure, closes what was opened (restoring the terminal). */
-function openPorts(o: ConsoleOptions): PortSetup[] {
-  const setup: PortSetup[] = [];
+/** Every port's host side as opened in the acquire phase: plain data. */
+interface AcquiredPort {
+  name: string | null;
+  input: AcquiredInput | null;
+  output: AcquiredOutput | null;
+}
+
+function releasePorts(ports: readonly AcquiredPort[]): void {
+  for (const p of ports) {
+    if (p.input !== null) releaseAcquired(p.input);
+    if (p.output !== null) releaseAcquired(p.output);
+  }
+}
+
+/** Opens every port's host side (acquire phase); on a failure, closes what was opened. */
+function openPorts(o: ConsoleOptions): AcquiredPort[] {
+  const acquired: AcquiredPort[] = [];
   const all = [{ ...o.port0, name: null }, ...o.ports];
   try {
     all.forEach((p, i) => {
       const tag = p.name !== null ? `console-${p.name}` : i === 0 ? "console" : `console-port${i}`;
-      const s: PortSetup = { name: p.name, input: null, output: null };
-      setup.push(s);
-      s.input = openInput(p, i === 0);
-      s.output = openOutput(p, i === 0, tag, o.syslogSocket);
+      const a: AcquiredPort = { name: p.name, input: null, output: null };
+      acquired.push(a);
+      a.input = openInput(p, i === 0);
+      a.output = openOutput(p, i === 0, tag, o.syslogSocket);
     });
   } catch (e) {
-    for (const s of setup) {
-      s.input?.close();
-      s.output?.close();
-    }
+    releasePorts(acquired);
     throw e;
   }
-  return setup;
+  return acquired;
 }
 
-export const consoleDevice: DeviceDefinition<ConsoleOptions> = {
+/** The device thread's endpoints for the acquired ports (terminals go to raw mode here). */
+function portSetup(ports: readonly AcquiredPort[]): PortSetup[] {
+  return ports.map((p) => ({
+    name: p.name,
+    input: p.input !== null ? inputFrom(p.input) : null,
+    output: p.output !== null ? outputFrom(p.output) : null,
+  }));
+}
+
+export const consoleDevice: DeviceDefinition<ConsoleOptions, AcquiredPort[]> = {
   name: "console",
   virtioId: VIRTIO_ID_CONSOLE,
   capabilities: { type: "console", features: [] },
@@ -91,7 +115,11 @@ export const consoleDevice: DeviceDefinition<ConsoleOptions> = {
     checkPaths(o);
     return o;
   },
-  create(o, _resources, ctx: DeviceContext) {
-    return new ConsoleDevice(ctx, openPorts(o), o.configSpace);
+  acquire: openPorts,
+  release: releasePorts,
+  // Everything is opened in acquire; a syslog daemon restarted later is not reconnected to.
+  hostAccess: () => NO_HOST_ACCESS,
+  create(o, ports: AcquiredPort[], ctx: DeviceContext) {
+    return new ConsoleDevice(ctx, portSetup(ports), o.configSpace);
   },
 };
