@@ -2,6 +2,7 @@
 // `device snd`), with null, file (WAV) and ALSA host backends, optional jacks and controls.
 import type { DeviceDefinition } from "../../src/device.ts";
 import * as P from "./protocol.ts";
+import { sndHostAccess } from "./host_access.ts";
 import { SND_ARGS, parseSndOptions, checkSndPaths, type SndOptions } from "./options.ts";
 import { SndDevice, VIRTIO_ID_SOUND } from "./device.ts";
 import { probeAlsa } from "./host/alsa.ts";
@@ -31,6 +32,7 @@ export const sndDevice: DeviceDefinition<SndOptions> = {
     }
     return o;
   },
+  hostAccess: sndHostAccess,
   create(o, _resources, ctx) {
     return new SndDevice(o, ctx);
   },
