@@ -527,9 +527,16 @@ export class Qcow2Image implements ReadableImage {
     this.file.sync();
     const frees = this.pendingFrees;
     this.pendingFrees = [];
+    let failed: Error | null = null;
     for (const c of frees) {
-      if (this.refcounts!.decrement(c) === 0) this.file.punchHole(c * this.cs, this.cs);
+      try {
+        if (this.refcounts!.decrement(c) === 0) this.file.punchHole(c * this.cs, this.cs);
+      } catch (e) {
+        // A refcount already 0 (a cluster referenced twice in a corrupt image): leave it, free the rest.
+        failed ??= e as Error;
+      }
     }
+    if (failed !== null) throw failed;
   }
 
   close(): void {
