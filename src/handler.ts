@@ -326,16 +326,15 @@ export class VhostUserHandler {
       region.unmap();
       throw new RequestError(`ADD_MEM_REG: all ${MAX_MEM_SLOTS} memory slots are in use`);
     }
-    // Running rings restart around the change, so rings served by other threads see the new
-    // region too (their copy of the table is taken at start).
-    this.withRingsPaused(() => {
-      try {
-        this.mem.add(region);
-      } catch (e) {
-        region.unmap();
-        throw new RequestError(`ADD_MEM_REG: ${(e as Error).message}`);
-      }
-    });
+    // No ring stops: rings in this thread share the table, and rings in queue threads have their
+    // copies extended before add() returns (QueueService listens to the table), so the region is
+    // usable everywhere once this request is acknowledged.
+    try {
+      this.mem.add(region);
+    } catch (e) {
+      region.unmap();
+      throw new RequestError(`ADD_MEM_REG: ${(e as Error).message}`);
+    }
     // A ring that could not start for want of this region may start now.
     this.vrings.forEach((_, i) => this.activate(i));
   }

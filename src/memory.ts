@@ -111,6 +111,13 @@ export interface GuestRange {
 export class GuestMemory {
   private regions: MemoryRegion[] = [];
   private last: MemoryRegion | null = null;
+  /**
+   * Told of every region added, synchronously, before add() returns: whoever serves rings from
+   * copies of this table in other threads (QueueService) extends those copies, so a region the
+   * front-end added (ADD_MEM_REG) is usable everywhere once it is acknowledged, without stopping
+   * any ring. Removal is not announced: the handler stops the rings before it unmaps anything.
+   */
+  private readonly addListeners = new Set<(region: MemoryRegion) => void>();
 
   get regionCount(): number {
     return this.regions.length;
@@ -137,6 +144,13 @@ export class GuestMemory {
     }
     this.regions.push(region);
     this.regions.sort((a, b) => a.gpa - b.gpa);
+    for (const l of this.addListeners) l(region);
+  }
+
+  /** Calls `listener` for every region added from now on (see addListeners); returns the unsubscribe. */
+  onAdd(listener: (region: MemoryRegion) => void): () => void {
+    this.addListeners.add(listener);
+    return () => this.addListeners.delete(listener);
   }
 
   /** Removes and unmaps the region matching `desc` exactly (gpa, size, user address). */

@@ -28,6 +28,7 @@ export interface RegionShare {
 export type ToQueueThread =
   | { type: "init"; device: string; module?: string; options: unknown; sab: SharedArrayBuffer; logLevel: string }
   | { type: "start"; ring: VirtqueueConfig; regions: RegionShare[]; ackedFeatures: string }
+  | { type: "add-region"; region: RegionShare }
   | { type: "stop"; index: number }
   | { type: "exit" };
 
@@ -38,6 +39,8 @@ export const SLOT_STOP_SEQ = 2;
 export const SLOT_NEXT_AVAIL = 3;
 export const SLOT_NEXT_USED = 4;
 export const SLOT_ERROR = 5;
+/** Memory regions added: the thread counts each "add-region" it has applied. */
+export const SLOT_MEM_SEQ = 6;
 export const ERROR_NOT_RUNNING = 2;
 const TIMEOUT_MS = 10_000;
 
@@ -46,6 +49,7 @@ export class QueueThread {
   private readonly worker: Worker;
   private readonly shared = new Int32Array(new SharedArrayBuffer(32));
   private stopSeq = 0;
+  private memSeq = 0;
 
   /**
    * `entry` is the queue threads' entry file; `device` names a registered device with a
@@ -81,16 +85,28 @@ export class QueueThread {
   stop(index: number): RingPosition | null {
     const seq = ++this.stopSeq;
     this.post({ type: "stop", index });
-    const deadline = Date.now() + TIMEOUT_MS;
-    while (Atomics.load(this.shared, SLOT_STOP_SEQ) !== seq) {
-      const left = deadline - Date.now();
-      if (left <= 0) throw new Error(`queue ${index}: thread did not stop within ${TIMEOUT_MS} ms`);
-      Atomics.wait(this.shared, SLOT_STOP_SEQ, seq - 1, left);
-    }
+    this.waitSeq(SLOT_STOP_SEQ, seq, `did not stop queue ${index}`);
     const error = Atomics.load(this.shared, SLOT_ERROR);
     if (error === ERROR_NOT_RUNNING) return null; // it never started there
     if (error !== 0) throw new Error(`queue ${index}: thread failed while stopping`);
     return { nextAvail: Atomics.load(this.shared, SLOT_NEXT_AVAIL), nextUsed: Atomics.load(this.shared, SLOT_NEXT_USED) };
+  }
+
+  /** Extends the memory table of every ring the thread serves, blocking until it has. */
+  addRegion(region: RegionShare): void {
+    const seq = ++this.memSeq;
+    this.post({ type: "add-region", region });
+    this.waitSeq(SLOT_MEM_SEQ, seq, "did not take a new memory region");
+  }
+
+  /** Waits until the thread has counted `seq` in `slot`; throws after TIMEOUT_MS. */
+  private waitSeq(slot: number, seq: number, what: string): void {
+    const deadline = Date.now() + TIMEOUT_MS;
+    while (Atomics.load(this.shared, slot) !== seq) {
+      const left = deadline - Date.now();
+      if (left <= 0) throw new Error(`queue thread ${what} within ${TIMEOUT_MS} ms`);
+      Atomics.wait(this.shared, slot, seq - 1, left);
+    }
   }
 
   terminate(): void {
@@ -129,6 +145,9 @@ export class QueueService {
   private readonly threads: (QueueThread | undefined)[] = [];
   /** Queue index → the thread serving it (-1: the device thread). */
   private readonly servedBy = new Map<number, number>();
+  /** The device thread's memory table the rings were started over, and our subscription to it. */
+  private watchedMemory: GuestMemory | null = null;
+  private unwatchMemory: (() => void) | null = null;
 
   constructor(private readonly o: QueueServiceOptions) {
     for (let t = 0; t < o.threads; t++) this.threads[t] = this.spawn();
@@ -147,6 +166,7 @@ export class QueueService {
 
   start(ring: VirtqueueConfig, mem: GuestMemory, ackedFeatures: bigint): void {
     this.stop(ring.index);
+    this.watchMemory(mem);
     const t = this.threadFor(ring.index);
     if (t < 0) {
       this.local ??= this.o.runner(this.o.options, this.o.loop);
@@ -162,6 +182,37 @@ export class QueueService {
     this.servedBy.set(ring.index, t);
   }
 
+  /**
+   * Rings in queue threads run over copies of the device thread's memory table: a region added to
+   * it (ADD_MEM_REG) is added to every copy before the addition returns, so the front-end's
+   * acknowledgement means every ring can use it, and no ring stops for it (memory hot-plug sends
+   * hundreds). Rings in the device thread share the table itself.
+   */
+  private watchMemory(mem: GuestMemory): void {
+    if (this.watchedMemory === mem) return;
+    this.unwatchMemory?.();
+    this.watchedMemory = mem;
+    this.unwatchMemory = mem.onAdd((region) => {
+      const share: RegionShare = { desc: region.desc, host: region.host };
+      for (const t of new Set(this.servedBy.values())) {
+        if (t < 0) continue;
+        try {
+          this.threads[t]!.addRegion(share);
+        } catch (e) {
+          log.error(`${(e as Error).message}; replacing that queue thread`);
+          this.replace(t);
+        }
+      }
+    });
+  }
+
+  /** Ends thread `t` (it stopped answering); its queues are no longer served, the next start spawns another. */
+  private replace(t: number): void {
+    this.threads[t]?.terminate();
+    this.threads[t] = undefined;
+    for (const [i, tt] of this.servedBy) if (tt === t) this.servedBy.delete(i);
+  }
+
   stop(index: number): RingPosition | null {
     const t = this.servedBy.get(index);
     if (t === undefined) return null;
@@ -172,9 +223,7 @@ export class QueueService {
       return thread.stop(index);
     } catch (e) {
       log.error(`${(e as Error).message}; replacing that queue thread`);
-      thread.terminate();
-      this.threads[t] = undefined;
-      for (const [i, tt] of this.servedBy) if (tt === t) this.servedBy.delete(i);
+      this.replace(t);
       return null;
     }
   }
@@ -185,6 +234,9 @@ export class QueueService {
   }
 
   dispose(): void {
+    this.unwatchMemory?.();
+    this.unwatchMemory = null;
+    this.watchedMemory = null;
     for (const i of this.running()) this.stop(i);
     this.local?.dispose?.();
     this.local = null;

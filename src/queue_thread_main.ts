@@ -7,7 +7,10 @@ import { GuestMemory, MemoryRegion } from "./memory.ts";
 import { log, setLogLevel } from "./log.ts";
 import type { QueueRunner } from "./device.ts";
 import type { EventLoop as Loop } from "./event_loop.ts";
-import { type ToQueueThread, SLOT_READY, SLOT_WAKE_FD, SLOT_STOP_SEQ, SLOT_NEXT_AVAIL, SLOT_NEXT_USED, SLOT_ERROR, ERROR_NOT_RUNNING } from "./queue_thread.ts";
+import {
+  type ToQueueThread, SLOT_READY, SLOT_WAKE_FD, SLOT_STOP_SEQ, SLOT_NEXT_AVAIL, SLOT_NEXT_USED, SLOT_ERROR, SLOT_MEM_SEQ,
+  ERROR_NOT_RUNNING,
+} from "./queue_thread.ts";
 
 declare const self: Worker;
 
@@ -19,6 +22,8 @@ interface ThreadState {
 }
 
 let state: ThreadState | null = null;
+/** The memory table of each ring this thread serves (ring index → its copy), extended by "add-region". */
+const memories = new Map<number, GuestMemory>();
 
 /** How a queue thread finds the runner factory of `device` (or of the test module `module`). */
 export type RunnerFactoryLookup = (device: string, module: string | undefined) => Promise<((options: unknown, loop: Loop) => QueueRunner) | undefined>;
@@ -50,13 +55,29 @@ self.onmessage = async (ev: MessageEvent<ToQueueThread>) => {
       const mem = new GuestMemory();
       try {
         for (const r of msg.regions) mem.add(MemoryRegion.borrow(r.desc, r.host));
+        memories.set(msg.ring.index, mem);
         state!.runner.start(msg.ring, mem, BigInt(msg.ackedFeatures));
       } catch (e) {
         log.error(`queue ${msg.ring.index}: could not start in its thread:`, e);
       }
       return;
     }
+    case "add-region": {
+      // The device thread waits for this before acknowledging ADD_MEM_REG: once it returns, every
+      // ring here can use the region.
+      for (const [index, mem] of memories) {
+        try {
+          mem.add(MemoryRegion.borrow(msg.region.desc, msg.region.host));
+        } catch (e) {
+          log.error(`queue ${index}: could not add a memory region:`, e);
+        }
+      }
+      Atomics.add(state!.shared, SLOT_MEM_SEQ, 1);
+      Atomics.notify(state!.shared, SLOT_MEM_SEQ);
+      return;
+    }
     case "stop": {
+      memories.delete(msg.index);
       const s = state!.shared;
       let failed = 0;
       try {

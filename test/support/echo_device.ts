@@ -17,10 +17,11 @@ class EchoRunner implements QueueRunner {
   private readonly queues = new Map<number, WatchedQueue>();
   private readonly scratch = new Uint8Array(65536);
 
-  constructor(private readonly loop: EventLoop, private readonly onRequest: () => void) {}
+  constructor(private readonly loop: EventLoop, private readonly onRequest: () => void, private readonly starts?: Int32Array) {}
 
   start(ring: VirtqueueConfig, mem: GuestMemory): void {
     this.stop(ring.index);
+    if (this.starts !== undefined) Atomics.add(this.starts, 0, 1);
     const queue = openVirtqueue(mem, ring);
     const watched: WatchedQueue = new WatchedQueue(this.loop, () => this.echo(queue, watched));
     this.queues.set(ring.index, watched);
@@ -60,12 +61,12 @@ class EchoDevice implements VhostUserDevice {
   /** With `threaded`, queue i runs in queue thread i; otherwise all in the device thread. */
   private readonly queues: QueueService;
 
-  constructor(private readonly ctx: DeviceContext, threaded: boolean) {
+  constructor(private readonly ctx: DeviceContext, threaded: boolean, starts?: SharedArrayBuffer) {
     this.config.set(MAGIC, 0);
     this.queues = new QueueService({
-      entry: ctx.queueThreadEntry, device: "echo", module: new URL("./echo_device.ts", import.meta.url).href, options: {},
+      entry: ctx.queueThreadEntry, device: "echo", module: new URL("./echo_device.ts", import.meta.url).href, options: { starts },
       threads: threaded ? ECHO_QUEUES : 0, threadOf: (i) => i, loop: ctx.loop,
-      runner: (_o, loop) => new EchoRunner(loop, () => this.processed++),
+      runner: (o, loop) => new EchoRunner(loop, () => this.processed++, startCounter(o)),
     });
   }
 
@@ -109,15 +110,27 @@ class EchoDevice implements VhostUserDevice {
   }
 }
 
-const definition: DeviceDefinition = {
+/** The runners' shared count of ring starts (tests that a change did not restart rings), if asked for. */
+function startCounter(o: unknown): Int32Array | undefined {
+  const sab = (o as { starts?: SharedArrayBuffer }).starts;
+  return sab !== undefined ? new Int32Array(sab) : undefined;
+}
+
+/** `threaded`: each queue in its own queue thread; `starts`: a SharedArrayBuffer counting ring starts. */
+interface EchoOptions {
+  threaded: boolean;
+  starts?: SharedArrayBuffer;
+}
+
+const definition: DeviceDefinition<EchoOptions> = {
   name: "echo",
   virtioId: ECHO_VIRTIO_ID,
   description: "test echo device",
   capabilities: { type: "echo", features: [] },
   example: ["--socket", "/tmp/echo.sock"],
   args: {},
-  parse: (raw) => ({ threaded: raw.threaded === true }),
-  create: (opts: { threaded: boolean }, _resources, ctx) => new EchoDevice(ctx, opts.threaded),
-  queueRunner: (_options, loop) => new EchoRunner(loop, () => {}),
+  parse: (raw) => ({ threaded: raw.threaded === true, starts: raw.starts instanceof SharedArrayBuffer ? raw.starts : undefined }),
+  create: (opts, _resources, ctx) => new EchoDevice(ctx, opts.threaded, opts.starts),
+  queueRunner: (options, loop) => new EchoRunner(loop, () => {}, startCounter(options)),
 };
 export default definition;
