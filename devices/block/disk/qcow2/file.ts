@@ -8,7 +8,6 @@ import {
   O_RDONLY, O_RDWR, S_IFMT, S_IFREG, S_IFBLK, FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE,
 } from "../../../../ffi/io.ts";
 import { close, SysError, EINVAL, EOPNOTSUPP, ENOTTY, ENODEV } from "../../../../ffi/libc.ts";
-import { advance } from "../../image.ts";
 
 /** The I/O a qcow2 image needs from the file that holds it. */
 export class ImageFile {
@@ -177,4 +176,19 @@ export function bufferIov(buf: Uint8Array): IovecArray {
   const iov = new IovecArray(1);
   if (buf.length > 0) iov.push(ptr(buf), buf.length);
   return iov;
+}
+
+/** Drops the first `n` bytes from an iovec array (after a short preadv/pwritev). Rare path. */
+function advance(iov: IovecArray, n: number): void {
+  const entries: [number, number][] = [];
+  for (let i = 0; i < iov.count; i++) entries.push(entry(iov, i));
+  iov.clear();
+  for (const [base, len] of entries) {
+    if (n >= len) {
+      n -= len;
+      continue;
+    }
+    iov.push(base + n, len - n);
+    n = 0;
+  }
 }

@@ -491,6 +491,11 @@ export class Qcow2Image implements ReadableImage {
     }
   }
 
+  /** Whether writeZeroes() on this range only changes metadata (no zero buffers written). */
+  zeroesAreFast(offset: number, len: number): boolean {
+    return this.header.version >= 3 && offset % this.cs === 0 && len % this.cs === 0;
+  }
+
   /** Replaces guest cluster `c`'s entry by (hi, lo), dropping the reference the old entry held unless `drop` is false. */
   private setEntry(c: number, hi: number, lo: number, drop = true): void {
     const t = this.l2ForWrite(Math.floor(c / this.l2Entries));

@@ -1,0 +1,205 @@
+// A qcow2 image as a Disk (../disk.ts). The acquire phase opens the image and its whole backing
+// chain (fds, as plain data); the device thread builds the image from them. The metadata (L1, the
+// L2 cache, refcounts) lives in this one instance, so the disk is not multi-thread: the device
+// serves every queue from one thread. Requests run synchronously inside their call and complete
+// through `done` before it returns (one slot per queue, nothing in flight between calls).
+import { IovecArray } from "../../../../ffi/io.ts";
+import { close, SysError, EINVAL, EOPNOTSUPP } from "../../../../ffi/libc.ts";
+
+const EIO = 5;
+import type { EventLoop } from "../../../../src/event_loop.ts";
+import { log } from "../../../../src/log.ts";
+import {
+  ZERO_UNMAP, ZERO_MAY_FAIL_FAST, ZERO_FUA,
+  type Disk, type DiskIdentity, type DiskQueue, type DiskQueueHandlers, type DiskQueueOptions, type DiskRequest, type DiskResource,
+} from "../disk.ts";
+import { ImageFile } from "./file.ts";
+import { openChain, buildImage, probeFormat, type DiskFormat, type ChainLink } from "./open.ts";
+import type { Qcow2Image } from "./qcow2.ts";
+
+export interface Qcow2DiskResource extends DiskResource {
+  kind: "qcow2";
+  /** The image and its backing chain, top first (the top read-write unless readOnly, the rest read-only). */
+  chain: { path: string; fd: number; format: DiskFormat }[];
+}
+
+/** Whether the file at `path` holds a qcow2 image (for --format auto). */
+export function isQcow2File(path: string): boolean {
+  const f = ImageFile.open(path, true);
+  try {
+    return probeFormat(f) === "qcow2";
+  } finally {
+    f.close();
+  }
+}
+
+/**
+ * Opens the image and its backing chain, and reads all their headers now, so a bad image or a
+ * missing backing file is an error at startup. Throws a message saying what is wrong.
+ */
+export function acquireQcow2Disk(path: string, o: { readOnly: boolean }): Qcow2DiskResource {
+  const top = ImageFile.open(path, o.readOnly);
+  let links: ChainLink[];
+  try {
+    links = openChain(top);
+  } catch (e) {
+    top.close();
+    throw new Error(`${path}: ${(e as Error).message}`);
+  }
+  const resource: Qcow2DiskResource = {
+    kind: "qcow2",
+    location: path,
+    readOnly: o.readOnly,
+    chain: links.map((l) => ({ path: l.file.path, fd: l.file.fd, format: l.format })),
+  };
+  try {
+    // Every header of the chain parsed and checked (read-only: nothing is written yet).
+    buildImage(fromResource(resource, true), true);
+  } catch (e) {
+    closeQcow2DiskResource(resource);
+    throw new Error(`${path}: ${(e as Error).message}`);
+  }
+  return resource;
+}
+
+export function closeQcow2DiskResource(r: Qcow2DiskResource): void {
+  for (const l of r.chain) close(l.fd);
+}
+
+/** ImageFiles over the resource's fds, which they do not own. */
+function fromResource(r: Qcow2DiskResource, readOnly: boolean): ChainLink[] {
+  return r.chain.map((l, i) => ({ file: new ImageFile(l.path, l.fd, i === 0 ? readOnly : true, false), format: l.format }));
+}
+
+/** Errors of a request as -errno; image problems are logged (rate-limited), the guest sees EIO. */
+function errnoOf(e: unknown): number {
+  if (e instanceof SysError) return -e.errno;
+  if (e instanceof RangeError) return -EINVAL;
+  return -EIO;
+}
+
+const LOGGED_ERRORS = 8;
+
+export class Qcow2Disk implements Disk {
+  private image: Qcow2Image;
+  readonly size: number;
+  readonly logicalBlockSize = 512;
+  readonly physicalBlockSize: number;
+  readonly readOnly: boolean;
+  readonly multiThread = false;
+  readonly description: string;
+  /** Metadata may have been changed by another process since suspend(): re-read before serving. */
+  private stale = false;
+  private errors = 0;
+
+  constructor(private readonly resource: Qcow2DiskResource, private readonly owner: boolean) {
+    this.readOnly = resource.readOnly;
+    this.image = buildImage(fromResource(resource, resource.readOnly), resource.readOnly);
+    const h = this.image.header;
+    this.size = Math.floor(this.image.size / 512) * 512;
+    this.physicalBlockSize = Math.min(h.clusterSize, 4096);
+    const depth = resource.chain.length - 1;
+    this.description = `qcow2 v${h.version}, ${h.clusterSize / 1024} KiB clusters, ${1 << h.refcountOrder}-bit refcounts` +
+      (depth > 0 ? `, backing chain of ${depth} (${resource.chain.slice(1).map((l) => l.path).join(" <- ")})` : "");
+  }
+
+  identity(): DiskIdentity {
+    const f = this.image.file;
+    return { location: this.resource.location, size: this.size, dev: f.dev, ino: f.ino };
+  }
+
+  /** The virtual size the header says now (a resize by another program shows here). */
+  currentSize(): number {
+    const b = new Uint8Array(8);
+    this.image.file.readAt(b, 24);
+    return Number(new DataView(b.buffer).getBigUint64(0));
+  }
+
+  attach(_loop: EventLoop, options: DiskQueueOptions, handlers: DiskQueueHandlers): DiskQueue {
+    return new Qcow2Queue(this, options, handlers);
+  }
+
+  flushNow(): void {
+    this.image.flush();
+  }
+
+  /** Before serving again after a suspend (a migration destination may have written the image meanwhile): drop every cached table. */
+  activate(): void {
+    if (!this.stale) return;
+    this.stale = false;
+    this.image.close(); // our ImageFiles do not own the fds
+    this.image = buildImage(fromResource(this.resource, this.readOnly), this.readOnly);
+  }
+
+  /** Every ring stopped: all metadata goes to disk, so another backend may take the image over. */
+  suspend(): void {
+    this.image.flush();
+    this.stale = true;
+  }
+
+  /** Runs one operation: its result (bytes, or 0) or -errno. */
+  run(len: number, fn: (image: Qcow2Image) => void): number {
+    try {
+      fn(this.image);
+      return len;
+    } catch (e) {
+      const r = errnoOf(e);
+      if (r === -EIO && this.errors++ < LOGGED_ERRORS) log.warn(`qcow2 ${this.resource.location}: ${(e as Error).message}`);
+      return r;
+    }
+  }
+
+  close(): void {
+    this.image.close();
+    if (this.owner) closeQcow2DiskResource(this.resource);
+  }
+}
+
+export function openQcow2Disk(resource: Qcow2DiskResource, owner: boolean): Qcow2Disk {
+  return new Qcow2Disk(resource, owner);
+}
+
+class Qcow2Slot implements DiskRequest {
+  readonly id = 0;
+  readonly iov: IovecArray;
+  constructor(segMax: number) {
+    this.iov = new IovecArray(segMax);
+  }
+}
+
+/** A queue served synchronously: each operation completes (through `done`) inside its call. */
+class Qcow2Queue implements DiskQueue {
+  private readonly slot: Qcow2Slot;
+  readonly inFlight = 0;
+  constructor(private readonly disk: Qcow2Disk, options: DiskQueueOptions, private readonly handlers: DiskQueueHandlers) {
+    this.slot = new Qcow2Slot(options.segMax);
+  }
+  next(): DiskRequest {
+    return this.slot;
+  }
+  read(req: DiskRequest, offset: number, len: number): void {
+    this.handlers.done(req, this.disk.run(len, (img) => img.readv(req.iov, offset, len)));
+  }
+  write(req: DiskRequest, offset: number, len: number, fua: boolean): void {
+    this.handlers.done(req, this.disk.run(len, (img) => {
+      img.writev(req.iov, offset, len);
+      if (fua) img.flush();
+    }));
+  }
+  flush(req: DiskRequest): void {
+    this.handlers.done(req, this.disk.run(0, (img) => img.flush()));
+  }
+  discard(req: DiskRequest, offset: number, len: number): void {
+    this.handlers.done(req, this.disk.run(0, (img) => img.discard(offset, len)));
+  }
+  writeZeroes(req: DiskRequest, offset: number, len: number, flags: number): void {
+    this.handlers.done(req, this.disk.run(0, (img) => {
+      if ((flags & ZERO_MAY_FAIL_FAST) !== 0 && !img.zeroesAreFast(offset, len)) throw new SysError("write zeroes", EOPNOTSUPP);
+      img.writeZeroes(offset, len, (flags & ZERO_UNMAP) !== 0);
+      if (flags & ZERO_FUA) img.flush();
+    }));
+  }
+  submit(): void {}
+  drain(): void {}
+  close(): void {}
+}

@@ -1,0 +1,118 @@
+// The qcow2 Disk (devices/block/disk/qcow2/disk.ts): acquired as fds for the whole chain, built,
+// served through a DiskQueue; errors as -errno; suspend/activate re-reads the metadata another
+// program may have changed in between.
+import { test, expect, afterEach } from "bun:test";
+import { ptr } from "bun:ffi";
+import { writeFileSync } from "node:fs";
+import { join } from "node:path";
+import { acquireQcow2Disk, openQcow2Disk, isQcow2File, type Qcow2Disk } from "../../devices/block/disk/qcow2/disk.ts";
+import { ZERO_UNMAP, ZERO_MAY_FAIL_FAST, type DiskQueue } from "../../devices/block/disk/disk.ts";
+import { EventLoop } from "../../src/event_loop.ts";
+import { qemuImg, qemuIo, check, sameAsRaw, tempDir, cleanupDirs, rng, randomBytes, firstDiff } from "../support/qcow2.ts";
+
+afterEach(cleanupDirs);
+
+class Harness {
+  readonly results: number[] = [];
+  readonly loop = new EventLoop();
+  readonly q: DiskQueue;
+  constructor(disk: Qcow2Disk) {
+    this.q = disk.attach(this.loop, { depth: 4, segMax: 8 }, { done: (_r, res) => this.results.push(res), batchDone: () => {} });
+  }
+  /** Runs one operation on a two-segment buffer; returns its result. */
+  op(kind: "read" | "write", offset: number, buf: Uint8Array): number {
+    const req = this.q.next()!;
+    req.iov.clear();
+    const half = Math.floor(buf.length / 1024) * 512;
+    req.iov.push(ptr(buf), half);
+    req.iov.push(ptr(buf) + half, buf.length - half);
+    if (kind === "read") this.q.read(req, offset, buf.length);
+    else this.q.write(req, offset, buf.length, false);
+    return this.results.pop()!;
+  }
+  plain(fn: (q: DiskQueue) => void): number {
+    fn(this.q);
+    return this.results.pop()!;
+  }
+  dispose(): void {
+    this.q.close();
+    this.loop.dispose();
+  }
+}
+
+test("a qcow2 overlay through the Disk interface: reads, writes, flush, discard, write-zeroes, errors as -errno", () => {
+  const dir = tempDir();
+  const size = 8 << 20;
+  const base = randomBytes(rng(11), size);
+  writeFileSync(join(dir, "base.raw"), base);
+  const img = join(dir, "top.qcow2");
+  qemuImg("create", "-q", "-f", "qcow2", "-o", "cluster_size=4096", "-b", "base.raw", "-F", "raw", img);
+  expect(isQcow2File(img)).toBe(true);
+  expect(isQcow2File(join(dir, "base.raw"))).toBe(false);
+  const res = acquireQcow2Disk(img, { readOnly: false });
+  expect(res.chain.map((l) => l.format)).toEqual(["qcow2", "raw"]);
+  const disk = openQcow2Disk(res, true);
+  expect(disk.size).toBe(size);
+  expect(disk.multiThread).toBe(false);
+  expect(disk.description).toContain("backing chain of 1");
+  expect(disk.identity().location).toBe(img);
+  const h = new Harness(disk);
+  const model = base.slice();
+
+  const buf = new Uint8Array(12288);
+  expect(h.op("read", 4096, buf)).toBe(12288);
+  expect(firstDiff(buf, model.subarray(4096, 4096 + 12288))).toBe(-1);
+  const data = randomBytes(rng(12), 10240);
+  expect(h.op("write", 6144, data)).toBe(10240);
+  model.set(data, 6144);
+  expect(h.plain((q) => q.flush(q.next()!))).toBe(0);
+  expect(h.plain((q) => q.discard(q.next()!, 65536, 8192))).toBe(0);
+  model.fill(0, 65536, 65536 + 8192);
+  expect(h.plain((q) => q.writeZeroes(q.next()!, 131072 + 512, 1024, ZERO_UNMAP))).toBe(0);
+  model.fill(0, 131072 + 512, 131072 + 1536);
+  // A partial cluster is not a metadata-only zeroing: refused when the caller asked for fast zeroes only.
+  expect(h.plain((q) => q.writeZeroes(q.next()!, 512, 1024, ZERO_MAY_FAIL_FAST))).toBe(-95);
+  expect(h.plain((q) => q.writeZeroes(q.next()!, 4096 * 40, 4096 * 3, ZERO_MAY_FAIL_FAST | ZERO_UNMAP))).toBe(0);
+  model.fill(0, 4096 * 40, 4096 * 43);
+  // Past the end: -EINVAL, and the queue keeps serving.
+  expect(h.op("read", size - 512, new Uint8Array(1024))).toBe(-22);
+  const all = new Uint8Array(size);
+  expect(h.op("read", 0, all)).toBe(size);
+  expect(firstDiff(all, model)).toBe(-1);
+  h.dispose();
+  disk.close();
+  expect(check(img).corruptions).toBe(0);
+  writeFileSync(join(dir, "model.raw"), model);
+  expect(sameAsRaw(img, join(dir, "model.raw"))).toBe(true);
+});
+
+test("suspend flushes the metadata; activate re-reads what another program wrote meanwhile", () => {
+  const dir = tempDir();
+  const img = join(dir, "m.qcow2");
+  qemuImg("create", "-q", "-f", "qcow2", img, "4M");
+  const disk = openQcow2Disk(acquireQcow2Disk(img, { readOnly: false }), true);
+  const h = new Harness(disk);
+  expect(h.op("write", 0, new Uint8Array(65536).fill(0x61))).toBe(65536);
+  disk.suspend();
+  // The metadata is on disk: QEMU sees our write, and writes one of its own.
+  qemuIo("-c", "read -P 0x61 0 64k", "-c", "write -P 0x62 1M 64k", img);
+  disk.activate();
+  const b = new Uint8Array(65536);
+  expect(h.op("read", 1 << 20, b)).toBe(65536);
+  expect(b).toEqual(new Uint8Array(65536).fill(0x62));
+  expect(h.op("write", 2 << 20, new Uint8Array(4096).fill(0x63))).toBe(4096);
+  h.dispose();
+  disk.close();
+  const chk = check(img);
+  expect(chk.corruptions).toBe(0);
+  expect(chk.leaks).toBe(0);
+});
+
+test("acquire refuses a broken image or a missing backing file at startup, naming the file", () => {
+  const dir = tempDir();
+  const img = join(dir, "o.qcow2");
+  qemuImg("create", "-q", "-f", "qcow2", "-u", "-b", "gone.raw", "-F", "raw", img, "4M");
+  expect(() => acquireQcow2Disk(img, { readOnly: false })).toThrow(/o\.qcow2.*gone\.raw|ENOENT/);
+  writeFileSync(join(dir, "bad.qcow2"), Buffer.concat([Buffer.from([0x51, 0x46, 0x49, 0xfb, 0, 0, 0, 9]), Buffer.alloc(1000)]));
+  expect(() => acquireQcow2Disk(join(dir, "bad.qcow2"), { readOnly: false })).toThrow(/bad\.qcow2: unsupported qcow2 version 9/);
+});
