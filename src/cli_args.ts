@@ -87,3 +87,15 @@ export function systemdListenFds(env: Record<string, string | undefined>, pid: n
   if (fds === undefined || !/^[0-9]+$/.test(fds)) throw new Error(`LISTEN_FDS=${fds ?? ""} is not a number of sockets`);
   return Number(fds);
 }
+
+/**
+ * The integer option `name` (decimal digits only) in min..max, `dflt` when absent; throws naming
+ * the option otherwise.
+ */
+export function intOption(raw: Record<string, unknown>, name: string, dflt: number, min: number, max: number): number {
+  const v = raw[name];
+  if (v === undefined || v === null || v === "") return dflt;
+  const n = typeof v === "number" ? v : /^[0-9]+$/.test(String(v)) ? Number(v) : NaN;
+  if (!Number.isInteger(n) || n < min || n > max) throw new Error(`--${name}: '${String(v)}' is not an integer in ${min}..${max}`);
+  return n;
+}

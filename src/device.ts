@@ -9,7 +9,7 @@
 // contained: from a request handler, the front-end gets an error reply and the session goes on;
 // from startQueue, the ring stays stopped; from a runner, that ring is not served.
 import type { EventLoop } from "./event_loop.ts";
-import type { VirtqueueConfig, RingPosition } from "./virtqueue.ts";
+import type { VirtqueueConfig, RingPosition } from "./ring.ts";
 import type { GuestMemory } from "./memory.ts";
 import type { HostAccess } from "./host_access.ts";
 

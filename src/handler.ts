@@ -9,7 +9,8 @@ import {
 } from "./protocol/constants.ts";
 import { type Message, type MemoryRegionDesc, u64Bytes, vringStateBytes, configBytes, inflightBytes } from "./protocol/codec.ts";
 import { GuestMemory, MemoryRegion } from "./memory.ts";
-import { checkRing, MAX_QUEUE_SIZE, type VirtqueueConfig } from "./virtqueue.ts";
+import { checkRing } from "./open_virtqueue.ts";
+import { MAX_QUEUE_SIZE, type VirtqueueConfig } from "./ring.ts";
 import { VIRTIO_F_EVENT_IDX, VIRTIO_F_INDIRECT_DESC, VIRTIO_F_RING_PACKED, type VhostUserDevice } from "./device.ts";
 import type { EventLoop } from "./event_loop.ts";
 import { encodeEnvelope, decodeEnvelope, StateTransfer, SNAPSHOT_FORMAT_VERSION } from "./snapshot.ts";

@@ -14,7 +14,7 @@
 // reports ready — not at the guest's first request: after startup a device starts no thread.
 import { signal } from "../ffi/eventfd.ts";
 import type { GuestMemory } from "./memory.ts";
-import type { VirtqueueConfig, RingPosition } from "./virtqueue.ts";
+import type { VirtqueueConfig, RingPosition } from "./ring.ts";
 import type { EventLoop } from "./event_loop.ts";
 import type { MemoryRegionDesc } from "./protocol/codec.ts";
 import type { QueueRunner } from "./device.ts";

@@ -1,17 +1,10 @@
 // A device's view of one virtqueue, whichever ring layout the driver negotiated: the split ring
 // (src/split_virtqueue.ts) or the packed ring (src/packed_virtqueue.ts, VIRTIO_F_RING_PACKED).
 // Devices pop DescriptorChains, move their bytes with ChainReader/ChainWriter, complete them with
-// add(), publish with flush(), and cannot tell the layouts apart.
-import type { GuestMemory } from "./memory.ts";
+// add(), publish with flush(), and cannot tell the layouts apart. This file is the interface only;
+// src/open_virtqueue.ts builds one for a ring's layout.
 import type { DescriptorChain } from "./chain.ts";
 import type { VirtqueueConfig, RingPosition } from "./ring.ts";
-import { SplitVirtqueue, checkSplitRing } from "./split_virtqueue.ts";
-import { PackedVirtqueue, checkPackedRing } from "./packed_virtqueue.ts";
-
-export * from "./ring.ts";
-export { DescriptorChain, ChainError, type Segment } from "./chain.ts";
-export { SplitVirtqueue } from "./split_virtqueue.ts";
-export { PackedVirtqueue } from "./packed_virtqueue.ts";
 
 export interface Virtqueue {
   readonly index: number;
@@ -52,15 +45,4 @@ export interface Virtqueue {
   disableNotification(): void;
   /** Re-arms kicks; true if chains arrived meanwhile (the caller must process them). */
   enableNotification(): boolean;
-}
-
-/** Builds the queue for `c`'s ring layout. */
-export function openVirtqueue(mem: GuestMemory, c: VirtqueueConfig): Virtqueue {
-  return c.packed ? new PackedVirtqueue(mem, c) : new SplitVirtqueue(mem, c);
-}
-
-/** Throws if `c` does not describe a ring that lies in `mem`. */
-export function checkRing(mem: GuestMemory, c: VirtqueueConfig): void {
-  if (c.packed) checkPackedRing(mem, c);
-  else checkSplitRing(mem, c);
 }

@@ -2,7 +2,7 @@
 // snapshots. The image and the queue processors do the I/O; this class only wires them.
 import { COMMON_FEATURES, type DeviceContext, type VhostUserDevice } from "../../src/device.ts";
 import type { GuestMemory } from "../../src/memory.ts";
-import type { VirtqueueConfig, RingPosition } from "../../src/virtqueue.ts";
+import type { VirtqueueConfig, RingPosition } from "../../src/ring.ts";
 import { QueueService } from "../../src/queue_thread.ts";
 import { sharedPolicy, blockQueueRunner, type BlockThreadOptions } from "./queue_runner.ts";
 import { log } from "../../src/log.ts";

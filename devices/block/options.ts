@@ -3,7 +3,8 @@
 import { availableParallelism } from "node:os";
 import { IOV_MAX, VIRTIO_BLK_ID_BYTES } from "./config.ts";
 import type { AioMode } from "./queue_processor.ts";
-import { booleanOption } from "../../src/cli_args.ts";
+import { booleanOption, intOption } from "../../src/cli_args.ts";
+import { MAX_QUEUE_SIZE } from "../../src/ring.ts";
 
 export const BLOCK_ARGS = {
   file: { type: "string", description: "Disk image: a raw image file or a block device (required)" },
@@ -40,15 +41,7 @@ export const MAX_NUM_QUEUES = 256;
 export const DEFAULT_COALESCE_US = 50;
 /** QEMU's vhost-user-blk-pci default queue-size; seg_max 126, as qemu-storage-daemon offers. */
 export const DEFAULT_QUEUE_SIZE = 128;
-const MAX_QUEUE_SIZE = 32768;
 
-function int(raw: Record<string, unknown>, name: string, dflt: number, min: number, max: number): number {
-  const v = raw[name];
-  if (v === undefined || v === null || v === "") return dflt;
-  const n = typeof v === "number" ? v : /^[0-9]+$/.test(String(v)) ? Number(v) : NaN;
-  if (!Number.isInteger(n) || n < min || n > max) throw new Error(`--${name}: '${String(v)}' is not an integer in ${min}..${max}`);
-  return n;
-}
 
 /** Parses and checks the options (no file system access); throws a message naming the option. */
 export function parseBlockOptions(raw: Record<string, unknown>): BlockOptions {
@@ -60,9 +53,9 @@ export function parseBlockOptions(raw: Record<string, unknown>): BlockOptions {
     serial = String(serialRaw);
     if (Buffer.byteLength(serial) > VIRTIO_BLK_ID_BYTES) throw new Error(`--serial: '${serial}' is longer than ${VIRTIO_BLK_ID_BYTES} bytes`);
   }
-  const queueSize = int(raw, "queue-size", DEFAULT_QUEUE_SIZE, 4, MAX_QUEUE_SIZE);
+  const queueSize = intOption(raw, "queue-size", DEFAULT_QUEUE_SIZE, 4, MAX_QUEUE_SIZE);
   if ((queueSize & (queueSize - 1)) !== 0) throw new Error(`--queue-size: ${queueSize} is not a power of 2`);
-  const numQueues = int(raw, "num-queues", 16, 1, MAX_NUM_QUEUES);
+  const numQueues = intOption(raw, "num-queues", 16, 1, MAX_NUM_QUEUES);
   const defaultThreads = numQueues === 1 ? 0 : Math.min(numQueues, availableParallelism());
   const direct = booleanOption(raw, "direct", false);
   const aioRaw = raw.aio;
@@ -76,12 +69,12 @@ export function parseBlockOptions(raw: Record<string, unknown>): BlockOptions {
     readOnly: booleanOption(raw, "read-only", false),
     serial,
     numQueues,
-    threads: int(raw, "threads", defaultThreads, 0, numQueues),
+    threads: intOption(raw, "threads", defaultThreads, 0, numQueues),
     queueSize,
     direct,
     aio,
     sparse: booleanOption(raw, "sparse", true),
-    coalesceUs: int(raw, "coalesce-us", DEFAULT_COALESCE_US, 0, 10_000),
+    coalesceUs: intOption(raw, "coalesce-us", DEFAULT_COALESCE_US, 0, 10_000),
   };
 }
 

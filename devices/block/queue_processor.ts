@@ -13,7 +13,7 @@
 // once, as EVENT_IDX allows. DISCARD, WRITE_ZEROES and GET_ID are rare and stay synchronous.
 import { IovecArray } from "../../ffi/io.ts";
 import { SysError } from "../../ffi/libc.ts";
-import { processQueue, watchKick, TurnBudget } from "../../src/kick.ts";
+import { processQueue, watchKick, TurnBudget } from "../../src/queue_serving.ts";
 import { NotifyCoalescer } from "../../src/notify_coalescer.ts";
 import type { EventLoop } from "../../src/event_loop.ts";
 import type { Virtqueue } from "../../src/virtqueue.ts";

@@ -5,7 +5,8 @@
 // shared word that SET_CONFIG may flip at any time.
 import type { QueueRunner } from "../../src/device.ts";
 import type { EventLoop } from "../../src/event_loop.ts";
-import { openVirtqueue, type RingPosition } from "../../src/virtqueue.ts";
+import { openVirtqueue } from "../../src/open_virtqueue.ts";
+import { type RingPosition } from "../../src/ring.ts";
 import { BlockImage } from "./image.ts";
 import { QueueProcessor, type AioMode, type BlockPolicy } from "./queue_processor.ts";
 

@@ -6,9 +6,10 @@
 // After PORT_READY the order is QEMU virtio-serial's (the device Linux's driver grew up with):
 // CONSOLE_PORT, PORT_NAME, PORT_OPEN, so the port exists and is set up before it is named and opened.
 import type { EventLoop } from "../../src/event_loop.ts";
-import type { RingPosition, Virtqueue } from "../../src/virtqueue.ts";
+import type { RingPosition } from "../../src/ring.ts";
+import type { Virtqueue } from "../../src/virtqueue.ts";
 import { ChainReader, ChainWriter } from "../../src/chain.ts";
-import { QueuePair, processQueue, fillQueue } from "../../src/kick.ts";
+import { QueuePair, processQueue, fillQueue } from "../../src/queue_serving.ts";
 import { GuestErrorLog } from "../../src/guest_errors.ts";
 import { log } from "../../src/log.ts";
 import type { WindowSize } from "./config.ts";

@@ -5,7 +5,8 @@
 // when the front-end has one: QEMU's generic vhost-user-device with config_size=0 never reads it, and
 // a guest that negotiated them would read zeros there.
 import { COMMON_FEATURES, type DeviceContext, type VhostUserDevice } from "../../src/device.ts";
-import { openVirtqueue, type VirtqueueConfig, type RingPosition } from "../../src/virtqueue.ts";
+import { openVirtqueue } from "../../src/open_virtqueue.ts";
+import { type VirtqueueConfig, type RingPosition } from "../../src/ring.ts";
 import type { GuestMemory } from "../../src/memory.ts";
 import {
   VIRTIO_ID_CONSOLE, VIRTIO_CONSOLE_F_SIZE, VIRTIO_CONSOLE_F_MULTIPORT, VIRTIO_CONSOLE_F_EMERG_WRITE,

@@ -4,9 +4,10 @@
 // queue fd.
 import { COMMON_FEATURES, type DeviceContext, type VhostUserDevice } from "../../src/device.ts";
 import type { GuestMemory } from "../../src/memory.ts";
-import { openVirtqueue, type VirtqueueConfig, type RingPosition } from "../../src/virtqueue.ts";
+import { openVirtqueue } from "../../src/open_virtqueue.ts";
+import { type VirtqueueConfig, type RingPosition } from "../../src/ring.ts";
 import { QueueService } from "../../src/queue_thread.ts";
-import { WatchedQueue, processQueue } from "../../src/kick.ts";
+import { WatchedQueue, processQueue } from "../../src/queue_serving.ts";
 import { pf, ProtocolFeature } from "../../src/protocol/constants.ts";
 import { log } from "../../src/log.ts";
 import * as tun from "../../ffi/tap.ts";

@@ -2,7 +2,8 @@
 // (validate, before the socket exists) and the worker (create), so both read the command line the
 // same way. Accepts our own spellings and crosvm's (`--tap-name SOCK,NAME`, `--tap-fd SOCK,FD`,
 // `--device SOCK,IP,MASK,MAC`), whose first field is the vhost-user socket.
-import { booleanOption } from "../../src/cli_args.ts";
+import { booleanOption, intOption } from "../../src/cli_args.ts";
+import { MAX_QUEUE_SIZE } from "../../src/ring.ts";
 
 /** How the host side is reached: an existing tap, an inherited tap fd, or a tap we create. */
 export type TapSource =
@@ -31,7 +32,6 @@ export const MAX_QUEUE_PAIRS = 16;
 /** QEMU's virtio-net rx/tx_queue_size default (crosvm and cloud-hypervisor use 256 too). */
 export const DEFAULT_QUEUE_SIZE = 256;
 const MIN_QUEUE_SIZE = 64;
-const MAX_QUEUE_SIZE = 32768; // the split ring's limit (virtio 1.2 §2.7)
 const IFNAMSIZ = 16;
 
 /** Options that may be given more than once on a crosvm command line; we serve one device, so more than one is an error we can name. */
@@ -75,13 +75,6 @@ function parseInt10(v: string): number {
   return /^[0-9]+$/.test(v) ? Number(v) : NaN;
 }
 
-function int(raw: Record<string, unknown>, name: string, dflt: number, min: number, max: number): number {
-  const v = raw[name];
-  if (v === undefined || v === null || v === "") return dflt;
-  const n = typeof v === "number" ? v : parseInt10(String(v));
-  if (!Number.isInteger(n) || n < min || n > max) throw new Error(`--${name}: '${String(v)}' is not an integer in ${min}..${max}`);
-  return n;
-}
 
 /** One value of an option that may arrive as an array (NET_REPEATABLE); null when absent. */
 function single(raw: Record<string, unknown>, name: string): string | null {
@@ -188,9 +181,9 @@ export function parseNetOptions(raw: Record<string, unknown>): NetOptions {
     throw new Error("--netmask and --host-mac configure a tap we create: use them with --host-ip, or configure your tap with `ip addr`/`ip link`");
   }
 
-  const queuePairs = int(raw, "queue-pairs", 1, 1, MAX_QUEUE_PAIRS);
+  const queuePairs = intOption(raw, "queue-pairs", 1, 1, MAX_QUEUE_PAIRS);
   if (tap.kind === "fd" && queuePairs !== 1) throw new Error(`--tap-fd gives one tap queue: --queue-pairs ${queuePairs} needs --tap-name NAME of a multi_queue tap`);
-  const queueSize = int(raw, "queue-size", DEFAULT_QUEUE_SIZE, MIN_QUEUE_SIZE, MAX_QUEUE_SIZE);
+  const queueSize = intOption(raw, "queue-size", DEFAULT_QUEUE_SIZE, MIN_QUEUE_SIZE, MAX_QUEUE_SIZE);
   if ((queueSize & (queueSize - 1)) !== 0) throw new Error(`--queue-size: ${queueSize} is not a power of 2`);
   const macRaw = single(raw, "mac");
   const mtuRaw = raw.mtu;
@@ -199,7 +192,7 @@ export function parseNetOptions(raw: Record<string, unknown>): NetOptions {
     tap,
     socketPath,
     mac: macRaw === null ? null : parseMac(macRaw, "--mac"),
-    mtu: mtuRaw === undefined || mtuRaw === null ? null : int(raw, "mtu", 0, MIN_MTU, MAX_MTU),
+    mtu: mtuRaw === undefined || mtuRaw === null ? null : intOption(raw, "mtu", 0, MIN_MTU, MAX_MTU),
     queuePairs,
     mrgRxbuf: booleanOption(raw, "mrg-rxbuf", true),
     offloads: booleanOption(raw, "offloads", true),

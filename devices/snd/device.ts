@@ -5,10 +5,12 @@
 // ring that stops gives its held chains back (rewound, so the next owner of the ring serves them
 // again) or, when that is impossible, completes them: GET_VRING_BASE's answer is always final.
 import { COMMON_FEATURES, type DeviceContext, type VhostUserDevice } from "../../src/device.ts";
-import { openVirtqueue, type Virtqueue, type VirtqueueConfig, type RingPosition } from "../../src/virtqueue.ts";
+import { openVirtqueue } from "../../src/open_virtqueue.ts";
+import type { Virtqueue } from "../../src/virtqueue.ts";
+import { type VirtqueueConfig, type RingPosition } from "../../src/ring.ts";
 import type { DescriptorChain } from "../../src/chain.ts";
 import type { GuestMemory } from "../../src/memory.ts";
-import { WatchedQueue, processQueue } from "../../src/kick.ts";
+import { WatchedQueue, processQueue } from "../../src/queue_serving.ts";
 import { GuestErrorLog } from "../../src/guest_errors.ts";
 import { log } from "../../src/log.ts";
 import * as P from "./protocol.ts";

@@ -3,7 +3,7 @@
 // cannot grow it without end): past the limit the oldest events are dropped, as a full hardware
 // FIFO would. Event buffers are popped only when an event is ready, so none is ever held.
 import type { EventLoop } from "../../src/event_loop.ts";
-import { WatchedQueue, fillQueue } from "../../src/kick.ts";
+import { WatchedQueue, fillQueue } from "../../src/queue_serving.ts";
 import { ChainWriter } from "../../src/chain.ts";
 import type { GuestErrorLog } from "../../src/guest_errors.ts";
 import * as P from "./protocol.ts";

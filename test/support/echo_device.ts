@@ -2,10 +2,12 @@
 // writable buffers. It keeps a request counter and an 8-byte writable config field as state, so
 // snapshot/restore and config access have something real to carry.
 import { COMMON_FEATURES, type DeviceDefinition, type VhostUserDevice, type DeviceContext, type QueueRunner } from "../../src/device.ts";
-import { openVirtqueue, type Virtqueue, type VirtqueueConfig, type RingPosition } from "../../src/virtqueue.ts";
+import { openVirtqueue } from "../../src/open_virtqueue.ts";
+import type { Virtqueue } from "../../src/virtqueue.ts";
+import { type VirtqueueConfig, type RingPosition } from "../../src/ring.ts";
 import { ChainReader, ChainWriter } from "../../src/chain.ts";
 import type { GuestMemory } from "../../src/memory.ts";
-import { WatchedQueue, processQueue } from "../../src/kick.ts";
+import { WatchedQueue, processQueue } from "../../src/queue_serving.ts";
 import { QueueService } from "../../src/queue_thread.ts";
 import type { EventLoop } from "../../src/event_loop.ts";
 

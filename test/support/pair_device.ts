@@ -7,10 +7,12 @@
 // thread built them, and the features and EVENT_IDX flag each queue's last start carried.
 import { threadId } from "node:worker_threads";
 import { COMMON_FEATURES, type DeviceDefinition, type VhostUserDevice, type DeviceContext, type QueueRunner } from "../../src/device.ts";
-import { openVirtqueue, type Virtqueue, type VirtqueueConfig, type RingPosition } from "../../src/virtqueue.ts";
+import { openVirtqueue } from "../../src/open_virtqueue.ts";
+import type { Virtqueue } from "../../src/virtqueue.ts";
+import { type VirtqueueConfig, type RingPosition } from "../../src/ring.ts";
 import { ChainReader, ChainWriter } from "../../src/chain.ts";
 import type { GuestMemory } from "../../src/memory.ts";
-import { WatchedQueue, processQueue, fillQueue } from "../../src/kick.ts";
+import { WatchedQueue, processQueue, fillQueue } from "../../src/queue_serving.ts";
 import { QueueService } from "../../src/queue_thread.ts";
 import type { EventLoop } from "../../src/event_loop.ts";
 import { IovecArray, open, read, writev, O_RDWR, O_NONBLOCK } from "../../ffi/io.ts";

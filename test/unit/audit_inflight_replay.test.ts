@@ -17,7 +17,9 @@ import {
   BLK_T_IN, BLK_T_OUT, BLK_S_OK, MiB, MFD_ALLOW_SEALING, VIRTQ_DESC_F_NEXT, VIRTQ_DESC_F_WRITE,
 } from "../support/hostile.ts";
 import { GuestMemory, MemoryRegion } from "../../src/memory.ts";
-import { SplitVirtqueue, PackedVirtqueue, type VirtqueueConfig } from "../../src/virtqueue.ts";
+import { SplitVirtqueue } from "../../src/split_virtqueue.ts";
+import { PackedVirtqueue } from "../../src/packed_virtqueue.ts";
+import { type VirtqueueConfig } from "../../src/ring.ts";
 import { InflightRegion, queueRegionSize, type InflightShare } from "../../src/inflight.ts";
 import { inflightBytes } from "../../src/protocol/codec.ts";
 import { memfdCreate, mmap, munmap, PROT_READ, PROT_WRITE, MAP_SHARED, MFD_CLOEXEC } from "../../ffi/mem.ts";

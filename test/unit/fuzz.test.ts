@@ -314,7 +314,7 @@ describe("fuzz: packed rings", () => {
   }, 60_000);
 
   test("seed 31337 against PackedVirtqueue itself: random rings, completions and rewinds; every used id was in flight once", async () => {
-    const { PackedVirtqueue } = await import("../../src/virtqueue.ts");
+    const { PackedVirtqueue } = await import("../../src/packed_virtqueue.ts");
     const { GuestMemory, MemoryRegion } = await import("../../src/memory.ts");
     const ram = new GuestRam(1 << 20);
     cleanup.push(() => ram.dispose());

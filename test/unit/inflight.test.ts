@@ -4,7 +4,8 @@
 import { describe, test, expect, beforeEach, afterEach } from "bun:test";
 import { GuestRam, DriverQueue, BackendUnderTest, Vmm, Req } from "../support/frontend.ts";
 import { GuestMemory, MemoryRegion } from "../../src/memory.ts";
-import { SplitVirtqueue, type VirtqueueConfig } from "../../src/virtqueue.ts";
+import { SplitVirtqueue } from "../../src/split_virtqueue.ts";
+import { type VirtqueueConfig } from "../../src/ring.ts";
 import { InflightRegion, queueRegionSize } from "../../src/inflight.ts";
 import { inflightBytes } from "../../src/protocol/codec.ts";
 import { fstat } from "../../ffi/io.ts";

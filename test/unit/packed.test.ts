@@ -9,7 +9,9 @@ import {
   VRING_PACKED_DESC_F_AVAIL, VRING_PACKED_DESC_F_USED, startPackedQueue, getVringBase,
 } from "../support/packed_driver.ts";
 import { GuestMemory, MemoryRegion } from "../../src/memory.ts";
-import { PackedVirtqueue, openVirtqueue, type VirtqueueConfig } from "../../src/virtqueue.ts";
+import { PackedVirtqueue } from "../../src/packed_virtqueue.ts";
+import { openVirtqueue } from "../../src/open_virtqueue.ts";
+import { type VirtqueueConfig } from "../../src/ring.ts";
 import { ChainReader, ChainWriter } from "../../src/chain.ts";
 import { eventfd, drain } from "../../ffi/eventfd.ts";
 import { close } from "../../ffi/libc.ts";

@@ -3,7 +3,7 @@
 import { describe, test, expect, beforeEach, afterEach } from "bun:test";
 import { GuestRam, DriverQueue, VIRTQ_DESC_F_NEXT, VIRTQ_DESC_F_WRITE, VIRTQ_DESC_F_INDIRECT } from "../support/frontend.ts";
 import { GuestMemory, MemoryRegion } from "../../src/memory.ts";
-import { SplitVirtqueue, SplitVirtqueue as Virtqueue } from "../../src/virtqueue.ts";
+import { SplitVirtqueue, SplitVirtqueue as Virtqueue } from "../../src/split_virtqueue.ts";
 import { ChainReader, ChainWriter } from "../../src/chain.ts";
 import { drain } from "../../ffi/eventfd.ts";
 import { setLogLevel } from "../../src/log.ts";

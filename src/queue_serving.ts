@@ -4,7 +4,9 @@
 import { EPOLLIN, EPOLLHUP, EPOLLERR } from "../ffi/epoll.ts";
 import { drain } from "../ffi/eventfd.ts";
 import type { EventLoop } from "./event_loop.ts";
-import type { DescriptorChain, RingPosition, Virtqueue } from "./virtqueue.ts";
+import type { DescriptorChain } from "./chain.ts";
+import type { RingPosition } from "./ring.ts";
+import type { Virtqueue } from "./virtqueue.ts";
 import { log } from "./log.ts";
 
 /**
