@@ -395,8 +395,13 @@ export class Qcow2Image implements ReadableImage {
     const inPlace = old.kind === Kind.ZeroAllocated && old.copied;
     if (inPlace) this.checkData(old.host);
     const host = inPlace ? old.host : this.refcounts!.allocate();
+    // A cluster past the end of the file reads as zeroes already: when the old contents are zeroes
+    // too, only the new data needs writing (no zero-filled copy of the rest of the cluster).
+    const fresh = !inPlace && host >= this.file.length;
     if (n === this.cs) {
       this.file.writev(this.part(iov, pos, n, len), host, n);
+    } else if (fresh && this.readsAsZeroes(old, gc)) {
+      this.file.writev(this.part(iov, pos, n, len), host + inCl, n);
     } else {
       const buf = new Uint8Array(this.cs);
       if (!inPlace) this.readOld(old, gc, buf);
@@ -405,6 +410,11 @@ export class Qcow2Image implements ReadableImage {
     }
     this.setL2Host(t, j, host);
     if (!inPlace) this.dropReference(old);
+  }
+
+  private readsAsZeroes(m: Mapping, gc: number): boolean {
+    if (m.kind === Kind.Zero || m.kind === Kind.ZeroAllocated) return true;
+    return m.kind === Kind.Unallocated && (this.backing === null || gc >= this.backing.size);
   }
 
   /** The current contents of guest cluster `gc` (whose entry is `m`), for copy-on-write. */
