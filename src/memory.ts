@@ -5,6 +5,7 @@ import { toArrayBuffer } from "bun:ffi";
 import { mmap, munmap, PROT_READ, PROT_WRITE, MAP_SHARED } from "../ffi/mem.ts";
 import { close } from "../ffi/libc.ts";
 import { checkSharedFile } from "./shared_file.ts";
+import { protectGuestRange, unprotectGuestRange } from "./guest_faults.ts";
 import { log } from "./log.ts";
 import type { MemoryRegionDesc } from "./protocol/codec.ts";
 
@@ -35,6 +36,8 @@ export class MemoryRegion {
     /** 0 for a borrowed view of another thread's mapping (never unmapped here). */
     private readonly mapLen: number,
     delta: number,
+    /** Its slot with the SIGBUS handler (src/guest_faults.ts), or -1. */
+    private readonly faultSlot = -1,
   ) {
     this.host = mapBase + delta;
     const { size } = desc;
@@ -52,22 +55,25 @@ export class MemoryRegion {
     try {
       if (desc.size === 0) throw new Error("memory region of size 0");
       // A region must lie inside its file (a page past its end raises SIGBUS), and a memfd that
-      // allows it is sealed against shrinking. A file that cannot be sealed stays a risk (README,
-      // "Robustness"), reported once per region.
+      // allows it is sealed against shrinking. A file that cannot be sealed can still be truncated
+      // by the front-end: its mapping is registered with the SIGBUS handler (src/guest_faults.ts),
+      // which survives that by dropping the front-end.
       const where = `region 0x${desc.gpa.toString(16)}+0x${desc.size.toString(16)}`;
       const guard = checkSharedFile(fd, desc.mmapOffset, desc.size, where, { regularOnly: false });
-      if (guard === "unsealable" || guard === "not-memfd") {
-        log.warn(
-          `memory ${where}: its file cannot be sealed against shrinking ` +
-            `(${guard === "not-memfd" ? "not a memfd" : "memfd without sealing"}); a front-end that truncates it can crash this backend ` +
-            "(use QEMU's memory-backend-memfd, which seals by default)",
-        );
-      }
       const aligned = desc.mmapOffset - (desc.mmapOffset % PAGE);
       const delta = desc.mmapOffset - aligned;
       const len = desc.size + delta;
       const base = mmap(len, PROT_READ | PROT_WRITE, MAP_SHARED, fd, aligned);
-      return new MemoryRegion(desc, base, len, delta);
+      let slot = -1;
+      if (guard !== "sealed" && guard !== "sealed-now") {
+        slot = protectGuestRange(base, len);
+        log.warn(
+          `memory ${where}: its file cannot be sealed against shrinking (${guard === "unsealable" ? "memfd without sealing" : guard === "not-memfd" ? "not a memfd" : "not a regular file"}); ` +
+            (slot >= 0 ? "a front-end that truncates it is dropped" : "a front-end that truncates it can crash this backend") +
+            " (QEMU's memory-backend-memfd seals by default)",
+        );
+      }
+      return new MemoryRegion(desc, base, len, delta, slot);
     } finally {
       close(fd);
     }
@@ -97,7 +103,9 @@ export class MemoryRegion {
   }
 
   unmap(): void {
-    if (this.mapLen > 0) munmap(this.mapBase, this.mapLen);
+    if (this.mapLen === 0) return;
+    unprotectGuestRange(this.faultSlot); // first: the handler must never map over a reused address
+    munmap(this.mapBase, this.mapLen);
   }
 }
 

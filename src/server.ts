@@ -13,6 +13,8 @@ import { VhostUserHandler, RequestError, VALUE_REPLIES, errorReply } from "./han
 import type { EventLoop } from "./event_loop.ts";
 import type { VhostUserDevice } from "./device.ts";
 import { log } from "./log.ts";
+import { guestFaultWakeFd, takeGuestFaults } from "./guest_faults.ts";
+import { drain } from "../ffi/eventfd.ts";
 
 /** A send that failed because the front-end closed its end: a disconnect, not an internal error. */
 function peerGone(e: unknown): boolean {
@@ -34,6 +36,8 @@ export class BackendServer {
   sessions = 0;
 
   constructor(private readonly loop: EventLoop, readonly device: VhostUserDevice, private readonly opts: ServerOptions) {
+    // A fault caught in guest memory (the front-end truncated a file we could not seal).
+    loop.add(guestFaultWakeFd(), EPOLLIN, () => this.onGuestFault());
     if (opts.listenFd !== undefined) {
       setNonBlocking(opts.listenFd);
       loop.add(opts.listenFd, EPOLLIN, () => this.acceptOne());
@@ -84,6 +88,14 @@ export class BackendServer {
       if (peerGone(e)) return this.endSession("front-end disconnected (it closed the connection before our reply)");
       log.error("session failed:", e);
       this.endSession("dropping front-end after an internal error", "error");
+    }
+  }
+
+  private onGuestFault(): void {
+    drain(guestFaultWakeFd());
+    const faults = takeGuestFaults();
+    if (faults > 0 && this.conn !== null) {
+      this.endSession(`dropping front-end: it truncated the file behind a mapped guest memory region (${faults} SIGBUS caught; the lost pages read as zeros until now)`, "warn");
     }
   }
 
@@ -139,6 +151,7 @@ export class BackendServer {
 
   dispose(): void {
     if (this.conn !== null) this.endSession("shutting down");
+    this.loop.remove(guestFaultWakeFd());
     if (this.opts.listenFd !== undefined) {
       this.loop.remove(this.opts.listenFd);
       close(this.opts.listenFd);

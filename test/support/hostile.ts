@@ -59,7 +59,9 @@ export class SpawnedBackend {
   static async start(device: "console" | "block", args: string[], o: SpawnOptions = {}): Promise<SpawnedBackend> {
     const dir = mkdtempSync(join(tmpdir(), "vhu-hostile-"));
     const socketPath = join(dir, "sock");
-    const argv = [process.execPath, MAIN, "device", device, "--socket", socketPath, "--log-level", o.logLevel ?? process.env.TEST_LOG_LEVEL ?? "warn", ...args.map((a) => a.replaceAll("{dir}", dir))];
+    // HOSTILE_BACKEND_BIN=dist/backend runs the compiled binary instead of the sources.
+    const program = process.env.HOSTILE_BACKEND_BIN ? [process.env.HOSTILE_BACKEND_BIN] : [process.execPath, MAIN];
+    const argv = [...program, "device", device, "--socket", socketPath, "--log-level", o.logLevel ?? process.env.TEST_LOG_LEVEL ?? "warn", ...args.map((a) => a.replaceAll("{dir}", dir))];
     const proc = Bun.spawn(argv, { stdin: "ignore", stdout: "ignore", stderr: "pipe" });
     const b = new SpawnedBackend(device, proc, dir, socketPath);
     const deadline = Date.now() + 10_000;
