@@ -60,8 +60,12 @@ export interface VhostUserDevice {
   enterSuspendedState(): void;
   /** Device state as plain data (CBOR-encodable), taken while suspended. */
   snapshot(): unknown;
-  /** Validates `state` completely, then applies it; throws (changing nothing) if it does not fit. */
-  restore(state: unknown): void;
+  /**
+   * Validates `state` completely, then applies it together with `ackedFeatures` (the driver's
+   * features, which the snapshot envelope carries: a device's own state never repeats them, and
+   * the handler does not ack them separately); throws, changing nothing, if it does not fit.
+   */
+  restore(state: unknown, ackedFeatures: bigint): void;
   /** SEND_RARP (protocol feature RARP): announce the guest's MAC on the host side after migration. */
   sendRarp?(mac: Uint8Array): void;
   /** NET_SET_MTU (protocol feature NET_MTU): the MTU the front-end configured. */

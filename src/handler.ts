@@ -694,10 +694,10 @@ export class VhostUserHandler {
       const protocol = BigInt(env.ackedProtocolFeatures);
       if (features & ~this.offeredFeatures()) throw new Error("saved features are not offered by this device");
       if (protocol & ~this.offeredProtocolFeatures()) throw new Error("saved protocol features are not offered by this backend");
-      this.device.restore(env.state); // validates fully before changing anything
+      // Validates fully before changing anything, then applies the state and the features at once.
+      this.device.restore(env.state, features & ~VHOST_FEATURES);
       this.ackedFeatures = features;
       this.ackedProtocol = protocol;
-      this.device.ackFeatures(features & ~VHOST_FEATURES);
     } catch (e) {
       throw new RequestError(`CHECK_DEVICE_STATE: restore refused: ${(e as Error).message}`);
     }

@@ -156,7 +156,7 @@ export class ConsoleDevice implements VhostUserDevice {
     };
   }
 
-  restore(state: unknown): void {
+  restore(state: unknown, ackedFeatures: bigint): void {
     if (typeof state !== "object" || state === null) throw new Error("console state is not a map");
     const s = state as Record<string, unknown>;
     if (s.version !== CONSOLE_STATE_VERSION) throw new Error(`console state version ${String(s.version)}, this backend reads ${CONSOLE_STATE_VERSION}`);
@@ -168,6 +168,7 @@ export class ConsoleDevice implements VhostUserDevice {
     const ports = s.ports.map((p, i) => ConsolePort.check(p, `port ${i}`));
     const control = ControlChannel.check(s.control);
     // Everything checked: apply.
+    this.ackFeatures(ackedFeatures);
     ports.forEach((p, i) => this.ports[i]!.restore(p));
     this.control.restore(control);
     // The new host terminal may differ in size from the old one: announce it again.

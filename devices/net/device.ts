@@ -250,7 +250,6 @@ export class NetDevice implements VhostUserDevice {
     const table = this.shared.table();
     return {
       version: NET_STATE_VERSION,
-      ackedFeatures: this.acked.toString(),
       guestOffloads: this.guestOffloads.toString(),
       mac: this.mac.slice(),
       mtu: this.mtu,
@@ -263,14 +262,14 @@ export class NetDevice implements VhostUserDevice {
     };
   }
 
-  restore(raw: unknown): void {
-    const s = validateNetState(raw, this.offered, this.pairs);
+  restore(raw: unknown, ackedFeatures: bigint): void {
+    const s = validateNetState(raw, this.pairs, ackedFeatures);
     const offloads = BigInt(s.guestOffloads);
     const tunFlags = offloads === 0n ? 0 : this.tap.supportedOffloads;
     if (offloads !== 0n && tunFlags === 0) throw new Error(`net state: the guest had receive offloads 0x${offloads.toString(16)}, which tap ${this.tap.name} cannot take`);
     // Everything checked: apply.
     if (!this.applyOffloads(offloads)) throw new Error(`net state: tap ${this.tap.name} refused the saved offloads 0x${offloads.toString(16)}`);
-    this.acked = BigInt(s.ackedFeatures);
+    this.acked = ackedFeatures;
     this.mac = s.mac.slice();
     this.shared.mac = this.mac;
     this.mtu = s.mtu;

@@ -390,7 +390,7 @@ export class SndDevice implements VhostUserDevice, ControlTarget {
     };
   }
 
-  restore(state: unknown): void {
+  restore(state: unknown, ackedFeatures: bigint): void {
     if (typeof state !== "object" || state === null) throw new Error("snd state is not a map");
     const s = state as Partial<SndState>;
     if (s.version !== SND_STATE_VERSION) throw new Error(`snd state version ${String(s.version)}, this backend reads ${SND_STATE_VERSION}`);
@@ -417,6 +417,7 @@ export class SndDevice implements VhostUserDevice, ControlTarget {
     const events = SndEventQueue.check(s.events);
     this.host.restore(s.host);
     // Apply.
+    this.ackFeatures(ackedFeatures);
     this.engines.forEach((_, i) => this.closeEngine(i));
     streams.forEach((scratch, i) => this.streams[i]!.restore(scratch.snapshot()));
     this.jacks = jacks;

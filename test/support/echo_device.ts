@@ -102,11 +102,12 @@ class EchoDevice implements VhostUserDevice {
   snapshot() {
     return { processed: this.processed, config: this.config.slice(8) };
   }
-  restore(state: unknown) {
+  restore(state: unknown, ackedFeatures: bigint) {
     const s = state as { processed?: unknown; config?: unknown };
     if (typeof s !== "object" || s === null || typeof s.processed !== "number" || !(s.config instanceof Uint8Array) || s.config.length !== 8) {
       throw new Error("echo state is malformed");
     }
+    this.acked = ackedFeatures;
     this.processed = s.processed;
     this.config.set(s.config, 8);
   }

@@ -187,7 +187,7 @@ class PairDevice implements VhostUserDevice {
   reset() {}
   enterSuspendedState() {}
   snapshot() { return {}; }
-  restore() {}
+  restore() {} // no state, no features that change anything
   dispose() {
     this.queues.dispose();
   }
