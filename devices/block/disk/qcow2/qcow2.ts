@@ -165,6 +165,7 @@ export class Qcow2Image implements ReadableImage {
     const rtOff = rt?.tableOffset ?? h.refcountTableOffset;
     const rtLen = (rt?.tableClusters ?? h.refcountTableClusters) * this.cs;
     if (overlaps(offset, this.cs, rtOff, rtLen)) throw new Qcow2CorruptError(`${what} at ${offset} overlaps the refcount table`);
+    if (what === "refcount block" && this.l2Cache.has(offset)) throw new Qcow2CorruptError(`refcount block at ${offset} is also an L2 table`);
   }
 
   /** Throws unless guest data may be read or written at host cluster `host`. */
@@ -395,18 +396,24 @@ export class Qcow2Image implements ReadableImage {
     const inPlace = old.kind === Kind.ZeroAllocated && old.copied;
     if (inPlace) this.checkData(old.host);
     const host = inPlace ? old.host : this.refcounts!.allocate();
-    // A cluster past the end of the file reads as zeroes already: when the old contents are zeroes
-    // too, only the new data needs writing (no zero-filled copy of the rest of the cluster).
-    const fresh = !inPlace && host >= this.file.length;
-    if (n === this.cs) {
-      this.file.writev(this.part(iov, pos, n, len), host, n);
-    } else if (fresh && this.readsAsZeroes(old, gc)) {
-      this.file.writev(this.part(iov, pos, n, len), host + inCl, n);
-    } else {
-      const buf = new Uint8Array(this.cs);
-      if (!inPlace) this.readOld(old, gc, buf);
-      copyFromIov(iov, pos, buf.subarray(inCl, inCl + n));
-      this.file.writeAt(buf, host);
+    try {
+      // A cluster past the end of the file reads as zeroes already: when the old contents are zeroes
+      // too, only the new data needs writing (no zero-filled copy of the rest of the cluster).
+      const fresh = !inPlace && host >= this.file.length;
+      if (n === this.cs) {
+        this.file.writev(this.part(iov, pos, n, len), host, n);
+      } else if (fresh && this.readsAsZeroes(old, gc)) {
+        this.file.writev(this.part(iov, pos, n, len), host + inCl, n);
+      } else {
+        const buf = new Uint8Array(this.cs);
+        if (!inPlace) this.readOld(old, gc, buf);
+        copyFromIov(iov, pos, buf.subarray(inCl, inCl + n));
+        this.file.writeAt(buf, host);
+      }
+    } catch (e) {
+      // Nothing points to the new cluster yet: it can be given back at once.
+      if (!inPlace) this.refcounts!.decrement(host / this.cs);
+      throw e;
     }
     this.setL2Host(t, j, host);
     if (!inPlace) this.dropReference(old);
