@@ -2,7 +2,7 @@
 // filled here by hand). One IoUring is one ring: a submission queue of 64-byte SQEs and a
 // completion queue of 16-byte CQEs, both mapped into this process. The ring memory is shared with
 // the kernel, so the head/tail words go through Atomics (the barriers the ABI asks for) and each
-// CQE field is read once. Nothing here knows about devices: see devices/block/uring_engine.ts.
+// CQE field is read once. Nothing here knows about devices: see devices/block/disk/raw_uring.ts.
 import { ptr, toArrayBuffer } from "bun:ffi";
 import { libc, check, close, errno, SysError, EAGAIN, EINTR, EBUSY, EINVAL } from "./libc.ts";
 import { mmap, munmap, PROT_READ, PROT_WRITE, MAP_SHARED } from "./mem.ts";

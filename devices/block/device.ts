@@ -1,15 +1,16 @@
 // The virtio-blk device (virtio id 2): features, config space, cache mode, per-queue processors and
-// snapshots. The image and the queue processors do the I/O; this class only wires them.
+// snapshots. The disk (built from the acquired resource) and the queue processors do the I/O; this
+// class only wires them.
 import { COMMON_FEATURES, type DeviceContext, type VhostUserDevice } from "../../src/device.ts";
 import type { GuestMemory } from "../../src/memory.ts";
 import type { VirtqueueConfig, RingPosition } from "../../src/ring.ts";
 import { QueueService } from "../../src/queue_thread.ts";
-import { sharedPolicy, blockQueueRunner, type BlockThreadOptions } from "./queue_runner.ts";
+import { sharedPolicy, BlockQueueRunner, type BlockThreadOptions } from "./queue_runner.ts";
 import { log } from "../../src/log.ts";
-import { BlockImage } from "./image.ts";
+import type { Disk } from "./disk/disk.ts";
+import { openDisk, releaseDiskResource, type BlockDiskResource } from "./disk/open.ts";
 import type { BlockPolicy } from "./queue_processor.ts";
 import { segMaxFor, type BlockOptions } from "./options.ts";
-import { ioUringUnavailable } from "./uring_engine.ts";
 import { validateBlockState, BLOCK_STATE_VERSION, type BlockState, type BlockStateSelf } from "./state.ts";
 import {
   buildConfig, CONFIG_SIZE, CFG_WRITEBACK, VIRTIO_BLK_ID_BYTES, type BlockGeometry,
@@ -29,7 +30,8 @@ const DEFAULT_WRITEBACK = 1;
 export class BlockDevice implements VhostUserDevice {
   readonly name = "block";
   readonly virtioId = 2;
-  readonly image: BlockImage;
+  /** The device thread's disk: owns the acquired fds (closed by dispose). */
+  readonly disk: Disk;
   private readonly serial: string;
   private readonly geometry: BlockGeometry;
   private readonly policy: BlockPolicy;
@@ -41,29 +43,30 @@ export class BlockDevice implements VhostUserDevice {
   /** Where the request queues run: queue i on thread i % threads, or all in the device thread. */
   private readonly queues: QueueService;
 
-  constructor(private readonly opts: BlockOptions, ctx: DeviceContext) {
-    if (opts.aio === "io_uring") {
-      // Probed once here, so a kernel without io_uring costs one warning rather than one per queue.
-      const why = ioUringUnavailable();
-      if (why !== null) {
-        log.warn(`block: io_uring unavailable (${why}); serving requests synchronously (--aio sync)`);
-        opts = { ...opts, aio: "sync" };
-        this.opts = opts;
-      }
+  /** Takes ownership of `resource` (acquireBlockDisk's), also when it throws. */
+  constructor(private readonly opts: BlockOptions, resource: BlockDiskResource, ctx: DeviceContext) {
+    let disk: Disk;
+    try {
+      disk = openDisk(resource, true);
+    } catch (e) {
+      releaseDiskResource(resource);
+      throw e;
     }
-    const image = BlockImage.open(opts.file, { readOnly: opts.readOnly, direct: opts.direct });
-    this.image = image;
-    if (image.size % image.blkSize !== 0) {
-      log.warn(`${opts.file}: size ${image.size} is not a multiple of ${image.blkSize}; the last ${image.size % image.blkSize} bytes are not addressable`);
+    this.disk = disk;
+    const blkSize = disk.logicalBlockSize;
+    if (disk.size % blkSize !== 0) {
+      log.warn(`${opts.file}: size ${disk.size} is not a multiple of ${blkSize}; the last ${disk.size % blkSize} bytes are not addressable`);
     }
-    this.serial = opts.serial ?? defaultSerial(image.dev, image.ino);
+    const identity = disk.identity();
+    this.serial = opts.serial ?? defaultSerial(identity.dev, identity.ino);
     const writable = !opts.readOnly;
     const segMax = segMaxFor(opts.queueSize);
-    const physicalBlockExp = Math.min(15, Math.log2(image.physicalBlockSize / image.blkSize));
+    const physicalBlockExp = Math.min(15, Math.log2(disk.physicalBlockSize / blkSize));
     this.geometry = {
-      capacitySectors: image.capacitySectors,
+      // A multiple of the block size, in 512-byte sectors.
+      capacitySectors: Math.floor(disk.size / blkSize) * (blkSize / 512),
       segMax,
-      blkSize: image.blkSize,
+      blkSize,
       physicalBlockExp,
       minIoSize: 1,
       optIoSize: 0,
@@ -81,7 +84,7 @@ export class BlockDevice implements VhostUserDevice {
       mayUnmap: opts.sparse,
       serial: serialBytes,
       capacitySectors: this.geometry.capacitySectors,
-      blkSize: image.blkSize,
+      blkSize,
       segMax,
       coalesceUs: opts.coalesceUs,
     }, this.cacheMode);
@@ -94,16 +97,23 @@ export class BlockDevice implements VhostUserDevice {
     this.updateWriteMode();
     const { writethrough: _, ...plainPolicy } = this.policy;
     const threadOptions: BlockThreadOptions = {
-      file: opts.file, readOnly: opts.readOnly, direct: opts.direct, aio: opts.aio,
-      policy: plainPolicy, cacheMode: this.cacheMode.buffer as SharedArrayBuffer,
+      disk: resource, policy: plainPolicy, cacheMode: this.cacheMode.buffer as SharedArrayBuffer,
     };
+    // A disk that cannot be served from several threads at once serves every queue here.
+    let threads = opts.threads;
+    if (threads > 0 && !disk.multiThread) {
+      log.warn(`block: ${opts.file} is served from one thread (its format keeps state in memory); ignoring --threads ${threads}`);
+      threads = 0;
+    }
     this.queues = new QueueService({
-      entry: ctx.queueThreadEntry, device: "block", options: threadOptions, threads: opts.threads, loop: ctx.loop, runner: blockQueueRunner,
+      entry: ctx.queueThreadEntry, device: "block", options: threadOptions, threads, loop: ctx.loop,
+      // In the device thread, through this device's disk; queue threads build their own from the resource.
+      runner: (o, loop) => new BlockQueueRunner(o as BlockThreadOptions, loop, disk),
     });
     log.info(
-      `block: ${opts.file} (${image.isBlockDevice ? "block device" : "file"}, ${image.size} bytes, ` +
-        `${image.blkSize}-byte blocks, ${opts.readOnly ? "read-only" : "read-write"}${opts.direct ? ", O_DIRECT" : ""}, aio ${opts.aio}), ` +
-        `serial '${this.serial}', ${opts.numQueues} queue(s), ${opts.threads === 0 ? "served in the device thread" : `${opts.threads} queue thread(s)`}`,
+      `block: ${opts.file} (${disk.description}, ${disk.size} bytes, ` +
+        `${blkSize}-byte blocks, ${opts.readOnly ? "read-only" : "read-write"}${opts.lock ? "" : ", not locked"}), ` +
+        `serial '${this.serial}', ${opts.numQueues} queue(s), ${threads === 0 ? "served in the device thread" : `${threads} queue thread(s)`}`,
     );
   }
 
@@ -128,7 +138,7 @@ export class BlockDevice implements VhostUserDevice {
 
   /** Writes are stable at completion unless the driver negotiated FLUSH and the cache is writeback. */
   private updateWriteMode(): void {
-    const writethrough = !this.image.readOnly && ((this.acked & VIRTIO_BLK_F_FLUSH) === 0n || this.writeback === 0);
+    const writethrough = !this.disk.readOnly && ((this.acked & VIRTIO_BLK_F_FLUSH) === 0n || this.writeback === 0);
     Atomics.store(this.cacheMode, 0, writethrough ? 1 : 0);
   }
 
@@ -154,6 +164,7 @@ export class BlockDevice implements VhostUserDevice {
           `chains of ${this.geometry.segMax + 2} descriptors; give --queue-size ${ring.size} to match the front-end`,
       );
     }
+    this.disk.activate?.(); // throws (the ring stays stopped) while another process has the image
     this.queues.start(ring, mem, this.acked);
   }
 
@@ -173,15 +184,16 @@ export class BlockDevice implements VhostUserDevice {
   /** The VM is stopping (or about to be saved): make what the guest wrote stable. */
   enterSuspendedState(): void {
     try {
-      this.image.flush();
+      this.disk.flushNow();
     } catch (e) {
       log.warn(`block: flush on suspend failed: ${(e as Error).message}`);
     }
+    this.disk.suspend?.();
   }
 
   private self(): BlockStateSelf {
     return {
-      image: { path: this.image.path, ...this.image.identity() },
+      image: identityState(this.disk),
       serial: this.serial,
       explicitSerial: this.opts.serial !== null,
       capacitySectors: this.geometry.capacitySectors,
@@ -198,9 +210,9 @@ export class BlockDevice implements VhostUserDevice {
   restore(state: unknown): void {
     const self = this.self();
     // The image may have been resized on the host since we opened it: compare against now.
-    self.image.size = this.image.currentSize();
-    if (self.image.size !== this.image.size) {
-      throw new Error(`block state: ${this.image.path} changed size since this backend opened it (${this.image.size} → ${self.image.size} bytes); restart the backend`);
+    self.image.size = this.disk.currentSize();
+    if (self.image.size !== this.disk.size) {
+      throw new Error(`block state: ${self.image.path} changed size since this backend opened it (${this.disk.size} → ${self.image.size} bytes); restart the backend`);
     }
     const s = validateBlockState(state, self, this.offered);
     this.acked = BigInt(s.ackedFeatures);
@@ -210,6 +222,12 @@ export class BlockDevice implements VhostUserDevice {
 
   dispose(): void {
     this.queues.dispose();
-    this.image.close();
+    this.disk.close();
   }
+}
+
+/** The snapshot's image section: the disk's identity. */
+function identityState(disk: Disk): BlockStateSelf["image"] {
+  const { location, size, dev, ino } = disk.identity();
+  return { path: location, size, dev, ino };
 }

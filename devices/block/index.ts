@@ -5,6 +5,8 @@ import type { DeviceDefinition } from "../../src/device.ts";
 import { BLOCK_ARGS, parseBlockOptions, type BlockOptions } from "./options.ts";
 import { BlockDevice } from "./device.ts";
 import { blockQueueRunner } from "./queue_runner.ts";
+import { acquireBlockDisk, blockHostAccess } from "./acquire.ts";
+import { releaseDiskResource, type BlockDiskResource } from "./disk/open.ts";
 
 /** virtio spec 5.2: the block device. */
 const VIRTIO_ID_BLOCK = 2;
@@ -34,8 +36,11 @@ export const blockDevice: DeviceDefinition<BlockOptions> = {
     }
     return o;
   },
-  create(o, _resources, ctx) {
-    return new BlockDevice(o, ctx);
+  acquire: acquireBlockDisk,
+  release: releaseDiskResource,
+  hostAccess: blockHostAccess,
+  create(o, resource: BlockDiskResource, ctx) {
+    return new BlockDevice(o, resource, ctx);
   },
   queueRunner: blockQueueRunner,
 };

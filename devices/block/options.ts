@@ -2,7 +2,7 @@
 // (validate) and the worker (create), so both read the command line the same way.
 import { availableParallelism } from "node:os";
 import { IOV_MAX, VIRTIO_BLK_ID_BYTES } from "./config.ts";
-import type { AioMode } from "./queue_processor.ts";
+import type { AioMode } from "./disk/raw.ts";
 import { booleanOption, intOption } from "../../src/cli_args.ts";
 import { MAX_QUEUE_SIZE } from "../../src/ring.ts";
 
@@ -16,6 +16,7 @@ export const BLOCK_ARGS = {
   "coalesce-us": { type: "string", default: "50", description: "Interrupt coalescing: while the guest has more than 4 requests outstanding (EVENT_IDX), hold a used-ring notification up to this many µs so completions share an interrupt; a queue waiting on 1-4 requests is notified at once (0: off)" },
   aio: { type: "string", description: "How reads, writes and flushes run: sync (one preadv/pwritev at a time per queue; best on page-cache images) or io_uring (many in flight per queue; best with --direct on a real disk). Default: io_uring with --direct, sync otherwise" },
   threads: { type: "string", description: "Queue threads serving the queues in parallel (0: all queues in the device thread; default: one per queue, up to the number of CPUs, 0 for a single queue)" },
+  lock: { type: "boolean", default: true, negativeDescription: "Do not lock the image (QEMU's locking=off): only if you know no other process writes it meanwhile", description: "Lock the image as QEMU does (OFD byte-range locks), so no other backend, QEMU or qemu-img writes it while we serve it (read-only: no writer)" },
   sparse: { type: "boolean", default: true, negativeDescription: "Do not offer DISCARD and never deallocate on write-zeroes", description: "Offer DISCARD and deallocate discarded ranges (punch holes)" },
 } as const;
 
@@ -32,6 +33,8 @@ export interface BlockOptions {
   /** Interrupt coalescing window of a busy queue in µs (0: off). */
   coalesceUs: number;
   sparse: boolean;
+  /** Lock the image against other writers (QEMU-compatible); false with --no-lock. */
+  lock: boolean;
   /** Queue threads (0: serve the queues in the device thread). */
   threads: number;
 }
@@ -74,6 +77,7 @@ export function parseBlockOptions(raw: Record<string, unknown>): BlockOptions {
     direct,
     aio,
     sparse: booleanOption(raw, "sparse", true),
+    lock: booleanOption(raw, "lock", true),
     coalesceUs: intOption(raw, "coalesce-us", DEFAULT_COALESCE_US, 0, 10_000),
   };
 }

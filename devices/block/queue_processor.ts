@@ -1,18 +1,14 @@
-// Serves one virtio-blk request queue. It depends only on (queue, image, policy, aio mode), so it
-// can run on any thread that has the queue: the image is an fd plus geometry, the policy is plain
-// data, and the io_uring (if any) is created here, in the thread that serves the queue.
+// Serves one virtio-blk request queue through the disk (disk/disk.ts). It depends only on (queue,
+// disk, policy, loop), so it runs on whichever thread serves the queue: the disk instance is that
+// thread's (built from the acquired resource), the policy is plain data.
 //
 // I/O path per request: the chain is walked (core), the header read from guest memory in place,
-// iovecs built pointing straight into the mapped guest regions, then the data moves between the
-// image and guest memory with no copy:
-// - aio "sync": ONE preadv/pwritev per request, completed before the next is popped (excellent on
-//   page-cache images; with O_DIRECT on a real disk it serializes the I/O);
-// - aio "io_uring": a READV/WRITEV SQE per request (FSYNC for FLUSH), ONE io_uring_enter per batch,
-//   completions reaped in batches when the ring's eventfd fires (see uring_engine.ts).
-// Used entries are published once per batch of pops or of completions, which notifies at most
-// once, as EVENT_IDX allows. DISCARD, WRITE_ZEROES and GET_ID are rare and stay synchronous.
-import { IovecArray } from "../../ffi/io.ts";
-import { SysError } from "../../ffi/libc.ts";
+// iovecs built straight into the disk slot's array, pointing into the mapped guest regions, and
+// ONE disk operation started (a DISCARD or WRITE_ZEROES: one per segment, in turn). How the disk
+// completes it (inside the call, or later from the loop) is the disk's business; the completion
+// writes the status and adds the used entry. Used entries are published once per batch of pops or
+// of completions, which notifies at most once, as EVENT_IDX allows. GET_ID is answered here.
+import { errnoName } from "../../ffi/libc.ts";
 import { processQueue, watchKick, TurnBudget } from "../../src/queue_serving.ts";
 import { NotifyCoalescer } from "../../src/notify_coalescer.ts";
 import type { EventLoop } from "../../src/event_loop.ts";
@@ -20,8 +16,7 @@ import type { Virtqueue } from "../../src/virtqueue.ts";
 import { ChainReader, ChainWriter, type DescriptorChain } from "../../src/chain.ts";
 import { GuestErrorLog } from "../../src/guest_errors.ts";
 import { log } from "../../src/log.ts";
-import type { BlockImage } from "./image.ts";
-import { UringEngine, OP_READ, OP_WRITE, type IoSlot } from "./uring_engine.ts";
+import { ZERO_UNMAP, ZERO_FUA, type Disk, type DiskQueue, type DiskRequest } from "./disk/disk.ts";
 import { RequestHeader } from "./request.ts";
 import {
   VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT, VIRTIO_BLK_T_FLUSH, VIRTIO_BLK_T_GET_ID, VIRTIO_BLK_T_DISCARD,
@@ -63,82 +58,80 @@ export interface QueueStats {
 
 const LOGGED_ERRORS = 8;
 
-/** How reads, writes and flushes are done: synchronously, or asynchronously through io_uring. */
-export type AioMode = "sync" | "io_uring";
-
-/** handle()'s answer for a request that completes later (through the engine). */
+/** handle()'s answer for a request that completes later (through the disk's `done`). */
 const IN_FLIGHT = -1;
+
+/** What a request being served needs at its completion; one per disk slot (indexed by its id),
+ * reused, so serving a request allocates nothing. */
+class RequestState {
+  chain: DescriptorChain | null = null;
+  /** The request's cursor over the device-writable part; the status byte is carved off its end. */
+  readonly writer = new ChainWriter();
+  type = 0;
+  /** First sector and bytes, for accounting and messages. */
+  sector = 0;
+  len = 0;
+  /** DISCARD / WRITE_ZEROES: the segments (read at parse time: guest memory may change), how many,
+   * and the next one to start. */
+  segments: Uint8Array | null = null;
+  segmentsView: DataView | null = null;
+  count = 0;
+  nextSegment = 0;
+}
 
 export class QueueProcessor {
   readonly stats: QueueStats = { requests: 0, bytesRead: 0, bytesWritten: 0, errors: 0, unsupported: 0 };
   private readonly guestErrors: GuestErrorLog;
   private readonly reader = new ChainReader();
-  private readonly syncWriter = new ChainWriter();
-  private readonly iov: IovecArray;
   private readonly header = new RequestHeader();
-  private readonly segments = new Uint8Array(MAX_DISCARD_SEGMENTS * DISCARD_SEGMENT_SIZE);
-  private readonly segmentsView = new DataView(this.segments.buffer);
-  /** The asynchronous engine (aio io_uring), or null to complete every request synchronously. */
-  readonly engine: UringEngine | null;
+  /** The disk's I/O channel for this queue (its requests' slots and completions). */
+  readonly io: DiskQueue;
+  private readonly states: RequestState[] = [];
   /** The per-turn work allowance while served from a loop (see serve). */
   private budget: TurnBudget | null = null;
-  /** The ring was full: popping stopped, and resumes on the next batch of completions. */
+  /** The disk had `depth` requests in flight: popping stopped, and resumes on the next batch of completions. */
   private stalled = false;
   private readonly handleChain = (chain: DescriptorChain): boolean => {
-    if (this.engine !== null && this.engine.nextSlot() === null) {
+    const req = this.io.next();
+    if (req === null) {
       this.queue.undoPop();
       this.stalled = true;
       return false;
     }
-    const used = this.handle(chain);
+    const used = this.handle(chain, req);
     if (used !== IN_FLIGHT) this.queue.add(chain.head, used);
     return true;
   };
-  /** Before a batch is published: submit its I/O, and take the completions that are ready already
-   * (page-cache hits often complete inside the submit), so they share the batch's notification. */
-  private readonly submitBatch = (): void => {
-    this.engine!.submit();
-    this.engine!.complete();
-  };
-  private readonly slotDone = (slot: IoSlot, error: Error | null): void => this.completeSlot(slot, error);
+  /** Before a batch is published: hand its I/O to the disk (completions ready at once join the batch). */
+  private readonly submitBatch = (): void => this.io.submit();
   /** Sectors per logical block, minus 1: sector numbers and counts must have these bits clear
    * (`&` sees the low 32 bits of the exact integer, which is all the mask needs). */
   private readonly sectorMask: number;
 
-  /**
-   * With `aio` "io_uring", requests are served through an io_uring of this queue; if the ring
-   * cannot be set up (no io_uring here: EPERM, ENOSYS...), synchronously, with a warning.
-   */
-  constructor(readonly queue: Virtqueue, private readonly image: BlockImage, private readonly policy: BlockPolicy, aio: AioMode = "sync") {
-    this.iov = new IovecArray(policy.segMax);
+  /** Serves `queue` on `loop` through `disk` (attached here, for this queue). */
+  constructor(readonly queue: Virtqueue, disk: Disk, private readonly policy: BlockPolicy, private readonly loop: EventLoop) {
     this.guestErrors = new GuestErrorLog(`block queue ${queue.index}`, "debug");
     this.sectorMask = (policy.blkSize >> SECTOR_SHIFT) - 1;
-    let engine: UringEngine | null = null;
-    if (aio === "io_uring") {
-      try {
-        engine = new UringEngine(image, queue.size, policy.segMax, this.slotDone);
-      } catch (e) {
-        log.warn(`block queue ${queue.index}: io_uring unavailable (${(e as Error).message}); serving it synchronously`);
-      }
-    }
-    this.engine = engine;
+    this.io = disk.attach(loop, { depth: queue.size, segMax: policy.segMax }, {
+      done: (req, result) => this.completed(req, result),
+      batchDone: () => this.onCompletions(),
+    });
   }
 
-  /** Serves the queue from `loop` (kicks and completions); returns the function that stops it,
+  /** Serves the queue from the loop (kicks and completions); returns the function that stops it,
    * which returns once every request in flight is complete and published. */
-  serve(loop: EventLoop): () => void {
+  serve(): () => void {
     let live = true;
+    const loop = this.loop;
     this.budget = new TurnBudget(loop, () => {
       if (live) this.run();
     });
     const coalescer = this.policy.coalesceUs > 0 ? new NotifyCoalescer(loop, this.queue, this.policy.coalesceUs) : null;
     const unwatch = watchKick(loop, this.queue, () => this.run());
-    const engine = this.engine;
-    engine?.attach(loop, () => this.onCompletions());
     return () => {
       live = false;
       unwatch();
-      engine?.close(); // waits for the requests in flight (GET_VRING_BASE needs a final position)
+      this.io.close(); // waits for the requests in flight (GET_VRING_BASE needs a final position)
       this.queue.flush();
       coalescer?.dispose();
     };
@@ -147,23 +140,26 @@ export class QueueProcessor {
   /** Serves every available request, publishing the completions once at the end. */
   run(): void {
     this.stalled = false;
-    processQueue(this.queue, this.handleChain, this.engine === null ? undefined : this.submitBatch, this.budget ?? undefined);
+    processQueue(this.queue, this.handleChain, this.submitBatch, this.budget ?? undefined);
   }
 
-  /** The ring's eventfd fired: reap, then publish the batch (popping more if the ring was full). */
+  /** Completions came from the loop: publish them (popping more if the disk was full). */
   private onCompletions(): void {
-    this.engine!.complete();
     if (this.stalled) this.run(); // publishes the completions with the new batch
     else this.queue.flush();
   }
 
-  /** Handles one chain; returns the used length (0 when there is no byte to put a status in), or
-   * IN_FLIGHT when the engine completes it later. */
-  handle(chain: DescriptorChain): number {
+  private stateOf(id: number): RequestState {
+    return this.states[id] ?? (this.states[id] = new RequestState());
+  }
+
+  /** Handles one chain with the disk slot `req`; returns the used length (0 when there is no byte
+   * to put a status in), or IN_FLIGHT when the disk completes it (possibly before this returns). */
+  handle(chain: DescriptorChain, req: DiskRequest): number {
     this.stats.requests++;
-    // Reused cursors: the engine's next slot owns the writer its completion needs.
+    const state = this.stateOf(req.id);
     const reader = this.reader.reset(chain);
-    const writer = (this.engine === null ? this.syncWriter : this.engine.nextSlot()!.writer).reset(chain);
+    const writer = state.writer.reset(chain);
     if (!writer.carveStatus()) {
       this.guestError(chain, "request has no writable byte for its status; completed with length 0");
       return 0;
@@ -173,7 +169,7 @@ export class QueueProcessor {
       this.guestError(chain, `request header shorter than ${REQUEST_HEADER_SIZE} bytes`);
       status = VIRTIO_BLK_S_IOERR;
     } else {
-      status = this.execute(chain, reader, writer);
+      status = this.execute(chain, reader, writer, req, state);
       if (status === IN_FLIGHT) return IN_FLIGHT;
     }
     return this.finish(chain, writer, status);
@@ -188,78 +184,58 @@ export class QueueProcessor {
     return chain.writableLen;
   }
 
-  /** A request the engine finished: status, accounting, used entry (published with the batch). */
-  private completeSlot(slot: IoSlot, error: Error | null): void {
-    const chain = slot.chain!;
+  /** The disk finished an operation: the next segment of a discard, or the request's completion
+   * (its used entry is published with the batch). */
+  private completed(req: DiskRequest, result: number): void {
+    const state = this.states[req.id]!;
+    const chain = state.chain!;
+    const type = state.type;
     let status = VIRTIO_BLK_S_OK;
-    if (error !== null) {
-      const what = slot.op === OP_READ ? "read" : slot.op === OP_WRITE ? "write" : "flush";
-      status = this.hostError(what, Math.floor(slot.offset / 512), slot.len, error);
-    } else if (slot.op === OP_READ) this.stats.bytesRead += slot.len;
-    else if (slot.op === OP_WRITE) this.stats.bytesWritten += slot.len;
-    this.queue.add(chain.head, this.finish(chain, slot.status!, status));
+    if (result < 0) {
+      status = this.hostError(opName(type), state.sector, state.len, result);
+    } else if (type === VIRTIO_BLK_T_IN) {
+      this.stats.bytesRead += state.len;
+    } else if (type === VIRTIO_BLK_T_OUT) {
+      this.stats.bytesWritten += state.len;
+    } else if (state.nextSegment < state.count) {
+      this.startSegment(req, state);
+      return;
+    }
+    state.chain = null;
+    this.queue.add(chain.head, this.finish(chain, state.writer, status));
   }
 
-  /** The iovec array for the request being handled: the engine's next slot's, or the shared one. */
-  private requestIov(): IovecArray {
-    const iov = this.engine === null ? this.iov : this.engine.nextSlot()!.iov; // handleChain checked there is one
-    iov.clear();
-    return iov;
-  }
-
-  private execute(chain: DescriptorChain, reader: ChainReader, writer: ChainWriter): number {
+  private execute(chain: DescriptorChain, reader: ChainReader, writer: ChainWriter, req: DiskRequest, state: RequestState): number {
     const p = this.policy;
     const { type, sector } = this.header;
     switch (type) {
       case VIRTIO_BLK_T_IN: {
         const len = writer.remaining;
         if (!this.checkRange(chain, sector, len, "read")) return VIRTIO_BLK_S_IOERR;
-        const iov = this.requestIov();
+        const iov = req.iov;
+        iov.clear();
         if (!writer.iovecs(iov, len)) return this.tooManySegments(chain);
         if (len === 0) return VIRTIO_BLK_S_OK;
-        if (this.engine !== null) {
-          this.engine.read(chain, writer, sector * 512, len);
-          return IN_FLIGHT;
-        }
-        try {
-          this.image.read(this.iov, sector * 512, len);
-        } catch (e) {
-          return this.hostError("read", sector, len, e);
-        }
-        this.stats.bytesRead += len;
-        return VIRTIO_BLK_S_OK;
+        this.start(state, chain, type, sector, len);
+        this.io.read(req, sector * 512, len);
+        return IN_FLIGHT;
       }
       case VIRTIO_BLK_T_OUT: {
         if (p.readOnly) return this.refuseReadOnly(chain, "write");
         const len = reader.remaining;
         if (!this.checkRange(chain, sector, len, "write")) return VIRTIO_BLK_S_IOERR;
-        const iov = this.requestIov();
+        const iov = req.iov;
+        iov.clear();
         if (!reader.iovecs(iov, len)) return this.tooManySegments(chain);
         if (len === 0) return VIRTIO_BLK_S_OK;
-        if (this.engine !== null) {
-          this.engine.write(chain, writer, sector * 512, len, p.writethrough);
-          return IN_FLIGHT;
-        }
-        try {
-          this.image.write(this.iov, sector * 512, len);
-          if (p.writethrough) this.image.flush();
-        } catch (e) {
-          return this.hostError("write", sector, len, e);
-        }
-        this.stats.bytesWritten += len;
-        return VIRTIO_BLK_S_OK;
+        this.start(state, chain, type, sector, len);
+        this.io.write(req, sector * 512, len, p.writethrough);
+        return IN_FLIGHT;
       }
       case VIRTIO_BLK_T_FLUSH:
-        if (this.engine !== null && !p.readOnly) {
-          this.engine.flush(chain, writer);
-          return IN_FLIGHT;
-        }
-        try {
-          this.image.flush();
-        } catch (e) {
-          return this.hostError("flush", 0, 0, e);
-        }
-        return VIRTIO_BLK_S_OK;
+        this.start(state, chain, type, 0, 0);
+        this.io.flush(req);
+        return IN_FLIGHT;
       case VIRTIO_BLK_T_GET_ID:
         if (writer.remaining < VIRTIO_BLK_ID_BYTES) {
           this.guestError(chain, `GET_ID buffer of ${writer.remaining} bytes (needs ${VIRTIO_BLK_ID_BYTES})`);
@@ -269,11 +245,21 @@ export class QueueProcessor {
         return VIRTIO_BLK_S_OK;
       case VIRTIO_BLK_T_DISCARD:
       case VIRTIO_BLK_T_WRITE_ZEROES:
-        return this.discardOrZero(chain, reader, type === VIRTIO_BLK_T_WRITE_ZEROES);
+        return this.discardOrZero(chain, reader, req, state, type === VIRTIO_BLK_T_WRITE_ZEROES);
       default:
         this.guestError(chain, `unsupported request type ${type}`);
         return VIRTIO_BLK_S_UNSUPP;
     }
+  }
+
+  /** Records what the completion needs, before the disk may complete it. */
+  private start(state: RequestState, chain: DescriptorChain, type: number, sector: number, len: number): void {
+    state.chain = chain;
+    state.type = type;
+    state.sector = sector;
+    state.len = len;
+    state.count = 0;
+    state.nextSegment = 0;
   }
 
   /** IN/OUT: length a multiple of the block size, sector aligned to it, range inside the disk. */
@@ -294,7 +280,7 @@ export class QueueProcessor {
     return true;
   }
 
-  private discardOrZero(chain: DescriptorChain, reader: ChainReader, zero: boolean): number {
+  private discardOrZero(chain: DescriptorChain, reader: ChainReader, req: DiskRequest, state: RequestState, zero: boolean): number {
     const p = this.policy;
     const what = zero ? "write zeroes" : "discard";
     if (p.readOnly) return this.refuseReadOnly(chain, what);
@@ -312,8 +298,12 @@ export class QueueProcessor {
       this.guestError(chain, `${what} with ${count} segments (at most ${MAX_DISCARD_SEGMENTS})`);
       return VIRTIO_BLK_S_UNSUPP;
     }
-    reader.read(this.segments.subarray(0, bytes));
-    const v = this.segmentsView;
+    if (state.segments === null) {
+      state.segments = new Uint8Array(MAX_DISCARD_SEGMENTS * DISCARD_SEGMENT_SIZE);
+      state.segmentsView = new DataView(state.segments.buffer);
+    }
+    reader.read(state.segments.subarray(0, bytes));
+    const v = state.segmentsView!;
     // Check every segment before touching the image.
     for (let i = 0; i < count; i++) {
       const o = i * DISCARD_SEGMENT_SIZE;
@@ -338,26 +328,28 @@ export class QueueProcessor {
         return VIRTIO_BLK_S_IOERR;
       }
     }
-    for (let i = 0; i < count; i++) {
-      const o = i * DISCARD_SEGMENT_SIZE;
-      const sector = v.getUint32(o, true) + v.getUint32(o + 4, true) * 0x1_0000_0000;
-      const sectors = v.getUint32(o + 8, true);
-      const unmap = (v.getUint32(o + 12, true) & VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP) !== 0;
-      try {
-        if (zero) this.image.writeZeroes(sector * 512, sectors * 512, unmap && p.mayUnmap);
-        else this.image.discard(sector * 512, sectors * 512);
-      } catch (e) {
-        return this.hostError(what, sector, sectors * 512, e);
-      }
+    this.start(state, chain, zero ? VIRTIO_BLK_T_WRITE_ZEROES : VIRTIO_BLK_T_DISCARD, 0, 0);
+    state.count = count;
+    this.startSegment(req, state);
+    return IN_FLIGHT;
+  }
+
+  /** Starts the next segment of a discard or write zeroes on the request's slot (one disk
+   * operation per segment, one after the other; the last one completes the request). */
+  private startSegment(req: DiskRequest, state: RequestState): void {
+    const v = state.segmentsView!;
+    const o = state.nextSegment++ * DISCARD_SEGMENT_SIZE;
+    const sector = v.getUint32(o, true) + v.getUint32(o + 4, true) * 0x1_0000_0000;
+    const sectors = v.getUint32(o + 8, true);
+    state.sector = sector;
+    state.len = sectors * 512;
+    if (state.type === VIRTIO_BLK_T_DISCARD) {
+      this.io.discard(req, sector * 512, sectors * 512);
+      return;
     }
-    if (zero && p.writethrough) {
-      try {
-        this.image.flush();
-      } catch (e) {
-        return this.hostError("flush", 0, 0, e);
-      }
-    }
-    return VIRTIO_BLK_S_OK;
+    const p = this.policy;
+    const unmap = (v.getUint32(o + 12, true) & VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP) !== 0 && p.mayUnmap;
+    this.io.writeZeroes(req, sector * 512, sectors * 512, (unmap ? ZERO_UNMAP : 0) | (p.writethrough ? ZERO_FUA : 0));
   }
 
   private refuseReadOnly(chain: DescriptorChain, what: string): number {
@@ -376,11 +368,20 @@ export class QueueProcessor {
   }
 
   /** Host I/O failures: the guest sees IOERR; we log (rate-limited) since the host has a problem. */
-  private hostError(what: string, sector: number, len: number, e: unknown): number {
+  private hostError(what: string, sector: number, len: number, result: number): number {
     if (this.stats.errors < LOGGED_ERRORS) {
-      const why = e instanceof SysError ? e.message : String((e as Error)?.message ?? e);
-      log.warn(`block queue ${this.queue.index}: ${what} of ${len} bytes at sector ${sector} failed: ${why}`);
+      log.warn(`block queue ${this.queue.index}: ${what} of ${len} bytes at sector ${sector} failed: ${errnoName(-result)}`);
     }
     return VIRTIO_BLK_S_IOERR;
+  }
+}
+
+function opName(type: number): string {
+  switch (type) {
+    case VIRTIO_BLK_T_IN: return "read";
+    case VIRTIO_BLK_T_OUT: return "write";
+    case VIRTIO_BLK_T_FLUSH: return "flush";
+    case VIRTIO_BLK_T_DISCARD: return "discard";
+    default: return "write zeroes";
   }
 }

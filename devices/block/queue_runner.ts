@@ -1,21 +1,20 @@
 // The block QueueRunner (src/device.ts): serves the request queues one thread is given, in the
-// device thread or a queue thread of its own (src/queue_thread.ts). Each runner opens the image
-// itself (an fd per thread: no shared file offset is involved, preadv/pwritev are positional),
-// shared by the queues it serves, and shares only the cache mode with the device, through one
-// shared word that SET_CONFIG may flip at any time.
+// device thread or a queue thread of its own (src/queue_thread.ts). A queue thread builds its own
+// Disk from the acquired resource (plain data: fd numbers are process-wide; nothing is opened
+// here), shared by the queues it serves; the device thread's runner uses the device's Disk. The
+// runner shares only the cache mode with the device, through one shared word that SET_CONFIG may
+// flip at any time.
 import type { QueueRunner } from "../../src/device.ts";
 import type { EventLoop } from "../../src/event_loop.ts";
 import { openVirtqueue } from "../../src/open_virtqueue.ts";
-import { type RingPosition } from "../../src/ring.ts";
-import { BlockImage } from "./image.ts";
-import { QueueProcessor, type AioMode, type BlockPolicy } from "./queue_processor.ts";
+import type { RingPosition } from "../../src/ring.ts";
+import type { Disk } from "./disk/disk.ts";
+import { openDisk, type BlockDiskResource } from "./disk/open.ts";
+import { QueueProcessor, type BlockPolicy } from "./queue_processor.ts";
 
 export interface BlockThreadOptions {
-  file: string;
-  readOnly: boolean;
-  direct: boolean;
-  /** Each queue gets its own io_uring in the thread that serves it. */
-  aio: AioMode;
+  /** The acquired disk (fds and flags). */
+  disk: BlockDiskResource;
   /** The policy without its cache mode... */
   policy: Omit<BlockPolicy, "writethrough">;
   /** ...which lives here: word 0 is 1 for writethrough. */
@@ -31,13 +30,17 @@ export function sharedPolicy(policy: Omit<BlockPolicy, "writethrough">, cacheMod
 }
 
 export class BlockQueueRunner implements QueueRunner {
-  /** One image fd for every queue this thread serves, opened at the first start. */
-  private image: BlockImage | null = null;
+  /** This thread's disk: the device's (device thread), or built at the first start (queue thread). */
+  private disk: Disk | null;
+  private readonly ownsDisk: boolean;
   private readonly policy: BlockPolicy;
   private readonly queues = new Map<number, { processor: QueueProcessor; stop: () => void }>();
 
-  constructor(private readonly o: BlockThreadOptions, private readonly loop: EventLoop) {
+  /** `disk`: the device thread's Disk to serve through (not closed here). */
+  constructor(private readonly o: BlockThreadOptions, private readonly loop: EventLoop, disk: Disk | null = null) {
     this.policy = sharedPolicy(o.policy, new Int32Array(o.cacheMode));
+    this.disk = disk;
+    this.ownsDisk = disk === null;
   }
 
   /** Processors of the running queues (stats, tests). */
@@ -47,12 +50,12 @@ export class BlockQueueRunner implements QueueRunner {
 
   start(ring: Parameters<QueueRunner["start"]>[0], mem: Parameters<QueueRunner["start"]>[1]): void {
     this.stop(ring.index);
-    this.image ??= BlockImage.open(this.o.file, { readOnly: this.o.readOnly, direct: this.o.direct });
-    const processor = new QueueProcessor(openVirtqueue(mem, ring), this.image, this.policy, this.o.aio);
-    this.queues.set(ring.index, { processor, stop: processor.serve(this.loop) });
+    this.disk ??= openDisk(this.o.disk, false);
+    const processor = new QueueProcessor(openVirtqueue(mem, ring), this.disk, this.policy, this.loop);
+    this.queues.set(ring.index, { processor, stop: processor.serve() });
   }
 
-  /** Waits for the queue's requests in flight (io_uring), so its position is final. */
+  /** Waits for the queue's requests in flight, so its position is final. */
   stop(index: number): RingPosition | null {
     const q = this.queues.get(index);
     if (q === undefined) return null;
@@ -63,11 +66,14 @@ export class BlockQueueRunner implements QueueRunner {
 
   dispose(): void {
     for (const i of [...this.queues.keys()]) this.stop(i);
-    this.image?.close();
-    this.image = null;
+    if (this.ownsDisk) {
+      this.disk?.close();
+      this.disk = null;
+    }
   }
 }
 
+/** The queue-thread runner factory (the definition's `queueRunner`). */
 export function blockQueueRunner(options: unknown, loop: EventLoop): BlockQueueRunner {
   return new BlockQueueRunner(options as BlockThreadOptions, loop);
 }

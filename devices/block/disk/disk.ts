@@ -125,6 +125,14 @@ export interface Disk {
   attach(loop: EventLoop, options: DiskQueueOptions, handlers: DiskQueueHandlers): DiskQueue;
   /** Makes every completed write durable, blocking (the VM is being suspended or saved). */
   flushNow(): void;
+  /** Called on the device thread's instance before a ring starts: makes sure no other process
+   * writes the store while we serve it (taking it over if another of ours handed it over); throws
+   * a message naming the conflict ("PATH is in use by another process (write lock held)").
+   * Absent: nothing to do. */
+  activate?(): void;
+  /** Called on the device thread's instance when every ring stopped (VM stopped, migrating away):
+   * the store stays ours, but another of our backends (a migration destination) may take it over. */
+  suspend?(): void;
   /** Releases what this instance owns (its queues must be closed first). Fds a resource handed in
    * are closed only by the instance that owns the resource. */
   close(): void;

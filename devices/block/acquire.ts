@@ -1,0 +1,39 @@
+// The block device's acquire phase: everything it opens, done once before serving, returned as
+// plain data (fd numbers are process-wide) from which the device thread and every queue thread
+// build their Disk (disk/open.ts). And what it may still touch on the host afterwards: nothing
+// for a raw image.
+import { log } from "../../src/log.ts";
+import type { HostAccess } from "../../src/host_access.ts";
+import type { BlockOptions } from "./options.ts";
+import type { BlockDiskResource } from "./disk/open.ts";
+import { acquireRawDisk } from "./disk/raw.ts";
+import { ioUringUnavailable } from "./disk/raw_uring.ts";
+
+/**
+ * Opens the image (and, with --direct, its buffered twin), locks it as QEMU does (unless
+ * --no-lock), and settles the I/O mode (io_uring is probed once here, so a kernel without it costs
+ * one warning rather than one per queue). Throws a message saying what is wrong.
+ */
+export function acquireBlockDisk(o: BlockOptions): BlockDiskResource {
+  let aio = o.aio;
+  if (aio === "io_uring") {
+    const why = ioUringUnavailable();
+    if (why !== null) {
+      log.warn(`block: io_uring unavailable (${why}); serving requests synchronously (--aio sync)`);
+      aio = "sync";
+    }
+  }
+  return acquireRawDisk(o.file, { readOnly: o.readOnly, direct: o.direct, aio, lock: o.lock });
+}
+
+/** After acquire, a raw image needs no new file, socket or thread: only I/O on its fds. */
+export function blockHostAccess(_o: BlockOptions): HostAccess {
+  return {
+    paths: [],
+    unixSockets: [],
+    tcp: [],
+    hostNetwork: false,
+    threadsAfterAcquire: false,
+    syscallGroups: ["block-io", "io_uring"],
+  };
+}

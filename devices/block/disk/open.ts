@@ -1,0 +1,26 @@
+// Every kind of disk the block device can serve, by the resource its acquire phase produced: the
+// one place that maps a resource's `kind` to its implementation (each implementation adds its case).
+import type { Disk } from "./disk.ts";
+import { openRawDisk, closeRawDiskResource, type RawDiskResource } from "./raw.ts";
+
+/** The resource of any disk kind (plain, structured-cloneable data). */
+export type BlockDiskResource = RawDiskResource;
+
+/** Builds this thread's Disk from the resource; `owner` closes the resource's fds on close(). */
+export function openDisk(resource: BlockDiskResource, owner: boolean): Disk {
+  switch (resource.kind) {
+    case "raw":
+      return openRawDisk(resource, owner);
+    default:
+      throw new Error(`unknown disk kind '${(resource as { kind: string }).kind}'`);
+  }
+}
+
+/** Releases a resource no Disk owns yet (building the device failed after acquire). */
+export function releaseDiskResource(resource: BlockDiskResource): void {
+  switch (resource.kind) {
+    case "raw":
+      closeRawDiskResource(resource);
+      return;
+  }
+}
