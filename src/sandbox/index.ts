@@ -1,0 +1,197 @@
+// Locks a device process down after its acquire phase, in two stages around one execve (issue 17;
+// the measurements behind the order are in the README's sandbox section):
+//
+//   enterSandbox (the process that acquired): on the main thread, new namespaces (root only),
+//   capability bounding set emptied, no_new_privs, Landlock; the fds to keep lose close-on-exec;
+//   then execve of our own binary with the acquired resources in an environment variable. The
+//   execve ends every other thread, and the new image inherits the main thread's restrictions.
+//
+//   resumeSandbox (the new image, before it starts serving): reads the resources back, installs
+//   the seccomp filter on every thread (TSYNC), and checks /proc/self/task/*/status.
+//
+// Landlock and namespaces restrict only the calling thread, and an already-threaded process
+// cannot take a new user namespace: that is why the exec is needed. Workers started in the new
+// image inherit everything.
+import { readFileSync, readdirSync } from "node:fs";
+import { fcntl } from "../../ffi/io.ts";
+import {
+  CAP_LAST_KNOWN, CLONE_NEWIPC, CLONE_NEWNET, CLONE_NEWUTS, PR_CAPBSET_DROP, PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL,
+  PR_SET_NO_NEW_PRIVS, SECCOMP_FILTER_FLAG_TSYNC, capget, capset, execve, prctl, prctlRaw, seccompSetFilter, unshare,
+} from "../../ffi/seccomp.ts";
+import type { HostAccess } from "../host_access.ts";
+import { log } from "../log.ts";
+import { applyLandlock, declaredGrants, runtimeGrants, tcpPorts } from "./landlock.ts";
+import { buildPolicy } from "./policy.ts";
+import { compileFilter } from "./seccomp_filter.ts";
+
+export type SandboxMode = "auto" | "strict" | "none";
+export const SANDBOX_MODES: readonly SandboxMode[] = ["auto", "strict", "none"];
+
+/** The environment variable that carries the second stage's input across the execve. */
+export const SANDBOX_ENV = "VHOST_BACKEND_SANDBOX";
+
+export function parseSandboxMode(v: unknown): SandboxMode {
+  const s = String(v ?? "auto");
+  if (!(SANDBOX_MODES as readonly string[]).includes(s)) throw new Error(`--sandbox ${s}: give auto, strict or none`);
+  return s as SandboxMode;
+}
+
+export interface SandboxRequest {
+  mode: SandboxMode;
+  access: HostAccess;
+  /** Descriptors the new image serves with (the listener, a disk, taps...): inherited across execve. */
+  keepFds: readonly number[];
+  /** The acquired resources, plain data (fd numbers among them): handed to the new image as JSON. */
+  resources: unknown;
+  /** The executable to re-exec (process.execPath) and its arguments (this process's argv). */
+  execPath?: string;
+  argv?: readonly string[];
+  /** Extra read-only paths for the runtime (sources when not compiled). */
+  readPaths?: readonly string[];
+}
+
+/** What crossed the execve. */
+interface Stage2 {
+  mode: SandboxMode;
+  access: HostAccess;
+  keepFds: number[];
+  resources: unknown;
+  applied: string[];
+  missing: string[];
+}
+
+export interface SandboxResult {
+  resources: unknown;
+  keepFds: number[];
+  /** Layers in force, and those that could not be applied (auto mode). */
+  applied: string[];
+  missing: string[];
+}
+
+/** Fails in strict mode, logs in auto mode. */
+function shortfall(mode: SandboxMode, missing: string[], what: string): void {
+  missing.push(what);
+  if (mode === "strict") throw new Error(`--sandbox strict: ${what}`);
+}
+
+/** This process's argv as the kernel has it (a compiled binary's process.argv is rewritten). */
+function ownArgv(): string[] {
+  const raw = readFileSync("/proc/self/cmdline", "utf8");
+  return raw.split("\0").slice(0, -1);
+}
+
+const F_GETFD = 1;
+const F_SETFD = 2;
+const FD_CLOEXEC = 1;
+
+/**
+ * Stage one. With mode "none" returns the resources unchanged; otherwise does not return (the
+ * process becomes the new image) or throws (strict mode, or a failed execve).
+ */
+export function enterSandbox(req: SandboxRequest): SandboxResult | never {
+  if (req.mode === "none") return { resources: req.resources, keepFds: [...req.keepFds], applied: [], missing: ["sandbox off (--sandbox none)"] };
+  const applied: string[] = [];
+  const missing: string[] = [];
+  const root = process.getuid?.() === 0;
+  const argv = req.argv ?? ownArgv();
+  const execPath = req.execPath ?? process.execPath;
+
+  // Namespaces first: they need CAP_SYS_ADMIN, which goes next.
+  if (root) {
+    const flags = CLONE_NEWIPC | CLONE_NEWUTS | (req.access.hostNetwork ? 0 : CLONE_NEWNET);
+    try {
+      unshare(flags);
+      applied.push(req.access.hostNetwork ? "namespaces(ipc,uts)" : "namespaces(net,ipc,uts)");
+    } catch (e) {
+      shortfall(req.mode, missing, `namespaces: ${(e as Error).message}`);
+    }
+  } else {
+    shortfall(req.mode, missing, "namespaces: not root");
+  }
+  // Not built yet: reported, but strict does not fail on it (Landlock confines the filesystem).
+  missing.push("empty mount namespace (not implemented; Landlock confines the filesystem)");
+
+  // Capabilities: an empty bounding set means the execve grants none, even to root.
+  try {
+    for (let cap = 0; cap <= CAP_LAST_KNOWN; cap++) {
+      const r = prctlRaw(PR_CAPBSET_DROP, cap);
+      if (r < 0 && r !== -22 /* EINVAL: a capability this kernel does not know */) throw new Error(`PR_CAPBSET_DROP ${cap}: errno ${-r}`);
+    }
+    prctlRaw(PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL);
+    const caps = capget();
+    capset({ effective: caps.effective, permitted: caps.permitted, inheritable: 0n });
+    applied.push("capabilities");
+  } catch (e) {
+    if (root) shortfall(req.mode, missing, `capabilities: ${(e as Error).message}`);
+    else applied.push("capabilities"); // not root and no file capabilities: nothing to drop
+  }
+
+  prctl(PR_SET_NO_NEW_PRIVS, 1);
+  applied.push("no_new_privs");
+
+  const ll = applyLandlock(
+    [...runtimeGrants({ execPath, pid: process.pid, readPaths: req.readPaths }), ...declaredGrants(req.access)],
+    tcpPorts(req.access),
+  );
+  if (ll.enforced.length > 0) applied.push(`landlock(abi ${ll.abi}: ${ll.enforced.join(",")})`);
+  for (const m of ll.missing) shortfall(req.mode, missing, `landlock: ${m}`);
+  for (const s of ll.skipped) log.debug(`sandbox: landlock rule skipped: ${s}`);
+
+  for (const fd of req.keepFds) fcntl(fd, F_SETFD, fcntl(fd, F_GETFD) & ~FD_CLOEXEC);
+  const stage2: Stage2 = { mode: req.mode, access: req.access, keepFds: [...req.keepFds], resources: req.resources, applied, missing };
+  const env = Object.entries(process.env)
+    .filter(([k, v]) => k !== SANDBOX_ENV && v !== undefined)
+    .map(([k, v]) => `${k}=${v}`);
+  env.push(`${SANDBOX_ENV}=${JSON.stringify(stage2)}`);
+  return execve(execPath, argv, env);
+}
+
+/** True in the image enterSandbox exec'd (before resumeSandbox consumed the hand-over). */
+export function inSandboxStage2(): boolean {
+  return process.env[SANDBOX_ENV] !== undefined;
+}
+
+/**
+ * Stage two: null when this process was not exec'd by enterSandbox. Otherwise installs the
+ * seccomp filter on every thread, verifies the result, logs what is in force, and returns the
+ * resources. Throws (strict) when a layer is missing.
+ */
+export function resumeSandbox(): SandboxResult | null {
+  const raw = process.env[SANDBOX_ENV];
+  if (raw === undefined) return null;
+  delete process.env[SANDBOX_ENV];
+  const s = JSON.parse(raw) as Stage2;
+  for (const fd of s.keepFds) fcntl(fd, F_SETFD, fcntl(fd, F_GETFD) | FD_CLOEXEC);
+  const policy = buildPolicy(s.access, { pid: process.pid, openAllowed: true });
+  const r = seccompSetFilter(compileFilter(policy), SECCOMP_FILTER_FLAG_TSYNC);
+  if (r !== 0) throw new Error(`seccomp: thread ${r} could not be synchronized`);
+  s.applied.push("seccomp");
+  const bad = threadsNotConfined();
+  if (bad.length > 0) shortfall(s.mode, s.missing, `threads not confined: ${bad.join("; ")}`);
+  log.info(`sandbox: ${s.applied.join(", ")}`);
+  for (const m of s.missing) log.warn(`sandbox: not applied: ${m}`);
+  return { resources: s.resources, keepFds: s.keepFds, applied: s.applied, missing: s.missing };
+}
+
+export interface ThreadStatus {
+  tid: number;
+  noNewPrivs: number;
+  seccomp: number;
+  capEff: bigint;
+}
+
+/** NoNewPrivs, Seccomp and CapEff of every thread of process `pid` (/proc/PID/task/*\/status). */
+export function threadStatuses(pid: number | "self" = "self"): ThreadStatus[] {
+  const dir = `/proc/${pid}/task`;
+  return readdirSync(dir).map((tid) => {
+    const status = readFileSync(`${dir}/${tid}/status`, "utf8");
+    const field = (name: string) => /^(\S+):\s*(\S+)/m.exec(status.split("\n").find((l) => l.startsWith(`${name}:`)) ?? "")?.[2] ?? "";
+    return { tid: Number(tid), noNewPrivs: Number(field("NoNewPrivs")), seccomp: Number(field("Seccomp")), capEff: BigInt(`0x${field("CapEff") || "0"}`) };
+  });
+}
+
+function threadsNotConfined(): string[] {
+  return threadStatuses()
+    .filter((t) => t.noNewPrivs !== 1 || t.seccomp !== 2 || t.capEff !== 0n)
+    .map((t) => `tid ${t.tid}: NoNewPrivs ${t.noNewPrivs}, Seccomp ${t.seccomp}, CapEff ${t.capEff.toString(16)}`);
+}
