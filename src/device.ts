@@ -12,6 +12,7 @@ import type { EventLoop } from "./event_loop.ts";
 import type { VirtqueueConfig, RingPosition } from "./ring.ts";
 import type { GuestMemory } from "./memory.ts";
 import type { HostAccess } from "./host_access.ts";
+import type { QueueService, QueueServiceOptions } from "./queue_thread.ts";
 
 export type { VirtqueueConfig, RingPosition };
 
@@ -23,13 +24,25 @@ export interface DeviceContext {
   configChanged(): void;
   /** The queue threads' entry file (a URL) for QueueService: the program's, which knows the devices. */
   queueThreadEntry: string;
+  /**
+   * Where this device's queues run: its definition's queueRunner, in this thread (threads = 0) or
+   * in `threads` queue threads spawned now (queue i in thread threadOf(i), default i % threads).
+   */
+  queueService(o: QueueServicePlacement): QueueService;
 }
 
-export interface VhostUserDevice {
+/** What a device says about where its queues run (the rest of QueueServiceOptions comes from its definition). */
+export type QueueServicePlacement = Pick<QueueServiceOptions, "options" | "threads" | "threadOf">;
+
+/** Who a device is: stated once, on its DeviceDefinition; the handler puts it in snapshots. */
+export interface DeviceIdentity {
   /** Short name used on the command line and in snapshots ("console", "block"...). */
   readonly name: string;
   /** Virtio device id (3 console, 2 block, 1 net, 25 sound). */
   readonly virtioId: number;
+}
+
+export interface VhostUserDevice {
   maxQueues(): number;
   /** Virtio feature bits offered (the handler adds VHOST_USER_F_PROTOCOL_FEATURES). */
   features(): bigint;

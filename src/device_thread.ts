@@ -7,6 +7,7 @@ import { EventLoop } from "./event_loop.ts";
 import { BackendServer } from "./server.ts";
 import { log, setLogLevel } from "./log.ts";
 import type { DeviceDefinition, VhostUserDevice } from "./device.ts";
+import { QueueService } from "./queue_thread.ts";
 
 declare const self: Worker;
 
@@ -53,9 +54,14 @@ export function serveDeviceThread(findDefinition: DefinitionLookup): void {
     device = def.create(msg.options, msg.resources, {
       loop: l,
       queueThreadEntry: msg.queueThreadEntry,
+      queueService: (o) => {
+        if (def.queueRunner === undefined) throw new Error(`device '${def.name}' has no queueRunner for its QueueService`);
+        return new QueueService({ ...o, entry: msg.queueThreadEntry, device: def.name, module: msg.module, loop: l, runner: def.queueRunner });
+      },
       configChanged: () => void server?.current?.notifyConfigChanged(),
     });
     server = new BackendServer(l, device, {
+      identity: { name: def.name, virtioId: def.virtioId },
       listenFd: msg.listenFd,
       connectedFd: msg.connectedFd,
       onFinished: () => post({ type: "finished" }),

@@ -11,7 +11,7 @@ import { type Message, type MemoryRegionDesc, u64Bytes, vringStateBytes, configB
 import { GuestMemory, MemoryRegion } from "./memory.ts";
 import { checkRing } from "./open_virtqueue.ts";
 import { MAX_QUEUE_SIZE, type VirtqueueConfig } from "./ring.ts";
-import { VIRTIO_F_EVENT_IDX, VIRTIO_F_INDIRECT_DESC, VIRTIO_F_RING_PACKED, type VhostUserDevice } from "./device.ts";
+import { VIRTIO_F_EVENT_IDX, VIRTIO_F_INDIRECT_DESC, VIRTIO_F_RING_PACKED, type VhostUserDevice, type DeviceIdentity } from "./device.ts";
 import type { EventLoop } from "./event_loop.ts";
 import { encodeEnvelope, decodeEnvelope, StateTransfer, SNAPSHOT_FORMAT_VERSION } from "./snapshot.ts";
 import { BackendChannel } from "./backend_channel.ts";
@@ -98,7 +98,7 @@ export class VhostUserHandler {
   private log: DirtyLog | null = null;
   private logFd = -1;
 
-  constructor(private readonly device: VhostUserDevice, private readonly loop: EventLoop) {
+  constructor(private readonly device: VhostUserDevice, private readonly loop: EventLoop, private readonly identity: DeviceIdentity) {
     this.vrings = Array.from({ length: device.maxQueues() }, newVring);
     this.transfer = new StateTransfer(loop);
   }
@@ -665,8 +665,8 @@ export class VhostUserHandler {
       try {
         blob = encodeEnvelope({
           formatVersion: SNAPSHOT_FORMAT_VERSION,
-          device: this.device.name,
-          virtioId: this.device.virtioId,
+          device: this.identity.name,
+          virtioId: this.identity.virtioId,
           ackedFeatures: this.ackedFeatures.toString(),
           ackedProtocolFeatures: this.ackedProtocol.toString(),
           state: this.device.snapshot(),
@@ -689,7 +689,7 @@ export class VhostUserHandler {
     }
     if (loaded === null) return 0n; // a save that completed
     try {
-      const env = decodeEnvelope(loaded, this.device.name, this.device.virtioId);
+      const env = decodeEnvelope(loaded, this.identity.name, this.identity.virtioId);
       const features = BigInt(env.ackedFeatures);
       const protocol = BigInt(env.ackedProtocolFeatures);
       if (features & ~this.offeredFeatures()) throw new Error("saved features are not offered by this device");

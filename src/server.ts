@@ -11,7 +11,7 @@ import { decodeMessage, encodeReply, u64Bytes, FramingError, MessageError, type 
 import { reqName, ProtocolFeature } from "./protocol/constants.ts";
 import { VhostUserHandler, RequestError, VALUE_REPLIES, errorReply } from "./handler.ts";
 import type { EventLoop } from "./event_loop.ts";
-import type { VhostUserDevice } from "./device.ts";
+import type { VhostUserDevice, DeviceIdentity } from "./device.ts";
 import { log } from "./log.ts";
 import { guestFaultWakeFd, takeGuestFaults } from "./guest_faults.ts";
 import { drain } from "../ffi/eventfd.ts";
@@ -22,6 +22,8 @@ function peerGone(e: unknown): boolean {
 }
 
 export interface ServerOptions {
+  /** The served device's name and virtio id (its definition's), for snapshots. */
+  identity: DeviceIdentity;
   /** A listening socket to accept front-ends on... */
   listenFd?: number;
   /** ...or one already-connected socket (the session ends the server). */
@@ -65,7 +67,7 @@ export class BackendServer {
     setNonBlocking(fd);
     this.sessions++;
     this.conn = new Connection(fd);
-    this.handler = new VhostUserHandler(this.device, this.loop);
+    this.handler = new VhostUserHandler(this.device, this.loop, this.opts.identity);
     log.info(`front-end connected (session ${this.sessions})`);
     this.loop.add(fd, EPOLLIN | EPOLLHUP | EPOLLERR, () => this.onReadable());
   }

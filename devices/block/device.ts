@@ -28,8 +28,6 @@ export function defaultSerial(dev: number, ino: number): string {
 const DEFAULT_WRITEBACK = 1;
 
 export class BlockDevice implements VhostUserDevice {
-  readonly name = "block";
-  readonly virtioId = 2;
   /** The device thread's disk: owns the acquired fds (closed by dispose). */
   readonly disk: Disk;
   private readonly serial: string;

@@ -9,7 +9,7 @@ import { openVirtqueue } from "../../src/open_virtqueue.ts";
 import { type VirtqueueConfig, type RingPosition } from "../../src/ring.ts";
 import type { GuestMemory } from "../../src/memory.ts";
 import {
-  VIRTIO_ID_CONSOLE, VIRTIO_CONSOLE_F_SIZE, VIRTIO_CONSOLE_F_MULTIPORT, VIRTIO_CONSOLE_F_EMERG_WRITE,
+  VIRTIO_CONSOLE_F_SIZE, VIRTIO_CONSOLE_F_MULTIPORT, VIRTIO_CONSOLE_F_EMERG_WRITE,
   CONFIG_SIZE, EMERG_WR, queueCount, queueRole, configBytes, type WindowSize,
 } from "./config.ts";
 import { ConsolePort, type PortState } from "./port.ts";
@@ -34,8 +34,6 @@ interface ConsoleState {
 }
 
 export class ConsoleDevice implements VhostUserDevice {
-  readonly name = "console";
-  readonly virtioId = VIRTIO_ID_CONSOLE;
   private readonly ports: ConsolePort[];
   private readonly control: ControlChannel;
   private readonly offered: bigint;

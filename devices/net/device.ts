@@ -18,7 +18,7 @@ import { NetControl } from "./control.ts";
 import { netPairRunner, type NetRunnerOptions } from "./pair_runner.ts";
 import { validateNetState, NET_STATE_VERSION, type NetState } from "./state.ts";
 import {
-  VIRTIO_ID_NET, VIRTIO_NET_F_MAC, VIRTIO_NET_F_MTU, VIRTIO_NET_F_STATUS, VIRTIO_NET_F_MRG_RXBUF, VIRTIO_NET_F_MQ,
+  VIRTIO_NET_F_MAC, VIRTIO_NET_F_MTU, VIRTIO_NET_F_STATUS, VIRTIO_NET_F_MRG_RXBUF, VIRTIO_NET_F_MQ,
   VIRTIO_NET_F_CTRL_VQ, VIRTIO_NET_F_CTRL_RX, VIRTIO_NET_F_CTRL_MAC_ADDR, VIRTIO_NET_F_CTRL_GUEST_OFFLOADS,
   VIRTIO_NET_F_GUEST_ANNOUNCE, VIRTIO_NET_F_GUEST_TSO4, VIRTIO_NET_F_GUEST_TSO6, VIRTIO_NET_F_GUEST_UFO,
   VIRTIO_NET_F_GUEST_USO4, VIRTIO_NET_F_GUEST_USO6, GUEST_OFFLOAD_FEATURES, VIRTIO_NET_S_LINK_UP,
@@ -36,8 +36,6 @@ function randomMac(): Uint8Array {
 }
 
 export class NetDevice implements VhostUserDevice {
-  readonly name = "net";
-  readonly virtioId = VIRTIO_ID_NET;
   readonly tap: Tap;
   readonly shared = new NetShared();
   private readonly offered: bigint;

@@ -47,8 +47,6 @@ function directionsOf(o: SndOptions): { direction: P.Direction; nid: number }[] 
 }
 
 export class SndDevice implements VhostUserDevice, ControlTarget {
-  readonly name = "snd";
-  readonly virtioId = VIRTIO_ID_SOUND;
   readonly host: SndHost;
   readonly streams: PcmStream[];
   private readonly engines: (StreamEngine | null)[];

@@ -8,7 +8,7 @@ import { type VirtqueueConfig, type RingPosition } from "../../src/ring.ts";
 import { ChainReader, ChainWriter } from "../../src/chain.ts";
 import type { GuestMemory } from "../../src/memory.ts";
 import { WatchedQueue, processQueue } from "../../src/queue_serving.ts";
-import { QueueService } from "../../src/queue_thread.ts";
+import type { QueueService } from "../../src/queue_thread.ts";
 import type { EventLoop } from "../../src/event_loop.ts";
 
 /**
@@ -19,11 +19,11 @@ class EchoRunner implements QueueRunner {
   private readonly queues = new Map<number, WatchedQueue>();
   private readonly scratch = new Uint8Array(65536);
 
-  constructor(private readonly loop: EventLoop, private readonly onRequest: () => void, private readonly starts?: Int32Array) {}
+  constructor(private readonly loop: EventLoop, private readonly counters: Int32Array) {}
 
   start(ring: VirtqueueConfig, mem: GuestMemory): void {
     this.stop(ring.index);
-    if (this.starts !== undefined) Atomics.add(this.starts, 0, 1);
+    Atomics.add(this.counters, COUNT_STARTS, 1);
     const queue = openVirtqueue(mem, ring);
     const watched: WatchedQueue = new WatchedQueue(this.loop, () => this.echo(queue, watched));
     this.queues.set(ring.index, watched);
@@ -36,7 +36,7 @@ class EchoRunner implements QueueRunner {
       const w = new ChainWriter(chain);
       w.write(this.scratch.subarray(0, n));
       queue.add(chain.head, w.written);
-      this.onRequest();
+      Atomics.add(this.counters, COUNT_REQUESTS, 1);
       return true;
     }, undefined, watched.budget);
   }
@@ -49,27 +49,26 @@ class EchoRunner implements QueueRunner {
 }
 
 export const ECHO_QUEUES = 2;
+/** The shared counter words: ring starts, requests echoed. */
+const COUNT_STARTS = 0;
+const COUNT_REQUESTS = 1;
 const CONFIG_SIZE = 16;
 const MAGIC = [0x65, 0x63, 0x68, 0x6f, 0x64, 0x65, 0x76, 0x31]; // "echodev1", read-only
 
 const ECHO_VIRTIO_ID = 0x3f; // not a real virtio device id
 
 class EchoDevice implements VhostUserDevice {
-  readonly name = "echo";
-  readonly virtioId = ECHO_VIRTIO_ID;
   private config = new Uint8Array(CONFIG_SIZE);
-  processed = 0;
+  private readonly counters: Int32Array;
   acked = 0n;
   /** With `threaded`, queue i runs in queue thread i; otherwise all in the device thread. */
   private readonly queues: QueueService;
 
-  constructor(private readonly ctx: DeviceContext, threaded: boolean, starts?: SharedArrayBuffer) {
+  constructor(private readonly ctx: DeviceContext, threaded: boolean, counters: SharedArrayBuffer) {
     this.config.set(MAGIC, 0);
-    this.queues = new QueueService({
-      entry: ctx.queueThreadEntry, device: "echo", module: new URL("./echo_device.ts", import.meta.url).href, options: { starts },
-      threads: threaded ? ECHO_QUEUES : 0, threadOf: (i) => i, loop: ctx.loop,
-      runner: (o, loop) => new EchoRunner(loop, () => this.processed++, startCounter(o)),
-    });
+    this.counters = new Int32Array(counters);
+    // Queue i in queue thread i, or all in this thread; the runner is the definition's queueRunner.
+    this.queues = ctx.queueService({ options: { counters } satisfies EchoRunnerOptions, threads: threaded ? ECHO_QUEUES : 0, threadOf: (i) => i });
   }
 
   maxQueues() { return ECHO_QUEUES; }
@@ -96,11 +95,11 @@ class EchoDevice implements VhostUserDevice {
   }
   reset() {
     this.config.fill(0, 8);
-    this.processed = 0;
+    Atomics.store(this.counters, COUNT_REQUESTS, 0);
   }
   enterSuspendedState() {}
   snapshot() {
-    return { processed: this.processed, config: this.config.slice(8) };
+    return { processed: Atomics.load(this.counters, COUNT_REQUESTS), config: this.config.slice(8) };
   }
   restore(state: unknown, ackedFeatures: bigint) {
     const s = state as { processed?: unknown; config?: unknown };
@@ -108,21 +107,20 @@ class EchoDevice implements VhostUserDevice {
       throw new Error("echo state is malformed");
     }
     this.acked = ackedFeatures;
-    this.processed = s.processed;
+    Atomics.store(this.counters, COUNT_REQUESTS, s.processed);
     this.config.set(s.config, 8);
   }
 }
 
-/** The runners' shared count of ring starts (tests that a change did not restart rings), if asked for. */
-function startCounter(o: unknown): Int32Array | undefined {
-  const sab = (o as { starts?: SharedArrayBuffer }).starts;
-  return sab !== undefined ? new Int32Array(sab) : undefined;
-}
-
-/** `threaded`: each queue in its own queue thread; `starts`: a SharedArrayBuffer counting ring starts. */
+/** `threaded`: each queue in its own queue thread; `counters`: shared words [ring starts, requests] (tests read starts). */
 interface EchoOptions {
   threaded: boolean;
-  starts?: SharedArrayBuffer;
+  counters: SharedArrayBuffer;
+}
+
+/** What every runner gets, in whichever thread: the shared counters. */
+interface EchoRunnerOptions {
+  counters: SharedArrayBuffer;
 }
 
 const definition: DeviceDefinition<EchoOptions> = {
@@ -132,8 +130,11 @@ const definition: DeviceDefinition<EchoOptions> = {
   capabilities: { type: "echo", features: [] },
   example: ["--socket", "/tmp/echo.sock"],
   args: {},
-  parse: (raw) => ({ threaded: raw.threaded === true, starts: raw.starts instanceof SharedArrayBuffer ? raw.starts : undefined }),
-  create: (opts, _resources, ctx) => new EchoDevice(ctx, opts.threaded, opts.starts),
-  queueRunner: (options, loop) => new EchoRunner(loop, () => {}, startCounter(options)),
+  parse: (raw) => ({
+    threaded: raw.threaded === true,
+    counters: raw.counters instanceof SharedArrayBuffer ? raw.counters : new SharedArrayBuffer(8),
+  }),
+  create: (opts, _resources, ctx) => new EchoDevice(ctx, opts.threaded, opts.counters),
+  queueRunner: (options, loop) => new EchoRunner(loop, new Int32Array((options as EchoRunnerOptions).counters)),
 };
 export default definition;

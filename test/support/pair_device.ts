@@ -13,7 +13,7 @@ import { type VirtqueueConfig, type RingPosition } from "../../src/ring.ts";
 import { ChainReader, ChainWriter } from "../../src/chain.ts";
 import type { GuestMemory } from "../../src/memory.ts";
 import { WatchedQueue, processQueue, fillQueue } from "../../src/queue_serving.ts";
-import { QueueService } from "../../src/queue_thread.ts";
+import type { QueueService } from "../../src/queue_thread.ts";
 import type { EventLoop } from "../../src/event_loop.ts";
 import { IovecArray, open, read, writev, O_RDWR, O_NONBLOCK } from "../../ffi/io.ts";
 import { close, EAGAIN } from "../../ffi/libc.ts";
@@ -158,18 +158,11 @@ class PairRunner implements QueueRunner {
 const PAIR_VIRTIO_ID = 0x3e; // not a real virtio device id
 
 class PairDevice implements VhostUserDevice {
-  readonly name = "pair";
-  readonly virtioId = PAIR_VIRTIO_ID;
   private readonly queues: QueueService;
 
   constructor(o: PairOptions, ctx: DeviceContext) {
     Atomics.store(new Int32Array(o.sab), PAIR_DEVICE_THREAD, threadId);
-    this.queues = new QueueService({
-      entry: ctx.queueThreadEntry, device: "pair", module: new URL("./pair_device.ts", import.meta.url).href,
-      options: { path: o.path, sab: o.sab },
-      threads: o.threads ?? 1, threadOf: () => 0, loop: ctx.loop,
-      runner: (opts, loop) => new PairRunner(opts as PairOptions, loop),
-    });
+    this.queues = ctx.queueService({ options: { path: o.path, sab: o.sab }, threads: o.threads ?? 1, threadOf: () => 0 });
   }
 
   maxQueues() { return 2; }

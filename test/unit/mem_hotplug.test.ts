@@ -22,8 +22,8 @@ afterEach(async () => {
 for (const threaded of [true, false]) {
   describe(`ADD_MEM_REG under I/O (${threaded ? "queue threads" : "device thread"})`, () => {
     test(`${REGIONS} regions added one by one; each is usable at once by every ring, and no ring restarts`, async () => {
-      const starts = new Int32Array(new SharedArrayBuffer(4));
-      backend = new BackendUnderTest("echo", { threaded, starts: starts.buffer }, ECHO);
+      const starts = new Int32Array(new SharedArrayBuffer(8)); // [ring starts, requests]
+      backend = new BackendUnderTest("echo", { threaded, counters: starts.buffer }, ECHO);
       await backend.ready;
       // One memfd split into regions at matching offsets (as QEMU splits RAM); region 0 holds the rings.
       ram = new GuestRam(REGION * (REGIONS + 1));
