@@ -1,13 +1,14 @@
 // The block device's acquire phase: everything it opens, done once before serving, returned as
 // plain data (fd numbers are process-wide) from which the device thread and every queue thread
 // build their Disk (disk/open.ts). And what it may still touch on the host afterwards: nothing
-// for a raw image.
+// for a raw image, nor for a qcow2 image (its whole backing chain is opened here).
 import { log } from "../../src/log.ts";
 import type { HostAccess } from "../../src/host_access.ts";
 import type { BlockOptions } from "./options.ts";
 import type { BlockDiskResource } from "./disk/open.ts";
 import { acquireRawDisk } from "./disk/raw.ts";
 import { ioUringUnavailable } from "./disk/raw_uring.ts";
+import { acquireQcow2Disk, isQcow2File } from "./disk/qcow2/disk.ts";
 
 /**
  * Opens the image (and, with --direct, its buffered twin), locks it as QEMU does (unless
@@ -15,6 +16,11 @@ import { ioUringUnavailable } from "./disk/raw_uring.ts";
  * one warning rather than one per queue). Throws a message saying what is wrong.
  */
 export function acquireBlockDisk(o: BlockOptions): BlockDiskResource {
+  // --format raw never probes: what a guest writes into its raw disk cannot change how it opens.
+  if (o.format === "qcow2" || (o.format === "auto" && isQcow2File(o.file))) {
+    if (o.direct || o.aio === "io_uring") log.info(`block: ${o.file} is qcow2: served synchronously through the page cache (--direct and --aio io_uring apply to raw images)`);
+    return acquireQcow2Disk(o.file, { readOnly: o.readOnly, lock: o.lock });
+  }
   let aio = o.aio;
   if (aio === "io_uring") {
     const why = ioUringUnavailable();

@@ -7,7 +7,8 @@ import { booleanOption, intOption } from "../../src/cli_args.ts";
 import { MAX_QUEUE_SIZE } from "../../src/ring.ts";
 
 export const BLOCK_ARGS = {
-  file: { type: "string", description: "Disk image: a raw image file or a block device (required)" },
+  file: { type: "string", description: "Disk image: a raw or qcow2 image file, or a block device (required)" },
+  format: { type: "string", default: "auto", description: "Image format: auto (qcow2 if the file starts with a qcow2 header, else raw), raw (never probed: a guest that writes a qcow2 header into its raw disk does not change how it opens next time) or qcow2" },
   "read-only": { type: "boolean", default: false, description: "Expose the disk read-only (VIRTIO_BLK_F_RO); writes fail" },
   serial: { type: "string", description: `Disk serial for GET_ID (at most ${VIRTIO_BLK_ID_BYTES} bytes; default derived from the file's device and inode)` },
   "num-queues": { type: "string", default: "16", description: "Number of request queues offered (1-256)" },
@@ -20,8 +21,12 @@ export const BLOCK_ARGS = {
   sparse: { type: "boolean", default: true, negativeDescription: "Do not offer DISCARD and never deallocate on write-zeroes", description: "Offer DISCARD and deallocate discarded ranges (punch holes)" },
 } as const;
 
+export type ImageFormat = "auto" | "raw" | "qcow2";
+
 export interface BlockOptions {
   file: string;
+  /** auto: probed at acquire. */
+  format: ImageFormat;
   readOnly: boolean;
   /** null: derive from the file. */
   serial: string | null;
@@ -49,7 +54,9 @@ export const DEFAULT_QUEUE_SIZE = 128;
 /** Parses and checks the options (no file system access); throws a message naming the option. */
 export function parseBlockOptions(raw: Record<string, unknown>): BlockOptions {
   const file = raw.file;
-  if (typeof file !== "string" || file === "") throw new Error("--file PATH is required (a raw disk image or a block device)");
+  if (typeof file !== "string" || file === "") throw new Error("--file PATH is required (a raw or qcow2 disk image, or a block device)");
+  const format = raw.format ?? "auto";
+  if (format !== "auto" && format !== "raw" && format !== "qcow2") throw new Error(`--format: '${String(format)}' is not one of auto, raw, qcow2`);
   const serialRaw = raw.serial;
   let serial: string | null = null;
   if (serialRaw !== undefined && serialRaw !== null) {
@@ -69,6 +76,7 @@ export function parseBlockOptions(raw: Record<string, unknown>): BlockOptions {
   }
   return {
     file,
+    format,
     readOnly: booleanOption(raw, "read-only", false),
     serial,
     numQueues,

@@ -27,6 +27,7 @@ afterEach(async () => {
 /** What the device thread holds: the acquired resource and its owning disk. */
 function acquire(path: string, extra: Record<string, unknown> = {}): RawDisk {
   const resource: BlockDiskResource = acquireBlockDisk(parseBlockOptions({ file: path, ...extra }));
+  if (resource.kind !== "raw") throw new Error(`${path} was opened as ${resource.kind}`);
   const disk = new RawDisk(resource, true);
   opened.push(disk);
   return disk;

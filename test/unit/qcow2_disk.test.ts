@@ -49,9 +49,13 @@ test("a qcow2 overlay through the Disk interface: reads, writes, flush, discard,
   qemuImg("create", "-q", "-f", "qcow2", "-o", "cluster_size=4096", "-b", "base.raw", "-F", "raw", img);
   expect(isQcow2File(img)).toBe(true);
   expect(isQcow2File(join(dir, "base.raw"))).toBe(false);
-  const res = acquireQcow2Disk(img, { readOnly: false });
+  const res = acquireQcow2Disk(img, { readOnly: false, lock: true });
   expect(res.chain.map((l) => l.format)).toEqual(["qcow2", "raw"]);
   const disk = openQcow2Disk(res, true);
+  disk.activate();
+  // Locked as QEMU locks a guest disk and its backing file: QEMU can write neither meanwhile.
+  expect(Bun.spawnSync(["qemu-io", "-c", "write 0 512", img]).exitCode).not.toBe(0);
+  expect(Bun.spawnSync(["qemu-io", "-f", "raw", "-c", "write 0 512", join(dir, "base.raw")]).exitCode).not.toBe(0);
   expect(disk.size).toBe(size);
   expect(disk.multiThread).toBe(false);
   expect(disk.description).toContain("backing chain of 1");
@@ -86,11 +90,12 @@ test("a qcow2 overlay through the Disk interface: reads, writes, flush, discard,
   expect(sameAsRaw(img, join(dir, "model.raw"))).toBe(true);
 });
 
-test("suspend flushes the metadata; activate re-reads what another program wrote meanwhile", () => {
+test("suspend flushes the metadata; activate re-reads what another program wrote meanwhile (--no-lock)", () => {
   const dir = tempDir();
   const img = join(dir, "m.qcow2");
   qemuImg("create", "-q", "-f", "qcow2", img, "4M");
-  const disk = openQcow2Disk(acquireQcow2Disk(img, { readOnly: false }), true);
+  const disk = openQcow2Disk(acquireQcow2Disk(img, { readOnly: false, lock: false }), true);
+  disk.activate();
   const h = new Harness(disk);
   expect(h.op("write", 0, new Uint8Array(65536).fill(0x61))).toBe(65536);
   disk.suspend();
@@ -108,11 +113,41 @@ test("suspend flushes the metadata; activate re-reads what another program wrote
   expect(chk.leaks).toBe(0);
 });
 
+test("two of our backends on one qcow2 image hand it over as a migration does: the destination writes nothing until the source let go", () => {
+  const dir = tempDir();
+  const img = join(dir, "mig.qcow2");
+  qemuImg("create", "-q", "-f", "qcow2", "-o", "lazy_refcounts=on", img, "4M");
+  const src = openQcow2Disk(acquireQcow2Disk(img, { readOnly: false, lock: true }), true);
+  src.activate();
+  const hs = new Harness(src);
+  expect(hs.op("write", 0, new Uint8Array(8192).fill(0x71))).toBe(8192);
+  // The destination opens the image while the source serves: it waits, and cannot take over yet.
+  const res = acquireQcow2Disk(img, { readOnly: false, lock: true });
+  expect(res.chain[0]!.lock).toBe("waiting");
+  const dst = openQcow2Disk(res, true);
+  expect(() => dst.activate()).toThrow(/in use/);
+  expect(hs.op("write", 1 << 20, new Uint8Array(8192).fill(0x72))).toBe(8192);
+  src.suspend();
+  dst.activate();
+  const hd = new Harness(dst);
+  const b = new Uint8Array(8192);
+  expect(hd.op("read", 1 << 20, b)).toBe(8192);
+  expect(b).toEqual(new Uint8Array(8192).fill(0x72));
+  expect(hd.op("write", 2 << 20, new Uint8Array(8192).fill(0x73))).toBe(8192);
+  hd.dispose();
+  dst.close();
+  hs.dispose();
+  src.close();
+  const chk = check(img);
+  expect(chk.corruptions).toBe(0);
+  expect(chk.leaks).toBe(0);
+});
+
 test("acquire refuses a broken image or a missing backing file at startup, naming the file", () => {
   const dir = tempDir();
   const img = join(dir, "o.qcow2");
   qemuImg("create", "-q", "-f", "qcow2", "-u", "-b", "gone.raw", "-F", "raw", img, "4M");
-  expect(() => acquireQcow2Disk(img, { readOnly: false })).toThrow(/o\.qcow2.*gone\.raw|ENOENT/);
+  expect(() => acquireQcow2Disk(img, { readOnly: false, lock: true })).toThrow(/o\.qcow2.*gone\.raw|ENOENT/);
   writeFileSync(join(dir, "bad.qcow2"), Buffer.concat([Buffer.from([0x51, 0x46, 0x49, 0xfb, 0, 0, 0, 9]), Buffer.alloc(1000)]));
-  expect(() => acquireQcow2Disk(join(dir, "bad.qcow2"), { readOnly: false })).toThrow(/bad\.qcow2: unsupported qcow2 version 9/);
+  expect(() => acquireQcow2Disk(join(dir, "bad.qcow2"), { readOnly: false, lock: true })).toThrow(/bad\.qcow2: unsupported qcow2 version 9/);
 });

@@ -1,8 +1,14 @@
 // A qcow2 image as a Disk (../disk.ts). The acquire phase opens the image and its whole backing
-// chain (fds, as plain data); the device thread builds the image from them. The metadata (L1, the
-// L2 cache, refcounts) lives in this one instance, so the disk is not multi-thread: the device
-// serves every queue from one thread. Requests run synchronously inside their call and complete
-// through `done` before it returns (one slot per queue, nothing in flight between calls).
+// chain (fds, as plain data) and locks them as QEMU does (the image as a guest disk, the backing
+// files for reading); the device thread builds the image from them. The metadata (L1, the L2
+// cache, refcounts) lives in this one instance, so the disk is not multi-thread: the device serves
+// every queue from one thread. Requests run synchronously inside their call and complete through
+// `done` before it returns (one slot per queue, nothing in flight between calls).
+//
+// Until activate() (the first ring starts) the image is only read, never written: a migration
+// destination opens it while the source still serves it. activate() takes the locks and reads the
+// metadata afresh (repairing a dirty image then); suspend() writes all metadata out and lets go,
+// so another of our backends may take over, and the next activate() reads everything again.
 import { IovecArray } from "../../../../ffi/io.ts";
 import { close, SysError, EINVAL, EOPNOTSUPP } from "../../../../ffi/libc.ts";
 
@@ -15,12 +21,13 @@ import {
 } from "../disk.ts";
 import { ImageFile } from "./file.ts";
 import { openChain, buildImage, probeFormat, type DiskFormat, type ChainLink } from "./open.ts";
+import { ImageLock, imagePermissions, type ImageLockState } from "../lock.ts";
 import type { Qcow2Image } from "./qcow2.ts";
 
 export interface Qcow2DiskResource extends DiskResource {
   kind: "qcow2";
   /** The image and its backing chain, top first (the top read-write unless readOnly, the rest read-only). */
-  chain: { path: string; fd: number; format: DiskFormat }[];
+  chain: { path: string; fd: number; format: DiskFormat; lock: ImageLockState }[];
 }
 
 /** Whether the file at `path` holds a qcow2 image (for --format auto). */
@@ -37,20 +44,23 @@ export function isQcow2File(path: string): boolean {
  * Opens the image and its backing chain, and reads all their headers now, so a bad image or a
  * missing backing file is an error at startup. Throws a message saying what is wrong.
  */
-export function acquireQcow2Disk(path: string, o: { readOnly: boolean }): Qcow2DiskResource {
+export function acquireQcow2Disk(path: string, o: { readOnly: boolean; lock: boolean }): Qcow2DiskResource {
   const top = ImageFile.open(path, o.readOnly);
-  let links: ChainLink[];
+  let links: ChainLink[] = [{ file: top, format: "qcow2" }];
+  const locks: ImageLockState[] = [];
   try {
+    if (o.lock) locks.push(ImageLock.acquire(top.fd, path, imagePermissions(o.readOnly)).current);
     links = openChain(top);
+    for (const l of links.slice(1)) locks.push(o.lock ? ImageLock.acquire(l.file.fd, l.file.path, imagePermissions(true)).current : "off");
   } catch (e) {
-    top.close();
+    for (const l of links) l.file.close();
     throw new Error(`${path}: ${(e as Error).message}`);
   }
   const resource: Qcow2DiskResource = {
     kind: "qcow2",
     location: path,
     readOnly: o.readOnly,
-    chain: links.map((l) => ({ path: l.file.path, fd: l.file.fd, format: l.format })),
+    chain: links.map((l, i) => ({ path: l.file.path, fd: l.file.fd, format: l.format, lock: locks[i] ?? "off" })),
   };
   try {
     // Every header of the chain parsed and checked (read-only: nothing is written yet).
@@ -58,6 +68,9 @@ export function acquireQcow2Disk(path: string, o: { readOnly: boolean }): Qcow2D
   } catch (e) {
     closeQcow2DiskResource(resource);
     throw new Error(`${path}: ${(e as Error).message}`);
+  }
+  if (resource.chain[0]!.lock === "waiting") {
+    log.info(`${path}: another of our backends holds this image; this one serves it only once that one's device stopped (a migration destination)`);
   }
   return resource;
 }
@@ -81,20 +94,22 @@ function errnoOf(e: unknown): number {
 const LOGGED_ERRORS = 8;
 
 export class Qcow2Disk implements Disk {
+  /** Read-only until activate(); then the image as served. */
   private image: Qcow2Image;
+  private active = false;
+  private readonly locks: ImageLock[];
   readonly size: number;
   readonly logicalBlockSize = 512;
   readonly physicalBlockSize: number;
   readonly readOnly: boolean;
   readonly multiThread = false;
   readonly description: string;
-  /** Metadata may have been changed by another process since suspend(): re-read before serving. */
-  private stale = false;
   private errors = 0;
 
   constructor(private readonly resource: Qcow2DiskResource, private readonly owner: boolean) {
     this.readOnly = resource.readOnly;
-    this.image = buildImage(fromResource(resource, resource.readOnly), resource.readOnly);
+    this.image = buildImage(fromResource(resource, true), true);
+    this.locks = resource.chain.map((l, i) => ImageLock.adopt(l.fd, l.path, imagePermissions(i === 0 ? resource.readOnly : true), l.lock));
     const h = this.image.header;
     this.size = Math.floor(this.image.size / 512) * 512;
     this.physicalBlockSize = Math.min(h.clusterSize, 4096);
@@ -120,26 +135,35 @@ export class Qcow2Disk implements Disk {
   }
 
   flushNow(): void {
-    this.image.flush();
+    if (this.active) this.image.flush();
   }
 
-  /** Before serving again after a suspend (a migration destination may have written the image meanwhile): drop every cached table. */
+  /** Before serving: takes the locks (throws while another process has the image), then reads the
+   * metadata afresh (another backend may have written the image since we last looked). */
   activate(): void {
-    if (!this.stale) return;
-    this.stale = false;
+    for (const l of this.locks) l.activate();
+    if (this.active) return;
+    const fresh = buildImage(fromResource(this.resource, this.readOnly), this.readOnly);
     this.image.close(); // our ImageFiles do not own the fds
-    this.image = buildImage(fromResource(this.resource, this.readOnly), this.readOnly);
+    this.image = fresh;
+    this.active = true;
   }
 
-  /** Every ring stopped: all metadata goes to disk, so another backend may take the image over. */
+  /** Every ring stopped: all metadata goes to disk, then another backend may take the image over. */
   suspend(): void {
-    this.image.flush();
-    this.stale = true;
+    if (this.active) {
+      this.image.flush();
+      this.image.close();
+      this.image = buildImage(fromResource(this.resource, true), true);
+      this.active = false;
+    }
+    for (const l of this.locks) l.suspend();
   }
 
   /** Runs one operation: its result (bytes, or 0) or -errno. */
   run(len: number, fn: (image: Qcow2Image) => void): number {
     try {
+      if (!this.active) this.activate();
       fn(this.image);
       return len;
     } catch (e) {

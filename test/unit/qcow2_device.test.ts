@@ -1,0 +1,117 @@
+// The block device serving qcow2 images, through the in-process front-end: the format detected
+// from the header (or forced with --format, a raw image then never probed), requests of every type
+// from two queues checked against a model, then `qemu-img check` clean and `qemu-img compare` equal.
+import { test, expect, afterEach } from "bun:test";
+import { writeFileSync, statSync } from "node:fs";
+import { join } from "node:path";
+import { Disk, disposeDisks, segment, SECTOR } from "../support/block_disk.ts";
+import { signal } from "../../ffi/eventfd.ts";
+import { parseBlockOptions } from "../../devices/block/options.ts";
+import { VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT, VIRTIO_BLK_T_FLUSH, VIRTIO_BLK_T_DISCARD, VIRTIO_BLK_T_WRITE_ZEROES, VIRTIO_BLK_S_OK } from "../../devices/block/config.ts";
+import { qemuImg, check, sameAsRaw, tempDir, cleanupDirs, rng, randomBytes } from "../support/qcow2.ts";
+
+afterEach(async () => {
+  await disposeDisks();
+  cleanupDirs();
+});
+
+const MiB = 1 << 20;
+
+test("--format: auto (default) and qcow2 accepted, anything else refused", () => {
+  expect(parseBlockOptions({ file: "x" }).format).toBe("auto");
+  expect(parseBlockOptions({ file: "x", format: "qcow2" }).format).toBe("qcow2");
+  expect(() => parseBlockOptions({ file: "x", format: "vmdk" })).toThrow(/--format/);
+});
+
+test("a qcow2 image is detected and served: capacity is the virtual size; every request type from two queues matches a model", async () => {
+  const dir = tempDir();
+  const size = 16 * MiB;
+  const base = randomBytes(rng(21), 12 * MiB);
+  writeFileSync(join(dir, "base.raw"), base);
+  const img = join(dir, "d.qcow2");
+  qemuImg("create", "-q", "-f", "qcow2", "-o", "cluster_size=16384", "-b", "base.raw", "-F", "raw", img, String(size));
+  const model = new Uint8Array(size);
+  model.set(base);
+  const d = await Disk.start({ file: img, "num-queues": "2" }, { queues: 2 });
+  expect(Number(d.config(0, 8).getBigUint64(0, true))).toBe(size / SECTOR);
+
+  const r = rng(22);
+  for (let round = 0; round < 30; round++) {
+    // Per round: a batch on each queue, ranges disjoint across the whole round.
+    const used: [number, number][] = [];
+    const pick = (maxSectors: number): [number, number] => {
+      for (;;) {
+        const n = 1 + Math.floor(r() * maxSectors);
+        const s = Math.floor(r() * (size / SECTOR - n));
+        if (!used.some(([a, b]) => s < b && a < s + n)) {
+          used.push([s, s + n]);
+          return [s, n];
+        }
+      }
+    };
+    const batches = [0, 1].map((qi) => {
+      const q = d.q(qi);
+      const items: { p: ReturnType<Disk["add"]>; want: Uint8Array | null }[] = [];
+      for (let i = 0; i < 6; i++) {
+        const k = r();
+        if (k < 0.35) {
+          const [s, n] = pick(160);
+          const data = randomBytes(r, n * SECTOR);
+          items.push({ p: d.add(q, { type: VIRTIO_BLK_T_OUT, sector: s, out: data, pieces: 3 }), want: null });
+          model.set(data, s * SECTOR);
+        } else if (k < 0.7) {
+          const [s, n] = pick(160);
+          items.push({ p: d.add(q, { type: VIRTIO_BLK_T_IN, sector: s, inLen: n * SECTOR, pieces: 2 }), want: model.slice(s * SECTOR, (s + n) * SECTOR) });
+        } else if (k < 0.8) {
+          const [s, n] = pick(256);
+          items.push({ p: d.add(q, { type: VIRTIO_BLK_T_WRITE_ZEROES, sector: s, out: segment(s, n, r() < 0.5 ? 1 : 0) }), want: null });
+          model.fill(0, s * SECTOR, (s + n) * SECTOR);
+        } else if (k < 0.9) {
+          // Discard: whole 16 KiB clusters read back as zeroes (over a backing file too); the rest is unchanged.
+          const [s, n] = pick(256);
+          items.push({ p: d.add(q, { type: VIRTIO_BLK_T_DISCARD, sector: s, out: segment(s, n) }), want: null });
+          const first = Math.ceil((s * SECTOR) / 16384) * 16384;
+          const end = Math.floor(((s + n) * SECTOR) / 16384) * 16384;
+          if (end > first) model.fill(0, first, end);
+        } else {
+          items.push({ p: d.add(q, { type: VIRTIO_BLK_T_FLUSH }), want: null });
+        }
+      }
+      return { q, items };
+    });
+    for (const b of batches) signal(b.q.kick);
+    for (const b of batches) {
+      const results = await d.finish(b.q, b.items.map((i) => i.p));
+      results.forEach((res, i) => {
+        expect(res.status).toBe(VIRTIO_BLK_S_OK);
+        const want = b.items[i]!.want;
+        if (want) expect(Buffer.compare(Buffer.from(res.data), Buffer.from(want))).toBe(0);
+      });
+    }
+    d.arena.reset();
+  }
+  await disposeDisks();
+  const chk = check(img);
+  expect(chk.corruptions).toBe(0);
+  expect(chk.leaks).toBe(0);
+  writeFileSync(join(dir, "model.raw"), model);
+  expect(sameAsRaw(img, join(dir, "model.raw"))).toBe(true);
+});
+
+test("--format raw serves a qcow2 file as the raw bytes it holds (never probed)", async () => {
+  const dir = tempDir();
+  const img = join(dir, "r.qcow2");
+  qemuImg("create", "-q", "-f", "qcow2", "-o", "preallocation=full", img, String(MiB));
+  const fileSize = statSync(img).size;
+  const d = await Disk.start({ file: img, format: "raw" });
+  expect(Number(d.config(0, 8).getBigUint64(0, true))).toBe(Math.floor(fileSize / SECTOR));
+  const first = await d.read(0, 1);
+  expect([...first.subarray(0, 4)]).toEqual([0x51, 0x46, 0x49, 0xfb]);
+});
+
+test("--format qcow2 on a raw file is refused at startup", async () => {
+  const dir = tempDir();
+  const img = join(dir, "raw.img");
+  writeFileSync(img, new Uint8Array(MiB));
+  await expect(Disk.start({ file: img, format: "qcow2" })).rejects.toThrow(/qcow2|magic/);
+});
