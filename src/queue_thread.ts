@@ -66,7 +66,8 @@ export class QueueThread {
     if (Atomics.load(this.shared, SLOT_READY) === 1) signal(wake); // it may sit in epoll_wait
   }
 
-  private waitReady(): void {
+  /** Blocks until the thread has built its runner (throws when it failed or did not start in time). */
+  waitReady(): void {
     if (Atomics.wait(this.shared, SLOT_READY, 0, TIMEOUT_MS) === "timed-out") throw new Error("queue thread did not start");
     if (Atomics.load(this.shared, SLOT_READY) !== 1) throw new Error("queue thread failed to start");
   }
@@ -151,6 +152,9 @@ export class QueueService {
 
   constructor(private readonly o: QueueServiceOptions) {
     for (let t = 0; t < o.threads; t++) this.threads[t] = this.spawn();
+    // Each thread loads its entry file and builds its runner now, not after the backend reported
+    // ready: loading opens the program's modules (from the sources, or the binary's own pages).
+    for (const t of this.threads) t!.waitReady();
   }
 
   private spawn(): QueueThread {
