@@ -59,6 +59,8 @@ APT_PACKAGES+=(iproute2 iperf3 tcpdump ethtool iputils-ping dpdk dpdk-dev)
 APT_PACKAGES+=(alsa-utils libasound2 libasound2-plugins pulseaudio)
 # Metrics tests: the Prometheus project's own exposition parsers (strict OpenMetrics, text 0.0.4).
 APT_PACKAGES+=(python3-prometheus-client)
+# The acquire-phase tests: every device's full session traced with strace -f.
+APT_PACKAGES+=(strace)
 # Packages that must come from bookworm-backports, with the minimum version we need (QEMU's configure
 # insists on meson >= 1.5 and pycotap, and cannot fetch them offline).
 BPO_PACKAGES=(qemu-system-x86 qemu-utils meson python3-pycotap)
