@@ -5,8 +5,9 @@
 // wakes `wakeFd`; the session server watches it and drops the front-end whose memory it was. A
 // SIGBUS anywhere else still crashes as before.
 //
-// Per thread: the thread that maps guest memory (the device thread) installs the handler the first
-// time it maps a region that needs it, and its server watches its own wake fd.
+// Per thread: the thread that maps guest memory (the device thread) installs the handler when its
+// server starts (or, without one, the first time it maps a region that needs it), and its server
+// watches its own wake fd.
 import { installGuestSigbusHandler, addGuestRange, removeGuestRange, guestFaults } from "../ffi/sigbus.ts";
 import { eventfd } from "../ffi/eventfd.ts";
 import { log } from "./log.ts";
@@ -22,19 +23,27 @@ export function guestFaultWakeFd(): number {
 }
 
 /**
+ * Installs the handler in this thread's module instance, once. The server does it when it starts
+ * (before the backend reports ready): compiling it writes a C file in the temporary directory and
+ * TinyCC reads its headers, which a device past its acquire phase may not do (the strace tests).
+ */
+export function installGuestFaultHandler(): void {
+  if (state !== "off") return;
+  try {
+    installGuestSigbusHandler(guestFaultWakeFd());
+    state = "on";
+  } catch (e) {
+    state = "failed";
+    log.warn(`could not install the SIGBUS handler for guest memory (${(e as Error).message}): a truncated guest memory file will crash this backend`);
+  }
+}
+
+/**
  * Protects [host, host+len) (a mapping of guest memory that can be truncated under us); returns a
  * slot for unprotect(), or -1 when it could not be protected (the risk stays: logged).
  */
 export function protectGuestRange(host: number, len: number): number {
-  if (state === "off") {
-    try {
-      installGuestSigbusHandler(guestFaultWakeFd());
-      state = "on";
-    } catch (e) {
-      state = "failed";
-      log.warn(`could not install the SIGBUS handler for guest memory (${(e as Error).message}): a truncated guest memory file will crash this backend`);
-    }
-  }
+  installGuestFaultHandler();
   if (state !== "on") return -1;
   const slot = addGuestRange(host, len);
   if (slot < 0) log.warn("guest memory: the SIGBUS handler's table is full; a truncated guest memory file can crash this backend");

@@ -13,7 +13,7 @@ import { VhostUserHandler, RequestError, VALUE_REPLIES, errorReply } from "./han
 import type { EventLoop } from "./event_loop.ts";
 import type { VhostUserDevice, DeviceIdentity } from "./device.ts";
 import { log } from "./log.ts";
-import { guestFaultWakeFd, takeGuestFaults } from "./guest_faults.ts";
+import { guestFaultWakeFd, takeGuestFaults, installGuestFaultHandler } from "./guest_faults.ts";
 import { drain } from "../ffi/eventfd.ts";
 
 /** A send that failed because the front-end closed its end: a disconnect, not an internal error. */
@@ -38,7 +38,9 @@ export class BackendServer {
   sessions = 0;
 
   constructor(private readonly loop: EventLoop, readonly device: VhostUserDevice, private readonly opts: ServerOptions) {
-    // A fault caught in guest memory (the front-end truncated a file we could not seal).
+    // A fault caught in guest memory (the front-end truncated a file we could not seal). The
+    // handler is installed now, before serving, not at the first unsealable region.
+    installGuestFaultHandler();
     loop.add(guestFaultWakeFd(), EPOLLIN, () => this.onGuestFault());
     if (opts.listenFd !== undefined) {
       setNonBlocking(opts.listenFd);
