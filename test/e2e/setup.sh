@@ -51,7 +51,7 @@ flock 9
 APT_PACKAGES=(
   busybox-static fio e2fsprogs util-linux cpio xz-utils kmod
   dpkg-dev build-essential ninja-build libglib2.0-dev libpixman-1-dev pkg-config python3-venv
-  flex bison libaio-dev
+  flex bison libaio-dev libnbd0 nbdkit
 )
 # Net tests: namespaces and taps, traffic, captures, offload checks, DPDK's vhost as a reference.
 APT_PACKAGES+=(iproute2 iperf3 tcpdump ethtool iputils-ping dpdk dpdk-dev)
