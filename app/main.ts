@@ -4,14 +4,20 @@
 // socket, handles signals and supervises the device's thread. This folder (app/) is the program:
 // the only place that knows both the library (src/) and the devices (devices/).
 import { defineCommand, runMain, type ArgsDef, type showUsage } from "citty";
-import { existsSync, lstatSync } from "node:fs";
+import { basename } from "node:path";
+import { chmodSync, chownSync, existsSync, lstatSync } from "node:fs";
 import { DEVICES } from "./registry.ts";
 import type { DeviceDefinition, HostSignal } from "../src/device.ts";
-import { listenUnix, isListening, unixListenerAlive } from "../ffi/socket.ts";
+import { listenUnix, isListening, unixListenerAlive, MAX_SOCKET_PATH } from "../ffi/socket.ts";
 import { fcntl, unlink } from "../ffi/io.ts";
-import { libc, errno, errnoName } from "../ffi/libc.ts";
+import { libc, errno, errnoName, SysError, groupId, userId } from "../ffi/libc.ts";
 import { signal } from "../ffi/eventfd.ts";
-import { log, setLogLevel, LOG_LEVELS } from "../src/log.ts";
+import { log, setLogLevel, setLogFormat, LOG_LEVELS, LOG_FORMATS } from "../src/log.ts";
+import { capabilitiesJson } from "../src/capabilities.ts";
+import { metrics } from "../src/metrics.ts";
+import { parseMetricsAddress, serveMetrics, type MetricsAddress, type MetricsServer } from "../src/metrics_server.ts";
+import { notifyReady, notifyStopping } from "../src/sd_notify.ts";
+import { threadSettings } from "../src/thread_settings.ts";
 import { booleanFromArgv, repeatedOption, systemdListenFds, SD_LISTEN_FDS_START } from "../src/cli_args.ts";
 import { usagePrinter, withUsage } from "./help.ts";
 import { checkArgv, type OptionSpec } from "./argv_check.ts";
@@ -28,6 +34,17 @@ const COMMON_ARGS = {
   },
   "print-capabilities": { type: "boolean", description: "Print the backend's capabilities as JSON and exit" },
   "log-level": { type: "string", valueHint: "LEVEL", default: "info", description: `Log level: ${Object.keys(LOG_LEVELS).join(", ")}` },
+  "log-format": {
+    type: "string",
+    valueHint: LOG_FORMATS.join("|"),
+    default: "text",
+    description: "Log lines when stderr is not a terminal: text (time level device[session]: message key=value) or json (one object per line); under journald, lines start with their syslog priority",
+  },
+  metrics: { type: "string", valueHint: "unix:PATH|HOST:PORT", description: "Serve metrics (Prometheus/OpenMetrics text over HTTP) on this unix socket or TCP address" },
+  "socket-mode": { type: "string", valueHint: "MODE", description: "Permissions of the --socket file, in octal (as systemd's SocketMode=; default: 0777 less the umask)" },
+  "socket-group": { type: "string", valueHint: "GROUP", description: "Group of the --socket file, a name or a number (as systemd's SocketGroup=)" },
+  "allow-uid": { type: "string", valueHint: "UID[,UID...]", description: "Serve only front-ends running as these users (names or numbers; checked with SO_PEERCRED on accept)" },
+  "allow-gid": { type: "string", valueHint: "GID[,GID...]", description: "Serve only front-ends running with these primary groups (names or numbers); with --allow-uid, either may match" },
 } as const satisfies ArgsDef;
 
 const SOCKET_SOURCES = "give exactly one of --socket PATH, --socket-path PATH or --fd N, or start from a systemd .socket unit";
@@ -38,10 +55,59 @@ const SOCKET_SOURCES = "give exactly one of --socket PATH, --socket-path PATH or
  * unreachable, and two backends serving one image).
  */
 function prepareSocketPath(path: string): void {
+  const bytes = Buffer.byteLength(path);
+  if (bytes > MAX_SOCKET_PATH) {
+    throw new Error(`--socket ${path}: ${bytes} bytes, longer than the ${MAX_SOCKET_PATH} a unix socket path may have: use a shorter (or relative) path, or pass a listening socket with --fd`);
+  }
   if (!existsSync(path)) return;
-  if (!lstatSync(path).isSocket()) throw new Error(`${path} exists and is not a socket`);
+  if (!lstatSync(path).isSocket()) throw new Error(`--socket ${path}: exists and is not a socket`);
   if (unixListenerAlive(path)) throw new Error(`${path} is in use by a running backend (something accepts connections on it); stop it first or choose another --socket`);
   unlink(path);
+}
+
+/** A list of users or groups (`--allow-uid qemu,1000`), as numbers; errors name the option. */
+function idList(option: string, value: unknown, lookup: (name: string) => number | null): number[] | undefined {
+  if (value === undefined) return undefined;
+  return String(value).split(",").map((item) => {
+    const name = item.trim();
+    if (/^[0-9]+$/.test(name) && Number(name) <= 0xffffffff) return Number(name);
+    const id = name === "" ? null : lookup(name);
+    if (id === null) throw new Error(`--${option} ${String(value)}: no such ${option.endsWith("uid") ? "user" : "group"} '${name}'`);
+    return id;
+  });
+}
+
+/** Who may reach the socket file (--socket-mode, --socket-group): applied between bind and listen. */
+function socketPermissions(options: Record<string, unknown>, socketPath: string | undefined): ((path: string) => void) | undefined {
+  const mode = options["socket-mode"];
+  const group = options["socket-group"];
+  if (mode === undefined && group === undefined) return undefined;
+  const which = mode !== undefined ? "--socket-mode" : "--socket-group";
+  if (socketPath === undefined) throw new Error(`${which}: only for a socket the backend creates (--socket PATH); with --fd or systemd the socket's creator sets it`);
+  let m: number | undefined;
+  if (mode !== undefined) {
+    if (!/^0?[0-7]{3}$/.test(String(mode))) throw new Error(`--socket-mode ${String(mode)}: not an octal mode like 0660`);
+    m = parseInt(String(mode), 8);
+  }
+  const gid = group === undefined ? undefined : idList("socket-group", group, groupId)![0]!;
+  return (path) => {
+    if (gid !== undefined) chownSync(path, -1, gid);
+    if (m !== undefined) chmodSync(path, m);
+  };
+}
+
+/** A SysError from an option's fd or path, said in the option's terms. */
+function optionError(option: string, e: unknown): Error {
+  if (!(e instanceof SysError)) return e as Error;
+  const why: Record<string, string> = {
+    EBADF: "not an open file descriptor",
+    ENOTSOCK: "not a socket",
+    EACCES: "permission denied",
+    ENOENT: "its directory does not exist",
+    EADDRINUSE: "already in use",
+    EROFS: "read-only file system",
+  };
+  return new Error(`${option}: ${why[e.code] ?? e.message}`);
 }
 
 const SOL_SOCKET = 1;
@@ -98,12 +164,16 @@ function deviceOptions(def: DeviceDefinition, args: Record<string, unknown>, raw
 
 async function runDevice(def: DeviceDefinition, args: Record<string, unknown>, rawArgs: readonly string[]): Promise<void> {
   setLogLevel(String(args["log-level"] ?? "info"));
+  setLogFormat(String(args["log-format"] ?? "text"));
+  log.device = def.name;
   checkArgv(rawArgs, { ...COMMON_ARGS, ...(def.args as ArgsDef) } as Record<string, OptionSpec>);
   const options = deviceOptions(def, args, rawArgs);
   if (options["print-capabilities"] === true) {
-    console.log(JSON.stringify({ type: def.capabilities.type, features: def.capabilities.features }));
+    console.log(capabilitiesJson(def.capabilities));
     return;
   }
+  // From here a stop (SIGTERM, SIGINT, SIGHUP) must clean up: handlers first, then the socket.
+  const life = startLifecycle(def.hostSignals ?? {});
   // A device's own options may name the socket too (crosvm's `--tap-name SOCK,NAME`): it counts
   // as --socket, and must agree with one given as well.
   const named = def.socketPath?.(options) ?? null;
@@ -112,84 +182,155 @@ async function runDevice(def: DeviceDefinition, args: Record<string, unknown>, r
   const sources = [options.socket, options["socket-path"], options.fd].filter((x) => x !== undefined).length;
   if (sources > 1) throw new Error(SOCKET_SOURCES);
   const activated = sources === 0 ? activatedSocket() : undefined;
+  const permissions = socketPermissions(options, socketPath);
+  const allowUids = idList("allow-uid", options["allow-uid"], userId);
+  const allowGids = idList("allow-gid", options["allow-gid"], groupId);
+  const metricsAddress = options.metrics === undefined ? undefined : parseMetricsAddress(String(options.metrics));
   const parsed = def.parse(options);
   // A socket another backend serves is refused before this one opens (and locks) anything.
   if (options.fd === undefined && socketPath !== undefined) prepareSocketPath(socketPath);
   const resources = def.acquire?.(parsed);
   try {
-    await serve(def, options, parsed, resources, socketPath, activated);
+    await serve(def, options, parsed, resources, socketPath, activated, { life, permissions, allowUids, allowGids, metricsAddress });
   } catch (e) {
     if (resources !== undefined) def.release?.(resources);
     throw e;
   }
 }
 
+/** How the process serves, beyond the device: its life, who may connect, where metrics go. */
+interface Serving {
+  life: Lifecycle;
+  permissions: ((path: string) => void) | undefined;
+  allowUids: number[] | undefined;
+  allowGids: number[] | undefined;
+  metricsAddress: MetricsAddress | undefined;
+}
+
 /** Past the acquire phase: the socket, then the device's thread. */
 async function serve(
   def: DeviceDefinition, options: Record<string, unknown>, parsed: unknown, resources: unknown,
   socketPath: string | undefined, activated: number | undefined,
+  { life, permissions, allowUids, allowGids, metricsAddress }: Serving,
 ): Promise<void> {
   const start: WorkerStart = {
     type: "start", device: def.name, options: parsed, resources, logLevel: String(options["log-level"]),
-    queueThreadEntry: QUEUE_THREAD_ENTRY,
+    queueThreadEntry: QUEUE_THREAD_ENTRY, settings: threadSettings(), allowUids, allowGids,
   };
+  let where: string;
   if (options.fd !== undefined) {
     const fd = Number(options.fd);
-    if (!/^[0-9]+$/.test(String(options.fd)) || !Number.isSafeInteger(fd)) throw new Error(`--fd ${String(options.fd)} is not a file descriptor number`);
-    if (isListening(fd)) start.listenFd = fd;
+    if (!/^[0-9]+$/.test(String(options.fd)) || !Number.isSafeInteger(fd)) throw new Error(`--fd ${String(options.fd)}: not a file descriptor number`);
+    let listening: boolean;
+    try {
+      listening = isListening(fd);
+    } catch (e) {
+      throw optionError(`--fd ${fd}`, e);
+    }
+    if (listening) start.listenFd = fd;
     else start.connectedFd = fd;
+    where = `fd ${fd}${listening ? "" : " (connected)"}`;
   } else if (socketPath !== undefined) {
-    start.listenFd = listenUnix(socketPath, 1);
+    try {
+      start.listenFd = listenUnix(socketPath, 1, () => {
+        life.socketPath = socketPath; // bound: ours to remove from here on
+        permissions?.(socketPath);
+      });
+    } catch (e) {
+      throw optionError(`--socket ${socketPath}`, e);
+    }
+    where = socketPath;
   } else {
     start.listenFd = activated; // systemd owns that socket and its path: left alone on exit
+    where = `fd ${activated} from systemd`;
   }
-  await supervise(start, socketPath, def.hostSignals ?? {});
+  if (metricsAddress !== undefined) {
+    life.metricsServer = serveMetrics(metricsAddress, metrics());
+    log.info(`metrics on ${life.metricsServer.where}`);
+  }
+  life.supervise(start, (ready) => {
+    const status = `listening on ${where} (${def.name}, ${ready.queues} queues, features ${ready.features})`;
+    log.info(status);
+    notifyReady(status);
+  });
 }
 
 /** The thread entry files, beside this one (the compiled binary embeds them: see build.ts). */
 const DEVICE_THREAD_ENTRY = new URL("./device_worker.ts", import.meta.url).href;
 const QUEUE_THREAD_ENTRY = new URL("./queue_worker.ts", import.meta.url).href;
 
-/** Runs the device worker and ties its life to this process: signals, failures, exit codes. */
-function supervise(start: WorkerStart, socketPath: string | undefined, hostSignals: Readonly<Partial<Record<HostSignal, string>>>): Promise<void> {
-  const worker = new Worker(DEVICE_THREAD_ENTRY);
-  let wakeFd = -1;
-  let exiting = false;
-  const toWorker = (msg: ToWorker) => {
-    worker.postMessage(msg);
-    if (wakeFd >= 0) signal(wakeFd); // the worker sits in epoll_wait: wake it to read the message
-  };
-  const exit = (code: number) => {
-    if (socketPath !== undefined) unlink(socketPath);
+type Ready = Extract<FromWorker, { type: "ready" }>;
+
+/**
+ * The process's life: stop signals (installed before the socket is bound, so a stop during startup
+ * leaves no socket file behind), the device worker, failures and exit codes.
+ */
+class Lifecycle {
+  /** The socket file this process bound (removed on exit); systemd's and --fd sockets are not ours. */
+  socketPath: string | undefined;
+  metricsServer: MetricsServer | undefined;
+  private worker: Worker | null = null;
+  private wakeFd = -1;
+  private exiting = false;
+
+  constructor(hostSignals: Readonly<Partial<Record<HostSignal, string>>>) {
+    for (const sig of ["SIGTERM", "SIGINT", "SIGHUP"] as const) process.on(sig, () => this.shutdown(sig));
+    // Host events the device asked for (console: resize on SIGWINCH; sound: jacks on SIGUSR1/2).
+    for (const [sig, name] of Object.entries(hostSignals)) process.on(sig as HostSignal, () => this.toWorker({ type: "host-event", name }));
+  }
+
+  private toWorker(msg: ToWorker): void {
+    if (this.worker === null) return;
+    this.worker.postMessage(msg);
+    if (this.wakeFd >= 0) signal(this.wakeFd); // the worker sits in epoll_wait: wake it to read the message
+  }
+
+  exit(code: number): never {
+    this.metricsServer?.stop();
+    if (this.socketPath !== undefined) unlink(this.socketPath);
     process.exit(code);
-  };
-  const shutdown = (why: string) => {
-    if (exiting) return;
-    exiting = true;
+  }
+
+  shutdown(why: string): void {
+    if (this.exiting) return;
+    this.exiting = true;
+    notifyStopping();
     log.info(`${why}: shutting down`);
-    toWorker({ type: "stop" });
+    if (this.worker === null) this.exit(0);
+    this.toWorker({ type: "stop" });
     // The worker restores host state (terminal modes...) and answers "stopped"; don't wait forever.
-    setTimeout(() => exit(0), 2000).unref();
-  };
-  process.on("SIGTERM", () => shutdown("SIGTERM"));
-  process.on("SIGINT", () => shutdown("SIGINT"));
-  // Host events the device asked for (console: resize on SIGWINCH; sound: jacks on SIGUSR1/2).
-  for (const [sig, name] of Object.entries(hostSignals)) process.on(sig as HostSignal, () => toWorker({ type: "host-event", name }));
-  worker.onmessage = (ev: MessageEvent<FromWorker>) => {
-    const msg = ev.data;
-    if (msg.type === "ready") wakeFd = msg.wakeFd;
-    else if (msg.type === "fatal") {
-      log.error(msg.message);
-      exit(1);
-    } else if (msg.type === "finished") shutdown("front-end session ended");
-    else if (msg.type === "stopped") exit(0);
-  };
-  worker.onerror = (ev) => {
-    log.error(`device worker failed: ${ev.message}`);
-    exit(1);
-  };
-  worker.postMessage(start);
-  return new Promise(() => {}); // runs until a signal or the worker ends it
+    setTimeout(() => this.exit(0), 2000).unref();
+  }
+
+  /** Runs the device worker until a signal or the worker ends it. */
+  supervise(start: WorkerStart, onReady: (ready: Ready) => void): void {
+    const worker = new Worker(DEVICE_THREAD_ENTRY);
+    this.worker = worker;
+    worker.onmessage = (ev: MessageEvent<FromWorker>) => {
+      const msg = ev.data;
+      if (msg.type === "ready") {
+        this.wakeFd = msg.wakeFd;
+        if (this.exiting) this.toWorker({ type: "stop" }); // a stop that came while it started
+        else onReady(msg);
+      } else if (msg.type === "fatal") {
+        log.error(msg.message);
+        this.exit(1);
+      } else if (msg.type === "finished") this.shutdown("front-end session ended");
+      else if (msg.type === "stopped") this.exit(0);
+    };
+    worker.onerror = (ev) => {
+      log.error(`device worker failed: ${ev.message}`);
+      this.exit(1);
+    };
+    worker.postMessage(start);
+  }
+}
+
+let lifecycle: Lifecycle | null = null;
+
+function startLifecycle(hostSignals: Readonly<Partial<Record<HostSignal, string>>>): Lifecycle {
+  lifecycle = new Lifecycle(hostSignals);
+  return lifecycle;
 }
 
 function deviceCommand(def: DeviceDefinition) {
@@ -201,6 +342,7 @@ function deviceCommand(def: DeviceDefinition) {
         await runDevice(def, args as Record<string, unknown>, rawArgs);
       } catch (e) {
         log.error((e as Error).message);
+        lifecycle?.exit(1); // removes a socket already bound
         process.exit(1);
       }
     },
@@ -218,4 +360,20 @@ export const main = defineCommand({
   subCommands: { device },
 });
 
-if (import.meta.main) runMain(main, { showUsage: usagePrinter(main) as typeof showUsage });
+/**
+ * The arguments as `backend ...` takes them. Installed under a vhost-user name (QEMU's convention,
+ * `vhost-user-<type>`, e.g. a link /usr/libexec/vhost-user-block -> backend), the binary serves
+ * that device: `vhost-user-block --socket-path=S ...` is `backend device block --socket-path=S ...`.
+ */
+export function cliArgs(argv0: string, args: readonly string[]): string[] {
+  const m = /^vhost-user-(.+)$/.exec(basename(argv0));
+  const def = m === null ? undefined : Object.values(DEVICES).find((d) => d.capabilities.type === m[1] || d.name === m[1]);
+  return def === undefined ? [...args] : ["device", def.name, ...args];
+}
+
+if (import.meta.main) {
+  // Libraries (citty's usage errors) write to console.error, with colors: make every such line a
+  // log event, so it follows the log's rules (one line, no escape codes off a terminal).
+  console.error = (...args: unknown[]) => log.error(...args);
+  runMain(main, { rawArgs: cliArgs(process.argv0, process.argv.slice(2)), showUsage: usagePrinter(main) as typeof showUsage });
+}

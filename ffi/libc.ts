@@ -28,6 +28,9 @@ const lib = dlopen("libc.so.6", {
   tcgetattr: { args: ["i32", "ptr"], returns: "i32" },
   tcsetattr: { args: ["i32", "i32", "ptr"], returns: "i32" },
   strerror: { args: ["i32"], returns: "cstring" },
+  // User and group names through NSS (struct passwd: pw_uid at 16, pw_gid at 20; struct group: gr_gid at 16).
+  getpwnam: { args: ["cstring"], returns: "ptr" },
+  getgrnam: { args: ["cstring"], returns: "ptr" },
   socket: { args: ["i32", "i32", "i32"], returns: "i32" },
   socketpair: { args: ["i32", "i32", "i32", "ptr"], returns: "i32" },
   bind: { args: ["i32", "ptr", "u32"], returns: "i32" },
@@ -119,4 +122,20 @@ export function checkAllow(ret: number | bigint, call: string, allowed: number, 
 
 export function close(fd: number): void {
   if (fd >= 0) lib.symbols.close(fd);
+}
+
+function cString(s: string): Buffer {
+  return Buffer.from(`${s}\0`);
+}
+
+/** The uid of user `name` (NSS: files, LDAP...), or null when there is no such user. */
+export function userId(name: string): number | null {
+  const p = lib.symbols.getpwnam(cString(name));
+  return p === null || p === 0 ? null : read.u32(p, 16);
+}
+
+/** The gid of group `name`, or null when there is no such group. */
+export function groupId(name: string): number | null {
+  const p = lib.symbols.getgrnam(cString(name));
+  return p === null || p === 0 ? null : read.u32(p, 16);
 }

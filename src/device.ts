@@ -9,6 +9,7 @@
 // contained: from a request handler, the front-end gets an error reply and the session goes on;
 // from startQueue, the ring stays stopped; from a runner, that ring is not served.
 import type { EventLoop } from "./event_loop.ts";
+import type { Capabilities } from "./capabilities.ts";
 import type { VirtqueueConfig, RingPosition } from "./ring.ts";
 import type { GuestMemory } from "./memory.ts";
 import type { HostAccess } from "./host_access.ts";
@@ -117,10 +118,11 @@ export interface DeviceDefinition<Options = any, Resources = any> {
   virtioId: number;
   description: string;
   /**
-   * What `--print-capabilities` prints (vhost-user spec, "Backend program conventions"): the
-   * backend type and the optional command-line features the device supports.
+   * What `--print-capabilities` prints (vhost-user spec, "Backend program conventions"; QEMU's
+   * schema, see src/capabilities.ts): the backend type and, for types whose schema entry lists
+   * features, the optional command-line features the device supports.
    */
-  capabilities: { type: string; features: readonly string[] };
+  capabilities: Capabilities;
   /** One typical command line, the arguments after `backend device <name>`; shown at the end of `--help`. */
   example: readonly string[];
   /** citty argument definitions for `backend device <name>`. */

@@ -6,6 +6,7 @@
 import { EventLoop } from "./event_loop.ts";
 import { BackendServer } from "./server.ts";
 import { log, setLogLevel } from "./log.ts";
+import { applyThreadSettings, type ThreadSettings } from "./thread_settings.ts";
 import type { DeviceDefinition, VhostUserDevice } from "./device.ts";
 import { QueueService } from "./queue_thread.ts";
 
@@ -25,11 +26,16 @@ export interface WorkerStart {
   listenFd?: number;
   connectedFd?: number;
   logLevel: string;
+  /** Log format and device name, the metrics buffer (tests may leave it out: defaults). */
+  settings?: ThreadSettings;
+  /** Peers allowed to connect (SO_PEERCRED on accept); none given: anyone who can reach the socket. */
+  allowUids?: number[];
+  allowGids?: number[];
 }
 
 export type ToWorker = WorkerStart | { type: "host-event"; name: string } | { type: "stop" };
 export type FromWorker =
-  | { type: "ready"; wakeFd: number }
+  | { type: "ready"; wakeFd: number; features: string; queues: number }
   | { type: "fatal"; message: string }
   | { type: "finished" }
   | { type: "stopped" };
@@ -47,6 +53,7 @@ export function serveDeviceThread(findDefinition: DefinitionLookup): void {
 
   const start = async (msg: WorkerStart): Promise<void> => {
     setLogLevel(msg.logLevel);
+    if (msg.settings !== undefined) applyThreadSettings(msg.settings);
     const def = await findDefinition(msg.device, msg.module);
     if (def === undefined) throw new Error(`unknown device '${msg.device}'`);
     loop = new EventLoop();
@@ -64,9 +71,11 @@ export function serveDeviceThread(findDefinition: DefinitionLookup): void {
       identity: { name: def.name, virtioId: def.virtioId },
       listenFd: msg.listenFd,
       connectedFd: msg.connectedFd,
+      allowUids: msg.allowUids,
+      allowGids: msg.allowGids,
       onFinished: () => post({ type: "finished" }),
     });
-    post({ type: "ready", wakeFd: l.wakeFd });
+    post({ type: "ready", wakeFd: l.wakeFd, features: `0x${device.features().toString(16)}`, queues: device.maxQueues() });
     l.run();
   };
 

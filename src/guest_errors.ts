@@ -3,6 +3,12 @@
 // logged as they come, then at most one line per interval says how many were suppressed. Every
 // error is counted, so tests and stats see them all.
 import { log } from "./log.ts";
+import { metrics, type SharedCounter } from "./metrics.ts";
+
+/** Rings marked broken by a guest (any thread, any device). */
+export function ringsBroken(): SharedCounter {
+  return metrics().sharedCounter("vhost_rings_broken", "Rings stopped because the guest broke them (until reset)");
+}
 
 const BURST = 8;
 const INTERVAL_MS = 10_000;
@@ -14,10 +20,15 @@ export class GuestErrorLog {
   private suppressed = 0;
   private windowStart = 0;
 
-  constructor(private readonly label: string, private readonly level: "warn" | "debug" = "warn") {}
+  private readonly counted: SharedCounter;
+
+  constructor(private readonly label: string, private readonly level: "warn" | "debug" = "warn") {
+    this.counted = metrics().sharedCounter("vhost_guest_errors", "Errors the guest (or the front-end) caused, by where they were seen", { source: label });
+  }
 
   report(message: string): void {
     this.count++;
+    this.counted.inc();
     if (this.logged < BURST) {
       this.logged++;
       log[this.level](`${this.label}: ${message}`);

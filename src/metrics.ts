@@ -12,9 +12,10 @@
 // Layout: Int32 header [lock, entries, string bytes used, value slots used], then MAX_ENTRIES
 // descriptors of ENTRY_INTS Int32 each, then the string bytes (UTF-8), then the Float64 values.
 
-export type MetricKind = "counter" | "gauge" | "histogram";
-const KIND_CODE: Record<MetricKind, number> = { counter: 1, gauge: 2, histogram: 3 };
-const KIND_NAME: Record<number, MetricKind> = { 1: "counter", 2: "gauge", 3: "histogram" };
+/** "shared": a counter several threads add to (Atomics on an int64 slot; for rare events). */
+export type MetricKind = "counter" | "gauge" | "histogram" | "shared";
+const KIND_CODE: Record<MetricKind, number> = { counter: 1, gauge: 2, histogram: 3, shared: 4 };
+const KIND_NAME: Record<number, MetricKind> = { 1: "counter", 2: "gauge", 3: "histogram", 4: "shared" };
 
 const HEADER_INTS = 4;
 const H_LOCK = 0;
@@ -81,6 +82,17 @@ export class Gauge {
   }
 }
 
+/** A counter any thread may add to: one atomic add per increment (guest errors, broken rings). */
+export class SharedCounter {
+  constructor(private readonly values: BigInt64Array, private readonly slot: number) {}
+  inc(n = 1): void {
+    Atomics.add(this.values, this.slot, BigInt(n));
+  }
+  get value(): number {
+    return Number(Atomics.load(this.values, this.slot));
+  }
+}
+
 /**
  * Slots: the n upper bounds, then n+1 bucket counts (the last is +Inf), then the sum. Counts are
  * per bucket (one increment per observation); rendering makes them cumulative.
@@ -125,8 +137,9 @@ export class MetricsRegistry {
   private readonly entries: Int32Array;
   private readonly strings: Uint8Array;
   private readonly values: Float64Array;
+  private readonly ints: BigInt64Array;
   /** This thread's handles by key, so asking twice costs no lock. */
-  private readonly mine = new Map<string, Counter | Gauge | Histogram>();
+  private readonly mine = new Map<string, Counter | Gauge | Histogram | SharedCounter>();
   private full = false;
 
   constructor(buffer?: SharedArrayBuffer) {
@@ -136,6 +149,12 @@ export class MetricsRegistry {
     this.entries = new Int32Array(this.buffer, ENTRIES_OFF, MAX_ENTRIES * ENTRY_INTS);
     this.strings = new Uint8Array(this.buffer, STRINGS_OFF, STRING_BYTES);
     this.values = new Float64Array(this.buffer, VALUES_OFF, VALUE_SLOTS);
+    this.ints = new BigInt64Array(this.buffer, VALUES_OFF, VALUE_SLOTS);
+  }
+
+  /** A counter several threads may add to (rendered as a counter; each add is atomic). */
+  sharedCounter(name: string, help: string, labels: Labels = {}): SharedCounter {
+    return this.series("shared", name, help, labels, []) as SharedCounter;
   }
 
   /** A counter (name without `_total`: the exposition adds it). */
@@ -152,9 +171,9 @@ export class MetricsRegistry {
     return this.series("histogram", name, help, labels, bounds) as Histogram;
   }
 
-  private series(kind: MetricKind, name: string, help: string, labels: Labels, bounds: readonly number[]): Counter | Gauge | Histogram {
+  private series(kind: MetricKind, name: string, help: string, labels: Labels, bounds: readonly number[]): Counter | Gauge | Histogram | SharedCounter {
     if (!NAME_RE.test(name)) throw new Error(`bad metric name '${name}'`);
-    if (kind === "counter" && name.endsWith("_total")) throw new Error(`counter '${name}': give the name without _total`);
+    if ((kind === "counter" || kind === "shared") && name.endsWith("_total")) throw new Error(`counter '${name}': give the name without _total`);
     const lt = labelText(labels);
     const key = `${kind} ${name}{${lt}}`;
     const known = this.mine.get(key);
@@ -183,15 +202,21 @@ export class MetricsRegistry {
       this.full = true;
       const scratch = new Float64Array(2 * bounds.length + 2);
       scratch.set(bounds);
-      return this.handle(kind, scratch, 0, bounds.length);
+      return this.handle(kind, scratch, new BigInt64Array(scratch.buffer), 0, bounds.length);
     }
-    const h = this.handle(kind, this.values, slot, bounds.length);
+    const h = this.handle(kind, this.values, this.ints, slot, bounds.length);
     this.mine.set(key, h);
     return h;
   }
 
-  private handle(kind: MetricKind, values: Float64Array, slot: number, n: number): Counter | Gauge | Histogram {
+  private handle(kind: MetricKind, values: Float64Array, ints: BigInt64Array, slot: number, n: number): Counter | Gauge | Histogram | SharedCounter {
+    if (kind === "shared") return new SharedCounter(ints, slot);
     return kind === "counter" ? new Counter(values, slot) : kind === "gauge" ? new Gauge(values, slot) : new Histogram(values, slot, n);
+  }
+
+  /** A series' value as a number: float64 slots, or the int64 of a shared counter. */
+  private valueOf(e: Entry): number {
+    return e.kind === "shared" ? Number(Atomics.load(this.ints, e.slot)) : this.values[e.slot]!;
   }
 
   /**
@@ -268,7 +293,7 @@ export class MetricsRegistry {
     for (let i = 0; i < n; i++) {
       const e = this.entry(i);
       if (e.name !== name || e.labels !== lt) continue;
-      if (e.kind !== "histogram") return this.values[e.slot];
+      if (e.kind !== "histogram") return this.valueOf(e);
       let c = 0;
       for (let j = 0; j <= e.bounds; j++) c += this.values[e.slot + e.bounds + j]!;
       return c;
@@ -285,9 +310,20 @@ export class MetricsRegistry {
       const e = this.entry(i);
       if (e.name !== name || e.kind === "histogram") continue;
       const have = e.labels === "" ? [] : e.labels.split(/,(?=[a-zA-Z_][a-zA-Z0-9_]*=")/);
-      if (want.every((w) => have.includes(w))) sum += this.values[e.slot]!;
+      if (want.every((w) => have.includes(w))) sum += this.valueOf(e);
     }
     return sum;
+  }
+
+  /** Every counter summed over its series, by metric name (what a session did is the difference of two). */
+  counterTotals(): Map<string, number> {
+    const out = new Map<string, number>();
+    const n = Atomics.load(this.header, H_ENTRIES);
+    for (let i = 0; i < n; i++) {
+      const e = this.entry(i);
+      if (e.kind === "counter" || e.kind === "shared") out.set(e.name, (out.get(e.name) ?? 0) + this.valueOf(e));
+    }
+    return out;
   }
 
   /**
@@ -311,11 +347,12 @@ export class MetricsRegistry {
     };
     for (const [name, series] of families) {
       const { kind, help } = series[0]!;
-      const family = kind === "counter" && !openMetrics ? `${name}_total` : name;
-      out.push(`# HELP ${family} ${escapeHelp(help)}`, `# TYPE ${family} ${kind}`);
+      const isCounter = kind === "counter" || kind === "shared";
+      const family = isCounter && !openMetrics ? `${name}_total` : name;
+      out.push(`# HELP ${family} ${escapeHelp(help)}`, `# TYPE ${family} ${isCounter ? "counter" : kind}`);
       for (const e of series) {
         const v = this.values;
-        if (kind === "counter") out.push(`${name}_total${withLabels(e.labels)} ${num(v[e.slot]!)}`);
+        if (isCounter) out.push(`${name}_total${withLabels(e.labels)} ${num(this.valueOf(e))}`);
         else if (kind === "gauge") out.push(`${name}${withLabels(e.labels)} ${num(v[e.slot]!)}`);
         else {
           let cumulative = 0;

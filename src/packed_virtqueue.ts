@@ -16,7 +16,7 @@ import type { GuestMemory } from "./memory.ts";
 import { DescriptorChain, ChainError, appendBuffer } from "./chain.ts";
 import { DirtyLog } from "./dirty_log.ts";
 import { signal } from "../ffi/eventfd.ts";
-import { GuestErrorLog } from "./guest_errors.ts";
+import { GuestErrorLog, ringsBroken } from "./guest_errors.ts";
 import {
   VIRTQ_DESC_F_NEXT, VIRTQ_DESC_F_WRITE, VIRTQ_DESC_F_INDIRECT, MAX_QUEUE_SIZE, MAX_INDIRECT_ENTRIES,
   locate, DescriptorTable, type Located, type VirtqueueConfig, type RingPosition,
@@ -138,6 +138,7 @@ export class PackedVirtqueue implements Virtqueue {
   private breakRing(message: string): void {
     this.guestError(`${message}; queue stopped until reset`);
     this.broken = true;
+    ringsBroken().inc();
     if (this.errFd >= 0) signal(this.errFd);
   }
 

@@ -19,6 +19,7 @@ import type { EventLoop } from "./event_loop.ts";
 import type { MemoryRegionDesc } from "./protocol/codec.ts";
 import type { QueueRunner } from "./device.ts";
 import { log, logLevelName } from "./log.ts";
+import { threadSettings, type ThreadSettings } from "./thread_settings.ts";
 
 export interface RegionShare {
   desc: MemoryRegionDesc;
@@ -26,7 +27,7 @@ export interface RegionShare {
 }
 
 export type ToQueueThread =
-  | { type: "init"; device: string; module?: string; options: unknown; sab: SharedArrayBuffer; logLevel: string }
+  | { type: "init"; device: string; module?: string; options: unknown; sab: SharedArrayBuffer; logLevel: string; settings: ThreadSettings }
   | { type: "start"; ring: VirtqueueConfig; regions: RegionShare[]; ackedFeatures: string }
   | { type: "add-region"; region: RegionShare }
   | { type: "stop"; index: number }
@@ -57,7 +58,7 @@ export class QueueThread {
    */
   constructor(entry: string, device: string, options: unknown, logLevel: string, module?: string) {
     this.worker = new Worker(entry);
-    this.post({ type: "init", device, module, options, sab: this.shared.buffer as SharedArrayBuffer, logLevel });
+    this.post({ type: "init", device, module, options, sab: this.shared.buffer as SharedArrayBuffer, logLevel, settings: threadSettings() });
   }
 
   private post(msg: ToQueueThread): void {

@@ -5,6 +5,7 @@
 import { EventLoop } from "./event_loop.ts";
 import { GuestMemory, MemoryRegion } from "./memory.ts";
 import { log, setLogLevel } from "./log.ts";
+import { applyThreadSettings } from "./thread_settings.ts";
 import type { QueueRunner } from "./device.ts";
 import type { EventLoop as Loop } from "./event_loop.ts";
 import {
@@ -37,6 +38,7 @@ self.onmessage = async (ev: MessageEvent<ToQueueThread>) => {
       const shared = new Int32Array(msg.sab);
       try {
         setLogLevel(msg.logLevel);
+        applyThreadSettings(msg.settings);
         const factory = await findRunner(msg.device, msg.module);
         if (factory === undefined) throw new Error(`device '${msg.device}' has no queue runner`);
         const loop = new EventLoop();

@@ -3,7 +3,7 @@
 // a disconnect ends that session only; the device is reset and the next front-end is accepted
 // (crosvm exits instead).
 import { EPOLLIN, EPOLLHUP, EPOLLERR } from "../ffi/epoll.ts";
-import { accept } from "../ffi/socket.ts";
+import { accept, peerCredentials, type PeerCredentials } from "../ffi/socket.ts";
 import { close, EAGAIN, SysError } from "../ffi/libc.ts";
 import { setNonBlocking } from "../ffi/io.ts";
 import { Connection } from "./protocol/connection.ts";
@@ -15,6 +15,7 @@ import type { VhostUserDevice, DeviceIdentity } from "./device.ts";
 import { log } from "./log.ts";
 import { guestFaultWakeFd, takeGuestFaults, installGuestFaultHandler } from "./guest_faults.ts";
 import { drain } from "../ffi/eventfd.ts";
+import { metrics, type Counter } from "./metrics.ts";
 
 /** A send that failed because the front-end closed its end: a disconnect, not an internal error. */
 function peerGone(e: unknown): boolean {
@@ -30,12 +31,35 @@ export interface ServerOptions {
   connectedFd?: number;
   /** Called when a connected-fd session ends (there is nothing to accept afterwards). */
   onFinished?: () => void;
+  /** Peers allowed to connect (SO_PEERCRED): a peer matching either list is served; none given: anyone. */
+  allowUids?: readonly number[];
+  allowGids?: readonly number[];
+}
+
+/** Why a peer may not connect, or null when it may. */
+export function peerRefusal(cred: PeerCredentials, allowUids?: readonly number[], allowGids?: readonly number[]): string | null {
+  if ((allowUids === undefined || allowUids.length === 0) && (allowGids === undefined || allowGids.length === 0)) return null;
+  if (allowUids?.includes(cred.uid) || allowGids?.includes(cred.gid)) return null;
+  return `uid ${cred.uid} gid ${cred.gid} is not in --allow-uid/--allow-gid`;
+}
+
+/** The process's counters summed per metric, to tell what one session did. */
+function counterTotals(): Map<string, number> {
+  return metrics().counterTotals();
 }
 
 export class BackendServer {
   private conn: Connection | null = null;
   private handler: VhostUserHandler | null = null;
   sessions = 0;
+  private readonly sessionsTotal: Counter = metrics().counter("vhost_sessions", "Front-end sessions accepted");
+  private readonly refusedPeers: Counter = metrics().counter("vhost_peers_refused", "Front-ends refused by --allow-uid/--allow-gid");
+  private readonly messagesTotal: Counter = metrics().counter("vhost_messages", "vhost-user messages handled");
+  private readonly messagesRefused: Counter = metrics().counter("vhost_messages_refused", "vhost-user messages answered with an error");
+  private sessionStart = 0;
+  private totalsAtStart = new Map<string, number>();
+  /** A second front-end is in the backlog while one is served (said once per session). */
+  private waitingNoted = false;
 
   constructor(private readonly loop: EventLoop, readonly device: VhostUserDevice, private readonly opts: ServerOptions) {
     // A fault caught in guest memory (the front-end truncated a file we could not seal). The
@@ -60,18 +84,55 @@ export class BackendServer {
   private acceptOne(): void {
     const fd = accept(this.opts.listenFd!, true);
     if (fd === -EAGAIN) return;
-    // One front-end at a time: stop accepting until this session ends.
+    let cred: PeerCredentials | null = null;
+    try {
+      cred = peerCredentials(fd);
+    } catch (e) {
+      log.debug(`no peer credentials: ${(e as Error).message}`);
+    }
+    const refusal = cred === null ? peerRefusal({ pid: 0, uid: -1, gid: -1 }, this.opts.allowUids, this.opts.allowGids) : peerRefusal(cred, this.opts.allowUids, this.opts.allowGids);
+    if (refusal !== null) {
+      this.refusedPeers.inc();
+      log.warn(`refused a front-end: ${refusal}`, { pid: cred?.pid, uid: cred?.uid, gid: cred?.gid });
+      close(fd);
+      return;
+    }
+    // One front-end at a time: until this session ends, the listening socket is watched only to
+    // say once that another front-end is waiting in the backlog.
     this.loop.remove(this.opts.listenFd!);
-    this.startSession(fd);
+    this.waitingNoted = false;
+    this.loop.add(this.opts.listenFd!, EPOLLIN, () => this.noteWaiting());
+    this.startSession(fd, cred);
   }
 
-  private startSession(fd: number): void {
+  private noteWaiting(): void {
+    this.loop.remove(this.opts.listenFd!); // level-triggered: watching on would wake for it forever
+    if (this.waitingNoted) return;
+    this.waitingNoted = true;
+    log.info(`another front-end is waiting: it is served when session ${this.sessions} ends (one front-end at a time)`);
+  }
+
+  private startSession(fd: number, cred: PeerCredentials | null = null): void {
     setNonBlocking(fd);
     this.sessions++;
+    this.sessionsTotal.inc();
+    log.session = this.sessions;
+    this.sessionStart = performance.now();
+    this.totalsAtStart = counterTotals();
     this.conn = new Connection(fd);
     this.handler = new VhostUserHandler(this.device, this.loop, this.opts.identity);
-    log.info(`front-end connected (session ${this.sessions})`);
+    log.info(`front-end connected (session ${this.sessions})`, cred === null ? {} : { pid: cred.pid, uid: cred.uid, gid: cred.gid });
     this.loop.add(fd, EPOLLIN | EPOLLHUP | EPOLLERR, () => this.onReadable());
+  }
+
+  /** What this session did: every counter that moved, by metric (without the vhost_ prefix). */
+  private sessionSummary(): Record<string, number | string> {
+    const out: Record<string, number | string> = { seconds: Number(((performance.now() - this.sessionStart) / 1000).toFixed(3)) };
+    for (const [name, total] of counterTotals()) {
+      const delta = total - (this.totalsAtStart.get(name) ?? 0);
+      if (delta !== 0 && name !== "vhost_sessions") out[name.replace(/^vhost_/, "")] = delta;
+    }
+    return out;
   }
 
   private onReadable(): void {
@@ -109,6 +170,7 @@ export class BackendServer {
     const code = header.code;
     let msg: Message | null = null;
     try {
+      this.messagesTotal.inc();
       msg = decodeMessage(header, payload, fds);
       log.debug(`<- ${reqName(code)}`);
       const reply = handler.handle(msg);
@@ -122,6 +184,7 @@ export class BackendServer {
     } catch (e) {
       if (e instanceof FramingError || peerGone(e)) throw e;
       if (msg === null) for (const fd of fds) close(fd); // refused before the handler took the fds
+      this.messagesRefused.inc();
       const known = e instanceof RequestError || e instanceof MessageError;
       if (known) log.warn(`refused ${reqName(code)}: ${(e as Error).message}`);
       else log.error(`${reqName(code)} failed:`, e);
@@ -137,6 +200,7 @@ export class BackendServer {
 
   private endSession(reason: string, level: "info" | "warn" | "error" = "info"): void {
     log[level](reason);
+    if (this.conn !== null) log.info(`session ${this.sessions} summary`, this.sessionSummary());
     const conn = this.conn;
     if (conn !== null) {
       this.loop.remove(conn.fd);
@@ -149,7 +213,11 @@ export class BackendServer {
     }
     this.conn = null;
     this.handler = null;
-    if (this.opts.listenFd !== undefined) this.loop.add(this.opts.listenFd, EPOLLIN, () => this.acceptOne());
+    log.session = undefined;
+    if (this.opts.listenFd !== undefined) {
+      this.loop.remove(this.opts.listenFd); // the waiting watch, if still there
+      this.loop.add(this.opts.listenFd, EPOLLIN, () => this.acceptOne());
+    }
     else this.opts.onFinished?.();
   }
 

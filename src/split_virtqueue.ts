@@ -6,7 +6,7 @@ import { DescriptorChain, ChainError, appendBuffer } from "./chain.ts";
 import { DirtyLog } from "./dirty_log.ts";
 import { QueueInflight, checkReplay } from "./inflight.ts";
 import { signal } from "../ffi/eventfd.ts";
-import { GuestErrorLog } from "./guest_errors.ts";
+import { GuestErrorLog, ringsBroken } from "./guest_errors.ts";
 import { log } from "./log.ts";
 import {
   VIRTQ_DESC_F_NEXT, VIRTQ_DESC_F_WRITE, VIRTQ_DESC_F_INDIRECT, MAX_QUEUE_SIZE, MAX_INDIRECT_ENTRIES,
@@ -172,6 +172,7 @@ export class SplitVirtqueue implements Virtqueue {
   private breakRing(message: string): void {
     this.guestError(`${message}; queue stopped until reset`);
     this.broken = true;
+    ringsBroken().inc();
     if (this.errFd >= 0) signal(this.errFd);
   }
 

@@ -17,7 +17,7 @@ export const blockDevice: DeviceDefinition<BlockOptions> = {
   description: "virtio-blk over a raw disk image or a block device",
   // As released. QEMU's docs/interop/vhost-user.json spells this type "block", and its "blk-file"
   // feature stands for a --blk-file option (ours is --file).
-  capabilities: { type: "blk", features: ["blk-file", "read-only"] },
+  capabilities: { type: "block", features: ["read-only"] },
   example: ["--socket", "/run/vm/disk.sock", "--file", "disk.img"],
   args: BLOCK_ARGS,
   parse(raw) {

@@ -102,7 +102,7 @@ function portSetup(ports: readonly AcquiredPort[]): PortSetup[] {
 export const consoleDevice: DeviceDefinition<ConsoleOptions, AcquiredPort[]> = {
   name: "console",
   virtioId: VIRTIO_ID_CONSOLE,
-  capabilities: { type: "console", features: [] },
+  capabilities: { type: "console" },
   example: ["--socket", "/run/vm/console.sock", "--output-file", "guest.log"],
   description:
     "virtio-console (port 0: receiveq 0, transmitq 1). Guest output to stdout or --output-file/--syslog, guest input " +

@@ -12,7 +12,7 @@ export const netDevice: DeviceDefinition<NetOptions> = {
   name: "net",
   virtioId: VIRTIO_ID_NET,
   description: "virtio-net over a Linux tap (offloads, mergeable rx buffers, multiqueue)",
-  capabilities: { type: "net", features: ["tap-name", "tap-fd", "host-ip", "mac", "mtu", "queue-pairs"] },
+  capabilities: { type: "net" },
   example: ["--socket", "/run/vm/net.sock", "--tap-name", "vmtap0"],
   args: NET_ARGS,
   repeatable: NET_REPEATABLE,

@@ -13,7 +13,7 @@ export const sndDevice: DeviceDefinition<SndOptions> = {
   description:
     "virtio-snd (controlq 0, eventq 1, txq 2, rxq 3): PCM streams paced at their rate, to WAV files, ALSA or nowhere. " +
     "QEMU: -device vhost-user-snd-pci,chardev=s0[,controls=on]",
-  capabilities: { type: "sound", features: [] },
+  capabilities: { type: "sound" },
   example: ["--socket", "/run/vm/snd.sock", "--backend", "file", "--playback-file", "guest-audio.wav"],
   args: SND_ARGS,
   hostSignals: { SIGUSR1: "jack-unplug", SIGUSR2: "jack-plug" },
