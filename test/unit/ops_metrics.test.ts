@@ -7,24 +7,11 @@ import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { MetricsRegistry, attachMetrics, metrics } from "../../src/metrics.ts";
 import { parseMetricsAddress, serveMetrics } from "../../src/metrics_server.ts";
+import { parseExposition, sampleValue } from "../support/metrics_parse.ts";
 
-const PARSER = join(import.meta.dir, "../support/metrics_parse.py");
-const PYTHON = "/usr/bin/python3";
 const dir = mkdtempSync(join(tmpdir(), "ops-metrics-"));
 afterAll(() => rmSync(dir, { recursive: true, force: true }));
-
-type Parsed = { families: [string, string, string][]; samples: [string, Record<string, string>, number][] };
-
-/** Parses `text` with the Prometheus client's parser; throws with its message if it refuses. */
-export function parseExposition(text: string, format: "openmetrics" | "prometheus"): Parsed {
-  const r = Bun.spawnSync([PYTHON, PARSER, format], { stdin: new TextEncoder().encode(text) });
-  if (r.exitCode !== 0) throw new Error(`the ${format} parser refused the exposition: ${r.stderr.toString().trim().split("\n").at(-1)}\n${text}`);
-  return JSON.parse(r.stdout.toString()) as Parsed;
-}
-
-function sample(p: Parsed, name: string, labels: Record<string, string> = {}): number | undefined {
-  return p.samples.find(([n, l]) => n === name && JSON.stringify(l) === JSON.stringify(labels))?.[2];
-}
+const sample = sampleValue;
 
 describe("metrics registry", () => {
   test("counters, gauges and histograms render as OpenMetrics and Prometheus text, as a real parser reads them", () => {
