@@ -1,6 +1,15 @@
-// Builds the single executable `dist/backend` with `bun build --compile`. The device worker (and
-// any other Worker entry) must be listed as extra entry points so the binary embeds them.
-import { mkdirSync } from "node:fs";
+// Builds the single executable `dist/backend` with `bun build --compile`, and the files generated
+// from the device definitions (app/generated_files.ts): the man page, bash and zsh completion, and
+// QEMU's backend description files. The device worker (and any other Worker entry) must be listed
+// as extra entry points so the binary embeds them.
+//
+//   bun build.ts [--libexecdir DIR]   # where the vhost-user-<type> links go (default /usr/local/libexec)
+import { mkdirSync, writeFileSync } from "node:fs";
+import { dirname, join } from "node:path";
+import { bashCompletion, descriptionFiles, manPage, zshCompletion } from "./app/generated_files.ts";
+
+const flag = process.argv.indexOf("--libexecdir");
+const libexecDir = flag > 0 ? process.argv[flag + 1]! : "/usr/local/libexec";
 
 const entries = ["app/main.ts", "app/device_worker.ts", "app/queue_worker.ts"];
 mkdirSync("dist", { recursive: true });
@@ -9,4 +18,16 @@ const proc = Bun.spawnSync(
   { stdout: "inherit", stderr: "inherit" },
 );
 if (proc.exitCode !== 0) process.exit(proc.exitCode ?? 1);
-console.log("built dist/backend");
+
+const files: Record<string, string> = {
+  "share/man/man1/backend.1": manPage(),
+  "share/bash-completion/completions/backend": bashCompletion(),
+  "share/zsh/site-functions/_backend": zshCompletion(),
+  ...Object.fromEntries(Object.entries(descriptionFiles(libexecDir)).map(([name, text]) => [`share/qemu/vhost-user/${name}`, text])),
+};
+for (const [path, text] of Object.entries(files)) {
+  const to = join("dist", path);
+  mkdirSync(dirname(to), { recursive: true });
+  writeFileSync(to, text);
+}
+console.log(`built dist/backend and ${Object.keys(files).map((f) => `dist/${f}`).join(", ")}`);

@@ -24,7 +24,7 @@ import { checkArgv, type OptionSpec } from "./argv_check.ts";
 import type { FromWorker, ToWorker, WorkerStart } from "../src/device_thread.ts";
 import pkg from "../package.json" with { type: "json" };
 
-const COMMON_ARGS = {
+export const COMMON_ARGS = {
   socket: { type: "string", valueHint: "PATH", description: "Listen for the front-end on this unix socket path" },
   "socket-path": { type: "string", valueHint: "PATH", description: "Same as --socket (the vhost-user spec's name)" },
   fd: {

@@ -377,6 +377,25 @@ step_initramfs() {
 }
 
 # ---------------------------------------------------------------------------------------------------
+# QEMU's vhost-user backend schema (docs/interop/vhost-user.json), which capabilities and backend
+# description files are checked against: kept from the QEMU build, or taken from the source tarball.
+# ---------------------------------------------------------------------------------------------------
+
+QEMU_SCHEMA="$CACHE/qemu-console/vhost-user.json"
+
+step_qemu_schema() {
+  [ -s "$QEMU_SCHEMA" ] && return 0
+  local work="$CACHE/qemu-schema-work"
+  rm -rf "$work" && mkdir -p "$work" "$(dirname "$QEMU_SCHEMA")"
+  local orig
+  orig="$(fetch_qemu_orig "$work")"
+  tar -xf "$orig" -C "$work" --wildcards '*/docs/interop/vhost-user.json'
+  install -m 644 "$(find "$work" -path '*/docs/interop/vhost-user.json' | head -n1)" "$QEMU_SCHEMA"
+  rm -rf "$work"
+  log "kept QEMU's vhost-user schema in $QEMU_SCHEMA"
+}
+
+# ---------------------------------------------------------------------------------------------------
 # Patched QEMU with user-creatable vhost-user-device(-pci) whose back-end state migrates
 # ---------------------------------------------------------------------------------------------------
 
@@ -391,13 +410,10 @@ qemu_console_key() {
   } | sha256sum | cut -c1-32
 }
 
-step_qemu_console() {
-  local key
-  key="$(qemu_console_key)"
-  if [ -x "$QEMU_CONSOLE" ] && [ "$(cat "$QEMU_CONSOLE.key" 2>/dev/null)" = "$key" ]; then return 0; fi
-  [ -x "$QEMU_CONSOLE" ] && log "patched QEMU is out of date (recipe or patches changed): rebuilding"
-  local work="$CACHE/qemu-console/work"
-  rm -rf "$work" && mkdir -p "$work"
+# Downloads QEMU's orig tarball (bookworm-backports source package) into $1, checks it against the
+# Sources index, and prints its path.
+fetch_qemu_orig() {
+  local work="$1"
   log "fetching QEMU source package (bookworm-backports)"
   # Only the orig tarball matters (we build upstream QEMU, not Debian's patched package). Some mirrors
   # serve it but 404 on the .dsc/.debian.tar.xz, so a partial download is fine if the tarball's
@@ -413,6 +429,18 @@ step_qemu_console() {
           | awk -v f="$(basename "$orig")" '/^Checksums-Sha256:/ { c = 1; next } /^[^ ]/ { c = 0 } c && $3 == f && !n++ { print $1 }')"
   [ -n "$want" ] || die "no sha256 for $(basename "$orig") in the Sources index"
   echo "$want  $orig" | sha256sum -c --quiet - || die "checksum mismatch for $orig"
+  echo "$orig"
+}
+
+step_qemu_console() {
+  local key
+  key="$(qemu_console_key)"
+  if [ -x "$QEMU_CONSOLE" ] && [ "$(cat "$QEMU_CONSOLE.key" 2>/dev/null)" = "$key" ]; then return 0; fi
+  [ -x "$QEMU_CONSOLE" ] && log "patched QEMU is out of date (recipe or patches changed): rebuilding"
+  local work="$CACHE/qemu-console/work"
+  rm -rf "$work" && mkdir -p "$work"
+  local orig
+  orig="$(fetch_qemu_orig "$work")"
   tar -xf "$orig" -C "$work"
   local src
   src="$(find "$work" -maxdepth 1 -mindepth 1 -type d -name 'qemu*' | head -n1)"
@@ -448,7 +476,8 @@ step_qemu_console() {
   install -s -m 755 "$src/build/qemu-system-x86_64" "$QEMU_CONSOLE.tmp"
   mv "$QEMU_CONSOLE.tmp" "$QEMU_CONSOLE"
   echo "$key" >"$QEMU_CONSOLE.key"
-  # Keep the logs, drop the ~1 GB tree.
+  # Keep the logs and the vhost-user backend schema (test/unit/ops_capabilities.test.ts), drop the ~1 GB tree.
+  cp "$src/docs/interop/vhost-user.json" "$QEMU_SCHEMA"
   mv "$work"/*.log "$CACHE/qemu-console/" 2>/dev/null || true
   rm -rf "$work"
   log "installed $QEMU_CONSOLE"
@@ -492,6 +521,7 @@ main() {
   if [ "$what" != base ]; then
     step_qemu_console
   fi
+  step_qemu_schema
   if [ "$what" != qemu-console ]; then
     write_paths
   fi
