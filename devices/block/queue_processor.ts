@@ -24,6 +24,7 @@ import {
   REQUEST_HEADER_SIZE, DISCARD_SEGMENT_SIZE, VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP, VIRTIO_BLK_ID_BYTES,
   SECTOR_SHIFT, MAX_REQUEST_BYTES, MAX_DISCARD_SECTORS, MAX_DISCARD_SEGMENTS,
 } from "./config.ts";
+import { BlockQueueMetrics } from "./metrics.ts";
 
 /** What a queue needs to know about the device besides the image. `writethrough` may change. */
 export interface BlockPolicy {
@@ -82,6 +83,7 @@ class RequestState {
 export class QueueProcessor {
   readonly stats: QueueStats = { requests: 0, bytesRead: 0, bytesWritten: 0, errors: 0, unsupported: 0 };
   private readonly guestErrors: GuestErrorLog;
+  private readonly metrics: BlockQueueMetrics;
   private readonly reader = new ChainReader();
   private readonly header = new RequestHeader();
   /** The disk's I/O channel for this queue (its requests' slots and completions). */
@@ -111,6 +113,7 @@ export class QueueProcessor {
   /** Serves `queue` on `loop` through `disk` (attached here, for this queue). */
   constructor(readonly queue: Virtqueue, disk: Disk, private readonly policy: BlockPolicy, private readonly loop: EventLoop) {
     this.guestErrors = new GuestErrorLog(`block queue ${queue.index}`, "debug");
+    this.metrics = new BlockQueueMetrics(queue.index, queue.size);
     this.sectorMask = (policy.blkSize >> SECTOR_SHIFT) - 1;
     this.io = disk.attach(loop, { depth: queue.size, segMax: policy.segMax }, {
       done: (req, result) => this.completed(req, result),
@@ -164,11 +167,13 @@ export class QueueProcessor {
       this.guestError(chain, "request has no writable byte for its status; completed with length 0");
       return 0;
     }
+    this.metrics.begin(chain.head);
     let status: number;
     if (!this.header.read(reader)) {
       this.guestError(chain, `request header shorter than ${REQUEST_HEADER_SIZE} bytes`);
       status = VIRTIO_BLK_S_IOERR;
     } else {
+      this.metrics.request(this.header.type);
       status = this.execute(chain, reader, writer, req, state);
       if (status === IN_FLIGHT) return IN_FLIGHT;
     }
@@ -179,6 +184,7 @@ export class QueueProcessor {
   private finish(chain: DescriptorChain, writer: ChainWriter, status: number): number {
     if (status === VIRTIO_BLK_S_IOERR) this.stats.errors++;
     else if (status === VIRTIO_BLK_S_UNSUPP) this.stats.unsupported++;
+    this.metrics.end(chain.head, status);
     writer.writeStatus(status);
     // Like QEMU: the whole device-writable part counts as written (data for reads, then status).
     return chain.writableLen;
@@ -195,8 +201,10 @@ export class QueueProcessor {
       status = this.hostError(opName(type), state.sector, state.len, result);
     } else if (type === VIRTIO_BLK_T_IN) {
       this.stats.bytesRead += state.len;
+      this.metrics.read(state.len);
     } else if (type === VIRTIO_BLK_T_OUT) {
       this.stats.bytesWritten += state.len;
+      this.metrics.written(state.len);
     } else if (state.nextSegment < state.count) {
       this.startSegment(req, state);
       return;

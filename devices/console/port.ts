@@ -6,6 +6,7 @@
 // waits until the sink is writable again. Input that arrives while the guest has no receive buffer
 // posted (or has not opened the port) waits in `pending`, up to PENDING_INPUT_CAP; past that the
 // port stops reading its source, so the kernel (pipe, terminal) holds the rest.
+import { metrics, type Counter } from "../../src/metrics.ts";
 import { EPOLLIN } from "../../ffi/epoll.ts";
 import { EAGAIN, SysError } from "../../ffi/libc.ts";
 import type { Buf } from "../../ffi/io.ts";
@@ -59,6 +60,9 @@ export class ConsolePort {
   private readonly guestErrors: GuestErrorLog;
   private readonly scratch = new Uint8Array(READ_CHUNK);
   private readonly label: string;
+  /** --metrics: bytes host → guest ("in") and guest → host ("out"). */
+  private readonly bytesIn: Counter;
+  private readonly bytesOut: Counter;
 
   constructor(
     readonly id: number,
@@ -70,6 +74,8 @@ export class ConsolePort {
     this.label = `console port ${id}${name !== null ? ` (${name})` : ""}`;
     this.queues = new QueuePair(loop, () => this.deliver(), () => this.drainOutput());
     this.guestErrors = new GuestErrorLog(this.label);
+    this.bytesIn = metrics().counter("vhost_console_bytes", "Bytes through a console port: in (host to guest), out (guest to host)", { port: id, direction: "in" });
+    this.bytesOut = metrics().counter("vhost_console_bytes", "Bytes through a console port: in (host to guest), out (guest to host)", { port: id, direction: "out" });
     this.inputEnded = input === null;
   }
 
@@ -117,6 +123,7 @@ export class ConsolePort {
     try {
       const n = this.input!.read(this.scratch, len);
       if (n === 0) this.endInput("reached end of file");
+      else if (n > 0) this.bytesIn.inc(n);
       return n;
     } catch (e) {
       this.endInput(`failed (${(e as Error).message})`);
@@ -178,6 +185,7 @@ export class ConsolePort {
     if (this.output === null || this.outputBroken || len === 0) return len;
     try {
       const n = this.output.write(buf, len);
+      if (n > 0) this.bytesOut.inc(n);
       return n === 0 ? -EAGAIN : n;
     } catch (e) {
       log.warn(`${this.label}: writing to ${this.output.what} failed (${(e as Error).message}); guest output is dropped from now on`);

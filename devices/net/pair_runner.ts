@@ -243,6 +243,7 @@ export class NetPairRunner implements QueueRunner {
       return false;
     }
     this.shared.count(p.index, PairStat.TxFrames);
+    this.shared.bytes(p.index, "tx", r);
     q.add(chain.head, 0);
     return true;
   }
@@ -488,6 +489,7 @@ export class NetPairRunner implements QueueRunner {
     for (let i = 0; i < rest.length; i++) p.hold(rest[i]!, restW[i]);
     this.completeUnusable(p, q);
     this.shared.count(p.index, PairStat.RxFrames);
+    this.shared.bytes(p.index, "rx", n);
   }
 }
 

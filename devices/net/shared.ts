@@ -6,6 +6,7 @@
 // frame threads keep a copy of the filter and refresh it when the record's version moves.
 
 import { SharedRecord, i32, bool, bytes, counters, type SharedRecordData } from "../../src/shared_record.ts";
+import { metrics, type Counter } from "../../src/metrics.ts";
 
 export const RX_PROMISC = 1;
 export const RX_ALLMULTI = 2;
@@ -55,7 +56,23 @@ interface Filter {
   multicast: number;
 }
 
+/** The --metrics series of a pair counter (updated by the thread serving the pair). */
+function pairCounter(pair: number, stat: PairStat): Counter {
+  const m = metrics();
+  switch (stat) {
+    case PairStat.TxFrames: return m.counter("vhost_net_frames", "Frames between the guest and the tap", { pair, direction: "tx" });
+    case PairStat.RxFrames: return m.counter("vhost_net_frames", "Frames between the guest and the tap", { pair, direction: "rx" });
+    case PairStat.TxDropped: return m.counter("vhost_net_dropped", "Frames dropped (malformed, refused by the tap, too large for the guest's buffers)", { pair, direction: "tx" });
+    case PairStat.RxDropped: return m.counter("vhost_net_dropped", "Frames dropped (malformed, refused by the tap, too large for the guest's buffers)", { pair, direction: "rx" });
+    case PairStat.RxFiltered: return m.counter("vhost_net_rx_filtered", "Received frames the guest's filter (MAC table, rx mode) refused", { pair });
+    case PairStat.RxStalls: return m.counter("vhost_net_rx_stalls", "Times the guest had no receive buffers (reading paused until its kick)", { pair });
+    case PairStat.TxBlocked: return m.counter("vhost_net_tap_eagain", "Times the tap was full (EAGAIN) and transmit waited for it", { pair });
+  }
+}
+
 export class NetShared {
+  /** --metrics counters by stat slot (created on first count, in the counting thread). */
+  private readonly exported: Counter[] = [];
   readonly record: NetSharedRecord;
   private filter: Filter | null = null;
 
@@ -162,7 +179,15 @@ export class NetShared {
   }
 
   count(pair: number, stat: PairStat, n = 1): void {
-    if (pair < MAX_PAIRS) this.record.count("stats", pair * STATS_PER_PAIR + stat, n);
+    if (pair >= MAX_PAIRS) return;
+    this.record.count("stats", pair * STATS_PER_PAIR + stat, n);
+    (this.exported[pair * STATS_PER_PAIR + stat] ??= pairCounter(pair, stat)).inc(n);
+  }
+
+  /** Frame bytes (virtio-net header included) moved by a pair, for --metrics. */
+  bytes(pair: number, direction: "rx" | "tx", n: number): void {
+    (this.exported[MAX_PAIRS * STATS_PER_PAIR + 2 * pair + (direction === "rx" ? 0 : 1)] ??=
+      metrics().counter("vhost_net_bytes", "Frame bytes between the guest and the tap (virtio-net header included)", { pair, direction })).inc(n);
   }
 
   stat(pair: number, stat: PairStat): number {

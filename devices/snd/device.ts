@@ -23,6 +23,7 @@ import { SndEventQueue } from "./events.ts";
 import { handleControlChain, type ControlTarget } from "./control_queue.ts";
 import { completeIo, readTxPcm, xferHead } from "./pcm_io.ts";
 import { openHost, type SndHost, type StreamEngine, type HeldBuffer, type EngineContext } from "./host/index.ts";
+import { metrics, type Counter } from "../../src/metrics.ts";
 
 export const VIRTIO_ID_SOUND = 25;
 export const SND_STATE_VERSION = 1;
@@ -57,6 +58,7 @@ export class SndDevice implements VhostUserDevice, ControlTarget {
   private readonly offered: bigint;
   private acked = 0n;
   readonly errors = new GuestErrorLog("snd");
+  private readonly exported: { periods: Counter; xruns: Counter }[] = [];
   private readonly control: WatchedQueue;
   private readonly events: SndEventQueue;
   private readonly tx: WatchedQueue;
@@ -284,6 +286,7 @@ export class SndDevice implements VhostUserDevice, ControlTarget {
     return {
       ...this.engineCtx,
       xrun: () => {
+        this.streamMetrics(id).xruns.inc();
         const p = this.streams[id]!.params;
         if (p !== null && (p.features & (1 << P.PCM_F_EVT_XRUNS)) !== 0) this.events.push({ code: P.EVT_PCM_XRUN, data: id });
       },
@@ -338,6 +341,15 @@ export class SndDevice implements VhostUserDevice, ControlTarget {
     }
     if (data !== null) this.applyGain(b.streamId, data);
     completeIo(q, b.chain, P.S_OK, latencyBytes, data);
+    this.streamMetrics(b.streamId).periods.inc();
+  }
+
+  /** --metrics series of a stream: buffers (periods) played or captured, XRUNs. */
+  private streamMetrics(id: number): { periods: Counter; xruns: Counter } {
+    return (this.exported[id] ??= {
+      periods: metrics().counter("vhost_snd_periods", "PCM buffers (periods) played or captured", { stream: id, direction: this.directions[id] === P.D_OUTPUT ? "output" : "input" }),
+      xruns: metrics().counter("vhost_snd_xruns", "Underruns (output) and overruns (input)", { stream: id }),
+    });
   }
 
   private applyGain(id: number, data: Uint8Array): void {

@@ -2,6 +2,7 @@
 // side of split rings, eventfds for kicks and calls, and a blocking client of the backend socket.
 // The backend runs in a real device thread (app/device_worker.ts), exactly as in the binary: its
 // options parsed and its resources acquired here first, as app/main.ts does.
+import { threadSettings } from "../../src/thread_settings.ts";
 import { toArrayBuffer } from "bun:ffi";
 import { mkdtempSync, rmSync } from "node:fs";
 import { tmpdir } from "node:os";
@@ -239,6 +240,8 @@ export class BackendUnderTest {
         type: "start", device, module, options: parsed, resources: def.acquire?.(parsed), listenFd,
         queueThreadEntry: new URL("../../app/queue_worker.ts", import.meta.url).href,
         logLevel: process.env.TEST_LOG_LEVEL ?? "silent",
+        // The test's own metrics buffer: what the device's threads count is read here.
+        settings: { ...threadSettings(), log: { ...threadSettings().log, level: process.env.TEST_LOG_LEVEL ?? "silent" } },
       };
       worker.postMessage(start);
       await started;
