@@ -202,20 +202,19 @@ export class BlockDevice implements VhostUserDevice {
   }
 
   snapshot(): BlockState {
-    return { version: BLOCK_STATE_VERSION, ...this.self(), ackedFeatures: this.acked.toString(), writeback: this.writeback };
+    return { version: BLOCK_STATE_VERSION, ...this.self(), writeback: this.writeback };
   }
 
-  restore(state: unknown): void {
+  restore(state: unknown, ackedFeatures: bigint): void {
     const self = this.self();
     // The image may have been resized on the host since we opened it: compare against now.
     self.image.size = this.disk.currentSize();
     if (self.image.size !== this.disk.size) {
       throw new Error(`block state: ${self.image.path} changed size since this backend opened it (${this.disk.size} → ${self.image.size} bytes); restart the backend`);
     }
-    const s = validateBlockState(state, self, this.offered);
-    this.acked = BigInt(s.ackedFeatures);
+    const s = validateBlockState(state, self);
     this.writeback = s.writeback;
-    this.updateWriteMode();
+    this.ackFeatures(ackedFeatures);
   }
 
   dispose(): void {

@@ -7,6 +7,7 @@ import { close } from "../../ffi/libc.ts";
 import { eventfd } from "../../ffi/eventfd.ts";
 import { HANDLER_PROTOCOL_FEATURES, F_PROTOCOL_FEATURES, F_LOG_ALL } from "../../src/protocol/constants.ts";
 import { COMMON_FEATURES } from "../../src/device.ts";
+import { decodeEnvelope, encodeEnvelope } from "../../src/snapshot.ts";
 
 const ECHO = new URL("../support/echo_device.ts", import.meta.url).href;
 
@@ -328,6 +329,9 @@ describe("rejections", () => {
     expect(await vmm.loadState(new Uint8Array([1, 2, 3, 4]))).not.toBe(0n);
     const good = await vmm.saveState();
     expect(await vmm.loadState(Buffer.from(Buffer.from(good).toString("latin1").replace("echo", "ecHo"), "latin1"))).not.toBe(0n);
+    // The envelope owns the negotiated features: bits this device does not offer are refused there.
+    const env = decodeEnvelope(good, "echo", 0x3f);
+    expect(await vmm.loadState(encodeEnvelope({ ...env, ackedFeatures: (BigInt(env.ackedFeatures) | (1n << 5n)).toString() }))).not.toBe(0n);
     expect(await vmm.loadState(good)).toBe(0n);
     vmm.startQueue(vmm.queues[0]!, 0);
     expect(await echo(vmm.queues[0]!, "usable")).toBe("usable");
