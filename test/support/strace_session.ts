@@ -58,7 +58,8 @@ export class StracedBackend {
     const argv = [
       ...(o.prefix ?? []),
       "strace", "-f", "-ttt", "-y", "-Y", "-qq", ...(o.stacks ? ["-k"] : []), "-e", `trace=${[...TRACED_CALLS, "prctl"].join(",")}`, "-o", this.logPath, "--",
-      process.execPath, MAIN, "device", device, "--socket", this.socketPath, "--log-level", process.env.TEST_LOG_LEVEL ?? "warn", ...this.args,
+      // STRACE_BACKEND_BIN=dist/backend traces the compiled binary instead of the sources.
+      ...(process.env.STRACE_BACKEND_BIN ? [resolve(process.env.STRACE_BACKEND_BIN)] : [process.execPath, MAIN]), "device", device, "--socket", this.socketPath, "--log-level", process.env.TEST_LOG_LEVEL ?? "warn", ...this.args,
     ];
     this.proc = Bun.spawn(argv, { stdin: "ignore", stdout: "ignore", stderr: "pipe", cwd: ROOT, env: { ...(process.env as Record<string, string>), ...o.env } });
     this.stderrText = new Response(this.proc.stderr).text();
