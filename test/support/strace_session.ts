@@ -12,6 +12,7 @@ import { existsSync, mkdtempSync, readFileSync, rmSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { isAbsolute, join, resolve, sep } from "node:path";
 import type { Subprocess } from "bun";
+import { dlopen, FFIType } from "bun:ffi";
 import type { HostAccess, DeclaredPath } from "../../src/host_access.ts";
 import { DEVICES } from "../../app/registry.ts";
 import { NO_HOST_ACCESS } from "../../src/host_access.ts";
@@ -414,12 +415,37 @@ export function describeOffences(list: readonly Offence[]): string {
   return list.map((o) => `  ${o.event.line}\n    -> ${o.why}`).join("\n");
 }
 
-/** The device's declaration for `raw` command-line options, through its definition (the registry's). */
-export function declaredAccess(device: string, raw: Record<string, unknown>): HostAccess {
+/**
+ * The device's declaration for `raw` command-line options, through its definition (the
+ * registry's), made under the backend's extra environment `env` (a declaration may follow
+ * variables such as XDG_RUNTIME_DIR, as the backend would see them).
+ */
+export function declaredAccess(device: string, raw: Record<string, unknown>, env: Record<string, string> = {}): HostAccess {
   const def = DEVICES[device];
   if (def === undefined) throw new Error(`unknown device ${device}`);
-  return def.hostAccess?.(def.parse(raw)) ?? NO_HOST_ACCESS;
+  // Both environments: Bun's process.env (JS code) and the C one (libasound's getenv, for snd's ALSA probe in parse).
+  const saved = Object.fromEntries(Object.keys(env).map((k) => [k, process.env[k]]));
+  const setC = (k: string, v: string | undefined) =>
+    v === undefined ? cEnv.unsetenv(Buffer.from(`${k}\0`)) : cEnv.setenv(Buffer.from(`${k}\0`), Buffer.from(`${v}\0`), 1);
+  for (const [k, v] of Object.entries(env)) {
+    process.env[k] = v;
+    setC(k, v);
+  }
+  try {
+    return def.hostAccess?.(def.parse(raw)) ?? NO_HOST_ACCESS;
+  } finally {
+    for (const [k, v] of Object.entries(saved)) {
+      if (v === undefined) delete process.env[k];
+      else process.env[k] = v;
+      setC(k, v);
+    }
+  }
 }
+
+const cEnv = dlopen("libc.so.6", {
+  setenv: { args: [FFIType.ptr, FFIType.ptr, FFIType.i32], returns: FFIType.i32 },
+  unsetenv: { args: [FFIType.ptr], returns: FFIType.i32 },
+}).symbols;
 
 /**
  * Thread id → the name it gave itself (prctl(PR_SET_NAME), traced for this), or the last name

@@ -96,7 +96,7 @@ async function tracedSession(plan: SessionPlan): Promise<string> {
   expect({ code, errors: stderr.split("\n").filter((l) => / (error|fatal) /.test(l)) }).toEqual({ code: 0, errors: [] });
   const events = b.log();
   const names = threadNamesFromLog(events);
-  const found = offences(events, { since: ready, until: b.stoppedAt }, declaredAccess(plan.device, plan.raw), plan.allow ?? RUNTIME_ALLOWANCES, names);
+  const found = offences(events, { since: ready, until: b.stoppedAt }, declaredAccess(plan.device, plan.raw, plan.env), plan.allow ?? RUNTIME_ALLOWANCES, names);
   return found.length === 0 ? "" : `${plan.device} ${b.args.join(" ")}: after ready (${ready.toFixed(6)}):\n${describeOffences(found)}`;
 }
 
@@ -403,6 +403,17 @@ describe.skipIf(!STRACE)("after ready, a device opens only what it declared (str
     });
     expect(readdirSync(dir).filter((f) => f.endsWith(".wav")).length).toBeGreaterThanOrEqual(2);
     expect(existsSync(join(dir, "out-0.wav"))).toBe(true);
+    expect(found).toBe("");
+  }, 60_000);
+
+  // Waiting on a fix of snd's declaration (devices/snd/host_access.ts alsaAccess()): libasound's
+  // null plugin opens /dev/null (O_WRONLY, playback) and /dev/full (O_RDONLY, capture) at each
+  // PCM_PREPARE; neither is declared. (The configuration itself is read before ready.)
+  test.todo("snd: --backend alsa over ALSA's null PCM (ALSA_CONFIG_PATH in the test directory)", async () => {
+    const dir = testDir("snd-alsa");
+    const conf = join(dir, "asound.conf");
+    writeFileSync(conf, ["pcm.null { type null }", "pcm.default { type null }"].join("\n"));
+    const found = await tracedSession({ device: "snd", dir, raw: { backend: "alsa" }, args: ["--backend", "alsa"], env: { ALSA_CONFIG_PATH: conf }, driver: sndDriver(false) });
     expect(found).toBe("");
   }, 60_000);
 
