@@ -14,8 +14,7 @@ import { NotifyCoalescer } from "../../src/notify_coalescer.ts";
 import type { EventLoop } from "../../src/event_loop.ts";
 import type { Virtqueue } from "../../src/virtqueue.ts";
 import { ChainReader, ChainWriter, type DescriptorChain } from "../../src/chain.ts";
-import { GuestErrorLog } from "../../src/guest_errors.ts";
-import { log } from "../../src/log.ts";
+import { GuestErrorLog, RateLimitedLog } from "../../src/guest_errors.ts";
 import { ZERO_UNMAP, ZERO_FUA, type Disk, type DiskQueue, type DiskRequest } from "./disk/disk.ts";
 import { RequestHeader } from "./request.ts";
 import {
@@ -57,7 +56,6 @@ export interface QueueStats {
   unsupported: number;
 }
 
-const LOGGED_ERRORS = 8;
 
 /** handle()'s answer for a request that completes later (through the disk's `done`). */
 const IN_FLIGHT = -1;
@@ -83,6 +81,8 @@ class RequestState {
 export class QueueProcessor {
   readonly stats: QueueStats = { requests: 0, bytesRead: 0, bytesWritten: 0, errors: 0, unsupported: 0 };
   private readonly guestErrors: GuestErrorLog;
+  /** Host I/O failures (a failing disk fails every request): logged, rate-limited, never silenced for good. */
+  private readonly hostErrors: RateLimitedLog;
   private readonly metrics: BlockQueueMetrics;
   private readonly reader = new ChainReader();
   private readonly header = new RequestHeader();
@@ -113,6 +113,7 @@ export class QueueProcessor {
   /** Serves `queue` on `loop` through `disk` (attached here, for this queue). */
   constructor(readonly queue: Virtqueue, disk: Disk, private readonly policy: BlockPolicy, private readonly loop: EventLoop) {
     this.guestErrors = new GuestErrorLog(`block queue ${queue.index}`, "debug");
+    this.hostErrors = new RateLimitedLog(`block queue ${queue.index}`, "warn", "I/O errors");
     this.metrics = new BlockQueueMetrics(queue.index, queue.size);
     this.sectorMask = (policy.blkSize >> SECTOR_SHIFT) - 1;
     this.io = disk.attach(loop, { depth: queue.size, segMax: policy.segMax }, {
@@ -377,9 +378,7 @@ export class QueueProcessor {
 
   /** Host I/O failures: the guest sees IOERR; we log (rate-limited) since the host has a problem. */
   private hostError(what: string, sector: number, len: number, result: number): number {
-    if (this.stats.errors < LOGGED_ERRORS) {
-      log.warn(`block queue ${this.queue.index}: ${what} of ${len} bytes at sector ${sector} failed: ${errnoName(-result)}`);
-    }
+    this.hostErrors.report(`${what} of ${len} bytes at sector ${sector} failed: ${errnoName(-result)}`);
     return VIRTIO_BLK_S_IOERR;
   }
 }

@@ -15,6 +15,7 @@ import { close, SysError, EINVAL, EOPNOTSUPP } from "../../../../ffi/libc.ts";
 const EIO = 5;
 import type { EventLoop } from "../../../../src/event_loop.ts";
 import { log } from "../../../../src/log.ts";
+import { RateLimitedLog } from "../../../../src/guest_errors.ts";
 import {
   ZERO_UNMAP, ZERO_MAY_FAIL_FAST, ZERO_FUA,
   type Disk, type DiskIdentity, type DiskQueue, type DiskQueueHandlers, type DiskQueueOptions, type DiskRequest, type DiskResource,
@@ -91,7 +92,6 @@ function errnoOf(e: unknown): number {
   return -EIO;
 }
 
-const LOGGED_ERRORS = 8;
 
 export class Qcow2Disk implements Disk {
   /** Read-only until activate(); then the image as served. */
@@ -104,9 +104,11 @@ export class Qcow2Disk implements Disk {
   readonly readOnly: boolean;
   readonly multiThread = false;
   readonly description: string;
-  private errors = 0;
+  /** Image problems (a corrupt table, a failing file): logged, rate-limited. */
+  private readonly imageErrors: RateLimitedLog;
 
   constructor(private readonly resource: Qcow2DiskResource, private readonly owner: boolean) {
+    this.imageErrors = new RateLimitedLog(`qcow2 ${resource.location}`, "warn", "image errors");
     this.readOnly = resource.readOnly;
     this.image = buildImage(fromResource(resource, true), true);
     this.locks = resource.chain.map((l, i) => ImageLock.adopt(l.fd, l.path, imagePermissions(i === 0 ? resource.readOnly : true), l.lock));
@@ -168,7 +170,7 @@ export class Qcow2Disk implements Disk {
       return len;
     } catch (e) {
       const r = errnoOf(e);
-      if (r === -EIO && this.errors++ < LOGGED_ERRORS) log.warn(`qcow2 ${this.resource.location}: ${(e as Error).message}`);
+      if (r === -EIO) this.imageErrors.report((e as Error).message);
       return r;
     }
   }
