@@ -7,7 +7,7 @@
  * No TCG guest in the way, so the backends' host CPU per I/O is measured with little noise, and two
  * builds of ours can be compared back to back (`--ours-bin`) alongside qemu-storage-daemon.
  *
- *   bun run bench:block-ring [--rounds 5] [--seconds 3] [--jobs a,b] [--ours-bin label=PATH ...]
+ *   bun run bench:block-ring [--rounds 5] [--seconds 3] [--jobs a,b] [--ours-bin label=PATH ...] [--format raw|qcow2|qcow2-empty]
  *                            [--no-qsd] [--qsd PATH] [--perf-stat] [--perf]
  *
  * Per job and backend it prints the median IOPS and host CPU µs per I/O (utime+stime of the whole
@@ -257,6 +257,7 @@ async function main(): Promise<void> {
       "no-qsd": { type: "boolean", default: false },
       qsd: { type: "string" },
       "image-mib": { type: "string", default: "1024" },
+      format: { type: "string", default: "raw" },
       "ours-arg": { type: "string", multiple: true },
       "perf-stat": { type: "boolean", default: false },
       perf: { type: "boolean", default: false },
@@ -266,6 +267,16 @@ async function main(): Promise<void> {
   const seconds = Number(a.seconds);
   const jobs = a.jobs ? a.jobs.split(",").map((n) => JOBS.find((j) => j.name === n) ?? fail(`unknown job ${n}`)) : JOBS;
   const imageBytes = Number(a["image-mib"]) << 20;
+  // raw; qcow2 (64 KiB clusters, every cluster allocated up front); qcow2-empty (allocates as it goes).
+  const format = a.format!;
+  if (!["raw", "qcow2", "qcow2-empty"].includes(format)) fail(`--format ${format}: raw, qcow2 or qcow2-empty`);
+  const makeImage = (path: string) => {
+    if (format === "raw") return createImage(path, imageBytes);
+    rmSync(path, { force: true });
+    const prealloc = format === "qcow2" ? ",preallocation=falloc" : "";
+    const r = Bun.spawnSync(["qemu-img", "create", "-q", "-f", "qcow2", "-o", `cluster_size=65536${prealloc}`, path, String(imageBytes)], { stderr: "pipe" });
+    if (r.exitCode !== 0) fail(`qemu-img create failed: ${r.stderr.toString()}`);
+  };
   const contenders: Contender[] = [];
   const resultsDir = join(ROOT, "bench", "results");
   const stamp = new Date().toISOString().replace(/[:.]/g, "-").replace(/Z$/, "");
@@ -301,7 +312,7 @@ async function main(): Promise<void> {
     contenders.push({
       label: "qsd",
       ours: false,
-      start: (socket, image) => startQsd("qsd", { qsd, aio: "threads", iothread: false, image, socket, numQueues: 1, queueSize: QUEUE_SIZE }),
+      start: (socket, image) => startQsd("qsd", { qsd, aio: "threads", iothread: false, image, socket, numQueues: 1, queueSize: QUEUE_SIZE, format: format === "raw" ? "raw" : "qcow2" }),
     });
   }
 
@@ -310,7 +321,7 @@ async function main(): Promise<void> {
   try {
     for (const [i, c] of contenders.entries()) {
       const image = `/dev/shm/bench-ring-${i}.img`;
-      createImage(image, imageBytes);
+      makeImage(image);
       const b = await c.start(join(dir, `${i}.sock`), image);
       live.push({ c, b, d: new RingDriver(b.socket, imageBytes) });
     }

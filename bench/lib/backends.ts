@@ -71,6 +71,8 @@ export interface QsdOptions extends BackendOptions {
   aio: string;
   /** Run the export in a dedicated iothread (qsd serves it from the main loop by default). */
   iothread: boolean;
+  /** The image's format: raw (default: the file driver alone) or qcow2 (the qcow2 driver over it). */
+  format?: "raw" | "qcow2";
 }
 
 export async function startOurs(label: BackendKind, o: OursOptions): Promise<Backend> {
@@ -93,7 +95,9 @@ export async function startQsd(label: BackendKind, o: QsdOptions): Promise<Backe
     ...(o.iothread ? ["--object", "iothread,id=io0"] : []),
     // driver=file directly (no raw format layer on top): the same raw image ours serves.
     // cache.direct=off: buffered, like ours without --direct (and O_DIRECT on tmpfs is moot anyway).
-    "--blockdev", `driver=file,node-name=f,filename=${o.image},cache.direct=off,aio=${o.aio}`,
+    "--blockdev", o.format === "qcow2"
+      ? `driver=qcow2,node-name=f,file.driver=file,file.filename=${o.image},file.cache.direct=off,file.aio=${o.aio}`
+      : `driver=file,node-name=f,filename=${o.image},cache.direct=off,aio=${o.aio}`,
     "--export",
     `type=vhost-user-blk,id=e,node-name=f,addr.type=unix,addr.path=${o.socket},writable=on,` +
       `num-queues=${o.numQueues}${o.iothread ? ",iothread=io0" : ""}`,
