@@ -9,6 +9,7 @@ import type { BlockDiskResource } from "./disk/open.ts";
 import { acquireRawDisk } from "./disk/raw.ts";
 import { ioUringUnavailable } from "./disk/raw_uring.ts";
 import { acquireQcow2Disk, isQcow2File } from "./disk/qcow2/disk.ts";
+import { acquireNbdDisk, isNbdUri, nbdHostAccess } from "./disk/nbd.ts";
 
 /**
  * Opens the image (and, with --direct, its buffered twin), locks it as QEMU does (unless
@@ -16,6 +17,7 @@ import { acquireQcow2Disk, isQcow2File } from "./disk/qcow2/disk.ts";
  * one warning rather than one per queue). Throws a message saying what is wrong.
  */
 export function acquireBlockDisk(o: BlockOptions): BlockDiskResource {
+  if (isNbdUri(o.file)) return acquireNbdDisk(o.file, { readOnly: o.readOnly, timeoutMs: o.nbdTimeoutMs });
   // --format raw never probes: what a guest writes into its raw disk cannot change how it opens.
   if (o.format === "qcow2" || (o.format === "auto" && isQcow2File(o.file))) {
     if (o.direct || o.aio === "io_uring") log.info(`block: ${o.file} is qcow2: served synchronously through the page cache (--direct and --aio io_uring apply to raw images)`);
@@ -32,8 +34,10 @@ export function acquireBlockDisk(o: BlockOptions): BlockDiskResource {
   return acquireRawDisk(o.file, { readOnly: o.readOnly, direct: o.direct, aio, lock: o.lock });
 }
 
-/** After acquire, a raw image needs no new file, socket or thread: only I/O on its fds. */
-export function blockHostAccess(_o: BlockOptions): HostAccess {
+/** After acquire, a raw image needs no new file, socket or thread: only I/O on its fds. An NBD
+ * disk connects to its server again (each queue thread, and after an outage). */
+export function blockHostAccess(o: BlockOptions): HostAccess {
+  if (isNbdUri(o.file)) return nbdHostAccess(o.file);
   return {
     paths: [],
     unixSockets: [],

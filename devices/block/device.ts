@@ -40,6 +40,7 @@ export class BlockDevice implements VhostUserDevice {
   private readonly cacheMode = new Int32Array(new SharedArrayBuffer(4));
   /** Where the request queues run: queue i on thread i % threads, or all in the device thread. */
   private readonly queues: QueueService;
+  private readonly readOnly: boolean;
 
   /** Takes ownership of `resource` (acquireBlockDisk's), also when it throws. */
   constructor(private readonly opts: BlockOptions, resource: BlockDiskResource, ctx: DeviceContext) {
@@ -57,7 +58,9 @@ export class BlockDevice implements VhostUserDevice {
     }
     const identity = disk.identity();
     this.serial = opts.serial ?? defaultSerial(identity.dev, identity.ino);
-    const writable = !opts.readOnly;
+    // Read-only by option, or because the store itself is (a read-only NBD export).
+    this.readOnly = opts.readOnly || disk.readOnly;
+    const writable = !this.readOnly;
     const segMax = segMaxFor(opts.queueSize);
     const physicalBlockExp = Math.min(15, Math.log2(disk.physicalBlockSize / blkSize));
     this.geometry = {
@@ -76,7 +79,7 @@ export class BlockDevice implements VhostUserDevice {
     const serialBytes = new Uint8Array(VIRTIO_BLK_ID_BYTES);
     serialBytes.set(Buffer.from(this.serial).subarray(0, VIRTIO_BLK_ID_BYTES));
     this.policy = sharedPolicy({
-      readOnly: opts.readOnly,
+      readOnly: this.readOnly,
       discard: this.geometry.discard,
       writeZeroes: this.geometry.writeZeroes,
       mayUnmap: opts.sparse,
@@ -89,7 +92,7 @@ export class BlockDevice implements VhostUserDevice {
     this.offered =
       COMMON_FEATURES | VIRTIO_BLK_F_SEG_MAX | VIRTIO_BLK_F_BLK_SIZE | VIRTIO_BLK_F_TOPOLOGY | VIRTIO_BLK_F_FLUSH |
       VIRTIO_BLK_F_CONFIG_WCE | VIRTIO_BLK_F_MQ |
-      (opts.readOnly ? VIRTIO_BLK_F_RO : 0n) |
+      (this.readOnly ? VIRTIO_BLK_F_RO : 0n) |
       (this.geometry.discard ? VIRTIO_BLK_F_DISCARD : 0n) |
       (this.geometry.writeZeroes ? VIRTIO_BLK_F_WRITE_ZEROES : 0n);
     this.updateWriteMode();
@@ -110,7 +113,7 @@ export class BlockDevice implements VhostUserDevice {
     });
     log.info(
       `block: ${opts.file} (${disk.description}, ${disk.size} bytes, ` +
-        `${blkSize}-byte blocks, ${opts.readOnly ? "read-only" : "read-write"}${opts.lock ? "" : ", not locked"}), ` +
+        `${blkSize}-byte blocks, ${this.readOnly ? "read-only" : "read-write"}${opts.lock ? "" : ", not locked"}), ` +
         `serial '${this.serial}', ${opts.numQueues} queue(s), ${threads === 0 ? "served in the device thread" : `${threads} queue thread(s)`}`,
     );
   }
@@ -197,7 +200,7 @@ export class BlockDevice implements VhostUserDevice {
       capacitySectors: this.geometry.capacitySectors,
       blkSize: this.geometry.blkSize,
       segMax: this.geometry.segMax,
-      readOnly: this.opts.readOnly,
+      readOnly: this.readOnly,
     };
   }
 

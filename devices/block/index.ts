@@ -7,6 +7,7 @@ import { BlockDevice } from "./device.ts";
 import { blockQueueRunner } from "./queue_runner.ts";
 import { acquireBlockDisk, blockHostAccess } from "./acquire.ts";
 import { releaseDiskResource, type BlockDiskResource } from "./disk/open.ts";
+import { isNbdUri } from "./disk/nbd.ts";
 
 /** virtio spec 5.2: the block device. */
 const VIRTIO_ID_BLOCK = 2;
@@ -14,7 +15,7 @@ const VIRTIO_ID_BLOCK = 2;
 export const blockDevice: DeviceDefinition<BlockOptions> = {
   name: "block",
   virtioId: VIRTIO_ID_BLOCK,
-  description: "virtio-blk over a raw disk image or a block device",
+  description: "virtio-blk over a raw or qcow2 disk image, a block device, or an NBD export",
   // As released. QEMU's docs/interop/vhost-user.json spells this type "block", and its "blk-file"
   // feature stands for a --blk-file option (ours is --file).
   capabilities: { type: "block", features: ["read-only"] },
@@ -22,6 +23,10 @@ export const blockDevice: DeviceDefinition<BlockOptions> = {
   args: BLOCK_ARGS,
   parse(raw) {
     const o = parseBlockOptions(raw);
+    if (isNbdUri(o.file)) {
+      if (o.format === "qcow2") throw new Error(`--format qcow2: ${o.file} is an NBD export, served as raw (a qcow2 image behind NBD: export it with qemu-nbd -f qcow2)`);
+      return o;
+    }
     let st;
     try {
       st = statSync(o.file);

@@ -7,7 +7,7 @@ import { booleanOption, intOption } from "../../src/cli_args.ts";
 import { MAX_QUEUE_SIZE } from "../../src/ring.ts";
 
 export const BLOCK_ARGS = {
-  file: { type: "string", description: "Disk image: a raw or qcow2 image file, or a block device (required)" },
+  file: { type: "string", description: "Disk image: a raw or qcow2 image file, a block device, or an NBD export (nbd://HOST[:PORT]/EXPORT, nbd+unix:///EXPORT?socket=PATH) (required)" },
   format: { type: "string", default: "auto", description: "Image format: auto (qcow2 if the file starts with a qcow2 header, else raw), raw (never probed: a guest that writes a qcow2 header into its raw disk does not change how it opens next time) or qcow2" },
   "read-only": { type: "boolean", default: false, description: "Expose the disk read-only (VIRTIO_BLK_F_RO); writes fail" },
   serial: { type: "string", description: `Disk serial for GET_ID (at most ${VIRTIO_BLK_ID_BYTES} bytes; default derived from the file's device and inode)` },
@@ -18,6 +18,7 @@ export const BLOCK_ARGS = {
   aio: { type: "string", description: "How reads, writes and flushes run: sync (one preadv/pwritev at a time per queue; best on page-cache images) or io_uring (many in flight per queue; best with --direct on a real disk). Default: io_uring with --direct, sync otherwise" },
   threads: { type: "string", description: "Queue threads serving the queues in parallel (0: all queues in the device thread; default: one per queue, up to the number of CPUs, 0 for a single queue)" },
   lock: { type: "boolean", default: true, negativeDescription: "Do not lock the image (QEMU's locking=off): only if you know no other process writes it meanwhile", description: "Lock the image as QEMU does (OFD byte-range locks), so no other backend, QEMU or qemu-img writes it while we serve it (read-only: no writer)" },
+  "nbd-timeout": { type: "string", default: "0", description: "NBD disks: seconds requests wait for a server that went away (reconnecting meanwhile) before they fail (0: wait for ever, as for a local disk)" },
   sparse: { type: "boolean", default: true, negativeDescription: "Do not offer DISCARD and never deallocate on write-zeroes", description: "Offer DISCARD and deallocate discarded ranges (punch holes)" },
 } as const;
 
@@ -42,6 +43,8 @@ export interface BlockOptions {
   lock: boolean;
   /** Queue threads (0: serve the queues in the device thread). */
   threads: number;
+  /** NBD disks: how long requests wait for a lost server, in ms (0: for ever). */
+  nbdTimeoutMs: number;
 }
 
 export const MAX_NUM_QUEUES = 256;
@@ -87,7 +90,17 @@ export function parseBlockOptions(raw: Record<string, unknown>): BlockOptions {
     sparse: booleanOption(raw, "sparse", true),
     lock: booleanOption(raw, "lock", true),
     coalesceUs: intOption(raw, "coalesce-us", DEFAULT_COALESCE_US, 0, 10_000),
+    nbdTimeoutMs: secondsOption(raw, "nbd-timeout"),
   };
+}
+
+/** A duration in seconds (decimals allowed), as ms; 0 when absent. */
+function secondsOption(raw: Record<string, unknown>, name: string): number {
+  const v = raw[name];
+  if (v === undefined || v === null || v === "") return 0;
+  const s = String(v);
+  if (!/^[0-9]+(\.[0-9]+)?$/.test(s) || Number(s) > 86_400 * 365) throw new Error(`--${name}: '${s}' is not a number of seconds`);
+  return Math.round(Number(s) * 1000);
 }
 
 /** seg_max: data segments per request. A chain has at most queue-size descriptors (header and

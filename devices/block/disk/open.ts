@@ -3,9 +3,10 @@
 import type { Disk } from "./disk.ts";
 import { openRawDisk, closeRawDiskResource, type RawDiskResource } from "./raw.ts";
 import { openQcow2Disk, closeQcow2DiskResource, type Qcow2DiskResource } from "./qcow2/disk.ts";
+import { openNbdDisk, type NbdDiskResource } from "./nbd.ts";
 
 /** The resource of any disk kind (plain, structured-cloneable data). */
-export type BlockDiskResource = RawDiskResource | Qcow2DiskResource;
+export type BlockDiskResource = RawDiskResource | Qcow2DiskResource | NbdDiskResource;
 
 /** Builds this thread's Disk from the resource; `owner` closes the resource's fds on close(). */
 export function openDisk(resource: BlockDiskResource, owner: boolean): Disk {
@@ -14,6 +15,8 @@ export function openDisk(resource: BlockDiskResource, owner: boolean): Disk {
       return openRawDisk(resource, owner);
     case "qcow2":
       return openQcow2Disk(resource, owner);
+    case "nbd":
+      return openNbdDisk(resource, owner);
     default:
       throw new Error(`unknown disk kind '${(resource as { kind: string }).kind}'`);
   }
@@ -27,6 +30,8 @@ export function releaseDiskResource(resource: BlockDiskResource): void {
       return;
     case "qcow2":
       closeQcow2DiskResource(resource);
+      return;
+    case "nbd": // holds no fd: every Disk connects on its own
       return;
   }
 }
