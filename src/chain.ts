@@ -166,8 +166,6 @@ export class ChainReader extends ChainCursor {
 
 /** Writes a chain's device-writable bytes in order; `written` is the used length to report. */
 export class ChainWriter extends ChainCursor {
-  private statusAt = -1;
-
   constructor(chain?: DescriptorChain) {
     super();
     if (chain !== undefined) this.reset(chain);
@@ -176,7 +174,6 @@ export class ChainWriter extends ChainCursor {
   /** Starts over on `chain` (a device's hot path reuses one writer per request slot). */
   reset(chain: DescriptorChain): this {
     this.point(chain, chain.writable, chain.writableLen);
-    this.statusAt = -1;
     return this;
   }
 
@@ -193,32 +190,23 @@ export class ChainWriter extends ChainCursor {
   }
 
   /**
-   * Reserves the last writable byte (virtio-blk's and virtio-scsi's status) so data cannot run
-   * into it; false when the chain has no writable byte.
+   * Splits this writer `offset` bytes past its position (crosvm's `Writer::split_at`): this one
+   * ends there, `tail` (reset onto the same chain) covers the rest — a status byte or trailer the
+   * data must not run into. False, with nothing changed, when fewer than `offset` bytes remain.
    */
-  carveStatus(): boolean {
-    if (this.statusAt >= 0) return true;
-    if (this.end - this.pos < 1) return false;
-    this.end--;
-    this.statusAt = this.end;
+  splitAt(offset: number, tail: ChainWriter): boolean {
+    if (offset < 0 || offset > this.remaining) return false;
+    const at = this.pos + offset;
+    tail.point(this.chain, this.segs, this.end);
+    tail.pos = at;
+    this.end = at;
     return true;
   }
 
-  /** Copies back bytes already written at [pos, pos+dst.length) of the writable side (a header
-   * the host wrote straight into guest memory, to inspect it). */
-  readBack(pos: number, dst: Uint8Array): number {
-    return copyAt(this.segs, pos, dst.subarray(0, Math.max(0, Math.min(dst.length, this.end - pos))), false);
-  }
-
-  /** Overwrites bytes at [pos, pos+src.length) of the writable side without moving the cursor. */
-  patch(pos: number, src: Uint8Array): number {
-    return copyAt(this.segs, pos, src.subarray(0, Math.max(0, Math.min(src.length, this.end - pos))), true);
-  }
-
-  /** Stores the carved-off status byte (one byte, written in place: this is every block request's path). */
-  writeStatus(status: number): void {
-    if (this.statusAt < 0) throw new Error("writeStatus without carveStatus");
-    let skip = this.statusAt;
+  /** Writes one byte at the cursor, in place (no copy through a buffer); returns 1, or 0 when full. */
+  writeByte(value: number): number {
+    if (this.remaining < 1) return 0;
+    let skip = this.pos;
     for (const seg of this.segs) {
       if (skip >= seg.len) {
         skip -= seg.len;
@@ -226,8 +214,21 @@ export class ChainWriter extends ChainCursor {
       }
       const at = seg.offset + skip;
       const win = seg.region.window(at, 1)!;
-      win.u8[at - win.start] = status;
-      return;
+      win.u8[at - win.start] = value;
+      this.pos++;
+      return 1;
     }
+    return 0;
+  }
+
+  /** Copies out bytes already written at [pos, pos+dst.length) of the writable side (a header the
+   * host wrote straight into guest memory, to inspect it); the cursor does not move. */
+  readAt(pos: number, dst: Uint8Array): number {
+    return copyAt(this.segs, pos, dst.subarray(0, Math.max(0, Math.min(dst.length, this.end - pos))), false);
+  }
+
+  /** Overwrites bytes at [pos, pos+src.length) of the writable side; the cursor does not move. */
+  writeAt(pos: number, src: Uint8Array): number {
+    return copyAt(this.segs, pos, src.subarray(0, Math.max(0, Math.min(src.length, this.end - pos))), true);
   }
 }

@@ -64,8 +64,10 @@ const IN_FLIGHT = -1;
  * reused, so serving a request allocates nothing. */
 class RequestState {
   chain: DescriptorChain | null = null;
-  /** The request's cursor over the device-writable part; the status byte is carved off its end. */
+  /** The request's cursor over the device-writable part, less its last byte... */
   readonly writer = new ChainWriter();
+  /** ...which is the status byte, split off so data cannot run into it. */
+  readonly status = new ChainWriter();
   type = 0;
   /** First sector and bytes, for accounting and messages. */
   sector = 0;
@@ -164,7 +166,7 @@ export class QueueProcessor {
     const state = this.stateOf(req.id);
     const reader = this.reader.reset(chain);
     const writer = state.writer.reset(chain);
-    if (!writer.carveStatus()) {
+    if (writer.remaining < 1 || !writer.splitAt(writer.remaining - 1, state.status)) {
       this.guestError(chain, "request has no writable byte for its status; completed with length 0");
       return 0;
     }
@@ -178,15 +180,15 @@ export class QueueProcessor {
       status = this.execute(chain, reader, writer, req, state);
       if (status === IN_FLIGHT) return IN_FLIGHT;
     }
-    return this.finish(chain, writer, status);
+    return this.finish(chain, state, status);
   }
 
   /** Counts the outcome, stores the status byte; returns the used length. */
-  private finish(chain: DescriptorChain, writer: ChainWriter, status: number): number {
+  private finish(chain: DescriptorChain, state: RequestState, status: number): number {
     if (status === VIRTIO_BLK_S_IOERR) this.stats.errors++;
     else if (status === VIRTIO_BLK_S_UNSUPP) this.stats.unsupported++;
     this.metrics.end(chain.head, status);
-    writer.writeStatus(status);
+    state.status.writeByte(status);
     // Like QEMU: the whole device-writable part counts as written (data for reads, then status).
     return chain.writableLen;
   }
@@ -211,7 +213,7 @@ export class QueueProcessor {
       return;
     }
     state.chain = null;
-    this.queue.add(chain.head, this.finish(chain, state.writer, status));
+    this.queue.add(chain.head, this.finish(chain, state, status));
   }
 
   private execute(chain: DescriptorChain, reader: ChainReader, writer: ChainWriter, req: DiskRequest, state: RequestState): number {

@@ -383,7 +383,7 @@ export class NetPairRunner implements QueueRunner {
       const cap = w.chain.writableLen;
       if (pos + cap > delivered) {
         const n = Math.min(pos + cap - delivered, tail.length);
-        w.patch(delivered - pos, tail.subarray(0, n));
+        w.writeAt(delivered - pos, tail.subarray(0, n));
         tail = tail.subarray(n);
         delivered += n;
       }
@@ -451,7 +451,7 @@ export class NetPairRunner implements QueueRunner {
     for (const w of p.writers) {
       if (w === null) continue;
       const cap = w.chain.writableLen;
-      if (pos + done < base + cap) done += w.readBack(pos + done - base, dst.subarray(done));
+      if (pos + done < base + cap) done += w.readAt(pos + done - base, dst.subarray(done));
       if (done >= dst.length) return;
       base += cap;
     }
@@ -483,7 +483,7 @@ export class NetPairRunner implements QueueRunner {
     // num_buffers: how many chains the driver must gather for this frame (1 without MRG_RXBUF).
     this.numBuffers[0] = mergeable ? used & 0xff : 1;
     this.numBuffers[1] = mergeable ? used >> 8 : 0;
-    firstWriter!.patch(HDR_NUM_BUFFERS, this.numBuffers);
+    firstWriter!.writeAt(HDR_NUM_BUFFERS, this.numBuffers);
     for (const d of done) q.add(d.head, d.len);
     p.clearHeld();
     for (let i = 0; i < rest.length; i++) p.hold(rest[i]!, restW[i]);

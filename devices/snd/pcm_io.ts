@@ -37,6 +37,6 @@ export function completeIo(q: Virtqueue, chain: DescriptorChain, status: P.SndSt
   if (data !== null && room > 0) {
     used += w.write(data.subarray(0, room));
   }
-  w.patch(room, P.encodePcmStatus(status, latencyBytes));
+  w.writeAt(room, P.encodePcmStatus(status, latencyBytes));
   q.add(chain.head, used);
 }

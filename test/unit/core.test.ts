@@ -274,49 +274,56 @@ describe("chain reader and writer", () => {
     expect(w.remaining).toBe(0);
   });
 
-  test("carveStatus takes the last writable byte: a 1-byte last descriptor", () => {
+  test("splitAt keeps a trailer off the data: a 1-byte last descriptor for a status", () => {
     const q = queue();
     const { chain, wbufs } = chainOf(q, ["hdr"], [8, 1]);
     const w = new ChainWriter(chain);
-    expect(w.carveStatus()).toBe(true);
-    expect(w.carveStatus()).toBe(true); // idempotent: still one byte carved
+    const status = new ChainWriter();
+    expect(w.splitAt(w.remaining - 1, status)).toBe(true);
     expect(w.remaining).toBe(8);
+    expect(status.remaining).toBe(1);
     expect(w.write(Buffer.from("0123456789"))).toBe(8); // data cannot run into the status
-    w.writeStatus(0x5a);
+    expect(status.writeByte(0x5a)).toBe(1);
+    expect(status.writeByte(0x5b)).toBe(0); // one byte only
     expect(w.written).toBe(8);
     expect(Buffer.from(ram.bytes(wbufs[0]!.gpa, 8)).toString()).toBe("01234567");
     expect(ram.bytes(wbufs[1]!.gpa, 1)[0]).toBe(0x5a);
   });
 
-  test("carveStatus takes the last writable byte: status sharing a descriptor with data", () => {
+  test("splitAt keeps a trailer off the data: status sharing a descriptor with data", () => {
     const q = queue();
     const { chain, wbufs } = chainOf(q, ["hdr"], [4, 9]);
     const guest = ram.bytes(wbufs[1]!.gpa, 10);
     guest[9] = 0xee; // the byte after the buffer must stay untouched
     const w = new ChainWriter(chain);
-    expect(w.carveStatus()).toBe(true);
+    const status = new ChainWriter();
+    expect(w.splitAt(12, status)).toBe(true);
     const iov = new IovecArray(4);
     expect(w.iovecs(iov, 13)).toBe(false); // the status byte is not data
     expect(w.iovecs(iov, 12)).toBe(true);
     expect(iov.count).toBe(2);
     expect(w.written).toBe(12);
-    w.writeStatus(3);
+    status.writeByte(3);
     expect(guest[8]).toBe(3);
     expect(guest[9]).toBe(0xee);
   });
 
-  test("carveStatus is false with no writable byte left; writeStatus without it throws", () => {
+  test("splitAt is false (nothing changed) past the writable bytes left; writeByte on nothing writes nothing", () => {
     const q = queue();
     const { chain } = chainOf(q, ["only readable"], []);
     const w = new ChainWriter(chain);
-    expect(w.carveStatus()).toBe(false);
-    expect(() => w.writeStatus(0)).toThrow(/without carveStatus/);
+    const status = new ChainWriter();
+    expect(w.splitAt(-1, status)).toBe(false);
+    expect(w.splitAt(1, status)).toBe(false);
+    expect(w.writeByte(0)).toBe(0);
     expect(w.written).toBe(0);
-    // All the writable bytes used up already: nothing left to carve either.
+    // All the writable bytes used up already: nothing left to split off either.
     const { chain: c2 } = chainOf(q, ["r"], [2]);
     const w2 = new ChainWriter(c2);
     expect(w2.write(Buffer.from("ab"))).toBe(2);
-    expect(w2.carveStatus()).toBe(false);
+    expect(w2.splitAt(1, status)).toBe(false);
+    expect(w2.splitAt(0, status)).toBe(true);
+    expect(status.remaining).toBe(0);
   });
 });
 
