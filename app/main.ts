@@ -4,13 +4,13 @@
 // socket, handles signals and supervises the device's thread. This folder (app/) is the program:
 // the only place that knows both the library (src/) and the devices (devices/).
 import { defineCommand, runMain, type ArgsDef, type showUsage } from "citty";
-import { basename } from "node:path";
-import { chmodSync, chownSync, existsSync, lstatSync } from "node:fs";
+import { basename, dirname, join } from "node:path";
+import { chmodSync, chownSync, existsSync, lstatSync, renameSync } from "node:fs";
 import { DEVICES } from "./registry.ts";
 import type { DeviceDefinition, HostSignal } from "../src/device.ts";
 import { listenUnix, isListening, unixListenerAlive, MAX_SOCKET_PATH } from "../ffi/socket.ts";
 import { fcntl, unlink } from "../ffi/io.ts";
-import { libc, errno, errnoName, SysError, groupId, userId } from "../ffi/libc.ts";
+import { libc, errno, errnoName, close, SysError, groupId, userId } from "../ffi/libc.ts";
 import { signal } from "../ffi/eventfd.ts";
 import { log, setLogLevel, setLogFormat, LOG_LEVELS, LOG_FORMATS } from "../src/log.ts";
 import { capabilitiesJson } from "../src/capabilities.ts";
@@ -232,10 +232,11 @@ async function serve(
     where = `fd ${fd}${listening ? "" : " (connected)"}`;
   } else if (socketPath !== undefined) {
     try {
-      start.listenFd = listenUnix(socketPath, 1, () => {
-        life.socketPath = socketPath; // bound: ours to remove from here on
-        permissions?.(socketPath);
+      start.listenFd = listenOn(socketPath, (bound) => {
+        life.socketPath = bound; // bound: ours to remove from here on
+        permissions?.(bound);
       });
+      life.socketPath = socketPath;
     } catch (e) {
       throw optionError(`--socket ${socketPath}`, e);
     }
@@ -253,6 +254,27 @@ async function serve(
     log.info(status);
     notifyReady(status);
   });
+}
+
+/**
+ * Listens on `path` so that the path appears only once it is listening: bound and listening under
+ * a temporary name beside it, then renamed into place (atomic). A front-end that connects as soon
+ * as the file exists (libvirt, a test, a script) otherwise can hit the moment between bind and
+ * listen and be refused. Falls back to binding `path` itself when the temporary name would be too
+ * long for a socket address.
+ */
+function listenOn(path: string, beforeListen: (bound: string) => void): number {
+  const tmp = join(dirname(path), `.${basename(path)}.${process.pid}.tmp`);
+  if (Buffer.byteLength(tmp) > MAX_SOCKET_PATH) return listenUnix(path, 1, () => beforeListen(path));
+  const fd = listenUnix(tmp, 1, () => beforeListen(tmp));
+  try {
+    renameSync(tmp, path);
+  } catch (e) {
+    close(fd);
+    unlink(tmp);
+    throw e;
+  }
+  return fd;
 }
 
 /** The thread entry files, beside this one (the compiled binary embeds them: see build.ts). */
