@@ -103,7 +103,7 @@ export class BlockDevice implements VhostUserDevice {
     // A disk that cannot be served from several threads at once serves every queue here.
     let threads = opts.threads;
     if (threads > 0 && !disk.multiThread) {
-      log.warn(`block: ${opts.file} is served from one thread (its format keeps state in memory); ignoring --threads ${threads}`);
+      if (opts.threadsGiven) log.warn(`block: ${opts.file} is served from one thread (its format keeps state in memory); ignoring --threads ${threads}`);
       threads = 0;
     }
     this.queues = new QueueService({

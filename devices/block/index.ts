@@ -1,4 +1,4 @@
-// `backend device block --socket PATH --file IMAGE`: a virtio-blk device over a raw image file or a
+// `backend device block --socket PATH --file IMAGE`: a virtio-blk device over a raw or qcow2 image file or a
 // host block device (qemu-storage-daemon's vhost-user-blk export, crosvm's `device block`).
 import { accessSync, constants, statSync } from "node:fs";
 import type { DeviceDefinition } from "../../src/device.ts";

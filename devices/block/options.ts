@@ -45,6 +45,8 @@ export interface BlockOptions {
   threads: number;
   /** NBD disks: how long requests wait for a lost server, in ms (0: for ever). */
   nbdTimeoutMs: number;
+  /** --threads was given (not the default): a disk that cannot use them says so. */
+  threadsGiven: boolean;
 }
 
 export const MAX_NUM_QUEUES = 256;
@@ -84,6 +86,7 @@ export function parseBlockOptions(raw: Record<string, unknown>): BlockOptions {
     serial,
     numQueues,
     threads: intOption(raw, "threads", defaultThreads, 0, numQueues),
+    threadsGiven: raw.threads !== undefined && raw.threads !== null && raw.threads !== "",
     queueSize,
     direct,
     aio,
