@@ -1,7 +1,7 @@
 // The compiled single binary, as users get it: help, capabilities, and a device served from it.
 import { capabilitiesJson } from "../../src/capabilities.ts";
 import { beforeAll, describe, expect, test } from "bun:test";
-import { existsSync, mkdtempSync, rmSync } from "node:fs";
+import { existsSync, mkdtempSync, rmSync, symlinkSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { FrontendConnection, Req } from "../support/frontend.ts";
@@ -42,6 +42,27 @@ describe("dist/backend", () => {
     expect(con.type).toBe("console");
     for (const def of Object.values(DEVICES)) {
       expect(JSON.parse(run(["device", def.name, "--print-capabilities"]).out)).toEqual(JSON.parse(capabilitiesJson(def.capabilities)));
+    }
+  });
+
+  test("installed as vhost-user-<type> (QEMU's naming convention), it serves that device", () => {
+    const dir = mkdtempSync(join(tmpdir(), "vhu-link-"));
+    try {
+      for (const def of Object.values(DEVICES)) {
+        const link = join(dir, `vhost-user-${def.capabilities.type}`);
+        symlinkSync(BINARY, link);
+        const p = Bun.spawnSync([link, "--print-capabilities"], { stdout: "pipe", stderr: "pipe" });
+        expect(p.exitCode).toBe(0);
+        expect(JSON.parse(p.stdout.toString())).toEqual(JSON.parse(capabilitiesJson(def.capabilities)));
+      }
+    } finally {
+      rmSync(dir, { recursive: true, force: true });
+    }
+  });
+
+  test("the build generates the man page, completion and QEMU's description files", () => {
+    for (const f of ["share/man/man1/backend.1", "share/bash-completion/completions/backend", "share/zsh/site-functions/_backend", "share/qemu/vhost-user/50-backend-block.json"]) {
+      expect(existsSync(join(ROOT, "dist", f))).toBe(true);
     }
   });
 
