@@ -19,6 +19,9 @@ function alsaAccess(): { paths: DeclaredPath[]; unixSockets: string[] } {
     { path: resolve(homedir(), ".asoundrc"), rights: ["read"] },
     { path: "/usr/lib/x86_64-linux-gnu/alsa-lib", rights: ["read"], directory: true },
     { path: "/dev/snd", rights: ["read", "write"], directory: true },
+    // The null plugin (and others' silent paths) open these at every PREPARE.
+    { path: "/dev/null", rights: ["read", "write"] },
+    { path: "/dev/full", rights: ["read"] },
     // The PulseAudio / PipeWire plugins: their client configuration and runtime directory.
     { path: "/etc/pulse", rights: ["read"], directory: true },
     { path: resolve(runtime, "pulse"), rights: ["read", "write"], directory: true },
@@ -34,8 +37,10 @@ export function sndHostAccess(o: SndOptions): HostAccess {
   if (o.backend === "file") {
     for (const s of o.streams) {
       if (s.direction === P.D_OUTPUT) {
-        // The file and its format-change siblings (OUT-1.wav...) are created in its directory.
-        paths.push({ path: dirname(resolve(playbackPath(o, s.id))), rights: ["create", "write"], directory: true });
+        // The file and its format-change siblings (OUT-1.wav...) are created in its directory,
+        // and opened read-write (the WAV header is rewritten as data grows; an appended file's
+        // header is read first).
+        paths.push({ path: dirname(resolve(playbackPath(o, s.id))), rights: ["create", "read", "write"], directory: true });
       } else {
         const c = capturePath(o, s.id);
         if (c !== null) paths.push({ path: resolve(c), rights: ["read"] });

@@ -67,8 +67,8 @@ export class StracedBackend {
   }
 
   /**
-   * Starts the backend under strace and waits until it listens (the socket file appears at bind(),
-   * before listen(): a connect then is refused). A probe connection would be a session of its own.
+   * Starts the backend under strace and waits until it listens (the socket file appears only then).
+   * A probe connection would be a session of its own.
    */
   static async start(device: string, o: StracedOptions): Promise<StracedBackend> {
     const b = new StracedBackend(device, o);
@@ -84,21 +84,14 @@ export class StracedBackend {
     return b;
   }
 
-  /** Whether the backend's socket is in the listening state (its network namespace's /proc/PID/net/unix). */
+  /**
+   * Whether the backend listens: its socket file appears only once it listens (app/main.ts binds
+   * and listens under a temporary name, then renames it into place).
+   */
   private listening(): boolean {
-    if (!existsSync(this.socketPath)) return false;
-    const pid = this.backendPid();
-    if (pid === null) return false;
-    try {
-      // Num RefCount Protocol Flags Type St Inode Path; Flags 00010000 is __SO_ACCEPTCON.
-      return readFileSync(`/proc/${pid}/net/unix`, "utf8").split("\n").some((l) => {
-        const f = l.trim().split(/\s+/);
-        return f[3] === "00010000" && f[7] === this.socketPath;
-      });
-    } catch {
-      return false;
-    }
+    return existsSync(this.socketPath);
   }
+
 
   /** The traced program's pid: the first process in the log (strace's child, which exec'd bun); null before it exists. */
   backendPid(): number | null {

@@ -389,10 +389,9 @@ describe.skipIf(!STRACE)("after ready, a device opens only what it declared (str
     expect(await netSession(true)).toBe("");
   }, 60_000);
 
-  // Waiting on a fix of snd's declaration (devices/snd/host_access.ts, owner: whoever holds snd):
-  // the playback directory is declared ["create", "write"], but WavWriter opens its files "w+"
-  // and "r+" (devices/snd/wav.ts:309, :289), O_RDWR, which needs "read" too (Landlock: READ_FILE).
-  test.todo("snd: --backend file, playback WAV files created on PREPARE, capture read from a WAV", async () => {
+  // WavWriter opens its files "w+" and "r+" (O_RDWR): the playback directory is declared with
+  // "read" as well as "create" and "write" (Landlock: READ_FILE).
+  test("snd: --backend file, playback WAV files created on PREPARE, capture read from a WAV", async () => {
     const dir = testDir("snd-file");
     const capturePath = join(dir, "in.wav");
     const pcm = new Uint8Array(randomBytes(2 * PERIOD));
@@ -406,10 +405,9 @@ describe.skipIf(!STRACE)("after ready, a device opens only what it declared (str
     expect(found).toBe("");
   }, 60_000);
 
-  // Waiting on a fix of snd's declaration (devices/snd/host_access.ts alsaAccess()): libasound's
-  // null plugin opens /dev/null (O_WRONLY, playback) and /dev/full (O_RDONLY, capture) at each
-  // PCM_PREPARE; neither is declared. (The configuration itself is read before ready.)
-  test.todo("snd: --backend alsa over ALSA's null PCM (ALSA_CONFIG_PATH in the test directory)", async () => {
+  // libasound's null plugin opens /dev/null (O_WRONLY, playback) and /dev/full (O_RDONLY,
+  // capture) at each PCM_PREPARE: both declared. (The configuration itself is read before ready.)
+  test("snd: --backend alsa over ALSA's null PCM (ALSA_CONFIG_PATH in the test directory)", async () => {
     const dir = testDir("snd-alsa");
     const conf = join(dir, "asound.conf");
     writeFileSync(conf, ["pcm.null { type null }", "pcm.default { type null }"].join("\n"));
