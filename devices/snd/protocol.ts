@@ -257,16 +257,20 @@ export type CtlCode = typeof R_CTL_ENUM_ITEMS | typeof R_CTL_READ | typeof R_CTL
 
 export interface QueryInfo { kind: "query"; code: QueryCode; startId: number; count: number; size: number }
 export interface JackRemap { kind: "jack_remap"; code: typeof R_JACK_REMAP; jackId: number; association: number; sequence: number }
-export interface PcmSetParams {
-  kind: "set_params";
-  code: typeof R_PCM_SET_PARAMS;
-  streamId: number;
+/** A stream's parameters, as VIRTIO_SND_R_PCM_SET_PARAMS carries them. */
+export interface PcmParams {
   bufferBytes: number;
   periodBytes: number;
+  /** PCM_F_* bits the driver selected (a subset of the stream's). */
   features: number;
   channels: number;
   format: number;
   rate: number;
+}
+export interface PcmSetParams extends PcmParams {
+  kind: "set_params";
+  code: typeof R_PCM_SET_PARAMS;
+  streamId: number;
 }
 export interface PcmCommand { kind: "pcm"; code: PcmCode; streamId: number }
 export interface CtlCommand { kind: "ctl"; code: CtlCode; controlId: number }

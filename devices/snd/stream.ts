@@ -12,15 +12,8 @@ import { bytesPerSample, formatInfo, frameBytes, rateHz, type PcmCaps } from "./
  */
 export type PcmState = "idle" | "params" | "prepared" | "running" | "stopped" | "released";
 
-export interface PcmParams {
-  bufferBytes: number;
-  periodBytes: number;
-  /** PCM_F_* bits the driver selected (a subset of the stream's). */
-  features: number;
-  channels: number;
-  format: number;
-  rate: number;
-}
+import type { PcmParams } from "./protocol.ts";
+export type { PcmParams };
 
 /** The largest hardware buffer accepted (Linux asks at most ~1 MB: 160 ms of 8 × 4 bytes at 192 kHz). */
 export const MAX_BUFFER_BYTES = 4 * 1024 * 1024;
