@@ -10,7 +10,7 @@ import { DEVICES } from "./registry.ts";
 import type { DeviceDefinition, HostSignal } from "../src/device.ts";
 import { listenUnix, isListening, unixListenerAlive, MAX_SOCKET_PATH } from "../ffi/socket.ts";
 import { fcntl, unlink } from "../ffi/io.ts";
-import { libc, errno, errnoName, close, SysError, groupId, userId } from "../ffi/libc.ts";
+import { libc, errno, errnoName, close, groupId, userId } from "../ffi/libc.ts";
 import { signal } from "../ffi/eventfd.ts";
 import { log, setLogLevel, setLogFormat, LOG_LEVELS, LOG_FORMATS } from "../src/log.ts";
 import { capabilitiesJson } from "../src/capabilities.ts";
@@ -18,7 +18,7 @@ import { metrics } from "../src/metrics.ts";
 import { parseMetricsAddress, serveMetrics, type MetricsAddress, type MetricsServer } from "../src/metrics_server.ts";
 import { notifyReady, notifyStopping } from "../src/sd_notify.ts";
 import { threadSettings } from "../src/thread_settings.ts";
-import { booleanFromArgv, repeatedOption, systemdListenFds, SD_LISTEN_FDS_START } from "../src/cli_args.ts";
+import { booleanFromArgv, optionError, repeatedOption, systemdListenFds, SD_LISTEN_FDS_START } from "../src/cli_args.ts";
 import { usagePrinter, withUsage } from "./help.ts";
 import { checkArgv, type OptionSpec } from "./argv_check.ts";
 import type { FromWorker, ToWorker, WorkerStart } from "../src/device_thread.ts";
@@ -94,20 +94,6 @@ function socketPermissions(options: Record<string, unknown>, socketPath: string 
     if (gid !== undefined) chownSync(path, -1, gid);
     if (m !== undefined) chmodSync(path, m);
   };
-}
-
-/** A SysError from an option's fd or path, said in the option's terms. */
-function optionError(option: string, e: unknown): Error {
-  if (!(e instanceof SysError)) return e as Error;
-  const why: Record<string, string> = {
-    EBADF: "not an open file descriptor",
-    ENOTSOCK: "not a socket",
-    EACCES: "permission denied",
-    ENOENT: "its directory does not exist",
-    EADDRINUSE: "already in use",
-    EROFS: "read-only file system",
-  };
-  return new Error(`${option}: ${why[e.code] ?? e.message}`);
 }
 
 const SOL_SOCKET = 1;
@@ -238,7 +224,7 @@ async function serve(
       });
       life.socketPath = socketPath;
     } catch (e) {
-      throw optionError(`--socket ${socketPath}`, e);
+      throw optionError(`--socket ${socketPath}`, e, { ENOENT: "its directory does not exist" });
     }
     where = socketPath;
   } else {

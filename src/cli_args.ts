@@ -99,3 +99,26 @@ export function intOption(raw: Record<string, unknown>, name: string, dflt: numb
   if (!Number.isInteger(n) || n < min || n > max) throw new Error(`--${name}: '${String(v)}' is not an integer in ${min}..${max}`);
   return n;
 }
+
+const OPTION_ERRNO_REASONS: Record<string, string> = {
+  EBADF: "not an open file descriptor",
+  ENOTSOCK: "not a socket",
+  EACCES: "permission denied",
+  EPERM: "not permitted",
+  ENOENT: "no such file or directory (or its directory does not exist)",
+  EISDIR: "is a directory",
+  ENOTDIR: "a component of the path is not a directory",
+  EADDRINUSE: "already in use",
+  EROFS: "read-only file system",
+  ENXIO: "no such device",
+};
+
+/**
+ * An error from a system call made for an option, said in the option's terms
+ * (`--output-file /tmp: is a directory`, `--fd 9: not an open file descriptor`).
+ */
+export function optionError(option: string, e: unknown, reasons: Readonly<Record<string, string>> = {}): Error {
+  const code = (e as { code?: unknown })?.code;
+  if (typeof code !== "string" || !(e instanceof Error)) return e as Error;
+  return new Error(`${option}: ${reasons[code] ?? OPTION_ERRNO_REASONS[code] ?? e.message}`);
+}

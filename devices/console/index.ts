@@ -10,6 +10,7 @@ import {
   type AcquiredInput, type AcquiredOutput,
 } from "./host_io.ts";
 import { NO_HOST_ACCESS } from "../../src/host_access.ts";
+import { optionError } from "../../src/cli_args.ts";
 
 const args = {
   "output-file": {
@@ -80,8 +81,17 @@ function openPorts(o: ConsoleOptions): AcquiredPort[] {
       const tag = p.name !== null ? `console-${p.name}` : i === 0 ? "console" : `console-port${i}`;
       const a: AcquiredPort = { name: p.name, input: null, output: null };
       acquired.push(a);
-      a.input = openInput(p, i === 0);
-      a.output = openOutput(p, i === 0, tag, o.syslogSocket);
+      const opt = (key: string, path: string | null) => (i === 0 ? `--${key} ${path}` : `--port ${p.name ?? i}: ${key} ${path}`);
+      try {
+        a.input = openInput(p, i === 0);
+      } catch (e) {
+        throw p.inputFile !== null ? optionError(opt("input-file", p.inputFile), e) : e;
+      }
+      try {
+        a.output = openOutput(p, i === 0, tag, o.syslogSocket);
+      } catch (e) {
+        throw p.outputFile !== null ? optionError(opt("output-file", p.outputFile), e) : e;
+      }
     });
   } catch (e) {
     releasePorts(acquired);

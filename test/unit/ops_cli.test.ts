@@ -133,6 +133,7 @@ describe("logs and errors", () => {
     const long = join(dir, "x".repeat(120));
     const cases: [string[], RegExp][] = [
       [["device", "block", "--fd", "97", "--file", image], /--fd 97: not an open file descriptor/],
+      [["device", "console", "--socket", join(dir, "c.sock"), "--output-file", dir], new RegExp(`--output-file ${dir}: is a directory`)],
       [["device", "block", "--socket", long, "--file", image], /--socket \S+: 1\d\d bytes, longer than the 107 a unix socket path may have: .* --fd/],
       [["device", "block", "--socket", join(dir, "nodir", "s.sock"), "--file", image], /--socket \S+: its directory does not exist/],
       [["device", "block", "--socket", join(dir, "m.sock"), "--file", image, "--socket-mode", "888"], /--socket-mode 888: not an octal mode/],
