@@ -48,6 +48,7 @@ const USAGE = `usage: bun run bench:net [options]
   --pairs LIST      queue pairs for part 2 (default 1)
   --iperf-time S    iperf3 -t per run in part 2 (default 5)
   --guest-rounds N  rounds in part 2 (default 3)
+  --ours-arg ARG    extra argument for our backend (repeatable; e.g. --ours-arg=--net-io=syscall for the writev path)
   --fe-arg ARG      extra testpmd application argument for the front-end (repeatable; e.g. --fe-arg=--enable-lro
                     makes it negotiate GUEST_TSO4/6, so the backend must be ready for 64 KiB receive frames)
   --only KIND       part 1 with one backend only: ours or dpdk (no ratios then)
@@ -172,6 +173,7 @@ interface CellCtx {
   warmupS: number;
   runtimeS: number;
   feArgs: string[];
+  oursArgs: string[];
 }
 
 interface Running {
@@ -197,7 +199,7 @@ async function startCell(c: CellCtx, kind: Kind, dir: Dir, size: number, pairs =
       tap = "nbo0";
       backend = spawnProc("ours", [
         "ip", "netns", "exec", c.ns.name, c.oursBin, "device", "net",
-        "--socket", sock, "--tap-name", tap, "--mac", GUEST_MAC, "--queue-pairs", String(pairs), "--log-level", "warn",
+        "--socket", sock, "--tap-name", tap, "--mac", GUEST_MAC, "--queue-pairs", String(pairs), "--log-level", "warn", ...c.oursArgs,
       ]);
       all.push(backend);
       await waitForSocket(sock, backend);
@@ -502,6 +504,7 @@ async function main(): Promise<void> {
       "guest-rounds": { type: "string", default: "3" },
       "ours-bin": { type: "string" },
       "fe-arg": { type: "string", multiple: true, default: [] },
+      "ours-arg": { type: "string", multiple: true, default: [] },
       only: { type: "string" },
       out: { type: "string" },
       help: { type: "boolean", short: "h", default: false },
@@ -546,7 +549,7 @@ async function main(): Promise<void> {
       dirty: Bun.spawnSync(["git", "-C", ROOT, "status", "--porcelain"]).stdout.toString().trim() !== "",
     },
     host: { clkTck: CLK_TCK, nproc: navigator.hardwareConcurrency, kernel: Bun.spawnSync(["uname", "-r"]).stdout.toString().trim() },
-    config: { rounds, runtimeS, warmupS, sizes, dirs, pairsList, oursBin, feArgs: a["fe-arg"], only: a.only },
+    config: { rounds, runtimeS, warmupS, sizes, dirs, pairsList, oursBin, feArgs: a["fe-arg"], oursArgs: a["ours-arg"], only: a.only },
   };
   const started = Date.now();
   try {
@@ -559,7 +562,8 @@ async function main(): Promise<void> {
     console.log(`  every testpmd: --no-huge -m 1024 --lcores=0@(0,1),1@(0,1) (lcores float over both CPUs), 1 forwarding core, 32768 mbufs`);
     if (!a["skip-packet"]) {
       console.log(`\npart 1: guest-less packet rate, 1 queue pair, ${rounds} rounds x ${runtimeS} s after ${warmupS} s warm-up per cell`);
-      const ctx: CellCtx = { ns, tmp, oursBin, warmupS, runtimeS, feArgs: a["fe-arg"]! };
+      const ctx: CellCtx = { ns, tmp, oursBin, warmupS, runtimeS, feArgs: a["fe-arg"]!, oursArgs: a["ours-arg"]! };
+      if (ctx.oursArgs.length) console.log(`  ours extra arguments: ${ctx.oursArgs.join(" ")}`);
       if (ctx.feArgs.length) console.log(`  front-end extra arguments: ${ctx.feArgs.join(" ")}`);
       const only = a.only as Kind | undefined;
       if (only !== undefined && only !== "ours" && only !== "dpdk") throw new Error(`--only ${only}: ours or dpdk`);

@@ -21,6 +21,12 @@ export const IORING_OP_FSYNC = 3;
 export const IORING_FSYNC_DATASYNC = 1;
 export const IOSQE_IO_DRAIN = 1 << 1;
 export const IOSQE_IO_LINK = 1 << 2;
+/**
+ * READV/WRITEV rw_flags: fail with -EAGAIN instead of waiting. Without it, a read or write that
+ * would block on a non-blocking fd (a full tap or pipe, an empty one) is parked by io_uring until
+ * the fd is ready, and its CQE comes later.
+ */
+export const RWF_NOWAIT = 0x8;
 const IORING_SETUP_CLAMP = 1 << 4;
 /** Keep submitting the rest of a batch when one SQE fails to prepare (5.18+). */
 const IORING_SETUP_SUBMIT_ALL = 1 << 7;
@@ -38,6 +44,21 @@ const CQE_SIZE = 16;
 const PARAMS_SIZE = 120;
 const SQ_OFF = 40;
 const CQ_OFF = 80;
+
+/**
+ * A ring as plain data: its fd and the io_uring_params the kernel filled in, so a ring set up in
+ * one thread (before serving) can be mapped and used in another (IoUring.attach). The fd belongs
+ * to whoever set the ring up (closeRingHandle).
+ */
+export interface RingHandle {
+  fd: number;
+  params: Uint8Array;
+}
+
+/** Closes a ring set up with IoUring.setupHandle (after every IoUring attached to it is closed). */
+export function closeRingHandle(h: RingHandle): void {
+  close(h.fd);
+}
 
 /** A CQE as handed to reap()'s callback. `res` is the operation's return value or -errno. */
 export type CqeHandler = (userData: number, res: number, flags: number) => void;
@@ -74,6 +95,8 @@ export class IoUring {
   private tail = 0;
   private closed = false;
   private readonly eventfdArg = new Int32Array(1);
+  /** close() closes the fd too (not for a ring attached from a RingHandle). */
+  private ownsFd = true;
 
   private constructor(fd: number, p: DataView) {
     this.fd = fd;
@@ -113,6 +136,28 @@ export class IoUring {
     this.tail = Atomics.load(this.sqRing, this.sqTail);
   }
 
+  /**
+   * io_uring_setup(2) without mapping: the ring as plain data, for a thread that will attach to it.
+   * Flags as setup()'s.
+   */
+  static setupHandle(entries: number): RingHandle {
+    const ring = IoUring.setup(entries);
+    const params = ring.paramsBytes!;
+    ring.ownsFd = false;
+    ring.close();
+    return { fd: ring.fd, params };
+  }
+
+  /** Maps a ring set up elsewhere (setupHandle) into this thread; close() then leaves its fd open. */
+  static attach(h: RingHandle): IoUring {
+    const ring = new IoUring(h.fd, new DataView(h.params.buffer, h.params.byteOffset, h.params.byteLength));
+    ring.ownsFd = false;
+    return ring;
+  }
+
+  /** The io_uring_params the ring was set up with (for setupHandle). */
+  private paramsBytes: Uint8Array | null = null;
+
   /** io_uring_setup(2) with `entries` SQ entries (rounded up to a power of 2, clamped). */
   static setup(entries: number): IoUring {
     const params = new Uint8Array(PARAMS_SIZE);
@@ -131,7 +176,9 @@ export class IoUring {
       if (flags === IORING_SETUP_CLAMP) throw new SysError("io_uring_setup", e);
     }
     try {
-      return new IoUring(fd, v);
+      const ring = new IoUring(fd, v);
+      ring.paramsBytes = params.slice();
+      return ring;
     } catch (e) {
       close(fd);
       throw e;
@@ -257,6 +304,6 @@ export class IoUring {
     munmap(this.sqesPtr, this.sqesLen);
     if (this.cqLen > 0) munmap(this.cqPtr, this.cqLen);
     munmap(this.ringPtr, this.ringLen);
-    close(this.fd);
+    if (this.ownsFd) close(this.fd);
   }
 }

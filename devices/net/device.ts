@@ -16,6 +16,8 @@ import { formatMac, type NetOptions } from "./options.ts";
 import { NetShared, RX_PROMISC } from "./shared.ts";
 import { NetControl } from "./control.ts";
 import { netPairRunner, type NetRunnerOptions } from "./pair_runner.ts";
+import { openPairRings } from "./uring_tx.ts";
+import { closeRingHandle, type RingHandle } from "../../ffi/io_uring.ts";
 import { validateNetState, NET_STATE_VERSION, type NetState } from "./state.ts";
 import {
   VIRTIO_NET_F_MAC, VIRTIO_NET_F_MTU, VIRTIO_NET_F_STATUS, VIRTIO_NET_F_MRG_RXBUF, VIRTIO_NET_F_MQ,
@@ -54,6 +56,8 @@ export class NetDevice implements VhostUserDevice {
   private readonly queues: QueueService;
   private readonly ctrl: WatchedQueue;
   private readonly control: NetControl;
+  /** Each pair's transmit io_uring (null: writev), made with the device and closed with it. */
+  private readonly rings: (RingHandle | null)[];
 
   constructor(opts: NetOptions, private readonly ctx: DeviceContext) {
     this.tap = openTap(opts);
@@ -72,7 +76,16 @@ export class NetDevice implements VhostUserDevice {
       (opts.offloads ? offloadFeatures(this.tap.supportedOffloads) | VIRTIO_NET_F_CTRL_GUEST_OFFLOADS : 0n);
     this.resetFilter();
     this.shared.mtu = this.mtu;
-    const runnerOptions: NetRunnerOptions = { fds: [...this.tap.fds], shared: this.shared.data };
+    let tx: ReturnType<typeof openPairRings>;
+    try {
+      tx = openPairRings(this.pairs, opts.netIo);
+    } catch (e) {
+      this.tap.close();
+      throw e;
+    }
+    this.rings = tx.rings;
+    if (tx.refused !== null) log.info(`net: io_uring unavailable (${tx.refused}): one writev per transmitted frame`);
+    const runnerOptions: NetRunnerOptions = { fds: [...this.tap.fds], shared: this.shared.data, rings: this.rings };
     this.queues = new QueueService({
       entry: ctx.queueThreadEntry, device: "net", options: runnerOptions, threads: this.pairs > 1 ? this.pairs : 0, threadOf: (i) => i >> 1,
       loop: ctx.loop, runner: netPairRunner,
@@ -95,7 +108,7 @@ export class NetDevice implements VhostUserDevice {
     if (!this.updateAttachedQueues()) throw new Error(`tap ${this.tap.name}: could not detach the queues of pairs not in use`);
     log.info(
       `net: tap ${this.tap.name} (${this.pairs} queue pair(s), MTU ${this.mtu}, offloads ${opts.offloads ? `0x${this.tap.supportedOffloads.toString(16)}` : "off"}, ` +
-        `MRG_RXBUF ${opts.mrgRxbuf ? "on" : "off"}), guest MAC ${formatMac(this.mac)}`,
+        `MRG_RXBUF ${opts.mrgRxbuf ? "on" : "off"}, transmit ${this.rings.some((r) => r !== null) ? "io_uring batches" : "writev"}), guest MAC ${formatMac(this.mac)}`,
     );
   }
 
@@ -287,6 +300,7 @@ export class NetDevice implements VhostUserDevice {
     this.ctrl.stop();
     this.queues.dispose();
     this.tap.close();
+    for (const r of this.rings) if (r !== null) closeRingHandle(r);
     this.shared.record.dispose();
   }
 }

@@ -24,7 +24,12 @@ export interface NetOptions {
   /** Offer checksum/segmentation offloads (as far as the tap accepts them). */
   offloads: boolean;
   queueSize: number;
+  /** How frames move between the rings and the tap: batched through io_uring, one system call per frame, or io_uring when the kernel allows it. */
+  netIo: NetIo;
 }
+
+export type NetIo = "uring" | "syscall" | "auto";
+const NET_IO: readonly NetIo[] = ["uring", "syscall", "auto"];
 
 export const MIN_MTU = 68;
 export const MAX_MTU = 65535;
@@ -67,6 +72,14 @@ export const NET_ARGS = {
     default: true,
     negativeDescription: "Offer no checksum or segmentation offloads",
     description: "Offer the checksum and TSO/UFO/USO offloads the tap accepts, and pass the guest's choice on to the tap",
+  },
+  "net-io": {
+    type: "string",
+    default: "auto",
+    valueHint: "uring|syscall|auto",
+    description:
+      "How frames move to and from the tap: uring batches them (one io_uring_enter per batch), syscall uses one writev per frame, " +
+      "auto uses io_uring where the kernel (or a sandbox) allows it",
   },
   "queue-size": { type: "string", default: String(DEFAULT_QUEUE_SIZE), description: `The front-end's ring size (QEMU's rx/tx_queue_size), a power of 2 in ${MIN_QUEUE_SIZE}..${MAX_QUEUE_SIZE}` },
 } as const;
@@ -185,6 +198,8 @@ export function parseNetOptions(raw: Record<string, unknown>): NetOptions {
   if (tap.kind === "fd" && queuePairs !== 1) throw new Error(`--tap-fd gives one tap queue: --queue-pairs ${queuePairs} needs --tap-name NAME of a multi_queue tap`);
   const queueSize = intOption(raw, "queue-size", DEFAULT_QUEUE_SIZE, MIN_QUEUE_SIZE, MAX_QUEUE_SIZE);
   if ((queueSize & (queueSize - 1)) !== 0) throw new Error(`--queue-size: ${queueSize} is not a power of 2`);
+  const netIoRaw = raw["net-io"] ?? "auto";
+  if (typeof netIoRaw !== "string" || !NET_IO.includes(netIoRaw as NetIo)) throw new Error(`--net-io: '${String(netIoRaw)}' is not one of ${NET_IO.join(", ")}`);
   const macRaw = single(raw, "mac");
   const mtuRaw = raw.mtu;
   if (mtuRaw === "") throw new Error(`--mtu needs a value (${MIN_MTU}-${MAX_MTU})`);
@@ -197,6 +212,7 @@ export function parseNetOptions(raw: Record<string, unknown>): NetOptions {
     mrgRxbuf: booleanOption(raw, "mrg-rxbuf", true),
     offloads: booleanOption(raw, "offloads", true),
     queueSize,
+    netIo: netIoRaw as NetIo,
   };
 }
 

@@ -14,6 +14,8 @@
 import { ptr } from "bun:ffi";
 import { readv, writev, IovecArray } from "../../ffi/io.ts";
 import { EAGAIN, SysError } from "../../ffi/libc.ts";
+
+const ECANCELED = 125;
 import type { QueueRunner } from "../../src/device.ts";
 import type { EventLoop } from "../../src/event_loop.ts";
 import type { GuestMemory } from "../../src/memory.ts";
@@ -24,6 +26,10 @@ import { ChainReader, ChainWriter, type DescriptorChain } from "../../src/chain.
 import { QueuePair, processQueue, fillQueue } from "../../src/queue_serving.ts";
 import { GuestErrorLog } from "../../src/guest_errors.ts";
 import type { SharedRecordData } from "../../src/shared_record.ts";
+import { IoUring, type RingHandle } from "../../ffi/io_uring.ts";
+import { TxBatch } from "./uring_tx.ts";
+import { RxBatch, RX_BATCH } from "./uring_rx.ts";
+import { log } from "../../src/log.ts";
 import { NetShared, PairStat } from "./shared.ts";
 import {
   VIRTIO_NET_HDR_SIZE, HDR_NUM_BUFFERS, VIRTIO_NET_F_MRG_RXBUF, VIRTIO_NET_F_CSUM, VIRTIO_NET_F_HOST_TSO4,
@@ -47,6 +53,11 @@ export interface NetRunnerOptions {
   fds: number[];
   /** The device thread's NetShared (filter, MTU, offloads, counters). */
   shared: SharedRecordData;
+  /**
+   * Per pair, the io_uring its transmit batches go through (set up with the device), or null:
+   * one writev per frame (--net-io syscall, or io_uring unavailable).
+   */
+  rings: (RingHandle | null)[];
 }
 
 /** One rx/tx pair: its queues and the tap queue they share. */
@@ -61,11 +72,26 @@ class Pair {
   tapEmpty = false;
   /** The tap was full: transmit resumes at EPOLLOUT. */
   txBlocked = false;
+  /** The pair's io_uring (null: one system call per frame), and its transmit and receive batches. */
+  ring: IoUring | null = null;
+  txBatch: TxBatch | null = null;
+  rxBatch: RxBatch | null = null;
+  /**
+   * Transmit chains popped but not sent (the tap was full), in order: they go first when it has
+   * room again. `txRetryIsTail`: nothing popped after them was completed, so stop() may give them
+   * back to the ring.
+   */
+  readonly txRetry: DescriptorChain[] = [];
+  txRetryIsTail = true;
+  /** A chain was dropped (completed) while the batch held frames popped before it. */
+  txDroppedInBatch = false;
   watching = false;
   /** Receive chains popped and not yet completed, in pop order; null writer: unusable (too small). */
   readonly held: DescriptorChain[] = [];
   readonly writers: (ChainWriter | null)[] = [];
   heldCapacity = 0;
+  /** No chain popped after the held ones was completed (stop() may give them back to the ring). */
+  heldIsTail = true;
   /** The part of a received frame still to be copied into guest buffers (mergeable), or null. */
   tail: Uint8Array | null = null;
   frameLen = 0;
@@ -93,9 +119,12 @@ export class NetPairRunner implements QueueRunner {
   private readonly pairs = new Map<number, Pair>();
   private readonly shared: NetShared;
   private readonly iov = new IovecArray(MAX_IOVECS);
+  private readonly reader = new ChainReader();
   private readonly hdr = new Uint8Array(VIRTIO_NET_HDR_SIZE);
   private readonly dest = new Uint8Array(6);
   private readonly numBuffers = new Uint8Array(2);
+  /** receiveBatch's scratch: which held chains stay held. */
+  private readonly keep: boolean[] = [];
   private readonly guestErrors = new GuestErrorLog("net", "debug");
   /** Where a received frame's bytes go beyond the chains at hand (see receive). */
   private readonly bounce = new Uint8Array(MAX_RX_GSO + 64);
@@ -125,6 +154,17 @@ export class NetPairRunner implements QueueRunner {
       const fd = this.o.fds[index];
       if (fd === undefined) throw new Error(`net: no tap queue for pair ${index}`);
       const pair: Pair = new Pair(index, fd, this.loop, () => this.onRxKick(pair), () => this.transmit(pair));
+      const ring = this.o.rings?.[index] ?? null;
+      if (ring !== null) {
+        try {
+          pair.ring = IoUring.attach(ring);
+          pair.txBatch = new TxBatch(pair.ring, fd);
+          pair.rxBatch = new RxBatch(pair.ring, fd);
+        } catch (e) {
+          log.warn(`net: pair ${index}: io_uring refused (${(e as Error).message}); one system call per frame`);
+          this.dropRing(pair);
+        }
+      }
       p = pair;
       this.pairs.set(index, p);
     }
@@ -150,12 +190,26 @@ export class NetPairRunner implements QueueRunner {
     const p = this.pairs.get(index >> 1);
     if (p === undefined) return null;
     if (index % 2 === 0 && p.rx !== null && p.held.length > 0) {
-      // Held receive chains go back to the ring, in order (they are the latest pops); a frame
-      // waiting for more buffers is dropped with them.
-      p.rx.rewind(p.held.length);
+      // Held receive chains go back to the ring, in order, when they are the latest pops; after a
+      // batch completed chains behind them they are completed empty instead (the driver drops an
+      // empty buffer). A frame waiting for more buffers is dropped with them.
+      if (p.heldIsTail) p.rx.rewind(p.held.length);
+      else for (const c of p.held) p.rx.add(c.head, 0);
       p.clearHeld();
+      p.heldIsTail = true;
       if (p.tail !== null) this.shared.count(p.index, PairStat.RxDropped);
       p.tail = null;
+    }
+    if (index % 2 === 1 && p.tx !== null && p.txRetry.length > 0) {
+      // Frames the tap had no room for: back to the ring when they are the latest pops, else
+      // completed unsent (a write after them went out first).
+      if (p.txRetryIsTail) p.tx.rewind(p.txRetry.length);
+      else {
+        for (const c of p.txRetry) p.tx.add(c.head, 0);
+        this.shared.count(p.index, PairStat.TxDropped, p.txRetry.length);
+      }
+      p.txRetry.length = 0;
+      p.txRetryIsTail = true;
     }
     const pos = p.queues.member(index).stop();
     if (index % 2 === 0) p.rx = null;
@@ -166,6 +220,7 @@ export class NetPairRunner implements QueueRunner {
 
   dispose(): void {
     for (const p of this.pairs.values()) {
+      this.dropRing(p);
       p.queues.stop();
       p.rx = p.tx = null;
       this.updateInterest(p);
@@ -206,46 +261,181 @@ export class NetPairRunner implements QueueRunner {
   private transmit(p: Pair): void {
     const q = p.tx;
     if (q === null || p.txBlocked) return;
-    processQueue(q, (chain) => this.transmitChain(p, q, chain), undefined, p.queues.tx.budget);
+    const b = p.txBatch;
+    if (b !== null) this.transmitBatched(p, q, b);
+    else processQueue(q, (chain) => this.transmitChain(p, q, chain), undefined, p.queues.tx.budget);
     if (p.txBlocked) this.updateInterest(p);
+  }
+
+  /**
+   * Transmit through io_uring: the chains of this turn are queued as one WRITEV each and go to
+   * the tap in batches of TX_BATCH, one io_uring_enter per batch; the used ring is published and
+   * the driver notified once, at the end (processQueue). Frames the tap had no room for wait in
+   * p.txRetry, in order, until EPOLLOUT.
+   */
+  private transmitBatched(p: Pair, q: Virtqueue, b: TxBatch): void {
+    // Frames left over from a full tap go first, in their order (they fitted a batch before).
+    const retry = p.txRetry.splice(0);
+    const wasTail = p.txRetryIsTail;
+    p.txRetryIsTail = true;
+    for (let i = 0; i < retry.length; i++) {
+      const r = b.queue(retry[i]!, MAX_IOVECS);
+      if (r === "queued") continue;
+      if (r === "too-long") {
+        this.dropTx(p, q, retry[i]!, `frame in more than ${MAX_IOVECS} buffers`);
+        continue;
+      }
+      if (!this.sendBatch(p, q, b)) {
+        // Full again: what was not sent keeps its place ahead of the rest.
+        p.txRetry.push(...retry.slice(i));
+        p.txRetryIsTail &&= wasTail;
+        q.flush();
+        return;
+      }
+      i--; // queue it again, into the empty batch
+    }
+    processQueue(q, (chain) => {
+      if (!this.txAcceptable(p, q, chain)) {
+        if (b.size > 0) p.txDroppedInBatch = true; // completed ahead of frames still to be sent
+        return true;
+      }
+      for (;;) {
+        const r = b.queue(chain, MAX_IOVECS);
+        if (r === "queued") return true;
+        if (r === "too-long") {
+          this.dropTx(p, q, chain, `frame in more than ${MAX_IOVECS} buffers`);
+          if (b.size > 0) p.txDroppedInBatch = true;
+          return true;
+        }
+        // The batch is full: send it. A full tap stops popping; this chain waits with the others.
+        if (!this.sendBatch(p, q, b)) {
+          p.txRetry.push(chain);
+          return false;
+        }
+      }
+    }, () => {
+      this.sendBatch(p, q, b);
+    }, p.queues.tx.budget);
+  }
+
+  /**
+   * Sends the queued batch and completes what the tap took (or refused: dropped). Frames from
+   * the first EAGAIN on go to p.txRetry and the pair waits for EPOLLOUT; returns false then. If
+   * io_uring itself fails, the pair falls back to writev for good (the batch is retried so).
+   */
+  private sendBatch(p: Pair, q: Virtqueue, b: TxBatch): boolean {
+    if (b.size === 0) return !p.txBlocked;
+    const droppedInBatch = p.txDroppedInBatch;
+    p.txDroppedInBatch = false;
+    let n: number;
+    try {
+      n = b.submit();
+    } catch (e) {
+      log.warn(`net: pair ${p.index}: io_uring failed (${(e as Error).message}); one system call per frame from now on`);
+      p.txRetry.unshift(...b.chains);
+      b.clear();
+      this.dropRing(p);
+      this.loop.defer(() => this.retryWithWritev(p));
+      return false;
+    }
+    let blocked = false;
+    for (let i = 0; i < n; i++) {
+      const chain = b.chains[i]!;
+      const r = b.result(i);
+      if (r === -EAGAIN || (blocked && r === -ECANCELED)) {
+        blocked = true;
+        p.txRetry.push(chain);
+      } else if (r < 0) {
+        // The kernel refused the frame (a header it finds inconsistent: EINVAL); the ring goes on.
+        this.dropTx(p, q, chain, `the tap refused a frame (errno ${-r})`);
+        if (blocked) p.txRetryIsTail = false;
+      } else {
+        this.shared.count(p.index, PairStat.TxFrames);
+        q.add(chain.head, 0);
+        if (blocked) p.txRetryIsTail = false; // sent after an earlier frame found the tap full
+      }
+    }
+    b.clear();
+    if (blocked) {
+      if (droppedInBatch) p.txRetryIsTail = false;
+      p.txBlocked = true;
+      this.shared.count(p.index, PairStat.TxBlocked);
+    }
+    return !blocked;
+  }
+
+  /** Stops using the pair's io_uring (it failed, or the runner goes): system calls from now on. */
+  private dropRing(p: Pair): void {
+    p.txBatch = null;
+    p.rxBatch = null;
+    p.ring?.close();
+    p.ring = null;
+  }
+
+  /** After io_uring failed: sends the frames it left behind with writev, then serves the ring. */
+  private retryWithWritev(p: Pair): void {
+    const q = p.tx;
+    if (q === null) return;
+    while (p.txRetry.length > 0 && !p.txBlocked) {
+      const chain = p.txRetry[0]!;
+      if (this.writeFrame(p, q, chain) === -EAGAIN) break;
+      p.txRetry.shift();
+    }
+    q.flush();
+    if (p.txBlocked) this.updateInterest(p);
+    else this.transmit(p);
+  }
+
+  /** Drops (completes unsent, counted) a chain the guest should not have sent. */
+  private dropTx(p: Pair, q: Virtqueue, chain: DescriptorChain, why: string): void {
+    this.guestErrors.report(`tx queue ${q.index}: ${why}; frame dropped`);
+    this.shared.count(p.index, PairStat.TxDropped);
+    q.add(chain.head, 0);
+  }
+
+  /** False (the chain dropped) when the frame must not reach the tap. */
+  private txAcceptable(p: Pair, q: Virtqueue, chain: DescriptorChain): boolean {
+    const why = this.checkTx(p, chain);
+    if (why === null) return true;
+    this.dropTx(p, q, chain, why);
+    return false;
   }
 
   /** Sends one chain; false (chain rewound) when the tap is full. */
   private transmitChain(p: Pair, q: Virtqueue, chain: DescriptorChain): boolean {
-    const why = this.checkTx(p, chain);
-    if (why !== null) {
-      this.guestErrors.report(`tx queue ${q.index}: ${why}; frame dropped`);
-      this.shared.count(p.index, PairStat.TxDropped);
-      q.add(chain.head, 0);
-      return true;
-    }
+    if (!this.txAcceptable(p, q, chain)) return true;
+    if (this.writeFrame(p, q, chain) !== -EAGAIN) return true;
+    q.rewind(1);
+    return false;
+  }
+
+  /**
+   * One writev of the chain's frame; completes it (sent or dropped) unless the tap is full:
+   * then -EAGAIN, the pair waits for EPOLLOUT and the caller keeps the chain.
+   */
+  private writeFrame(p: Pair, q: Virtqueue, chain: DescriptorChain): number {
     this.iov.clear();
-    if (!new ChainReader(chain).iovecs(this.iov, chain.readableLen)) {
-      this.guestErrors.report(`tx queue ${q.index}: frame in more than ${MAX_IOVECS} buffers; dropped`);
-      this.shared.count(p.index, PairStat.TxDropped);
-      q.add(chain.head, 0);
-      return true;
+    if (!this.reader.reset(chain).iovecs(this.iov, chain.readableLen)) {
+      this.dropTx(p, q, chain, `frame in more than ${MAX_IOVECS} buffers`);
+      return 0;
     }
     let r: number;
     try {
       r = writev(p.fd, this.iov);
     } catch (e) {
       // The kernel refused the frame (a header it finds inconsistent: EINVAL); the ring goes on.
-      this.guestErrors.report(`tx queue ${q.index}: the tap refused a frame (${(e as SysError).message}); dropped`);
-      this.shared.count(p.index, PairStat.TxDropped);
-      q.add(chain.head, 0);
-      return true;
+      this.dropTx(p, q, chain, `the tap refused a frame (${(e as SysError).message})`);
+      return 0;
     }
     if (r === -EAGAIN) {
-      q.rewind(1);
       p.txBlocked = true;
       this.shared.count(p.index, PairStat.TxBlocked);
-      return false;
+      return r;
     }
     this.shared.count(p.index, PairStat.TxFrames);
     this.shared.bytes(p.index, "tx", r);
     q.add(chain.head, 0);
-    return true;
+    return r;
   }
 
   /** Why a transmit chain must be dropped, or null. The kernel checks the header again on write. */
@@ -253,7 +443,7 @@ export class NetPairRunner implements QueueRunner {
     const len = chain.readableLen;
     if (len <= VIRTIO_NET_HDR_SIZE) return `chain of ${len} bytes holds no frame after the ${VIRTIO_NET_HDR_SIZE}-byte header`;
     if (len - VIRTIO_NET_HDR_SIZE > MAX_TX_FRAME) return `frame of ${len - VIRTIO_NET_HDR_SIZE} bytes (at most ${MAX_TX_FRAME})`;
-    new ChainReader(chain).read(this.hdr);
+    this.reader.reset(chain).read(this.hdr);
     const flags = this.hdr[0]!;
     const gso = this.hdr[1]!;
     const f = p.features;
@@ -301,7 +491,7 @@ export class NetPairRunner implements QueueRunner {
       this.deliver(p, q, mergeable, force);
       const outOfBuffers = fillQueue(q, () => p.tail !== null || !p.tapEmpty, (chain) => {
         p.hold(chain);
-        this.deliver(p, q, mergeable, false);
+        if (p.tail !== null || this.enoughHeld(p, mergeable)) this.deliver(p, q, mergeable, false);
         return true;
       }, budget);
       if (!outOfBuffers) return;
@@ -334,8 +524,9 @@ export class NetPairRunner implements QueueRunner {
         continue;
       }
       if (p.tapEmpty || p.heldCapacity === 0) return;
-      if (!force && p.heldCapacity < (mergeable ? this.frameLimit() : 1)) return;
+      if (!force && !this.enoughHeld(p, mergeable)) return;
       if (budget.exhausted) return;
+      if (p.rxBatch !== null && this.receiveBatch(p, q, p.rxBatch, mergeable)) continue;
       const n = this.readFrame(p);
       if (n === -EAGAIN) {
         p.tapEmpty = true;
@@ -356,6 +547,124 @@ export class NetPairRunner implements QueueRunner {
         continue;
       }
       this.completeFrame(p, q, n, mergeable);
+    }
+  }
+
+  /**
+   * Whether the held chains are worth reading into: room for the largest frame (one chain without
+   * MRG_RXBUF), or with io_uring for a whole batch of them (fewer once the ring runs dry: `force`).
+   */
+  private enoughHeld(p: Pair, mergeable: boolean): boolean {
+    const frames = p.rxBatch !== null ? RX_BATCH : 1;
+    return mergeable ? p.heldCapacity >= frames * this.frameLimit() : p.held.length >= frames;
+  }
+
+  /**
+   * Reads up to RX_BATCH frames with one io_uring_enter into parts of the held chains (each part
+   * takes the largest frame), and completes them in order. False when the held chains make fewer
+   * than two parts (one readv does then, with the tail logic for frames that need more chains).
+   */
+  private receiveBatch(p: Pair, q: Virtqueue, b: RxBatch, mergeable: boolean): boolean {
+    const need = mergeable ? this.frameLimit() : 1;
+    b.clear();
+    for (let i = 0; i < p.held.length && b.size < RX_BATCH; ) {
+      const from = i;
+      let cap = 0;
+      while (i < p.held.length && cap < need) cap += p.writers[i++]?.chain.writableLen ?? 0;
+      if (cap < need || !b.addPart(p.writers, from, i)) break;
+    }
+    if (b.size < 2) return false;
+    let n: number;
+    try {
+      n = b.submit();
+    } catch (e) {
+      log.warn(`net: pair ${p.index}: io_uring failed (${(e as Error).message}); one system call per frame from now on`);
+      this.dropRing(p);
+      return false;
+    }
+    // Chains a frame filled are completed; the others stay held, in order.
+    const keep = this.keep;
+    keep.length = 0;
+    for (let k = 0; k < p.held.length; k++) keep.push(true);
+    let stalled = false;
+    for (let i = 0; i < n; i++) {
+      const r = b.result(i);
+      if (r === -EAGAIN || r === -ECANCELED) {
+        p.tapEmpty = true;
+        continue;
+      }
+      if (r < 0) {
+        // A tap in an error state would be readable forever: pause until the guest's next kick.
+        this.guestErrors.report(`rx pair ${p.index}: reading the tap failed (errno ${-r}); paused until the next kick`);
+        this.shared.count(p.index, PairStat.RxDropped);
+        stalled = true;
+        continue;
+      }
+      const cap = b.capacity[i]!;
+      if (r < VIRTIO_NET_HDR_SIZE + 6 || r > cap) {
+        if (r > cap) this.guestErrors.report(`rx queue ${q.index}: frame of ${r} bytes does not fit its ${cap}-byte buffers (${mergeable ? "the tap's MTU is above the guest's?" : "no MRG_RXBUF"}); dropped`);
+        this.shared.count(p.index, PairStat.RxDropped);
+        continue;
+      }
+      if (!this.shared.promiscuous()) {
+        this.partBytes(p, b.first[i]!, VIRTIO_NET_HDR_SIZE, this.dest);
+        if (!this.shared.accepts(this.dest)) {
+          this.shared.count(p.index, PairStat.RxFiltered);
+          continue;
+        }
+      }
+      let left = r;
+      let used = 0;
+      let firstWriter: ChainWriter | null = null;
+      for (let k = b.first[i]!; k < b.end[i]! && left > 0; k++) {
+        const w = p.writers[k];
+        if (w === null || w === undefined) continue;
+        const len = Math.min(left, w.chain.writableLen);
+        left -= len;
+        used++;
+        firstWriter ??= w;
+        q.add(w.chain.head, len);
+        keep[k] = false;
+      }
+      this.numBuffers[0] = mergeable ? used & 0xff : 1;
+      this.numBuffers[1] = mergeable ? used >> 8 : 0;
+      firstWriter!.writeAt(HDR_NUM_BUFFERS, this.numBuffers);
+      this.shared.count(p.index, PairStat.RxFrames);
+    }
+    // Rebuild the held list without the completed chains.
+    let j = 0;
+    let capacity = 0;
+    for (let k = 0; k < p.held.length; k++) {
+      if (!keep[k]) {
+        if (j > 0) p.heldIsTail = false; // completed behind a chain still held
+        continue;
+      }
+      p.held[j] = p.held[k]!;
+      const w = p.writers[k]!;
+      p.writers[j] = w;
+      if (w !== null) capacity += w.chain.writableLen;
+      j++;
+    }
+    p.held.length = j;
+    p.writers.length = j;
+    p.heldCapacity = capacity;
+    if (stalled) {
+      p.tapEmpty = true;
+      this.starve(p);
+    }
+    return true;
+  }
+
+  /** Copies bytes [pos, pos+dst.length) of the frame read into the held chains from index `from` on. */
+  private partBytes(p: Pair, from: number, pos: number, dst: Uint8Array): void {
+    let base = 0;
+    let done = 0;
+    for (let k = from; k < p.writers.length && done < dst.length; k++) {
+      const w = p.writers[k];
+      if (w === null || w === undefined) continue;
+      const cap = w.chain.writableLen;
+      if (pos + done < base + cap) done += w.readAt(pos + done - base, dst.subarray(done));
+      base += cap;
     }
   }
 
