@@ -3,16 +3,21 @@
 // refcounts, copy-on-write from the backing image and from clusters shared with internal
 // snapshots, compressed clusters read (deflate, zstd).
 //
-// Crash consistency comes from the order of writes, with syncs between the steps that must not be
-// reordered by the host:
-//   1. a new cluster's refcount is written when it is allocated (write-through), and its data is
-//      written before the L2 entry that points to it changes (in memory only);
-//   2. flush(): sync (data and refcounts durable) -> write the dirty L2 tables -> sync -> write the
-//      dirty L1 entries -> sync -> only then drop the references the new tables no longer hold;
-//      a cluster freed that way is never reused before the L2/L1 update that freed it is durable.
-// A crash (SIGKILL or power) at any point leaves the metadata on disk consistent: every cluster an
-// L2 entry on disk points to has its refcount on disk; the worst outcome is a leaked cluster.
-// Writes the guest did not flush may be lost, as on any disk with a volatile cache.
+// Crash consistency comes from the order of writes, with syncs between the steps the host must
+// not reorder:
+//   1. clusters are reserved a few at a time: their refcounts are written and synced before any
+//      of them is handed out (refcounts.ts), so a refcount is always durable before anything
+//      points to its cluster; a crash leaks the reserved clusters not yet used, nothing worse;
+//   2. a guest write's data is written before the L2 entry that points to it, and every L2 (and
+//      L1) entry is written to the file as soon as it changes, so a backend killed at any moment
+//      (and reconnected) has lost no acknowledged write;
+//   3. a new L2 table is written and synced before the L1 entry that points to it;
+//   4. a cluster whose last reference an L2/L1 update dropped is freed only at the next flush,
+//      after a sync made that update durable, so it is never reused while the disk may still
+//      hold a reference to it.
+// flush() is then a sync, followed by those frees. A crash (SIGKILL or power) at any point leaves
+// metadata that `qemu-img check` finds consistent (leaked clusters at worst); after a power loss,
+// writes the guest did not flush may be lost, as on any disk with a volatile cache.
 //
 // Metadata and data I/O are synchronous on the calling thread, one request at a time: requests
 // to the same cluster are trivially ordered and copy-on-write from the backing image happens once.
@@ -81,7 +86,6 @@ interface L2Table {
   offset: number;
   data: Uint8Array;
   view: DataView;
-  dirty: boolean;
 }
 
 export interface Qcow2OpenOptions {
@@ -102,7 +106,6 @@ export class Qcow2Image implements ReadableImage {
   private readonly l2Entries: number;
   private readonly l1: Uint8Array;
   private readonly l1View: DataView;
-  private readonly dirtyL1 = new Set<number>();
   private readonly l2Cache = new Map<number, L2Table>();
   private readonly l2CacheMax: number;
   private refcounts: Refcounts | null = null;
@@ -186,7 +189,7 @@ export class Qcow2Image implements ReadableImage {
   private setL1(i: number, offset: number): void {
     this.l1View.setUint32(i * 8, (COPIED | Math.floor(offset / 0x1_0000_0000)) >>> 0);
     this.l1View.setUint32(i * 8 + 4, offset >>> 0);
-    this.dirtyL1.add(i);
+    this.file.writeAt(this.l1.subarray(i * 8, i * 8 + 8), this.header.l1TableOffset + i * 8);
   }
 
   private loadL2(offset: number): L2Table {
@@ -200,17 +203,13 @@ export class Qcow2Image implements ReadableImage {
     if (this.refcounts?.isCachedBlock(offset)) throw new Qcow2CorruptError(`L2 table at ${offset} is also a refcount block`);
     const data = new Uint8Array(this.cs);
     this.file.readAt(data, offset);
-    t = { offset, data, view: new DataView(data.buffer), dirty: false };
+    t = { offset, data, view: new DataView(data.buffer) };
     this.cacheL2(t);
     return t;
   }
 
   private cacheL2(t: L2Table): void {
-    if (this.l2Cache.size >= this.l2CacheMax) {
-      const oldest = this.l2Cache.values().next().value!;
-      if (oldest.dirty) this.flushMetadata();
-      this.l2Cache.delete(oldest.offset);
-    }
+    if (this.l2Cache.size >= this.l2CacheMax) this.l2Cache.delete(this.l2Cache.keys().next().value!);
     this.l2Cache.set(t.offset, t);
   }
 
@@ -228,8 +227,10 @@ export class Qcow2Image implements ReadableImage {
     const offset = rc.allocate();
     const data = new Uint8Array(this.cs);
     if (e.offset !== 0) data.set(this.loadL2(e.offset).data);
-    const t: L2Table = { offset, data, view: new DataView(data.buffer), dirty: true };
-    this.cacheL2(t); // may flush: the old table must still be referenced until the new one is in L1
+    const t: L2Table = { offset, data, view: new DataView(data.buffer) };
+    this.file.writeAt(data, offset);
+    this.file.sync(); // the table is durable before the L1 entry that points to it
+    this.cacheL2(t);
     this.setL1(i, offset);
     if (e.offset !== 0) this.pendingFrees.push(e.offset / this.cs);
     return t;
@@ -255,7 +256,7 @@ export class Qcow2Image implements ReadableImage {
   private setL2(t: L2Table, j: number, hi: number, lo: number): void {
     t.view.setUint32(j * 8, hi >>> 0);
     t.view.setUint32(j * 8 + 4, lo >>> 0);
-    t.dirty = true;
+    this.file.writeAt(t.data.subarray(j * 8, j * 8 + 8), t.offset + j * 8);
   }
 
   private setL2Host(t: L2Table, j: number, host: number, zero = false): void {
@@ -524,28 +525,15 @@ export class Qcow2Image implements ReadableImage {
 
   // ---- flush and close ----
 
-  /** Makes every completed write durable, metadata included, in the order described at the top. */
+  /** Makes every completed write durable, metadata included, then frees what updates released. */
   flush(): void {
     if (this.readOnly) return;
     this.flushMetadata();
   }
 
   private flushMetadata(): void {
-    const dirty = [...this.l2Cache.values()].filter((t) => t.dirty);
-    if (dirty.length === 0 && this.dirtyL1.size === 0 && this.pendingFrees.length === 0) {
-      this.file.sync();
-      return;
-    }
-    this.file.sync();
-    for (const t of dirty) {
-      this.file.writeAt(t.data, t.offset);
-      t.dirty = false;
-    }
-    if (this.dirtyL1.size > 0) {
-      this.file.sync();
-      for (const i of [...this.dirtyL1].sort((a, b) => a - b)) this.file.writeAt(this.l1.subarray(i * 8, i * 8 + 8), this.header.l1TableOffset + i * 8);
-      this.dirtyL1.clear();
-    }
+    // Every table update is in the file already: one sync makes them durable, then the clusters
+    // they stopped referencing can be freed.
     this.file.sync();
     const frees = this.pendingFrees;
     this.pendingFrees = [];
@@ -564,7 +552,11 @@ export class Qcow2Image implements ReadableImage {
   close(): void {
     if (this.closed) return;
     try {
-      if (!this.readOnly) this.flushMetadata();
+      if (!this.readOnly) {
+        this.flushMetadata();
+        this.refcounts!.releaseReserved();
+        this.file.sync();
+      }
     } finally {
       this.closed = true;
       this.file.close();
