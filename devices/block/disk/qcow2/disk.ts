@@ -154,8 +154,12 @@ export class Qcow2Disk implements Disk {
   /** Every ring stopped: all metadata goes to disk, then another backend may take the image over. */
   suspend(): void {
     if (this.active) {
-      this.image.flush();
-      this.image.close();
+      try {
+        this.image.close(); // flushes, and gives back the clusters reserved ahead
+      } catch (e) {
+        // Table updates are in the file already; what failed is at worst a leak.
+        log.warn(`qcow2 ${this.resource.location}: flush on suspend failed: ${(e as Error).message}`);
+      }
       this.image = buildImage(fromResource(this.resource, true), true);
       this.active = false;
     }
