@@ -351,6 +351,7 @@ export class NetPairRunner implements QueueRunner {
         if (blocked) p.txRetryIsTail = false;
       } else {
         this.shared.count(p.index, PairStat.TxFrames);
+        this.shared.bytes(p.index, "tx", r);
         q.add(chain.head, 0);
         if (blocked) p.txRetryIsTail = false; // sent after an earlier frame found the tap full
       }
@@ -630,6 +631,7 @@ export class NetPairRunner implements QueueRunner {
       this.numBuffers[1] = mergeable ? used >> 8 : 0;
       firstWriter!.writeAt(HDR_NUM_BUFFERS, this.numBuffers);
       this.shared.count(p.index, PairStat.RxFrames);
+      this.shared.bytes(p.index, "rx", r);
     }
     // Rebuild the held list without the completed chains.
     let j = 0;

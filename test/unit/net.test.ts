@@ -23,6 +23,7 @@ import { COMMON_FEATURES } from "../../src/device.ts";
 import { decodeEnvelope, encodeEnvelope } from "../../src/snapshot.ts";
 import { NetPairRunner, MAX_TX_FRAME } from "../../devices/net/pair_runner.ts";
 import { NetShared, PairStat, RX_PROMISC } from "../../devices/net/shared.ts";
+import { metrics } from "../../src/metrics.ts";
 import { TX_BATCH, openPairRings } from "../../devices/net/uring_tx.ts";
 import { IoUring, closeRingHandle, type RingHandle } from "../../ffi/io_uring.ts";
 import { rarpFrame } from "../../devices/net/tap.ts";
@@ -924,6 +925,12 @@ class DirectRunner {
   }
 }
 
+/** Deltas of --metrics series (this process's registry: the runners below count into it) since the call. */
+function metricsFrom(...series: [string, Record<string, string | number>][]): () => number[] {
+  const at = series.map(([n, l]) => metrics().read(n, l) ?? 0);
+  return () => series.map(([n, l], i) => (metrics().read(n, l) ?? 0) - at[i]!);
+}
+
 for (const io of IO_PATHS)
 describe(`NetPairRunner, driven directly, ${io}`, () => {
   test("EAGAIN in the middle of a batch: the frames the tap took complete, the rest wait for EPOLLOUT and go out in order, each once", () => {
@@ -1109,6 +1116,7 @@ describe(`NetPairRunner, driven directly, ${io}`, () => {
     while (write(pw, filler, 1) !== -EAGAIN);
     const d = new DirectRunner(pw, io);
     const tx = new DriverQueue(d.ram, 1, 64);
+    const m = metricsFrom(["vhost_net_tap_eagain", { pair: 0 }], ["vhost_net_frames", { pair: 0, direction: "tx" }], ["vhost_net_bytes", { pair: 0, direction: "tx" }]);
     try {
       d.start(tx, COMMON_FEATURES);
       const f = frame("blocked", BROADCAST, 200);
@@ -1136,6 +1144,8 @@ describe(`NetPairRunner, driven directly, ${io}`, () => {
       tx.addChain([{ gpa: g, len: HDR + f.length }]);
       d.turnUntil(() => tx.usedIdx() === 3, "two more chains");
       expect(read(pr, buf, buf.length)).toBe(2 * (HDR + f.length)); // a pipe is a byte stream
+      // --metrics counted the same: the EAGAINs, three frames of HDR + 200 bytes.
+      expect(m()).toEqual([d.shared.stat(0, PairStat.TxBlocked), 3, 3 * (HDR + f.length)]);
     } finally {
       d.dispose();
       tx.dispose();
@@ -1150,6 +1160,7 @@ describe(`NetPairRunner, driven directly, ${io}`, () => {
     const [ours, peer] = [sv[0]!, sv[1]!];
     const d = new DirectRunner(ours, io);
     const rx = new DriverQueue(d.ram, 0, 64);
+    const m = metricsFrom(["vhost_net_rx_stalls", { pair: 0 }], ["vhost_net_frames", { pair: 0, direction: "rx" }], ["vhost_net_bytes", { pair: 0, direction: "rx" }]);
     try {
       d.start(rx, COMMON_FEATURES | VIRTIO_NET_F_MRG_RXBUF);
       d.turnUntil(() => d.shared.stat(0, PairStat.RxStalls) === 1, "the first stall");
@@ -1188,6 +1199,8 @@ describe(`NetPairRunner, driven directly, ${io}`, () => {
       d.turnUntil(() => rx.usedIdx() === 4, "the frame after the second stall");
       expect(rx.takeUsed()).toEqual([{ id: head, len: HDR + f.length }]);
       expect(eq(d.ram.bytes(gpa + HDR, f.length), f)).toBe(true);
+      // --metrics counted the same: the stalls, four frames and their bytes (header included).
+      expect(m()).toEqual([d.shared.stat(0, PairStat.RxStalls), 4, frames.reduce((a, x) => a + HDR + x.length, 0) + HDR + f.length]);
     } finally {
       d.dispose();
       rx.dispose();
