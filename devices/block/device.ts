@@ -5,11 +5,12 @@ import { COMMON_FEATURES, type DeviceContext, type VhostUserDevice } from "../..
 import type { GuestMemory } from "../../src/memory.ts";
 import type { VirtqueueConfig, RingPosition } from "../../src/ring.ts";
 import { QueueService } from "../../src/queue_thread.ts";
-import { sharedPolicy, BlockQueueRunner, type BlockThreadOptions } from "./queue_runner.ts";
+import { BlockQueueRunner, type BlockThreadOptions } from "./queue_runner.ts";
+import { SharedRecord } from "../../src/shared_record.ts";
 import { log } from "../../src/log.ts";
 import type { Disk } from "./disk/disk.ts";
 import { openDisk, releaseDiskResource, type BlockDiskResource } from "./disk/open.ts";
-import type { BlockPolicy } from "./queue_processor.ts";
+import { BLOCK_SHARED, type BlockPolicy, type BlockShared } from "./queue_processor.ts";
 import { segMaxFor, type BlockOptions } from "./options.ts";
 import { validateBlockState, BLOCK_STATE_VERSION, type BlockState, type BlockStateSelf } from "./state.ts";
 import {
@@ -36,8 +37,8 @@ export class BlockDevice implements VhostUserDevice {
   private readonly offered: bigint;
   private acked = 0n;
   private writeback = DEFAULT_WRITEBACK;
-  /** Word 0: 1 when writes must be stable at completion; shared with queue threads. */
-  private readonly cacheMode = new Int32Array(new SharedArrayBuffer(4));
+  /** The cache mode, shared with the queue threads (nobody subscribes: queues read it per request). */
+  private readonly shared: BlockShared = SharedRecord.create(BLOCK_SHARED);
   /** Where the request queues run: queue i on thread i % threads, or all in the device thread. */
   private readonly queues: QueueService;
   private readonly readOnly: boolean;
@@ -78,7 +79,7 @@ export class BlockDevice implements VhostUserDevice {
     };
     const serialBytes = new Uint8Array(VIRTIO_BLK_ID_BYTES);
     serialBytes.set(Buffer.from(this.serial).subarray(0, VIRTIO_BLK_ID_BYTES));
-    this.policy = sharedPolicy({
+    this.policy = {
       readOnly: this.readOnly,
       discard: this.geometry.discard,
       writeZeroes: this.geometry.writeZeroes,
@@ -88,7 +89,7 @@ export class BlockDevice implements VhostUserDevice {
       blkSize,
       segMax,
       coalesceUs: opts.coalesceUs,
-    }, this.cacheMode);
+    };
     this.offered =
       COMMON_FEATURES | VIRTIO_BLK_F_SEG_MAX | VIRTIO_BLK_F_BLK_SIZE | VIRTIO_BLK_F_TOPOLOGY | VIRTIO_BLK_F_FLUSH |
       VIRTIO_BLK_F_CONFIG_WCE | VIRTIO_BLK_F_MQ |
@@ -96,9 +97,8 @@ export class BlockDevice implements VhostUserDevice {
       (this.geometry.discard ? VIRTIO_BLK_F_DISCARD : 0n) |
       (this.geometry.writeZeroes ? VIRTIO_BLK_F_WRITE_ZEROES : 0n);
     this.updateWriteMode();
-    const { writethrough: _, ...plainPolicy } = this.policy;
     const threadOptions: BlockThreadOptions = {
-      disk: resource, policy: plainPolicy, cacheMode: this.cacheMode.buffer as SharedArrayBuffer,
+      disk: resource, policy: this.policy, shared: this.shared.shared,
     };
     // A disk that cannot be served from several threads at once serves every queue here.
     let threads = opts.threads;
@@ -140,7 +140,7 @@ export class BlockDevice implements VhostUserDevice {
   /** Writes are stable at completion unless the driver negotiated FLUSH and the cache is writeback. */
   private updateWriteMode(): void {
     const writethrough = !this.disk.readOnly && ((this.acked & VIRTIO_BLK_F_FLUSH) === 0n || this.writeback === 0);
-    Atomics.store(this.cacheMode, 0, writethrough ? 1 : 0);
+    this.shared.set("writethrough", writethrough);
   }
 
   readConfig(offset: number, size: number): Uint8Array | null {
@@ -223,6 +223,7 @@ export class BlockDevice implements VhostUserDevice {
   dispose(): void {
     this.queues.dispose();
     this.disk.close();
+    this.shared.dispose();
   }
 }
 

@@ -16,6 +16,7 @@ import type { Virtqueue } from "../../src/virtqueue.ts";
 import { ChainReader, ChainWriter, type DescriptorChain } from "../../src/chain.ts";
 import { GuestErrorLog, RateLimitedLog } from "../../src/guest_errors.ts";
 import { ZERO_UNMAP, ZERO_FUA, type Disk, type DiskQueue, type DiskRequest } from "./disk/disk.ts";
+import { SharedRecord, bool } from "../../src/shared_record.ts";
 import { RequestHeader } from "./request.ts";
 import {
   VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT, VIRTIO_BLK_T_FLUSH, VIRTIO_BLK_T_GET_ID, VIRTIO_BLK_T_DISCARD,
@@ -25,7 +26,15 @@ import {
 } from "./config.ts";
 import { BlockQueueMetrics } from "./metrics.ts";
 
-/** What a queue needs to know about the device besides the image. `writethrough` may change. */
+/** What the device shares with its queues that the guest may change while they run: the cache
+ * mode (SET_CONFIG's writeback field, the negotiated FLUSH). One writer, the device thread. */
+export const BLOCK_SHARED = {
+  /** Every completed write is made stable before it completes (no FLUSH, or writeback = 0). */
+  writethrough: bool,
+};
+export type BlockShared = SharedRecord<typeof BLOCK_SHARED>;
+
+/** What a queue needs to know about the device besides the disk; fixed while it runs. */
 export interface BlockPolicy {
   readOnly: boolean;
   /** DISCARD offered (--sparse on a writable image). */
@@ -34,8 +43,6 @@ export interface BlockPolicy {
   writeZeroes: boolean;
   /** May WRITE_ZEROES with UNMAP deallocate (--sparse)? */
   mayUnmap: boolean;
-  /** Every completed write is made stable before it completes (no FLUSH, or writeback = 0). */
-  writethrough: boolean;
   /** GET_ID answer: exactly 20 bytes, NUL-padded. */
   serial: Uint8Array;
   capacitySectors: number;
@@ -113,7 +120,13 @@ export class QueueProcessor {
   private readonly sectorMask: number;
 
   /** Serves `queue` on `loop` through `disk` (attached here, for this queue). */
-  constructor(readonly queue: Virtqueue, disk: Disk, private readonly policy: BlockPolicy, private readonly loop: EventLoop) {
+  constructor(
+    readonly queue: Virtqueue,
+    disk: Disk,
+    private readonly policy: BlockPolicy,
+    private readonly shared: BlockShared,
+    private readonly loop: EventLoop,
+  ) {
     this.guestErrors = new GuestErrorLog(`block queue ${queue.index}`, "debug");
     this.hostErrors = new RateLimitedLog(`block queue ${queue.index}`, "warn", "I/O errors");
     this.metrics = new BlockQueueMetrics(queue.index, queue.size);
@@ -122,6 +135,21 @@ export class QueueProcessor {
       done: (req, result) => this.completed(req, result),
       batchDone: () => this.onCompletions(),
     });
+  }
+
+  /** The shared record's version when `cachedWritethrough` was read from it. */
+  private sharedVersion = -1;
+  private cachedWritethrough = false;
+
+  /** The cache mode now: one atomic load of the record's version per request, the field re-read
+   * only after a change (a write under way leaves the version odd, so it is re-read next time). */
+  private writethrough(): boolean {
+    const v = this.shared.version;
+    if (v !== this.sharedVersion) {
+      this.cachedWritethrough = this.shared.get("writethrough");
+      this.sharedVersion = v;
+    }
+    return this.cachedWritethrough;
   }
 
   /** Serves the queue from the loop (kicks and completions); returns the function that stops it,
@@ -240,7 +268,7 @@ export class QueueProcessor {
         if (!reader.iovecs(iov, len)) return this.tooManySegments(chain);
         if (len === 0) return VIRTIO_BLK_S_OK;
         this.start(state, chain, type, sector, len);
-        this.io.write(req, sector * 512, len, p.writethrough);
+        this.io.write(req, sector * 512, len, this.writethrough());
         return IN_FLIGHT;
       }
       case VIRTIO_BLK_T_FLUSH:
@@ -360,7 +388,7 @@ export class QueueProcessor {
     }
     const p = this.policy;
     const unmap = (v.getUint32(o + 12, true) & VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP) !== 0 && p.mayUnmap;
-    this.io.writeZeroes(req, sector * 512, sectors * 512, (unmap ? ZERO_UNMAP : 0) | (p.writethrough ? ZERO_FUA : 0));
+    this.io.writeZeroes(req, sector * 512, sectors * 512, (unmap ? ZERO_UNMAP : 0) | (this.writethrough() ? ZERO_FUA : 0));
   }
 
   private refuseReadOnly(chain: DescriptorChain, what: string): number {

@@ -2,43 +2,36 @@
 // device thread or a queue thread of its own (src/queue_thread.ts). A queue thread builds its own
 // Disk from the acquired resource (plain data: fd numbers are process-wide; nothing is opened
 // here), shared by the queues it serves; the device thread's runner uses the device's Disk. The
-// runner shares only the cache mode with the device, through one shared word that SET_CONFIG may
-// flip at any time.
+// runner shares only the cache mode with the device, through the shared record (BLOCK_SHARED),
+// which SET_CONFIG may change at any time.
 import type { QueueRunner } from "../../src/device.ts";
 import type { EventLoop } from "../../src/event_loop.ts";
 import { openVirtqueue } from "../../src/open_virtqueue.ts";
 import type { RingPosition } from "../../src/ring.ts";
 import type { Disk } from "./disk/disk.ts";
 import { openDisk, type BlockDiskResource } from "./disk/open.ts";
-import { QueueProcessor, type BlockPolicy } from "./queue_processor.ts";
+import { SharedRecord, type SharedRecordData } from "../../src/shared_record.ts";
+import { QueueProcessor, BLOCK_SHARED, type BlockPolicy, type BlockShared } from "./queue_processor.ts";
 
 export interface BlockThreadOptions {
   /** The acquired disk (fds and flags). */
   disk: BlockDiskResource;
-  /** The policy without its cache mode... */
-  policy: Omit<BlockPolicy, "writethrough">;
-  /** ...which lives here: word 0 is 1 for writethrough. */
-  cacheMode: SharedArrayBuffer;
-}
-
-/** A policy whose `writethrough` follows the shared cache-mode word. */
-export function sharedPolicy(policy: Omit<BlockPolicy, "writethrough">, cacheMode: Int32Array): BlockPolicy {
-  return Object.defineProperty({ ...policy }, "writethrough", {
-    get: () => Atomics.load(cacheMode, 0) === 1,
-    enumerable: true,
-  }) as BlockPolicy;
+  /** What the guest cannot change. */
+  policy: BlockPolicy;
+  /** What it can (the cache mode): BLOCK_SHARED, written by the device thread. */
+  shared: SharedRecordData;
 }
 
 export class BlockQueueRunner implements QueueRunner {
   /** This thread's disk: the device's (device thread), or built at the first start (queue thread). */
   private disk: Disk | null;
   private readonly ownsDisk: boolean;
-  private readonly policy: BlockPolicy;
+  private readonly shared: BlockShared;
   private readonly queues = new Map<number, { processor: QueueProcessor; stop: () => void }>();
 
   /** `disk`: the device thread's Disk to serve through (not closed here). */
   constructor(private readonly o: BlockThreadOptions, private readonly loop: EventLoop, disk: Disk | null = null) {
-    this.policy = sharedPolicy(o.policy, new Int32Array(o.cacheMode));
+    this.shared = SharedRecord.attach(BLOCK_SHARED, o.shared);
     this.disk = disk;
     this.ownsDisk = disk === null;
   }
@@ -51,7 +44,7 @@ export class BlockQueueRunner implements QueueRunner {
   start(ring: Parameters<QueueRunner["start"]>[0], mem: Parameters<QueueRunner["start"]>[1]): void {
     this.stop(ring.index);
     this.disk ??= openDisk(this.o.disk, false);
-    const processor = new QueueProcessor(openVirtqueue(mem, ring), this.disk, this.policy, this.loop);
+    const processor = new QueueProcessor(openVirtqueue(mem, ring), this.disk, this.o.policy, this.shared, this.loop);
     this.queues.set(ring.index, { processor, stop: processor.serve() });
   }
 
