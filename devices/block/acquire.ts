@@ -18,11 +18,6 @@ import { acquireNbdDisk, isNbdUri, nbdHostAccess } from "./disk/nbd.ts";
  */
 export function acquireBlockDisk(o: BlockOptions): BlockDiskResource {
   if (isNbdUri(o.file)) return acquireNbdDisk(o.file, { readOnly: o.readOnly, timeoutMs: o.nbdTimeoutMs });
-  // --format raw never probes: what a guest writes into its raw disk cannot change how it opens.
-  if (o.format === "qcow2" || (o.format === "auto" && isQcow2File(o.file))) {
-    if (o.direct || o.aio === "io_uring") log.info(`block: ${o.file} is qcow2: served synchronously through the page cache (--direct and --aio io_uring apply to raw images)`);
-    return acquireQcow2Disk(o.file, { readOnly: o.readOnly, lock: o.lock });
-  }
   let aio = o.aio;
   if (aio === "io_uring") {
     const why = ioUringUnavailable();
@@ -30,6 +25,11 @@ export function acquireBlockDisk(o: BlockOptions): BlockDiskResource {
       log.warn(`block: io_uring unavailable (${why}); serving requests synchronously (--aio sync)`);
       aio = "sync";
     }
+  }
+  // --format raw never probes: what a guest writes into its raw disk cannot change how it opens.
+  if (o.format === "qcow2" || (o.format === "auto" && isQcow2File(o.file))) {
+    if (o.direct) log.info(`block: ${o.file} is qcow2: served through the page cache (--direct applies to raw images)`);
+    return acquireQcow2Disk(o.file, { readOnly: o.readOnly, lock: o.lock, aio });
   }
   return acquireRawDisk(o.file, { readOnly: o.readOnly, direct: o.direct, aio, lock: o.lock });
 }

@@ -23,7 +23,7 @@ test("--format: auto (default) and qcow2 accepted, anything else refused", () =>
   expect(() => parseBlockOptions({ file: "x", format: "vmdk" })).toThrow(/--format/);
 });
 
-test("a qcow2 image is detected and served: capacity is the virtual size; every request type from two queues matches a model", async () => {
+for (const aio of ["sync", "io_uring"] as const) test(`a qcow2 image is detected and served (--aio ${aio}): capacity is the virtual size; every request type from two queues matches a model`, async () => {
   const dir = tempDir();
   const size = 16 * MiB;
   const base = randomBytes(rng(21), 12 * MiB);
@@ -32,7 +32,7 @@ test("a qcow2 image is detected and served: capacity is the virtual size; every 
   qemuImg("create", "-q", "-f", "qcow2", "-o", "cluster_size=16384", "-b", "base.raw", "-F", "raw", img, String(size));
   const model = new Uint8Array(size);
   model.set(base);
-  const d = await Disk.start({ file: img, "num-queues": "2" }, { queues: 2 });
+  const d = await Disk.start({ file: img, "num-queues": "2", aio }, { queues: 2 });
   expect(Number(d.config(0, 8).getBigUint64(0, true))).toBe(size / SECTOR);
 
   const r = rng(22);

@@ -20,7 +20,10 @@ import {
   ZERO_UNMAP, ZERO_MAY_FAIL_FAST, ZERO_FUA,
   type Disk, type DiskIdentity, type DiskQueue, type DiskQueueHandlers, type DiskQueueOptions, type DiskRequest, type DiskResource,
 } from "../disk.ts";
-import { ImageFile } from "./file.ts";
+import { ImageFile, zeroIov, advance } from "./file.ts";
+import { Qcow2UringQueue } from "./uring_queue.ts";
+import { openRing } from "../raw_uring.ts";
+import type { AioMode } from "../raw.ts";
 import { openChain, buildImage, probeFormat, type DiskFormat, type ChainLink } from "./open.ts";
 import { ImageLock, imagePermissions, type ImageLockState } from "../lock.ts";
 import type { Qcow2Image } from "./qcow2.ts";
@@ -29,6 +32,8 @@ export interface Qcow2DiskResource extends DiskResource {
   kind: "qcow2";
   /** The image and its backing chain, top first (the top read-write unless readOnly, the rest read-only). */
   chain: { path: string; fd: number; format: DiskFormat; lock: ImageLockState }[];
+  /** io_uring: reads and in-place writes of data clusters go through an io_uring per queue (many in flight). */
+  aio: AioMode;
 }
 
 /** Whether the file at `path` holds a qcow2 image (for --format auto). */
@@ -45,7 +50,7 @@ export function isQcow2File(path: string): boolean {
  * Opens the image and its backing chain, and reads all their headers now, so a bad image or a
  * missing backing file is an error at startup. Throws a message saying what is wrong.
  */
-export function acquireQcow2Disk(path: string, o: { readOnly: boolean; lock: boolean }): Qcow2DiskResource {
+export function acquireQcow2Disk(path: string, o: { readOnly: boolean; lock: boolean; aio?: AioMode }): Qcow2DiskResource {
   const top = ImageFile.open(path, o.readOnly);
   let links: ChainLink[] = [{ file: top, format: "qcow2" }];
   const locks: ImageLockState[] = [];
@@ -62,6 +67,7 @@ export function acquireQcow2Disk(path: string, o: { readOnly: boolean; lock: boo
     location: path,
     readOnly: o.readOnly,
     chain: links.map((l, i) => ({ path: l.file.path, fd: l.file.fd, format: l.format, lock: locks[i] ?? "off" })),
+    aio: o.aio ?? "sync",
   };
   try {
     // Every header of the chain parsed and checked (read-only: nothing is written yet).
@@ -98,6 +104,7 @@ export class Qcow2Disk implements Disk {
   private image: Qcow2Image;
   private active = false;
   private readonly locks: ImageLock[];
+  private readonly uringQueues = new Set<Qcow2UringQueue>();
   readonly size: number;
   readonly logicalBlockSize = 512;
   readonly physicalBlockSize: number;
@@ -117,7 +124,8 @@ export class Qcow2Disk implements Disk {
     this.physicalBlockSize = Math.min(h.clusterSize, 4096);
     const depth = resource.chain.length - 1;
     this.description = `qcow2 v${h.version}, ${h.clusterSize / 1024} KiB clusters, ${1 << h.refcountOrder}-bit refcounts` +
-      (depth > 0 ? `, backing chain of ${depth} (${resource.chain.slice(1).map((l) => l.path).join(" <- ")})` : "");
+      (depth > 0 ? `, backing chain of ${depth} (${resource.chain.slice(1).map((l) => l.path).join(" <- ")})` : "") +
+      `, aio ${resource.aio}`;
   }
 
   identity(): DiskIdentity {
@@ -132,12 +140,67 @@ export class Qcow2Disk implements Disk {
     return Number(new DataView(b.buffer).getBigUint64(0));
   }
 
-  attach(_loop: EventLoop, options: DiskQueueOptions, handlers: DiskQueueHandlers): DiskQueue {
+  attach(loop: EventLoop, options: DiskQueueOptions, handlers: DiskQueueHandlers): DiskQueue {
+    if (this.resource.aio === "io_uring") {
+      try {
+        const q = new Qcow2UringQueue(this, openRing(options.depth), loop, options, handlers);
+        this.uringQueues.add(q);
+        return q;
+      } catch (e) {
+        log.warn(`qcow2 ${this.resource.location}: io_uring unavailable (${(e as Error).message}); serving the queue synchronously`);
+      }
+    }
     return new Qcow2Queue(this, options, handlers);
   }
 
+  /** The image file's fd (data transfers of the io_uring queues). */
+  get fd(): number {
+    return this.resource.chain[0]!.fd;
+  }
+
+  /** Where [offset, offset + len) is one contiguous run of data clusters on the host, or -1
+   * (then the request runs synchronously; an error shows there). */
+  hostRun(offset: number, len: number, forWrite: boolean): number {
+    try {
+      if (!this.active) this.activate();
+      return this.image.hostRun(offset, len, forWrite);
+    } catch {
+      return -1;
+    }
+  }
+
+  /** A flush: frees clusters only when no transfer of any queue is in flight (one started before an
+   * L2 update could otherwise land in a freed and reused cluster). */
+  flushImage(img: Qcow2Image): void {
+    let transfers = 0;
+    for (const q of this.uringQueues) transfers += q.transfersInFlight;
+    img.flush(transfers === 0);
+  }
+
+  zeroes(offset: number, len: number, flags: number): number {
+    return this.run(0, (img) => {
+      if ((flags & ZERO_MAY_FAIL_FAST) !== 0 && !img.zeroesAreFast(offset, len)) throw new SysError("write zeroes", EOPNOTSUPP);
+      img.writeZeroes(offset, len, (flags & ZERO_UNMAP) !== 0);
+      if (flags & ZERO_FUA) this.flushImage(img);
+    });
+  }
+
+  /** After a short read at the end of the file: the rest of the request reads as zeroes. */
+  zeroRest(iov: IovecArray, n: number): number {
+    zeroIov(iov, 0, n);
+    return 0;
+  }
+
+  advance(iov: IovecArray, n: number): void {
+    advance(iov, n);
+  }
+
+  detach(q: Qcow2UringQueue): void {
+    this.uringQueues.delete(q);
+  }
+
   flushNow(): void {
-    if (this.active) this.image.flush();
+    if (this.active) this.flushImage(this.image);
   }
 
   /** Before serving: takes the locks (throws while another process has the image), then reads the
@@ -213,21 +276,17 @@ class Qcow2Queue implements DiskQueue {
   write(req: DiskRequest, offset: number, len: number, fua: boolean): void {
     this.handlers.done(req, this.disk.run(len, (img) => {
       img.writev(req.iov, offset, len);
-      if (fua) img.flush();
+      if (fua) this.disk.flushImage(img);
     }));
   }
   flush(req: DiskRequest): void {
-    this.handlers.done(req, this.disk.run(0, (img) => img.flush()));
+    this.handlers.done(req, this.disk.run(0, (img) => this.disk.flushImage(img)));
   }
   discard(req: DiskRequest, offset: number, len: number): void {
     this.handlers.done(req, this.disk.run(0, (img) => img.discard(offset, len)));
   }
   writeZeroes(req: DiskRequest, offset: number, len: number, flags: number): void {
-    this.handlers.done(req, this.disk.run(0, (img) => {
-      if ((flags & ZERO_MAY_FAIL_FAST) !== 0 && !img.zeroesAreFast(offset, len)) throw new SysError("write zeroes", EOPNOTSUPP);
-      img.writeZeroes(offset, len, (flags & ZERO_UNMAP) !== 0);
-      if (flags & ZERO_FUA) img.flush();
-    }));
+    this.handlers.done(req, this.disk.zeroes(offset, len, flags));
   }
   submit(): void {}
   drain(): void {}

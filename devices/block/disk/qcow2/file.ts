@@ -187,7 +187,7 @@ export function bufferIov(buf: Uint8Array): IovecArray {
 }
 
 /** Drops the first `n` bytes from an iovec array (after a short preadv/pwritev). Rare path. */
-function advance(iov: IovecArray, n: number): void {
+export function advance(iov: IovecArray, n: number): void {
   const entries: [number, number][] = [];
   for (let i = 0; i < iov.count; i++) entries.push(entry(iov, i));
   iov.clear();

@@ -526,9 +526,37 @@ export class Qcow2Image implements ReadableImage {
   // ---- flush and close ----
 
   /** Makes every completed write durable, metadata included, then frees what updates released. */
-  flush(): void {
+  /**
+   * `freeClusters` false: while guest I/O submitted earlier may still be in flight (asynchronous
+   * queues), a cluster it targets must not be freed and reused; the frees then wait for a later
+   * flush with nothing in flight (or for close).
+   */
+  flush(freeClusters = true): void {
     if (this.readOnly) return;
-    this.flushMetadata();
+    if (freeClusters) this.flushMetadata();
+    else this.file.sync();
+  }
+
+  /**
+   * Where [offset, offset + len) of the virtual disk lies as one contiguous run of host clusters
+   * holding data (writable in place for `forWrite`): its host offset, or -1 if it does not (then
+   * readv()/writev() do it, with whatever mapping work it needs).
+   */
+  hostRun(offset: number, len: number, forWrite: boolean): number {
+    this.checkRange(offset, len);
+    if (forWrite) this.checkWritable();
+    let host = -1;
+    for (let pos = 0; pos < len; ) {
+      const g = offset + pos;
+      const { m } = this.mapping(g);
+      if (m.kind !== Kind.Normal || (forWrite && !m.copied)) return -1;
+      const at = m.host + (g % this.cs);
+      if (pos === 0) host = at;
+      else if (at !== host + pos) return -1;
+      this.checkData(m.host);
+      pos += Math.min(this.cs - (g % this.cs), len - pos);
+    }
+    return host;
   }
 
   private flushMetadata(): void {
