@@ -2,12 +2,12 @@
 // from the header (or forced with --format, a raw image then never probed), requests of every type
 // from two queues checked against a model, then `qemu-img check` clean and `qemu-img compare` equal.
 import { test, expect, afterEach } from "bun:test";
-import { writeFileSync, statSync } from "node:fs";
+import { writeFileSync, statSync, openSync, writeSync, closeSync } from "node:fs";
 import { join } from "node:path";
 import { Disk, disposeDisks, segment, SECTOR, type Pending } from "../support/block_disk.ts";
 import { signal } from "../../ffi/eventfd.ts";
 import { parseBlockOptions } from "../../devices/block/options.ts";
-import { VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT, VIRTIO_BLK_T_FLUSH, VIRTIO_BLK_T_DISCARD, VIRTIO_BLK_T_WRITE_ZEROES, VIRTIO_BLK_S_OK } from "../../devices/block/config.ts";
+import { VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT, VIRTIO_BLK_T_FLUSH, VIRTIO_BLK_T_DISCARD, VIRTIO_BLK_T_WRITE_ZEROES, VIRTIO_BLK_S_OK, VIRTIO_BLK_S_IOERR } from "../../devices/block/config.ts";
 import { qemuImg, check, sameAsRaw, tempDir, cleanupDirs, rng, randomBytes } from "../support/qcow2.ts";
 
 afterEach(async () => {
@@ -154,4 +154,29 @@ test("snapshot and restore on a qcow2 image: rings stopped mid-stream, state mov
   expect(chk.corruptions).toBe(0);
   writeFileSync(join(dir, "model.raw"), model);
   expect(sameAsRaw(img, join(dir, "model.raw"))).toBe(true);
+});
+
+test("a hostile image through the device: requests touching a bad table fail with IOERR, the others are served", async () => {
+  const dir = tempDir();
+  const img = join(dir, "h.qcow2");
+  qemuImg("create", "-q", "-f", "qcow2", img, "2G");
+  const f = Buffer.from(await Bun.file(img).arrayBuffer());
+  const l1 = Number(f.readBigUInt64BE(40));
+  // L1 entry 0 points to an L2 table far past the end of the file.
+  const entry = Buffer.alloc(8);
+  entry.writeBigUInt64BE((1n << 63n) | (1n << 40n));
+  const fd = openSync(img, "r+");
+  writeSync(fd, entry, 0, 8, l1);
+  closeSync(fd);
+  const d = await Disk.start({ file: img });
+  const bad = await d.one({ type: VIRTIO_BLK_T_IN, sector: 0, inLen: 4096 });
+  expect(bad.status).toBe(VIRTIO_BLK_S_IOERR);
+  const badWrite = await d.one({ type: VIRTIO_BLK_T_OUT, sector: 8, out: new Uint8Array(4096).fill(1) });
+  expect(badWrite.status).toBe(VIRTIO_BLK_S_IOERR);
+  // Past the first 512 MiB (another L1 entry): served.
+  const data = randomBytes(rng(51), 8192);
+  await d.write((1 << 30) / SECTOR, data);
+  expect(Buffer.compare(Buffer.from(await d.read((1 << 30) / SECTOR, 16)), Buffer.from(data))).toBe(0);
+  await disposeDisks();
+  expect(statSync(img).size).toBeLessThan(f.length + (4 << 20));
 });
