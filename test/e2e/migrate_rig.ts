@@ -40,16 +40,27 @@ export class Qmp {
   private constructor(readonly path: string) {}
 
   static async connect(path: string, timeoutMs = 15_000): Promise<Qmp> {
+    const deadline = Date.now() + timeoutMs;
     await waitForPath(path, timeoutMs);
     const q = new Qmp(path);
-    q.sock = await Bun.connect({
-      unix: path,
-      socket: {
-        data: (_s, chunk) => q.onData(chunk.toString()),
-        close: () => q.onClose(),
-        error: () => q.onClose(),
-      },
-    });
+    // QEMU binds its QMP socket before it listens on it: a connect in between is refused (CI saw
+    // it on a loaded machine). Retry until the deadline.
+    for (;;) {
+      try {
+        q.sock = await Bun.connect({
+          unix: path,
+          socket: {
+            data: (_s, chunk) => q.onData(chunk.toString()),
+            close: () => q.onClose(),
+            error: () => q.onClose(),
+          },
+        });
+        break;
+      } catch (e) {
+        if ((e as { code?: string }).code !== "ECONNREFUSED" || Date.now() > deadline) throw e;
+        await Bun.sleep(20);
+      }
+    }
     await q.greeting;
     await q.execute("qmp_capabilities");
     return q;
