@@ -205,10 +205,32 @@ interface KillRecord {
 
 describe("crash-safe reconnect (vhost-user-blk, reconnect-ms)", () => {
   test(`fio verify survives ${KILLS} SIGKILLs of the backend (io_uring, O_DIRECT, image on disk)`, async () => {
-    const img = image("reconnect.img", 256);
-    const sock = join(dir, "blk.sock");
+    await reconnectRun(image("reconnect.img", 256), ["--aio", "io_uring", "--direct"], "blk", true);
+  }, 280_000);
+
+  // A qcow2 overlay (over a raw base): fio allocates clusters in it while the backend is killed; the
+  // metadata each backend left must be whole for the next (table updates reach the file as they
+  // happen), and qemu-img check finds it clean afterwards. Transfers through the page cache complete
+  // at once, so kills find fewer requests in flight to resubmit than with O_DIRECT.
+  test(`qcow2: fio verify survives ${KILLS} SIGKILLs of the backend serving a qcow2 overlay; qemu-img check clean`, async () => {
+    const base = image("reconnect-base.img", 256);
+    const img = join(dir, "reconnect.qcow2");
+    const r = Bun.spawnSync(["qemu-img", "create", "-q", "-f", "qcow2", "-b", base, "-F", "raw", img]);
+    if (r.exitCode !== 0) throw new Error(`qemu-img create: ${r.stderr.toString()}`);
+    await reconnectRun(img, ["--aio", "io_uring"], "qcow2", false);
+    const chk = Bun.spawnSync(["qemu-img", "check", img]);
+    if (chk.exitCode !== 0 && chk.exitCode !== 3) throw new Error(`qemu-img check: ${chk.exitCode} ${chk.stdout.toString()}${chk.stderr.toString()}`);
+    expect(chk.stdout.toString()).not.toMatch(/ERROR|corrupt/i);
+  }, 280_000);
+});
+
+/** Boots a guest running fioLoop on our backend and kills the backend KILLS times under it. With
+ * `everyKillInFlight`, each kill must leave requests in flight for the next backend to resubmit. */
+async function reconnectRun(img: string, extraArgs: string[], sockName: string, everyKillInFlight: boolean): Promise<void> {
+  {
+    const sock = join(dir, `${sockName}.sock`);
     const backendArgv = () => [
-      ...backendCommand(), "device", "block", "--socket", sock, "--file", img, "--aio", "io_uring", "--direct",
+      ...backendCommand(), "device", "block", "--socket", sock, "--file", img, ...extraArgs,
       "--num-queues", "1", "--log-level", "debug",
     ];
     const backends: Proc[] = [spawnLogged(backendArgv())];
@@ -329,10 +351,13 @@ describe("crash-safe reconnect (vhost-user-blk, reconnect-ms)", () => {
     expect(dmesgNew.filter((l) => /error|timeout|blk_update_request/i.test(l))).toEqual([]);
     expect(dmesgErrors.filter((l) => !/RAS: Correctable Errors collector initialized/.test(l))).toEqual([]);
     // The kills hit I/O in flight (else nothing was tested) and every new backend adopted the region.
-    expect(resubmitted.filter((n) => n > 0).length).toBe(KILLS);
+    if (everyKillInFlight) expect(resubmitted.filter((n) => n > 0).length).toBe(KILLS);
     for (const b of backends.slice(1)) expect(b.log()).toContain("<- SET_INFLIGHT_FD");
     expect(lastCode).toBe(0);
-  }, 280_000);
+  }
+}
+
+describe("crash-safe reconnect (vhost-user-blk, reconnect-ms), continued", () => {
 
   // The peer without inflight tracking: qemu-storage-daemon's vhost-user-blk export offers no
   // INFLIGHT_SHMFD, so after a crash QEMU restarts the ring at the used index in guest memory. That
