@@ -38,7 +38,7 @@ for (const c of [
     let flushedSomething = 0;
     for (let round = 0; round < 6; round++) {
       const seed = round * 1000 + c.cluster;
-      const child = Bun.spawn(["bun", WRITER, img, String(seed), String(size), String(c.cluster)], { stdout: "pipe", stderr: "pipe" });
+      const child = Bun.spawn([process.execPath, WRITER, img, String(seed), String(size), String(c.cluster)], { stdout: "pipe", stderr: "pipe" });
       // Killed at a random moment once it is writing (its start-up time varies with the load).
       const reader = child.stdout.getReader();
       let out = "";
