@@ -11,13 +11,14 @@ import { WatchedQueue, processQueue } from "../../src/queue_serving.ts";
 import { pf, ProtocolFeature } from "../../src/protocol/constants.ts";
 import { log } from "../../src/log.ts";
 import * as tun from "../../ffi/tap.ts";
-import { openTap, offloadFeatures, type Tap } from "./tap.ts";
+import { tapFrom, offloadFeatures, type Tap, type AcquiredTap } from "./tap.ts";
 import { formatMac, type NetOptions } from "./options.ts";
 import { NetShared, RX_PROMISC } from "./shared.ts";
 import { NetControl } from "./control.ts";
 import { netPairRunner, type NetRunnerOptions } from "./pair_runner.ts";
 import { openPairRings } from "./uring_tx.ts";
 import { closeRingHandle, type RingHandle } from "../../ffi/io_uring.ts";
+import { close } from "../../ffi/libc.ts";
 import { validateNetState, NET_STATE_VERSION, type NetState } from "./state.ts";
 import {
   VIRTIO_NET_F_MAC, VIRTIO_NET_F_MTU, VIRTIO_NET_F_STATUS, VIRTIO_NET_F_MRG_RXBUF, VIRTIO_NET_F_MQ,
@@ -59,8 +60,12 @@ export class NetDevice implements VhostUserDevice {
   /** Each pair's transmit io_uring (null: writev), made with the device and closed with it. */
   private readonly rings: (RingHandle | null)[];
 
-  constructor(opts: NetOptions, private readonly ctx: DeviceContext) {
-    this.tap = openTap(opts);
+  /** The AF_INET socket for SIOC* ioctls on the tap (NET_SET_MTU), opened in acquire. */
+  private readonly controlFd: number;
+
+  constructor(opts: NetOptions, acquired: AcquiredTap, private readonly ctx: DeviceContext) {
+    this.tap = tapFrom(acquired);
+    this.controlFd = acquired.controlFd;
     this.pairs = opts.queuePairs;
     this.activePairs = this.pairs;
     this.rxRunning = new Array<boolean>(this.pairs).fill(false);
@@ -237,7 +242,7 @@ export class NetDevice implements VhostUserDevice {
     this.mtu = mtu;
     this.shared.mtu = mtu; // the frame threads size their receive buffers by it
     try {
-      tun.withControlSocket((s) => tun.setIfMtu(s, this.tap.name, mtu));
+      tun.setIfMtu(this.controlFd, this.tap.name, mtu);
     } catch (e) {
       log.warn(`net: NET_SET_MTU ${mtu}: the tap keeps its MTU (${(e as Error).message})`);
     }
@@ -300,6 +305,7 @@ export class NetDevice implements VhostUserDevice {
     this.ctrl.stop();
     this.queues.dispose();
     this.tap.close();
+    close(this.controlFd);
     for (const r of this.rings) if (r !== null) closeRingHandle(r);
     this.shared.record.dispose();
   }

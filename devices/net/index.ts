@@ -3,12 +3,13 @@
 // DPDK's virtio_user.
 import type { DeviceDefinition } from "../../src/device.ts";
 import { NET_ARGS, NET_REPEATABLE, parseNetOptions, resolveSocket, type NetOptions } from "./options.ts";
-import { validateTap } from "./tap.ts";
+import { acquireTap, releaseTap, type AcquiredTap } from "./tap.ts";
+import { NO_HOST_ACCESS } from "../../src/host_access.ts";
 import { NetDevice } from "./device.ts";
 import { netPairRunner } from "./pair_runner.ts";
 import { VIRTIO_ID_NET } from "./virtio_net.ts";
 
-export const netDevice: DeviceDefinition<NetOptions> = {
+export const netDevice: DeviceDefinition<NetOptions, AcquiredTap> = {
   name: "net",
   virtioId: VIRTIO_ID_NET,
   description: "virtio-net over a Linux tap (offloads, mergeable rx buffers, multiqueue)",
@@ -19,13 +20,14 @@ export const netDevice: DeviceDefinition<NetOptions> = {
   socketPath(raw) {
     return resolveSocket(raw, parseNetOptions(raw));
   },
-  parse(raw) {
-    const o = parseNetOptions(raw);
-    validateTap(o);
-    return o;
-  },
-  create(o, _resources, ctx) {
-    return new NetDevice(o, ctx);
+  parse: parseNetOptions,
+  // The tap (attached or created, its queues, the offload probe) and a control socket, opened in
+  // the main thread before serving; after that net opens nothing and creates no socket.
+  acquire: acquireTap,
+  release: releaseTap,
+  hostAccess: () => ({ ...NO_HOST_ACCESS, hostNetwork: true, syscallGroups: ["tap", "io_uring"] }),
+  create(o, tap, ctx) {
+    return new NetDevice(o, tap, ctx);
   },
   queueRunner: netPairRunner,
 };

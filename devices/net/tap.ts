@@ -297,6 +297,43 @@ export class Tap {
 }
 
 /**
+ * What net's acquire phase opened, as plain data: the tap's queue fds and what was probed, plus an
+ * AF_INET control socket kept for the SIOC* ioctls NET_SET_MTU needs later (after acquire the
+ * device creates no socket).
+ */
+export interface AcquiredTap {
+  name: string;
+  fds: number[];
+  supportedOffloads: number;
+  mtu: number;
+  controlFd: number;
+}
+
+/** Opens the tap and the control socket (net's acquire phase). */
+export function acquireTap(o: TapOpenOptions): AcquiredTap {
+  const tap = openTap(o);
+  let controlFd: number;
+  try {
+    controlFd = tun.inetControlSocket();
+  } catch (e) {
+    tap.close();
+    throw e;
+  }
+  return { name: tap.name, fds: [...tap.fds], supportedOffloads: tap.supportedOffloads, mtu: tap.mtu, controlFd };
+}
+
+/** Closes what acquireTap opened (startup failed after it). */
+export function releaseTap(a: AcquiredTap): void {
+  a.fds.forEach(close);
+  close(a.controlFd);
+}
+
+/** The Tap over acquired fds (in the device thread). */
+export function tapFrom(a: AcquiredTap): Tap {
+  return new Tap(a.name, a.fds, a.supportedOffloads, a.mtu);
+}
+
+/**
  * Opens the host side for `o`: one non-blocking fd per queue pair (IFF_MULTI_QUEUE when there is
  * more than one), 12-byte vnet headers, offloads probed and switched off until the guest acks some.
  * Opens in the calling thread's network namespace. Throws messages that say what to do.
