@@ -22,6 +22,8 @@ import { booleanFromArgv, optionError, repeatedOption, systemdListenFds, SD_LIST
 import { usagePrinter, withUsage } from "./help.ts";
 import { checkArgv, type OptionSpec } from "./argv_check.ts";
 import type { FromWorker, ToWorker, WorkerStart } from "../src/device_thread.ts";
+import { parseSandboxMode, type SandboxMode } from "../src/sandbox/index.ts";
+import { lockDown, openFds, resumeAfterSandbox, runRequestedProbe, type Handover } from "./sandbox.ts";
 import pkg from "../package.json" with { type: "json" };
 
 export const COMMON_ARGS = {
@@ -45,6 +47,12 @@ export const COMMON_ARGS = {
   "socket-group": { type: "string", valueHint: "GROUP", description: "Group of the --socket file, a name or a number (as systemd's SocketGroup=)" },
   "allow-uid": { type: "string", valueHint: "UID[,UID...]", description: "Serve only front-ends running as these users (names or numbers; checked with SO_PEERCRED on accept)" },
   "allow-gid": { type: "string", valueHint: "GID[,GID...]", description: "Serve only front-ends running with these primary groups (names or numbers); with --allow-uid, either may match" },
+  sandbox: {
+    type: "string",
+    valueHint: "auto|strict|none",
+    default: "auto",
+    description: "After setup, confine the process to what the device declared (seccomp, Landlock, namespaces when root, no capabilities): auto applies what the host allows and logs the rest, strict refuses to start without every layer, none turns it off",
+  },
 } as const satisfies ArgsDef;
 
 const SOCKET_SOURCES = "give exactly one of --socket PATH, --socket-path PATH or --fd N, or start from a systemd .socket unit";
@@ -167,17 +175,26 @@ async function runDevice(def: DeviceDefinition, args: Record<string, unknown>, r
   const socketPath = (options.socket ?? options["socket-path"]) as string | undefined;
   const sources = [options.socket, options["socket-path"], options.fd].filter((x) => x !== undefined).length;
   if (sources > 1) throw new Error(SOCKET_SOURCES);
-  const activated = sources === 0 ? activatedSocket() : undefined;
+  // The re-exec'd image of a sandboxed start (app/sandbox.ts): acquire and the socket are done.
+  const resumed = resumeAfterSandbox();
+  const activated = sources === 0 && resumed === null ? activatedSocket() : undefined;
   const permissions = socketPermissions(options, socketPath);
   const allowUids = idList("allow-uid", options["allow-uid"], userId);
   const allowGids = idList("allow-gid", options["allow-gid"], groupId);
   const metricsAddress = options.metrics === undefined ? undefined : parseMetricsAddress(String(options.metrics));
   const parsed = def.parse(options);
+  const sandbox = parseSandboxMode(options.sandbox);
+  const serving: Serving = { life, permissions, allowUids, allowGids, metricsAddress };
+  if (resumed !== null) {
+    life.socketPath = resumed.ownSocket;
+    return run(def, startMessage(def, options, parsed, resumed.resources, serving, resumed), resumed.where, serving);
+  }
+  const before = openFds();
   // A socket another backend serves is refused before this one opens (and locks) anything.
   if (options.fd === undefined && socketPath !== undefined) prepareSocketPath(socketPath);
   const resources = def.acquire?.(parsed);
   try {
-    await serve(def, options, parsed, resources, socketPath, activated, { life, permissions, allowUids, allowGids, metricsAddress });
+    await serve(def, options, parsed, resources, socketPath, activated, serving, sandbox, before);
   } catch (e) {
     if (resources !== undefined) def.release?.(resources);
     throw e;
@@ -197,12 +214,10 @@ interface Serving {
 async function serve(
   def: DeviceDefinition, options: Record<string, unknown>, parsed: unknown, resources: unknown,
   socketPath: string | undefined, activated: number | undefined,
-  { life, permissions, allowUids, allowGids, metricsAddress }: Serving,
+  serving: Serving, sandbox: SandboxMode, before: ReadonlySet<number>,
 ): Promise<void> {
-  const start: WorkerStart = {
-    type: "start", device: def.name, options: parsed, resources, logLevel: String(options["log-level"]),
-    queueThreadEntry: QUEUE_THREAD_ENTRY, settings: threadSettings(), allowUids, allowGids,
-  };
+  const { life, permissions } = serving;
+  const start = startMessage(def, options, parsed, resources, serving, {});
   let where: string;
   if (options.fd !== undefined) {
     const fd = Number(options.fd);
@@ -231,6 +246,25 @@ async function serve(
     start.listenFd = activated; // systemd owns that socket and its path: left alone on exit
     where = `fd ${activated} from systemd`;
   }
+  // Re-execs into the sandbox unless it is off (does not return then).
+  const handover: Handover = { resources, listenFd: start.listenFd, connectedFd: start.connectedFd, where, ownSocket: life.socketPath };
+  lockDown(def, parsed, sandbox, handover, before, { metrics: serving.metricsAddress !== undefined });
+  run(def, start, where, serving);
+}
+
+function startMessage(
+  def: DeviceDefinition, options: Record<string, unknown>, parsed: unknown, resources: unknown, serving: Serving,
+  fds: { listenFd?: number; connectedFd?: number },
+): WorkerStart {
+  return {
+    type: "start", device: def.name, options: parsed, resources, logLevel: String(options["log-level"]),
+    queueThreadEntry: QUEUE_THREAD_ENTRY, settings: threadSettings(), allowUids: serving.allowUids, allowGids: serving.allowGids,
+    listenFd: fds.listenFd, connectedFd: fds.connectedFd,
+  };
+}
+
+/** Serving: metrics, then the device's thread. */
+function run(def: DeviceDefinition, start: WorkerStart, where: string, { life, metricsAddress }: Serving): void {
   if (metricsAddress !== undefined) {
     life.metricsServer = serveMetrics(metricsAddress, metrics());
     log.info(`metrics on ${life.metricsServer.where}`);
@@ -239,6 +273,7 @@ async function serve(
     const status = `listening on ${where} (${def.name}, ${ready.queues} queues, features ${ready.features})`;
     log.info(status);
     notifyReady(status);
+    runRequestedProbe(); // test-only (app/sandbox.ts): nothing unless its variable is set
   });
 }
 

@@ -10,9 +10,8 @@
 // The handler only reads the range table and calls mmap(2) and write(2), both async-signal-safe.
 // The source declares its few libc prototypes itself, so no C headers are needed at run time.
 import { cc, type Library } from "bun:ffi";
-import { writeFileSync, unlinkSync } from "node:fs";
-import { tmpdir } from "node:os";
-import { join } from "node:path";
+import { writeSync, closeSync } from "node:fs";
+import { memfdCreate } from "./mem.ts";
 
 /** Guest ranges the table holds at most (memory slots are 509 at most; regions are far fewer in practice). */
 export const MAX_GUEST_RANGES = 512;
@@ -143,9 +142,11 @@ let lib: Library<Symbols> | null = null;
  */
 export function installGuestSigbusHandler(wakeFd: number): void {
   if (lib !== null) return;
-  // cc() compiles a file; a compiled binary has no real path for an embedded one.
-  const path = join(tmpdir(), `vhost-backend-sigbus-${process.pid}-${Math.random().toString(36).slice(2)}.c`);
-  writeFileSync(path, SOURCE, { mode: 0o600 });
+  // cc() compiles a file; a compiled binary has no real path for an embedded one. A memfd, not a
+  // temporary file: the sandbox (src/sandbox) lets this process write no directory.
+  const fd = memfdCreate("vhost-backend-sigbus.c");
+  writeSync(fd, SOURCE);
+  const path = `/proc/self/fd/${fd}`;
   try {
     lib = cc({
       source: path,
@@ -157,7 +158,7 @@ export function installGuestSigbusHandler(wakeFd: number): void {
       },
     }) as Library<Symbols>;
   } finally {
-    unlinkSync(path);
+    closeSync(fd);
   }
   if (lib.symbols.guest_sigbus_install(wakeFd) !== 0) throw new Error("sigaction(SIGBUS) failed");
 }

@@ -26,6 +26,8 @@ function alsaAccess(): { paths: DeclaredPath[]; unixSockets: string[] } {
     { path: "/etc/pulse", rights: ["read"], directory: true },
     { path: resolve(runtime, "pulse"), rights: ["read", "write"], directory: true },
   ];
+  // ALSA_CONFIG_PATH replaces the configuration files ALSA reads (a colon-separated list).
+  for (const file of (process.env.ALSA_CONFIG_PATH ?? "").split(":").filter((f) => f !== "")) paths.push({ path: resolve(file), rights: ["read"] });
   const unixSockets = [resolve(runtime, "pulse/native"), resolve(runtime, "pipewire-0")];
   if (process.env.PULSE_SERVER?.startsWith("unix:")) unixSockets.push(process.env.PULSE_SERVER.slice(5));
   return { paths, unixSockets };

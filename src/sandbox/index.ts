@@ -20,7 +20,7 @@ import {
 } from "../../ffi/seccomp.ts";
 import type { HostAccess } from "../host_access.ts";
 import { log } from "../log.ts";
-import { applyLandlock, declaredGrants, runtimeGrants, tcpPorts } from "./landlock.ts";
+import { applyLandlock, declaredGrants, removalGrants, runtimeGrants, tcpPorts } from "./landlock.ts";
 import { buildPolicy } from "./policy.ts";
 import { compileFilter } from "./seccomp_filter.ts";
 
@@ -48,6 +48,11 @@ export interface SandboxRequest {
   argv?: readonly string[];
   /** Extra read-only paths for the runtime (sources when not compiled). */
   readPaths?: readonly string[];
+  /**
+   * Files the process removes at exit (the socket path it created). Landlock grants removal per
+   * directory, so any file in their directories becomes removable (not readable or writable).
+   */
+  removable?: readonly string[];
 }
 
 /** What crossed the execve. */
@@ -56,6 +61,7 @@ interface Stage2 {
   access: HostAccess;
   keepFds: number[];
   resources: unknown;
+  removable: string[];
   applied: string[];
   missing: string[];
 }
@@ -130,7 +136,7 @@ export function enterSandbox(req: SandboxRequest): SandboxResult | never {
   applied.push("no_new_privs");
 
   const ll = applyLandlock(
-    [...runtimeGrants({ execPath, pid: process.pid, readPaths: req.readPaths }), ...declaredGrants(req.access)],
+    [...runtimeGrants({ execPath, pid: process.pid, readPaths: req.readPaths }), ...declaredGrants(req.access), ...removalGrants(req.removable ?? [])],
     tcpPorts(req.access),
   );
   if (ll.enforced.length > 0) applied.push(`landlock(abi ${ll.abi}: ${ll.enforced.join(",")})`);
@@ -138,7 +144,7 @@ export function enterSandbox(req: SandboxRequest): SandboxResult | never {
   for (const s of ll.skipped) log.debug(`sandbox: landlock rule skipped: ${s}`);
 
   for (const fd of req.keepFds) fcntl(fd, F_SETFD, fcntl(fd, F_GETFD) & ~FD_CLOEXEC);
-  const stage2: Stage2 = { mode: req.mode, access: req.access, keepFds: [...req.keepFds], resources: req.resources, applied, missing };
+  const stage2: Stage2 = { mode: req.mode, access: req.access, keepFds: [...req.keepFds], resources: req.resources, removable: [...(req.removable ?? [])], applied, missing };
   const env = Object.entries(process.env)
     .filter(([k, v]) => k !== SANDBOX_ENV && v !== undefined)
     .map(([k, v]) => `${k}=${v}`);
@@ -162,7 +168,7 @@ export function resumeSandbox(): SandboxResult | null {
   delete process.env[SANDBOX_ENV];
   const s = JSON.parse(raw) as Stage2;
   for (const fd of s.keepFds) fcntl(fd, F_SETFD, fcntl(fd, F_GETFD) | FD_CLOEXEC);
-  const policy = buildPolicy(s.access, { pid: process.pid, openAllowed: true });
+  const policy = buildPolicy(s.access, { pid: process.pid, openAllowed: true, unlinkAllowed: s.removable.length > 0 });
   const r = seccompSetFilter(compileFilter(policy), SECCOMP_FILTER_FLAG_TSYNC);
   if (r !== 0) throw new Error(`seccomp: thread ${r} could not be synchronized`);
   s.applied.push("seccomp");

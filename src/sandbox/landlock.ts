@@ -7,6 +7,7 @@ import { ACCESS_FS, ACCESS_NET_BIND_TCP, ACCESS_NET_CONNECT_TCP, SCOPE_ABSTRACT_
 import { open, fstat, O_CLOEXEC, S_IFMT } from "../../ffi/io.ts";
 import { close, errnoName, SysError } from "../../ffi/libc.ts";
 import type { HostAccess, PathRight } from "../host_access.ts";
+import { dirname } from "node:path";
 
 const O_PATH = 0o10000000;
 const S_IFDIR = 0o040000;
@@ -71,6 +72,11 @@ export function runtimeGrants(rt: RuntimeFiles): PathGrant[] {
 
 export function declaredGrants(access: HostAccess): PathGrant[] {
   return access.paths.map((p) => ({ path: p.path, access: rightsFor(p.rights), source: "declared" }));
+}
+
+/** Removal of files from the directories of `paths` (Landlock has no per-file removal right). */
+export function removalGrants(paths: readonly string[]): PathGrant[] {
+  return paths.map((p) => ({ path: dirname(p), access: ACCESS_FS.REMOVE_FILE, source: "runtime" }));
 }
 
 /** Ports of declared "host:port" TCP endpoints. */

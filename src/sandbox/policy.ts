@@ -68,7 +68,7 @@ const COMMON: readonly SyscallName[] = [
   // Sockets already open (the vhost-user listener accepts again after a reconnect).
   "accept4", "shutdown", "getsockopt", "setsockopt", "getsockname", "getpeername", "recvmmsg", "sendmmsg",
   // Memory (mmap and mprotect have their own rules below).
-  "munmap", "mremap", "madvise", "brk", "membarrier", "mincore", "msync", "mlock", "munlock",
+  "mprotect", "pkey_mprotect", "munmap", "mremap", "madvise", "brk", "membarrier", "mincore", "msync", "mlock", "munlock",
   // Threads, signals, time.
   "set_robust_list", "get_robust_list", "rseq", "set_tid_address", "gettid", "getpid", "getppid", "sched_yield",
   "sched_getaffinity", "sched_setaffinity", "sched_getparam", "sched_getscheduler", "getpriority",
@@ -129,6 +129,8 @@ export interface PolicyContext {
    * mount namespace, then decides which). Otherwise they fail with EACCES.
    */
   openAllowed: boolean;
+  /** unlink/unlinkat allowed (Landlock limits them to the removable files' directories). */
+  unlinkAllowed?: boolean;
 }
 
 const arg = (i: number, oneOf: readonly number[], mask?: number) => ({ arg: i, oneOf, ...(mask === undefined ? {} : { mask }) });
@@ -150,6 +152,7 @@ export function buildPolicy(access: HostAccess, ctx: PolicyContext): FilterSpec 
   if (writes && !access.syscallGroups.includes("fs-write")) groups.push(SYSCALL_GROUPS["fs-write"]!);
 
   const allowed = new Set<SyscallName>(COMMON);
+  if (ctx.unlinkAllowed) allowed.add("unlink").add("unlinkat");
   for (const g of groups) for (const c of g.calls) allowed.add(c);
   for (const name of allowed) set(name, { action: ALLOW });
 
@@ -159,12 +162,13 @@ export function buildPolicy(access: HostAccess, ctx: PolicyContext): FilterSpec 
   set("clone3", { action: errnoAction(ENOSYS) });
 
   // JSC reserves its JIT pool (read-write-execute, 1 GiB, MAP_NORESERVE) once at startup, before
-  // the filter; afterwards only file mappings (dlopen of a library Landlock let us read) may be
-  // executable. New anonymous executable memory, or making memory executable, is refused.
+  // the filter; afterwards file mappings (dlopen of a library Landlock let us read) may be
+  // executable, new anonymous executable mappings may not. mprotect to PROT_EXEC stays allowed:
+  // bun:ffi's TinyCC (ffi/sigbus.ts, compiled in the device thread) makes its code pages
+  // read-write-execute that way. With an RWX JIT pool in the process this is no W^X barrier
+  // (see the README): it only keeps new executable regions from appearing by mmap.
   const noExec = arg(2, [0], PROT_EXEC);
   set("mmap", { cases: [when([noExec], ALLOW), when([arg(3, [0], MAP_ANONYMOUS)], ALLOW)], otherwise: errnoAction(EACCES) });
-  set("mprotect", { cases: [when([noExec], ALLOW)], otherwise: errnoAction(EACCES) });
-  set("pkey_mprotect", { cases: [when([noExec], ALLOW)], otherwise: errnoAction(EACCES) });
 
   // Signals to this process's own threads only (JSC stops threads for its collector with tgkill).
   set("kill", { cases: [when([arg(0, [ctx.pid])], ALLOW)], otherwise: errnoAction(EPERM) });

@@ -205,7 +205,11 @@ export class SndSubprocess {
   private stderrText: Promise<string>;
 
   constructor(readonly socketPath: string, args: string[], env: Record<string, string>) {
-    this.proc = Bun.spawn([process.execPath, join(ROOT, "app/main.ts"), "device", "snd", "--socket", socketPath, ...args], {
+    // --sandbox none: the ALSA declaration (devices/snd/host_access.ts) does not cover what these
+    // plugins touch yet (the file plugin's output files, /dev/full for the null PCM, PulseAudio's
+    // client files): issue 17. Callers that pass --sandbox themselves decide.
+    const sandbox = args.some((a) => a.startsWith("--sandbox")) ? [] : ["--sandbox", "none"];
+    this.proc = Bun.spawn([process.execPath, join(ROOT, "app/main.ts"), "device", "snd", "--socket", socketPath, ...sandbox, ...args], {
       stdin: "ignore",
       stdout: "pipe",
       stderr: "pipe",

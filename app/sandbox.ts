@@ -1,0 +1,88 @@
+// The sandbox between a device's acquire phase and its serving (src/sandbox does the lockdown):
+// the program decides what crosses the re-exec — the device's acquired resources, the socket
+// fds, and every descriptor opened since startup (acquire returns fd numbers inside its plain
+// data; the descriptors themselves must survive the execve).
+import { readdirSync } from "node:fs";
+import { fileURLToPath } from "node:url";
+import { resolve } from "node:path";
+import { enterSandbox, resumeSandbox, threadStatuses, type SandboxMode } from "../src/sandbox/index.ts";
+import { runProbe, type ProbeName } from "../src/sandbox/probe.ts";
+import type { DeviceDefinition } from "../src/device.ts";
+import { log } from "../src/log.ts";
+import { libc } from "../ffi/libc.ts";
+
+/** What the first image hands the re-exec'd one. */
+export interface Handover {
+  resources: unknown;
+  listenFd?: number;
+  connectedFd?: number;
+  /** Where it serves, for the log line. */
+  where: string;
+  /** The socket file this process created (removed at exit), if any. */
+  ownSocket?: string;
+}
+
+const F_GETFD = 1;
+
+/** The descriptors open in this process now (not the one that read the directory: closed since). */
+export function openFds(): Set<number> {
+  const listed = readdirSync("/proc/self/fd").map(Number).filter((n) => Number.isInteger(n));
+  return new Set(listed.filter((fd) => libc.fcntl(fd, F_GETFD, 0) >= 0));
+}
+
+/** In the re-exec'd image: the hand-over, with seccomp in force. null in the first image. */
+export function resumeAfterSandbox(): Handover | null {
+  const r = resumeSandbox();
+  return r === null ? null : (r.resources as Handover);
+}
+
+/** What the program serves beside the device that the sandbox does not cover yet. */
+export interface ProgramExtras {
+  /** --metrics: an HTTP server the re-exec'd image would have to bind (a socket file or a TCP port). */
+  metrics: boolean;
+}
+
+/**
+ * Locks down and re-execs (does not return) unless the mode is none, or in auto mode the device
+ * declares nothing or the program serves something the sandbox does not cover yet (then it logs
+ * why and returns; strict refuses instead). `before`: descriptors open before the acquire phase
+ * (those opened since are kept across the execve, with the socket's).
+ */
+export function lockDown(def: DeviceDefinition, parsed: unknown, mode: SandboxMode, handover: Handover, before: ReadonlySet<number>, extras: ProgramExtras): void {
+  if (mode === "none") return;
+  const off = (why: string) => {
+    if (mode === "strict") throw new Error(`--sandbox strict: ${why}`);
+    log.warn(`sandbox: off: ${why}`);
+  };
+  if (def.hostAccess === undefined) return off(`device '${def.name}' declares no host access (DeviceDefinition.hostAccess)`);
+  if (extras.metrics) return off("--metrics is not served from inside the sandbox yet (give --sandbox none with --metrics)");
+  const access = def.hostAccess(parsed);
+  // sd_notify: one datagram to the service manager's socket once ready (src/sd_notify.ts).
+  const notify = process.env.NOTIFY_SOCKET;
+  const declared = notify?.startsWith("/") ? { ...access, unixSockets: [...access.unixSockets, notify] } : access;
+  const keep = [...openFds()].filter((fd) => fd > 2 && !before.has(fd));
+  for (const fd of [handover.listenFd, handover.connectedFd]) if (fd !== undefined && !keep.includes(fd)) keep.push(fd);
+  // Run from sources (`bun app/main.ts`): the re-exec'd Bun reads them, and node_modules.
+  const compiled = import.meta.url.includes("/$bunfs/");
+  const readPaths = compiled ? [] : [fileURLToPath(new URL("..", import.meta.url))];
+  const removable = handover.ownSocket === undefined ? [] : [resolve(handover.ownSocket)];
+  enterSandbox({ mode, access: declared, keepFds: keep, resources: handover, readPaths, removable });
+}
+
+/**
+ * Test-only probe entry (test/unit/sandbox_backend.test.ts): when VHOST_BACKEND_SANDBOX_PROBE
+ * holds {probe, unixPath, abstractName, tmpDir}, the backend tries that escape once its device
+ * thread is up, prints one `sandbox-probe: JSON` line (the result and every thread's
+ * NoNewPrivs/Seccomp/CapEff) and exits. A probe the filter kills prints nothing: the process dies
+ * of SIGSYS.
+ */
+export const PROBE_ENV = "VHOST_BACKEND_SANDBOX_PROBE";
+
+export function runRequestedProbe(): void {
+  const raw = process.env[PROBE_ENV];
+  if (raw === undefined) return;
+  const req = JSON.parse(raw) as { probe: ProbeName | "status"; unixPath: string; abstractName: string; tmpDir: string };
+  const results = req.probe === "status" ? [] : [runProbe(req.probe, req)];
+  const threads = threadStatuses().map((t) => ({ ...t, capEff: t.capEff.toString(16) }));
+  process.stdout.write(`sandbox-probe: ${JSON.stringify({ results, threads })}\n`, () => process.exit(0));
+}
