@@ -23,7 +23,7 @@ import { usagePrinter, withUsage } from "./help.ts";
 import { checkArgv, type OptionSpec } from "./argv_check.ts";
 import type { FromWorker, ToWorker, WorkerStart } from "../src/device_thread.ts";
 import { parseSandboxMode, type SandboxMode } from "../src/sandbox/index.ts";
-import { lockDown, openFds, resumeAfterSandbox, runRequestedProbe, type Handover } from "./sandbox.ts";
+import { holdSignals, lockDown, openFds, releaseHeldSignals, resumeAfterSandbox, sandboxOff, runRequestedProbe, type Handover } from "./sandbox.ts";
 import pkg from "../package.json" with { type: "json" };
 
 export const COMMON_ARGS = {
@@ -167,6 +167,8 @@ async function runDevice(def: DeviceDefinition, args: Record<string, unknown>, r
     return;
   }
   // From here a stop (SIGTERM, SIGINT, SIGHUP) must clean up: handlers first, then the socket.
+  // Held until serving starts, in this image or in the sandbox's re-exec'd one (app/sandbox.ts).
+  holdSignals();
   const life = startLifecycle(def.hostSignals ?? {});
   // A device's own options may name the socket too (crosvm's `--tap-name SOCK,NAME`): it counts
   // as --socket, and must agree with one given as well.
@@ -187,6 +189,12 @@ async function runDevice(def: DeviceDefinition, args: Record<string, unknown>, r
   const serving: Serving = { life, permissions, allowUids, allowGids, metricsAddress };
   if (resumed !== null) {
     life.socketPath = resumed.ownSocket;
+    if (resumed.ownSocket !== undefined && resumed.socketPath !== undefined && resumed.socketPath !== resumed.ownSocket) {
+      // The socket path appears only now, served by this image, its stop handlers in place.
+      renameSync(resumed.ownSocket, resumed.socketPath);
+      life.socketPath = resumed.socketPath;
+    }
+    releaseHeldSignals(); // a stop that came during the re-exec is handled from here
     return run(def, startMessage(def, options, parsed, resumed.resources, serving, resumed), resumed.where, serving);
   }
   const before = openFds();
@@ -218,6 +226,8 @@ async function serve(
 ): Promise<void> {
   const { life, permissions } = serving;
   const start = startMessage(def, options, parsed, resources, serving, {});
+  const extras = { metrics: serving.metricsAddress !== undefined };
+  const reexec = sandboxOff(def, sandbox, extras) === null;
   let where: string;
   if (options.fd !== undefined) {
     const fd = Number(options.fd);
@@ -233,11 +243,13 @@ async function serve(
     where = `fd ${fd}${listening ? "" : " (connected)"}`;
   } else if (socketPath !== undefined) {
     try {
-      start.listenFd = listenOn(socketPath, (bound) => {
+      // Into the sandbox, the path is put in place by the re-exec'd image (see runDevice).
+      const listener = listenOn(socketPath, (bound) => {
         life.socketPath = bound; // bound: ours to remove from here on
         permissions?.(bound);
-      });
-      life.socketPath = socketPath;
+      }, !reexec);
+      start.listenFd = listener.fd;
+      life.socketPath = listener.bound;
     } catch (e) {
       throw optionError(`--socket ${socketPath}`, e, { ENOENT: "its directory does not exist" });
     }
@@ -247,8 +259,12 @@ async function serve(
     where = `fd ${activated} from systemd`;
   }
   // Re-execs into the sandbox unless it is off (does not return then).
-  const handover: Handover = { resources, listenFd: start.listenFd, connectedFd: start.connectedFd, where, ownSocket: life.socketPath };
-  lockDown(def, parsed, sandbox, handover, before, { metrics: serving.metricsAddress !== undefined });
+  const handover: Handover = {
+    resources, listenFd: start.listenFd, connectedFd: start.connectedFd, where, ownSocket: life.socketPath,
+    socketPath: options.fd === undefined ? socketPath : undefined,
+  };
+  lockDown(def, parsed, sandbox, handover, before, extras);
+  releaseHeldSignals();
   run(def, start, where, serving);
 }
 
@@ -284,10 +300,11 @@ function run(def: DeviceDefinition, start: WorkerStart, where: string, { life, m
  * listen and be refused. Falls back to binding `path` itself when the temporary name would be too
  * long for a socket address.
  */
-function listenOn(path: string, beforeListen: (bound: string) => void): number {
+function listenOn(path: string, beforeListen: (bound: string) => void, rename = true): { fd: number; bound: string } {
   const tmp = join(dirname(path), `.${basename(path)}.${process.pid}.tmp`);
-  if (Buffer.byteLength(tmp) > MAX_SOCKET_PATH) return listenUnix(path, 1, () => beforeListen(path));
+  if (Buffer.byteLength(tmp) > MAX_SOCKET_PATH) return { fd: listenUnix(path, 1, () => beforeListen(path)), bound: path };
   const fd = listenUnix(tmp, 1, () => beforeListen(tmp));
+  if (!rename) return { fd, bound: tmp };
   try {
     renameSync(tmp, path);
   } catch (e) {
@@ -295,7 +312,7 @@ function listenOn(path: string, beforeListen: (bound: string) => void): number {
     unlink(tmp);
     throw e;
   }
-  return fd;
+  return { fd, bound: path };
 }
 
 /** The thread entry files, beside this one (the compiled binary embeds them: see build.ts). */

@@ -6,6 +6,7 @@ import { readdirSync } from "node:fs";
 import { fileURLToPath } from "node:url";
 import { resolve } from "node:path";
 import { enterSandbox, resumeSandbox, threadStatuses, type SandboxMode } from "../src/sandbox/index.ts";
+export { holdSignals, releaseHeldSignals } from "../src/sandbox/index.ts";
 import { runProbe, type ProbeName } from "../src/sandbox/probe.ts";
 import type { DeviceDefinition } from "../src/device.ts";
 import { log } from "../src/log.ts";
@@ -18,8 +19,10 @@ export interface Handover {
   connectedFd?: number;
   /** Where it serves, for the log line. */
   where: string;
-  /** The socket file this process created (removed at exit), if any. */
+  /** The socket file this process created (removed at exit), if any: bound under a temporary name. */
   ownSocket?: string;
+  /** The path it is renamed to by the re-exec'd image, once that image serves. */
+  socketPath?: string;
 }
 
 const F_GETFD = 1;
@@ -42,6 +45,14 @@ export interface ProgramExtras {
   metrics: boolean;
 }
 
+/** Why the sandbox cannot apply to this device and program, or null when it will (mode none: "off"). */
+export function sandboxOff(def: DeviceDefinition, mode: SandboxMode, extras: ProgramExtras): string | null {
+  if (mode === "none") return "--sandbox none";
+  if (def.hostAccess === undefined) return `device '${def.name}' declares no host access (DeviceDefinition.hostAccess)`;
+  if (extras.metrics) return "--metrics is not served from inside the sandbox yet (give --sandbox none with --metrics)";
+  return null;
+}
+
 /**
  * Locks down and re-execs (does not return) unless the mode is none, or in auto mode the device
  * declares nothing or the program serves something the sandbox does not cover yet (then it logs
@@ -50,13 +61,13 @@ export interface ProgramExtras {
  */
 export function lockDown(def: DeviceDefinition, parsed: unknown, mode: SandboxMode, handover: Handover, before: ReadonlySet<number>, extras: ProgramExtras): void {
   if (mode === "none") return;
-  const off = (why: string) => {
-    if (mode === "strict") throw new Error(`--sandbox strict: ${why}`);
-    log.warn(`sandbox: off: ${why}`);
-  };
-  if (def.hostAccess === undefined) return off(`device '${def.name}' declares no host access (DeviceDefinition.hostAccess)`);
-  if (extras.metrics) return off("--metrics is not served from inside the sandbox yet (give --sandbox none with --metrics)");
-  const access = def.hostAccess(parsed);
+  const off = sandboxOff(def, mode, extras);
+  if (off !== null) {
+    if (mode === "strict") throw new Error(`--sandbox strict: ${off}`);
+    log.warn(`sandbox: off: ${off}`);
+    return;
+  }
+  const access = def.hostAccess!(parsed);
   // sd_notify: one datagram to the service manager's socket once ready (src/sd_notify.ts).
   const notify = process.env.NOTIFY_SOCKET;
   const declared = notify?.startsWith("/") ? { ...access, unixSockets: [...access.unixSockets, notify] } : access;
@@ -65,6 +76,7 @@ export function lockDown(def: DeviceDefinition, parsed: unknown, mode: SandboxMo
   // Run from sources (`bun app/main.ts`): the re-exec'd Bun reads them, and node_modules.
   const compiled = import.meta.url.includes("/$bunfs/");
   const readPaths = compiled ? [] : [fileURLToPath(new URL("..", import.meta.url))];
+  // The socket's directory: the bound name is renamed into place there, and removed at exit.
   const removable = handover.ownSocket === undefined ? [] : [resolve(handover.ownSocket)];
   enterSandbox({ mode, access: declared, keepFds: keep, resources: handover, readPaths, removable });
 }

@@ -13,6 +13,7 @@ const lib = dlopen("libc.so.6", {
   chdir: { args: ["cstring"], returns: "i32" },
   mkdir: { args: ["cstring", "u32"], returns: "i32" },
   gettid: { args: [], returns: "i32" },
+  pthread_sigmask: { args: ["i32", "ptr", "ptr"], returns: "i32" },
 });
 const sys = libc.syscall;
 
@@ -171,4 +172,15 @@ export function execve(path: string, argv: readonly string[], env: readonly stri
   void a.keep; // the pointer arrays point into these: alive until the call returned
   void e.keep;
   throw new SysError(`execve(${path})`, err);
+}
+
+export const SIG_BLOCK = 0;
+export const SIG_UNBLOCK = 1;
+
+/** pthread_sigmask(2) for the calling thread: blocks or unblocks `signals` (numbers). The mask survives execve. */
+export function signalMask(how: typeof SIG_BLOCK | typeof SIG_UNBLOCK, signals: readonly number[]): void {
+  const set = new BigUint64Array(16); // glibc's sigset_t: 1024 bits
+  for (const sig of signals) set[(sig - 1) >> 6]! |= 1n << BigInt((sig - 1) & 63);
+  const r = lib.symbols.pthread_sigmask(how, set, null);
+  if (r !== 0) throw new SysError("pthread_sigmask", r);
 }

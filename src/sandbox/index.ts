@@ -16,7 +16,8 @@ import { readFileSync, readdirSync } from "node:fs";
 import { fcntl } from "../../ffi/io.ts";
 import {
   CAP_LAST_KNOWN, CLONE_NEWIPC, CLONE_NEWNET, CLONE_NEWUTS, PR_CAPBSET_DROP, PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL,
-  PR_SET_NO_NEW_PRIVS, SECCOMP_FILTER_FLAG_TSYNC, capget, capset, execve, prctl, prctlRaw, seccompSetFilter, unshare,
+  PR_SET_NO_NEW_PRIVS, SECCOMP_FILTER_FLAG_TSYNC, SIG_BLOCK, SIG_UNBLOCK, capget, capset, execve, prctl, prctlRaw,
+  seccompSetFilter, signalMask, unshare,
 } from "../../ffi/seccomp.ts";
 import type { HostAccess } from "../host_access.ts";
 import { log } from "../log.ts";
@@ -149,7 +150,32 @@ export function enterSandbox(req: SandboxRequest): SandboxResult | never {
     .filter(([k, v]) => k !== SANDBOX_ENV && v !== undefined)
     .map(([k, v]) => `${k}=${v}`);
   env.push(`${SANDBOX_ENV}=${JSON.stringify(stage2)}`);
+  // Signals that stop the process or that it handles stay pending across the execve (the mask
+  // survives it) until the new image has its handlers (holdSignals, releaseHeldSignals).
+  holdSignals();
   return execve(execPath, argv, env);
+}
+
+/** SIGHUP, SIGINT, SIGUSR1, SIGUSR2, SIGTERM, SIGWINCH: held from just before the execve. */
+const HELD_SIGNALS = [1, 2, 10, 12, 15, 28];
+
+/**
+ * Keeps those signals pending from now on. Called before the program installs its handlers and
+ * binds its socket: a stop that arrives while the first image runs towards its execve would
+ * otherwise be taken by that image's handler (and forgotten with it), or kill the new image
+ * before it has handlers (leaving the socket file behind).
+ */
+export function holdSignals(): void {
+  signalMask(SIG_BLOCK, HELD_SIGNALS);
+}
+
+/**
+ * Once the handlers are installed and the program knows what to clean up on a stop (the first
+ * image when it serves without the execve, the re-exec'd one otherwise): delivers what arrived
+ * in between and lets those signals through again.
+ */
+export function releaseHeldSignals(): void {
+  signalMask(SIG_UNBLOCK, HELD_SIGNALS);
 }
 
 /** True in the image enterSandbox exec'd (before resumeSandbox consumed the hand-over). */

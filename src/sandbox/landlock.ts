@@ -74,9 +74,12 @@ export function declaredGrants(access: HostAccess): PathGrant[] {
   return access.paths.map((p) => ({ path: p.path, access: rightsFor(p.rights), source: "declared" }));
 }
 
-/** Removal of files from the directories of `paths` (Landlock has no per-file removal right). */
+/**
+ * Removal and renaming of socket files in the directories of `paths` (Landlock has no per-file
+ * removal right; a rename within a directory needs removal plus making the file's type there).
+ */
 export function removalGrants(paths: readonly string[]): PathGrant[] {
-  return paths.map((p) => ({ path: dirname(p), access: ACCESS_FS.REMOVE_FILE, source: "runtime" }));
+  return paths.map((p) => ({ path: dirname(p), access: ACCESS_FS.REMOVE_FILE | ACCESS_FS.MAKE_SOCK, source: "runtime" }));
 }
 
 /** Ports of declared "host:port" TCP endpoints. */

@@ -129,7 +129,7 @@ export interface PolicyContext {
    * mount namespace, then decides which). Otherwise they fail with EACCES.
    */
   openAllowed: boolean;
-  /** unlink/unlinkat allowed (Landlock limits them to the removable files' directories). */
+  /** unlink and rename allowed (Landlock limits them to the socket's directory: app/sandbox.ts). */
   unlinkAllowed?: boolean;
 }
 
@@ -152,7 +152,7 @@ export function buildPolicy(access: HostAccess, ctx: PolicyContext): FilterSpec 
   if (writes && !access.syscallGroups.includes("fs-write")) groups.push(SYSCALL_GROUPS["fs-write"]!);
 
   const allowed = new Set<SyscallName>(COMMON);
-  if (ctx.unlinkAllowed) allowed.add("unlink").add("unlinkat");
+  if (ctx.unlinkAllowed) for (const c of ["unlink", "unlinkat", "rename", "renameat", "renameat2"] as const) allowed.add(c);
   for (const g of groups) for (const c of g.calls) allowed.add(c);
   for (const name of allowed) set(name, { action: ALLOW });
 

@@ -84,7 +84,8 @@ describe.each(Object.keys(DEVICES))("%s under --sandbox auto", (device) => {
 });
 
 test("with --sandbox none the same probes succeed and no thread is confined", async () => {
-  const verdicts = await Promise.all(PROBES.map(async (p) => `${p}: ${(await probe("console", "none", p)).verdict}`));
+  const verdicts: string[] = [];
+  for (const p of PROBES) verdicts.push(`${p}: ${(await probe("console", "none", p)).verdict}`); // one at a time: one tracer per parent
   expect(verdicts).toEqual(PROBES.map((p) => `${p}: allowed`));
   const { out } = await probe("block", "none", "status");
   expect(out.threads.every((t: any) => t.seccomp === 0 && t.noNewPrivs === 0)).toBe(true);
