@@ -22,7 +22,7 @@ import {
 import type { HostAccess } from "../host_access.ts";
 import { log } from "../log.ts";
 import { applyLandlock, declaredGrants, removalGrants, runtimeGrants, tcpPorts } from "./landlock.ts";
-import { buildPolicy } from "./policy.ts";
+import { buildPolicy, keptCapabilities } from "./policy.ts";
 import { compileFilter } from "./seccomp_filter.ts";
 
 export type SandboxMode = "auto" | "strict" | "none";
@@ -118,16 +118,19 @@ export function enterSandbox(req: SandboxRequest): SandboxResult | never {
   // Not built yet: reported, but strict does not fail on it (Landlock confines the filesystem).
   missing.push("empty mount namespace (not implemented; Landlock confines the filesystem)");
 
-  // Capabilities: an empty bounding set means the execve grants none, even to root.
+  // Capabilities: an empty bounding set means the execve grants none, even to root (but those a
+  // declared group keeps: the net device's CAP_NET_ADMIN).
+  const kept = keptCapabilities(req.access);
   try {
     for (let cap = 0; cap <= CAP_LAST_KNOWN; cap++) {
+      if (kept.includes(cap)) continue;
       const r = prctlRaw(PR_CAPBSET_DROP, cap);
       if (r < 0 && r !== -22 /* EINVAL: a capability this kernel does not know */) throw new Error(`PR_CAPBSET_DROP ${cap}: errno ${-r}`);
     }
     prctlRaw(PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL);
     const caps = capget();
     capset({ effective: caps.effective, permitted: caps.permitted, inheritable: 0n });
-    applied.push("capabilities");
+    applied.push(kept.length === 0 ? "capabilities" : `capabilities(kept: ${kept.join(",")})`);
   } catch (e) {
     if (root) shortfall(req.mode, missing, `capabilities: ${(e as Error).message}`);
     else applied.push("capabilities"); // not root and no file capabilities: nothing to drop
@@ -198,7 +201,8 @@ export function resumeSandbox(): SandboxResult | null {
   const r = seccompSetFilter(compileFilter(policy), SECCOMP_FILTER_FLAG_TSYNC);
   if (r !== 0) throw new Error(`seccomp: thread ${r} could not be synchronized`);
   s.applied.push("seccomp");
-  const bad = threadsNotConfined();
+  const capMask = root() ? keptCapabilities(s.access).reduce((m, c) => m | (1n << BigInt(c)), 0n) : 0n;
+  const bad = threadsNotConfined(capMask);
   if (bad.length > 0) shortfall(s.mode, s.missing, `threads not confined: ${bad.join("; ")}`);
   log.info(`sandbox: ${s.applied.join(", ")}`);
   for (const m of s.missing) log.warn(`sandbox: not applied: ${m}`);
@@ -222,8 +226,11 @@ export function threadStatuses(pid: number | "self" = "self"): ThreadStatus[] {
   });
 }
 
-function threadsNotConfined(): string[] {
+const root = () => process.getuid?.() === 0;
+
+/** Threads without no_new_privs, the filter, or with capabilities beyond `capMask`. */
+function threadsNotConfined(capMask: bigint): string[] {
   return threadStatuses()
-    .filter((t) => t.noNewPrivs !== 1 || t.seccomp !== 2 || t.capEff !== 0n)
+    .filter((t) => t.noNewPrivs !== 1 || t.seccomp !== 2 || (t.capEff & ~capMask) !== 0n)
     .map((t) => `tid ${t.tid}: NoNewPrivs ${t.noNewPrivs}, Seccomp ${t.seccomp}, CapEff ${t.capEff.toString(16)}`);
 }

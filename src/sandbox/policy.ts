@@ -48,6 +48,13 @@ const TUNSETQUEUE = 0x400454d9;
 const TUNGETIFF = 0x800454d2;
 const TUNGETFEATURES = 0x800454cf;
 const TUNSETVNETLE = 0x400454dc;
+// On the net device's kept AF_INET control socket: NET_SET_MTU reaches the tap.
+const SIOCGIFFLAGS = 0x8913;
+const SIOCGIFMTU = 0x8921;
+const SIOCSIFMTU = 0x8922;
+const SIOCGIFINDEX = 0x8933;
+/** CAP_NET_ADMIN: SIOCSIFMTU on a tap needs it. */
+export const CAP_NET_ADMIN = 12;
 // Block devices.
 const BLKDISCARD = 0x1277;
 const BLKZEROOUT = 0x127f;
@@ -99,6 +106,8 @@ interface Group {
   ioctls?: readonly number[];
   /** Every ioctl request (devices whose ioctls Landlock judges per device file: ALSA). */
   anyIoctl?: boolean;
+  /** Capabilities the process keeps (all others are dropped). */
+  capabilities?: readonly number[];
 }
 
 export const SYSCALL_GROUPS: Readonly<Record<string, Group>> = {
@@ -109,7 +118,13 @@ export const SYSCALL_GROUPS: Readonly<Record<string, Group>> = {
   // Rings are created at queue start: io_uring_setup leaves the forbidden list for devices that
   // declare the group (issue 17 asks for rings set up in acquire with an opcode restriction).
   io_uring: { calls: ["io_uring_setup", "io_uring_enter", "io_uring_register"] },
-  tap: { calls: [], ioctls: [TUNSETOFFLOAD, TUNSETVNETHDRSZ, TUNGETVNETHDRSZ, TUNSETQUEUE, TUNGETIFF, TUNGETFEATURES, TUNSETVNETLE] },
+  // The tap's MTU follows the guest's NET_SET_MTU: that keeps CAP_NET_ADMIN (in the host's network
+  // namespace, since net keeps it): the one capability a sandboxed device holds.
+  tap: {
+    calls: [],
+    ioctls: [TUNSETOFFLOAD, TUNSETVNETHDRSZ, TUNGETVNETHDRSZ, TUNSETQUEUE, TUNGETIFF, TUNGETFEATURES, TUNSETVNETLE, SIOCGIFFLAGS, SIOCGIFMTU, SIOCSIFMTU, SIOCGIFINDEX],
+    capabilities: [CAP_NET_ADMIN],
+  },
   alsa: {
     calls: [
       "flock", "statfs", "fstatfs", "umask", "fchmod", "shmget", "shmat", "shmdt", "shmctl", "semget", "semop",
@@ -203,6 +218,13 @@ export function buildPolicy(access: HostAccess, ctx: PolicyContext): FilterSpec 
 
   for (const name of FORBIDDEN) if (!rules.has(name)) set(name, { action: KILL });
   return { rules, defaultAction: errnoAction(ENOSYS) };
+}
+
+/** The capabilities a device keeps: those of its declared groups (none for most). */
+export function keptCapabilities(access: HostAccess): number[] {
+  const caps = new Set<number>();
+  for (const g of access.syscallGroups) for (const c of SYSCALL_GROUPS[g]?.capabilities ?? []) caps.add(c);
+  return [...caps].sort((a, b) => a - b);
 }
 
 /** Names of the calls `spec` allows unconditionally (for the README table and tests). */

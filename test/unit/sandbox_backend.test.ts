@@ -2,7 +2,7 @@
 // --sandbox auto: once the device thread is up, the test-only probe entry (app/sandbox.ts,
 // VHOST_BACKEND_SANDBOX_PROBE) tries one escape; every one must be denied, and every thread must
 // show NoNewPrivs 1, Seccomp 2, CapEff 0. With --sandbox none the same probes succeed (each check
-// can fail). net is not here: it declares no host access yet, so it runs unsandboxed (logged).
+// can fail). net is not here (it needs a tap: test/unit/net.test.ts serves it sandboxed, by default).
 import { afterAll, beforeAll, describe, expect, test } from "bun:test";
 import { mkdtempSync, rmSync, writeFileSync, mkdirSync } from "node:fs";
 import { createServer, type Server } from "node:net";

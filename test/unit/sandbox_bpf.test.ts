@@ -4,7 +4,7 @@
 import { describe, expect, test } from "bun:test";
 import { BpfAssembler, NEXT, decode, OP, SECCOMP_DATA_NR, argLow } from "../../src/sandbox/bpf.ts";
 import { compileFilter, AUDIT_ARCH_X86_64, SECCOMP_RET_ALLOW, SECCOMP_RET_KILL_PROCESS, SECCOMP_RET_ERRNO, ALLOW, KILL } from "../../src/sandbox/seccomp_filter.ts";
-import { buildPolicy, allowedCalls, SYSCALL_GROUPS } from "../../src/sandbox/policy.ts";
+import { buildPolicy, allowedCalls, keptCapabilities, SYSCALL_GROUPS } from "../../src/sandbox/policy.ts";
 import { syscallNumber, syscallName, type SyscallName } from "../../src/sandbox/syscalls.ts";
 import { NO_HOST_ACCESS, type HostAccess } from "../../src/host_access.ts";
 import { runFilter } from "../support/sandbox_bpf_interp.ts";
@@ -103,6 +103,10 @@ describe("device policies", () => {
     expect(call(plain, "ioctl", 0, 0x5401 /* TCGETS */)).toBe(SECCOMP_RET_ALLOW);
     expect(call(plain, "ioctl", 5, 0x400454d0 /* TUNSETOFFLOAD */)).toBe(errno(1));
     expect(call(policy({ syscallGroups: ["tap"] }), "ioctl", 5, 0x400454d0)).toBe(SECCOMP_RET_ALLOW);
+    expect(call(policy({ syscallGroups: ["tap"] }), "ioctl", 5, 0x8922 /* SIOCSIFMTU */)).toBe(SECCOMP_RET_ALLOW);
+    expect(call(plain, "ioctl", 5, 0x8922)).toBe(errno(1));
+    expect(keptCapabilities({ ...NO_HOST_ACCESS, syscallGroups: ["tap", "io_uring"] })).toEqual([12 /* CAP_NET_ADMIN */]);
+    expect(keptCapabilities({ ...NO_HOST_ACCESS, syscallGroups: ["block-io", "io_uring"] })).toEqual([]);
     expect(call(policy({ syscallGroups: ["alsa"] }), "ioctl", 5, 0xc0044100)).toBe(SECCOMP_RET_ALLOW);
     const closed = compileFilter(buildPolicy(NO_HOST_ACCESS, { pid, openAllowed: false }));
     expect(call(closed, "openat", -100, 0, 0)).toBe(errno(13));
