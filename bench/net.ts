@@ -28,6 +28,7 @@ import { parseArgs } from "node:util";
 import type { Subprocess } from "bun";
 import { CLK_TCK, cpuTicks, hostBusyTicks, tail } from "./lib/backends.ts";
 import { startTestPmd, type TestPmd } from "./lib/dpdk.ts";
+import { jitDumpEnv, writePerfMaps } from "./lib/perf.ts";
 import { fmt, fmtInt, max, median, spreadPct, table } from "./lib/stats.ts";
 import { NetNamespace, netnsAvailable } from "../test/support/netns.ts";
 
@@ -89,8 +90,8 @@ interface PacketSample {
 
 // ---- processes ----
 
-function spawnProc(label: string, argv: string[]): Proc {
-  const proc: Subprocess<"ignore", "pipe", "pipe"> = Bun.spawn(argv, { stdin: "ignore", stdout: "pipe", stderr: "pipe" });
+function spawnProc(label: string, argv: string[], env?: Record<string, string>): Proc {
+  const proc: Subprocess<"ignore", "pipe", "pipe"> = Bun.spawn(argv, { stdin: "ignore", stdout: "pipe", stderr: "pipe", env: env === undefined ? undefined : { ...process.env, ...env } });
   let out = "";
   const drain = async (s: ReadableStream<Uint8Array>) => {
     const d = new TextDecoder();
@@ -174,6 +175,8 @@ interface CellCtx {
   runtimeS: number;
   feArgs: string[];
   oursArgs: string[];
+  /** With --perf: where ours writes its JITDump files (JS frames named in the profile). */
+  jitDumpDir?: string;
 }
 
 interface Running {
@@ -200,7 +203,7 @@ async function startCell(c: CellCtx, kind: Kind, dir: Dir, size: number, pairs =
       backend = spawnProc("ours", [
         "ip", "netns", "exec", c.ns.name, c.oursBin, "device", "net",
         "--socket", sock, "--tap-name", tap, "--mac", GUEST_MAC, "--queue-pairs", String(pairs), "--log-level", "warn", ...c.oursArgs,
-      ]);
+      ], c.jitDumpDir === undefined ? undefined : jitDumpEnv(c.jitDumpDir));
       all.push(backend);
       await waitForSocket(sock, backend);
     } else {
@@ -301,7 +304,7 @@ async function stopCell(r: Running): Promise<void> {
 }
 
 /** perf record -g of `pid` (all threads) for `seconds`; returns the report's top lines. */
-async function perfWindow(pid: number, seconds: number, out: string): Promise<string[]> {
+async function perfWindow(pid: number, seconds: number, out: string, jitDumpDir?: string): Promise<string[]> {
   const p = Bun.spawn(["perf", "record", "-F", "1999", "-g", "-p", String(pid), "-o", out, "--", "sleep", String(seconds)], {
     stdout: "pipe",
     stderr: "pipe",
@@ -309,6 +312,7 @@ async function perfWindow(pid: number, seconds: number, out: string): Promise<st
   const code = await p.exited;
   const err = await new Response(p.stderr).text();
   if (code !== 0) return [`perf record failed (${code}): ${tail(err, 5)}`];
+  if (jitDumpDir !== undefined) writePerfMaps(jitDumpDir); // names the JIT-compiled JS ("JSC-<tier>: <function>")
   const rep = (sort: string, limit: string) => {
     const r = Bun.spawnSync(["perf", "report", "-i", out, "--stdio", "--no-children", "--sort", sort, "-g", "none", "--percent-limit", limit], {
       stdout: "pipe",
@@ -393,7 +397,7 @@ async function packetPart(c: CellCtx, o: {
               if (o.perf) {
                 const out = join(o.resultsDir, `net-${o.date}-${dir}${size}.perf.data`);
                 const a2 = await snap(r);
-                const lines = await perfWindow(r.backend.pid, o.profileS, out);
+                const lines = await perfWindow(r.backend.pid, o.profileS, out, c.jitDumpDir);
                 const b2 = await snap(r);
                 const pk = moved(a2, b2);
                 console.log(`\n  perf record -g ours (${dir} ${size}B), ${o.profileS} s (${fmt(pk / ((b2.t - a2.t) / 1000) / 1e6, 3)} Mpps meanwhile) → ${out.replace(ROOT + "/", "")}:`);
@@ -562,7 +566,9 @@ async function main(): Promise<void> {
     console.log(`  every testpmd: --no-huge -m 1024 --lcores=0@(0,1),1@(0,1) (lcores float over both CPUs), 1 forwarding core, 32768 mbufs`);
     if (!a["skip-packet"]) {
       console.log(`\npart 1: guest-less packet rate, 1 queue pair, ${rounds} rounds x ${runtimeS} s after ${warmupS} s warm-up per cell`);
-      const ctx: CellCtx = { ns, tmp, oursBin, warmupS, runtimeS, feArgs: a["fe-arg"]!, oursArgs: a["ours-arg"]! };
+      const jitDumpDir = a.perf ? join(resultsDir, `net-${date}-jitdump`) : undefined;
+      if (jitDumpDir !== undefined) mkdirSync(jitDumpDir, { recursive: true });
+      const ctx: CellCtx = { ns, tmp, oursBin, warmupS, runtimeS, feArgs: a["fe-arg"]!, oursArgs: a["ours-arg"]!, jitDumpDir };
       if (ctx.oursArgs.length) console.log(`  ours extra arguments: ${ctx.oursArgs.join(" ")}`);
       if (ctx.feArgs.length) console.log(`  front-end extra arguments: ${ctx.feArgs.join(" ")}`);
       const only = a.only as Kind | undefined;

@@ -142,14 +142,15 @@ export class SharedRecord<S extends Schema> {
     return Atomics.load(this.i32, W_VERSION);
   }
 
-  private field(name: string, ...kinds: Field["kind"][]): Placed {
+  /** The field `name`, which must be a counters field (`counters`) or a value field (not counters). */
+  private field(name: string, counters: boolean): Placed {
     const f = this.fields.get(name);
-    if (f === undefined || !kinds.includes(f.kind)) throw new Error(`shared record: no ${kinds.join("/")} field ${name}`);
+    if (f === undefined || (f.kind === "counters") !== counters) throw new Error(`shared record: no ${counters ? "counters" : "value"} field ${name}`);
     return f;
   }
 
   get<K extends ValueKey<S>>(name: K): ValueOf<S[K]> {
-    const f = this.field(name, "i32", "bool", "bytes");
+    const f = this.field(name, false);
     if (f.kind === "i32") return Atomics.load(this.i32, f.at) as ValueOf<S[K]>;
     if (f.kind === "bool") return (Atomics.load(this.i32, f.at) !== 0) as ValueOf<S[K]>;
     // A write takes a few stores; a writer that died mid-write (a terminated thread) must not
@@ -184,7 +185,7 @@ export class SharedRecord<S extends Schema> {
   }
 
   private write(name: string, value: unknown): void {
-    const f = this.field(name, "i32", "bool", "bytes");
+    const f = this.field(name, false);
     if (f.kind === "i32") {
       if (typeof value !== "number" || !Number.isInteger(value)) throw new Error(`shared record: ${name} takes an integer`);
       Atomics.store(this.i32, f.at, value);
@@ -200,12 +201,21 @@ export class SharedRecord<S extends Schema> {
 
   /** Adds `delta` to counter `index` of `name` (any thread). */
   count<K extends CounterKey<S>>(name: K, index: number, delta = 1): void {
-    const f = this.field(name, "counters");
+    const f = this.field(name, true);
     if (index >= 0 && index < f.length) Atomics.add(this.i32, f.at + index, delta);
   }
 
+  /**
+   * The counters of `name` as an Int32Array over the shared words, for a hot path that counts
+   * per frame or request without looking the field up each time (use Atomics.add/load on it).
+   */
+  countersView<K extends CounterKey<S>>(name: K): Int32Array {
+    const f = this.field(name, true);
+    return this.i32.subarray(f.at, f.at + f.length);
+  }
+
   counter<K extends CounterKey<S>>(name: K, index: number): number {
-    const f = this.field(name, "counters");
+    const f = this.field(name, true);
     return index >= 0 && index < f.length ? Atomics.load(this.i32, f.at + index) : 0;
   }
 

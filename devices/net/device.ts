@@ -57,7 +57,7 @@ export class NetDevice implements VhostUserDevice {
   private readonly queues: QueueService;
   private readonly ctrl: WatchedQueue;
   private readonly control: NetControl;
-  /** Each pair's transmit io_uring (null: writev), made with the device and closed with it. */
+  /** Each pair's io_uring (null: writev/readv), made with the device and closed with it. */
   private readonly rings: (RingHandle | null)[];
 
   /** The AF_INET socket for SIOC* ioctls on the tap (NET_SET_MTU), opened in acquire. */
@@ -69,6 +69,11 @@ export class NetDevice implements VhostUserDevice {
     this.pairs = opts.queuePairs;
     this.activePairs = this.pairs;
     this.rxRunning = new Array<boolean>(this.pairs).fill(false);
+    // Until a pair's receive ring runs, its tap queue takes no frames (the virtio default is one pair).
+    if (!this.updateAttachedQueues()) {
+      this.tap.close();
+      throw new Error(`tap ${this.tap.name}: could not detach the queues of pairs not in use`);
+    }
     this.mtu = opts.mtu ?? this.tap.mtu;
     this.defaultMac = opts.mac ?? randomMac();
     this.mac = this.defaultMac;
@@ -81,15 +86,15 @@ export class NetDevice implements VhostUserDevice {
       (opts.offloads ? offloadFeatures(this.tap.supportedOffloads) | VIRTIO_NET_F_CTRL_GUEST_OFFLOADS : 0n);
     this.resetFilter();
     this.shared.mtu = this.mtu;
-    let tx: ReturnType<typeof openPairRings>;
+    let io: ReturnType<typeof openPairRings>;
     try {
-      tx = openPairRings(this.pairs, opts.netIo);
+      io = openPairRings(this.pairs, opts.netIo);
     } catch (e) {
       this.tap.close();
       throw e;
     }
-    this.rings = tx.rings;
-    if (tx.refused !== null) log.info(`net: io_uring unavailable (${tx.refused}): one writev per transmitted frame`);
+    this.rings = io.rings;
+    if (io.refused !== null) log.info(`net: io_uring unavailable (${io.refused}): one writev/readv per frame`);
     const runnerOptions: NetRunnerOptions = { fds: [...this.tap.fds], shared: this.shared.data, rings: this.rings };
     this.queues = new QueueService({
       entry: ctx.queueThreadEntry, device: "net", options: runnerOptions, threads: this.pairs > 1 ? this.pairs : 0, threadOf: (i) => i >> 1,
@@ -109,11 +114,9 @@ export class NetDevice implements VhostUserDevice {
       },
     });
     this.ctrl = new WatchedQueue(ctx.loop, () => this.serveControl());
-    // Until a pair's receive ring runs, its tap queue takes no frames (the virtio default is one pair).
-    if (!this.updateAttachedQueues()) throw new Error(`tap ${this.tap.name}: could not detach the queues of pairs not in use`);
     log.info(
       `net: tap ${this.tap.name} (${this.pairs} queue pair(s), MTU ${this.mtu}, offloads ${opts.offloads ? `0x${this.tap.supportedOffloads.toString(16)}` : "off"}, ` +
-        `MRG_RXBUF ${opts.mrgRxbuf ? "on" : "off"}, transmit ${this.rings.some((r) => r !== null) ? "io_uring batches" : "writev"}), guest MAC ${formatMac(this.mac)}`,
+        `MRG_RXBUF ${opts.mrgRxbuf ? "on" : "off"}, I/O ${this.rings.some((r) => r !== null) ? "io_uring batches" : "writev/readv"}), guest MAC ${formatMac(this.mac)}`,
     );
   }
 

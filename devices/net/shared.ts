@@ -75,10 +75,13 @@ export class NetShared {
   private readonly exported: Counter[] = [];
   readonly record: NetSharedRecord;
   private filter: Filter | null = null;
+  /** The per-pair counters (counted per frame: no field lookup). */
+  private readonly stats: Int32Array;
 
   /** A new record (`subscribers`: wake-up slots, one per frame thread), or the one `data` shares. */
   constructor(data?: SharedRecordData, subscribers = 0) {
     this.record = data === undefined ? SharedRecord.create(NET_SHARED_SCHEMA, subscribers) : SharedRecord.attach(NET_SHARED_SCHEMA, data);
+    this.stats = this.record.countersView("stats");
   }
 
   get data(): SharedRecordData {
@@ -180,7 +183,7 @@ export class NetShared {
 
   count(pair: number, stat: PairStat, n = 1): void {
     if (pair >= MAX_PAIRS) return;
-    this.record.count("stats", pair * STATS_PER_PAIR + stat, n);
+    Atomics.add(this.stats, pair * STATS_PER_PAIR + stat, n);
     (this.exported[pair * STATS_PER_PAIR + stat] ??= pairCounter(pair, stat)).inc(n);
   }
 
@@ -191,7 +194,7 @@ export class NetShared {
   }
 
   stat(pair: number, stat: PairStat): number {
-    return pair < MAX_PAIRS ? this.record.counter("stats", pair * STATS_PER_PAIR + stat) : 0;
+    return pair < MAX_PAIRS ? Atomics.load(this.stats, pair * STATS_PER_PAIR + stat) : 0;
   }
 }
 

@@ -94,8 +94,8 @@ export class TxBatch {
 const DISABLE_ENV = "BACKEND_NO_IO_URING";
 
 /**
- * The transmit rings of `pairs` pairs, set up with the device (before any guest asks for them),
- * or nulls (writev) for --net-io syscall. With auto, a kernel or sandbox that refuses io_uring
+ * The io_uring of each of `pairs` pairs (its transmit and receive batches), set up with the device
+ * (before any guest asks for them), or nulls (writev/readv) for --net-io syscall. With auto, a kernel or sandbox that refuses io_uring
  * means writev; with uring it is an error. Returns also why io_uring was not used, if it was not.
  */
 export function openPairRings(pairs: number, mode: "uring" | "syscall" | "auto"): { rings: (RingHandle | null)[]; refused: string | null } {

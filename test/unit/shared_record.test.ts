@@ -28,6 +28,10 @@ describe("SharedRecord", () => {
     r.count("stats", 2, 5);
     r.count("stats", 9); // out of range: ignored
     expect([r.counter("stats", 2), r.counter("stats", 0), r.counter("stats", 9)]).toEqual([6, 0, 0]);
+    const view = r.countersView("stats");
+    expect(view.length).toBe(4);
+    Atomics.add(view, 3, 2);
+    expect(r.counter("stats", 3)).toBe(2);
     // Another view of the same buffer sees it all.
     const other = SharedRecord.attach(SCHEMA, r.shared);
     expect([other.get("mtu"), other.counter("stats", 2)]).toEqual([9000, 6]);
