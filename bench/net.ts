@@ -203,6 +203,8 @@ async function startCell(c: CellCtx, kind: Kind, dir: Dir, size: number, pairs =
       backend = spawnProc("ours", [
         "ip", "netns", "exec", c.ns.name, c.oursBin, "device", "net",
         "--socket", sock, "--tap-name", tap, "--mac", GUEST_MAC, "--queue-pairs", String(pairs), "--log-level", "warn", ...c.oursArgs,
+        // JSC writes its JITDump files as it compiles: a sandboxed backend may not (it aborts).
+        ...(c.jitDumpDir === undefined ? [] : ["--sandbox", "none"]),
       ], c.jitDumpDir === undefined ? undefined : jitDumpEnv(c.jitDumpDir));
       all.push(backend);
       await waitForSocket(sock, backend);
