@@ -2,13 +2,15 @@
 // --sandbox auto: once the device thread is up, the test-only probe entry (app/sandbox.ts,
 // VHOST_BACKEND_SANDBOX_PROBE) tries one escape; every one must be denied, and every thread must
 // show NoNewPrivs 1, Seccomp 2, CapEff 0. With --sandbox none the same probes succeed (each check
-// can fail). net is not here (it needs a tap: test/unit/net.test.ts serves it sandboxed, by default).
+// can fail). net runs under `ip netns exec` on a tap in a throwaway namespace, one probe at a time
+// (a single-queue tap takes one backend).
 import { afterAll, beforeAll, describe, expect, test } from "bun:test";
 import { mkdtempSync, rmSync, writeFileSync, mkdirSync } from "node:fs";
 import { createServer, type Server } from "node:net";
 import { constants, tmpdir } from "node:os";
 import { join } from "node:path";
 import { PROBES, type ProbeName } from "../../src/sandbox/probe.ts";
+import { NetNamespace, netnsAvailable } from "../support/netns.ts";
 
 const MAIN = join(import.meta.dir, "../../app/main.ts");
 const SIGSYS = constants.signals.SIGSYS;
@@ -40,9 +42,9 @@ const DEVICES: Record<string, () => string[]> = {
 };
 
 let n = 0;
-async function probe(device: string, mode: string, name: ProbeName | "status"): Promise<{ verdict: string; out: any }> {
+async function probe(device: string, mode: string, name: ProbeName | "status", args = DEVICES[device]?.() ?? [], prefix: string[] = []): Promise<{ verdict: string; out: any }> {
   const sock = join(dir, `${device}-${n++}.sock`);
-  const p = Bun.spawn([process.execPath, MAIN, "device", device, "--socket", sock, "--sandbox", mode, ...DEVICES[device]!()], {
+  const p = Bun.spawn([...prefix, process.execPath, MAIN, "device", device, "--socket", sock, "--sandbox", mode, ...args], {
     env: { ...process.env, VHOST_BACKEND_SANDBOX_PROBE: JSON.stringify({ probe: name, ...target }) },
     stdout: "pipe",
     stderr: "pipe",
@@ -89,4 +91,26 @@ test("with --sandbox none the same probes succeed and no thread is confined", as
   expect(verdicts).toEqual(PROBES.map((p) => `${p}: allowed`));
   const { out } = await probe("block", "none", "status");
   expect(out.threads.every((t: any) => t.seccomp === 0 && t.noNewPrivs === 0)).toBe(true);
+});
+
+describe.skipIf(!netnsAvailable())("net under --sandbox auto (its tap in a namespace)", () => {
+  let ns: NetNamespace | null = null;
+  let tap = "";
+  beforeAll(() => {
+    ns = NetNamespace.create();
+    tap = ns.addTap("vhusbx0");
+  });
+  afterAll(() => ns?.destroy());
+  const net = (mode: string, name: ProbeName | "status") => probe("net", mode, name, ["--tap-name", tap], ["ip", "netns", "exec", ns!.name]);
+
+  test("every escape probe is denied; every thread NoNewPrivs 1, Seccomp 2, and only CAP_NET_ADMIN (NET_SET_MTU)", async () => {
+    const verdicts: string[] = [];
+    for (const p of PROBES) verdicts.push(`${p}: ${(await net("auto", p)).verdict}`);
+    // net declares io_uring too (its rings are made per queue pair in its threads).
+    expect(verdicts).toEqual(PROBES.map((p) => `${p}: ${p === "io-uring-setup" ? "allowed" : "denied"}`));
+    const { out } = await net("auto", "status");
+    for (const t of out.threads) expect(`${t.tid}: ${t.noNewPrivs} ${t.seccomp} ${t.capEff}`).toBe(`${t.tid}: 1 2 1000`);
+    const off = await net("none", "open-shadow");
+    expect(off.verdict).toBe("allowed");
+  });
 });
