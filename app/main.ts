@@ -178,11 +178,13 @@ async function runDevice(def: DeviceDefinition, args: Record<string, unknown>, r
   const sources = [options.socket, options["socket-path"], options.fd].filter((x) => x !== undefined).length;
   if (sources > 1) throw new Error(SOCKET_SOURCES);
   // The re-exec'd image of a sandboxed start (app/sandbox.ts): acquire and the socket are done.
-  const resumed = resumeAfterSandbox();
+  const resumed = resumeAfterSandbox() as (Handover & ResolvedPeers) | null;
   const activated = sources === 0 && resumed === null ? activatedSocket() : undefined;
-  const permissions = socketPermissions(options, socketPath);
-  const allowUids = idList("allow-uid", options["allow-uid"], userId);
-  const allowGids = idList("allow-gid", options["allow-gid"], groupId);
+  // User and group names are looked up (NSS: files, LDAP, nscd's socket...) before the sandbox:
+  // the re-exec'd image gets the numbers, and its socket's permissions are already set.
+  const permissions = resumed === null ? socketPermissions(options, socketPath) : undefined;
+  const allowUids = resumed !== null ? resumed.allowUids : idList("allow-uid", options["allow-uid"], userId);
+  const allowGids = resumed !== null ? resumed.allowGids : idList("allow-gid", options["allow-gid"], groupId);
   const metricsAddress = options.metrics === undefined ? undefined : parseMetricsAddress(String(options.metrics));
   const parsed = def.parse(options);
   const sandbox = parseSandboxMode(options.sandbox);
@@ -207,6 +209,12 @@ async function runDevice(def: DeviceDefinition, args: Record<string, unknown>, r
     if (resources !== undefined) def.release?.(resources);
     throw e;
   }
+}
+
+/** --allow-uid/--allow-gid as numbers, handed to the sandbox's re-exec'd image with the rest. */
+interface ResolvedPeers {
+  allowUids?: number[];
+  allowGids?: number[];
 }
 
 /** How the process serves, beyond the device: its life, who may connect, where metrics go. */
@@ -259,9 +267,10 @@ async function serve(
     where = `fd ${activated} from systemd`;
   }
   // Re-execs into the sandbox unless it is off (does not return then).
-  const handover: Handover = {
+  const handover: Handover & ResolvedPeers = {
     resources, listenFd: start.listenFd, connectedFd: start.connectedFd, where, ownSocket: life.socketPath,
     socketPath: options.fd === undefined ? socketPath : undefined,
+    allowUids: serving.allowUids, allowGids: serving.allowGids,
   };
   lockDown(def, parsed, sandbox, handover, before, extras);
   releaseHeldSignals();

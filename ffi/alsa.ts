@@ -2,10 +2,13 @@
 // alsa backend. Opened lazily on first use, so the binary runs without libasound until someone
 // asks for `--backend alsa`. Every function is one ALSA call; errors come back as negative errno
 // values (ALSA's convention) and alsaCheck() turns them into AlsaError with snd_strerror's text.
-import { dlopen, FFIType, ptr, type Pointer } from "bun:ffi";
+import { dlopen, FFIType, JSCallback, ptr, type Pointer } from "bun:ffi";
+import { libc } from "./libc.ts";
 
 const SYMBOLS = {
   snd_strerror: { args: ["i32"], returns: "cstring" },
+  // The calling thread's error handler (snd_local_error_handler_t: a va_list, not varargs).
+  snd_lib_error_set_local: { args: ["ptr"], returns: "ptr" },
   snd_pcm_open: { args: ["ptr", "cstring", "i32", "i32"], returns: "i32" },
   snd_pcm_close: { args: ["ptr"], returns: "i32" },
   snd_pcm_name: { args: ["ptr"], returns: "cstring" },
@@ -64,9 +67,41 @@ export function loadAlsa(name = "libasound.so.2"): AlsaSymbols {
   }
 }
 
+/** Where libasound's own error messages go (instead of its "ALSA lib ..." lines on stderr). */
+let errorSink: ((message: string) => void) | null = null;
+let errorHandler: JSCallback | null = null;
+const errorText = new Uint8Array(1024);
+
+/**
+ * Sends libasound's error messages of the threads that use it to `sink`, one formatted message
+ * each (file:line (function): text). The handler is ALSA's thread-local one, installed in each
+ * thread on its first ALSA call and called synchronously there; threads of ALSA's plugins keep
+ * the default (stderr).
+ */
+export function captureAlsaErrors(sink: (message: string) => void): void {
+  errorSink = sink;
+  if (lib !== null) installErrorHandler(lib);
+}
+
+function installErrorHandler(s: AlsaSymbols): void {
+  if (errorSink === null || errorHandler !== null) return;
+  errorHandler = new JSCallback(
+    (file: string, line: number, func: string, err: number, fmt: number, args: number) => {
+      const n = libc.vsnprintf(errorText, errorText.length, fmt, args);
+      const text = new TextDecoder().decode(errorText.subarray(0, Math.max(0, Math.min(n, errorText.length - 1))));
+      errorSink?.(`${file}:${line} (${func}): ${text}${err !== 0 ? ` (${String(s.snd_strerror(err < 0 ? err : -err))})` : ""}`);
+    },
+    { args: ["cstring", "i32", "cstring", "i32", "ptr", "ptr"], returns: "void" },
+  );
+  s.snd_lib_error_set_local(errorHandler.ptr);
+}
+
 /** The libasound symbols, opened on first call. */
 export function alsa(): AlsaSymbols {
-  lib ??= loadAlsa();
+  if (lib === null) {
+    lib = loadAlsa();
+    installErrorHandler(lib);
+  }
   return lib;
 }
 

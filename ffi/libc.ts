@@ -28,6 +28,8 @@ const lib = dlopen("libc.so.6", {
   tcgetattr: { args: ["i32", "ptr"], returns: "i32" },
   tcsetattr: { args: ["i32", "i32", "ptr"], returns: "i32" },
   strerror: { args: ["i32"], returns: "cstring" },
+  // Formats a message a library hands over as format + va_list (ALSA's error handler).
+  vsnprintf: { args: ["ptr", "u64", "ptr", "ptr"], returns: "i32" },
   // User and group names through NSS (struct passwd: pw_uid at 16, pw_gid at 20; struct group: gr_gid at 16).
   getpwnam: { args: ["cstring"], returns: "ptr" },
   getgrnam: { args: ["cstring"], returns: "ptr" },

@@ -19,6 +19,10 @@ import { log } from "../../../src/log.ts";
 import { EPERM, SysError } from "../../../ffi/libc.ts";
 import type { Timer } from "../../../src/event_loop.ts";
 
+// libasound's own "ALSA lib ..." stderr lines become debug lines of our log (the error that
+// matters is ours, which names the option and the PCM).
+A.captureAlsaErrors((message) => log.debug(`ALSA: ${message}`));
+
 const ALSA_FORMAT: Record<number, number> = {
   [P.FMT_U8]: A.SND_PCM_FORMAT_U8,
   [P.FMT_S16]: A.SND_PCM_FORMAT_S16_LE,
