@@ -85,7 +85,16 @@ export function captureAlsaErrors(sink: (message: string) => void): void {
 
 function installErrorHandler(s: AlsaSymbols): void {
   if (errorSink === null || errorHandler !== null) return;
-  errorHandler = new JSCallback(
+  try {
+    errorHandler = makeErrorHandler(s);
+  } catch {
+    return; // no callback (a sandbox refusing its code page...): ALSA keeps writing to stderr
+  }
+  s.snd_lib_error_set_local(errorHandler.ptr);
+}
+
+function makeErrorHandler(s: AlsaSymbols): JSCallback {
+  return new JSCallback(
     (file: string, line: number, func: string, err: number, fmt: number, args: number) => {
       const n = libc.vsnprintf(errorText, errorText.length, fmt, args);
       const text = new TextDecoder().decode(errorText.subarray(0, Math.max(0, Math.min(n, errorText.length - 1))));
@@ -93,7 +102,6 @@ function installErrorHandler(s: AlsaSymbols): void {
     },
     { args: ["cstring", "i32", "cstring", "i32", "ptr", "ptr"], returns: "void" },
   );
-  s.snd_lib_error_set_local(errorHandler.ptr);
 }
 
 /** The libasound symbols, opened on first call. */
