@@ -310,7 +310,9 @@ export class NbdConnection {
     if (events & (EPOLLIN | EPOLLHUP | EPOLLERR)) {
       if (nbd.aioNotifyRead(h) < 0) this.lastAttemptError = nbd.lastError("nbd_aio_notify_read").message;
     }
-    if (events & EPOLLOUT && this.h === h && !nbd.aioIsDead(h)) {
+    // Only while libnbd still wants to write: a notification it does not expect moves its state
+    // machine on as if the socket were ready (measured: a stray notify_read starts reading a reply).
+    if (events & EPOLLOUT && this.h === h && (nbd.aioGetDirection(h) & nbd.LIBNBD_AIO_DIRECTION_WRITE) !== 0) {
       if (nbd.aioNotifyWrite(h) < 0) this.lastAttemptError = nbd.lastError("nbd_aio_notify_write").message;
     }
     this.progress();
