@@ -17,6 +17,7 @@ import {
   JSC_HELPER_THREADS_OFF, type StracedOptions, type RuntimeAllowance,
 } from "../support/strace_session.ts";
 import { SndDriver, DEFAULT_PARAMS } from "../support/snd_driver.ts";
+import { NbdServer, nbdTestsUnavailable } from "../support/nbd_server.ts";
 import { NetNamespace, netnsAvailable } from "../support/netns.ts";
 import { open, read, write, O_WRONLY, O_NONBLOCK } from "../../ffi/io.ts";
 import { libc, check, close, EAGAIN } from "../../ffi/libc.ts";
@@ -361,6 +362,21 @@ describe.skipIf(!STRACE)("after ready, a device opens only what it declared (str
       expect(found).toBe("");
     }, 60_000);
   }
+
+  // After ready, every queue thread connects to the NBD server itself (libnbd handles stay in the
+  // thread that made them): a unix socket and a connect, which nbdHostAccess declares. Todo for
+  // now: its only offences are the ones the raw-image case above has today (each queue thread's
+  // clone3 fails with ENOSYS under the sandbox and glibc falls back to clone, a thread this check
+  // cannot name); no socket, connect or open is reported. Make it a test with that one.
+  (nbdTestsUnavailable() !== null ? test.skip : test.todo)("block: an NBD export (nbd+unix), two queues on two queue threads", async () => {
+    const dir = testDir("block-nbd");
+    const server = new NbdServer({ size: 8 * MiB });
+    cleanups.push(() => server.dispose());
+    await server.start();
+    const raw = { file: server.uri, "num-queues": "2", threads: "2" };
+    const found = await tracedSession({ device: "block", dir, raw, args: ["--file", server.uri, "--num-queues", "2", "--threads", "2"], driver: blockDriver(server.image) });
+    expect(found).toBe("");
+  }, 60_000);
 
   async function netSession(setMtu: boolean): Promise<string> {
     const ns = NetNamespace.create();
