@@ -125,28 +125,12 @@ function entry(iov: IovecArray, i: number): [number, number] {
   return [v.getUint32(0, true) + v.getUint32(4, true) * 0x1_0000_0000, v.getUint32(8, true) + v.getUint32(12, true) * 0x1_0000_0000];
 }
 
-/** Fills `dst` with the part [offset, offset + len) of `src`; returns false if `dst` is too small. */
-export function sliceIov(src: IovecArray, offset: number, len: number, dst: IovecArray): boolean {
-  dst.clear();
-  let pos = 0;
-  for (let i = 0; i < src.count && len > 0; i++) {
-    const [base, l] = entry(src, i);
-    if (pos + l <= offset) {
-      pos += l;
-      continue;
-    }
-    const skip = Math.max(0, offset - pos);
-    const n = Math.min(l - skip, len);
-    if (!dst.push(base + skip, n)) return false;
-    len -= n;
-    offset += n;
-    pos += l;
-  }
-  return len === 0;
-}
-
-/** Calls `fn` on views of [offset, offset + len) of the memory the iovecs describe. */
-function eachView(iov: IovecArray, offset: number, len: number, fn: (view: Uint8Array, at: number) => void): void {
+/**
+ * Calls `fn(address, length, at)` on each piece of host memory that [offset, offset + len) of the
+ * iovecs covers, in order (`at`: the piece's place in the range); stops early when `fn` returns
+ * false. Returns true if the whole range was covered and `fn` never refused.
+ */
+function eachSpan(iov: IovecArray, offset: number, len: number, fn: (address: number, n: number, at: number) => boolean): boolean {
   let pos = 0;
   let at = 0;
   for (let i = 0; i < iov.count && len > 0; i++) {
@@ -157,12 +141,27 @@ function eachView(iov: IovecArray, offset: number, len: number, fn: (view: Uint8
     }
     const skip = Math.max(0, offset - pos);
     const n = Math.min(l - skip, len);
-    if (n > 0) fn(new Uint8Array(toArrayBuffer((base + skip) as never, 0, n)), at);
+    if (!fn(base + skip, n, at)) return false;
     at += n;
     len -= n;
     offset += n;
     pos += l;
   }
+  return len === 0;
+}
+
+/** Fills `dst` with the part [offset, offset + len) of `src`; returns false if `dst` is too small. */
+export function sliceIov(src: IovecArray, offset: number, len: number, dst: IovecArray): boolean {
+  dst.clear();
+  return eachSpan(src, offset, len, (address, n) => dst.push(address, n));
+}
+
+/** Calls `fn` on views of [offset, offset + len) of the memory the iovecs describe. */
+function eachView(iov: IovecArray, offset: number, len: number, fn: (view: Uint8Array, at: number) => void): void {
+  eachSpan(iov, offset, len, (address, n, at) => {
+    if (n > 0) fn(new Uint8Array(toArrayBuffer(address as never, 0, n)), at);
+    return true;
+  });
 }
 
 export function zeroIov(iov: IovecArray, offset: number, len: number): void {
