@@ -20,6 +20,7 @@
 // them too without the loop.
 import * as nbd from "../../../ffi/nbd.ts";
 import { EPOLLIN, EPOLLOUT, EPOLLHUP, EPOLLERR } from "../../../ffi/epoll.ts";
+import { ioctl } from "../../../ffi/io.ts";
 import type { EventLoop, Timer } from "../../../src/event_loop.ts";
 import { log } from "../../../src/log.ts";
 
@@ -40,6 +41,10 @@ const RETRY_FIRST_MS = 100;
 const RETRY_MAX_MS = 2000;
 /** One attempt (connect + handshake) gives up after this long (a TCP SYN to a dead host waits minutes). */
 const ATTEMPT_LIMIT_MS = 10_000;
+/** Most replies read per readable event (the rest wait for the next turn, so other fds get theirs). */
+const NOTIFY_BURST = 32;
+/** ioctl: bytes waiting to be read on a socket. */
+const FIONREAD = 0x541b;
 /** drive() blocks at most this long per wait, so it notices its deadlines. */
 const DRIVE_SLICE_MS = 50;
 
@@ -308,7 +313,16 @@ export class NbdConnection {
     const h = this.h;
     if (h === null) return;
     if (events & (EPOLLIN | EPOLLHUP | EPOLLERR)) {
-      if (nbd.aioNotifyRead(h) < 0) this.lastAttemptError = nbd.lastError("nbd_aio_notify_read").message;
+      // libnbd reads one reply per notification. Replies already waiting in the socket are read
+      // on at once rather than one loop turn each; only while there are bytes to read (FIONREAD):
+      // a notification without data would start a reply read that is not there.
+      for (let i = 0; i < NOTIFY_BURST; i++) {
+        if (nbd.aioNotifyRead(h) < 0) {
+          this.lastAttemptError = nbd.lastError("nbd_aio_notify_read").message;
+          break;
+        }
+        if (this.state !== "ready" || this.fd < 0 || nbd.aioInFlight(h) === 0 || !nbd.aioIsReady(h) || !this.readable()) break;
+      }
     }
     // Only while libnbd still wants to write: a notification it does not expect moves its state
     // machine on as if the socket were ready (measured: a stray notify_read starts reading a reply).
@@ -333,6 +347,19 @@ export class NbdConnection {
     this.reap();
     if (nbd.aioIsDead(h) || nbd.aioIsClosed(h)) this.lost(this.lastAttemptError || "the server closed the connection");
     else this.updateInterest();
+  }
+
+  private readonly available = new Uint8Array(4);
+  private readonly availableView = new DataView(this.available.buffer);
+
+  /** Bytes are waiting on the socket (FIONREAD). */
+  private readable(): boolean {
+    try {
+      ioctl(this.fd, FIONREAD, this.available);
+    } catch {
+      return false; // the connection's end shows in the next notification
+    }
+    return this.availableView.getInt32(0, true) > 0;
   }
 
   private bits(): number {
