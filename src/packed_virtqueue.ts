@@ -16,7 +16,7 @@ import type { GuestMemory } from "./memory.ts";
 import { DescriptorChain, ChainError, appendBuffer } from "./chain.ts";
 import { DirtyLog } from "./dirty_log.ts";
 import { signal } from "../ffi/eventfd.ts";
-import { GuestErrorLog, ringsBroken } from "./guest_errors.ts";
+import { RingErrors } from "./ring_errors.ts";
 import {
   VIRTQ_DESC_F_NEXT, VIRTQ_DESC_F_WRITE, VIRTQ_DESC_F_INDIRECT, MAX_QUEUE_SIZE, MAX_INDIRECT_ENTRIES,
   locate, DescriptorTable, type Located, type VirtqueueConfig, type RingPosition,
@@ -51,7 +51,7 @@ interface Popped {
   chain: DescriptorChain;
 }
 
-export class PackedVirtqueue implements Virtqueue {
+export class PackedVirtqueue extends RingErrors implements Virtqueue {
   readonly index: number;
   readonly size: number;
   readonly eventIdx: boolean;
@@ -59,12 +59,9 @@ export class PackedVirtqueue implements Virtqueue {
   private readonly maxIndirect: number;
   kickFd: number;
   callFd: number;
-  errFd: number;
-  broken = false;
   inFlight = 0;
   readonly config: VirtqueueConfig;
   notifyLater: (() => void) | null = null;
-  private readonly errorLog: GuestErrorLog;
 
   private readonly ring: Located;
   /** The descriptor ring and each indirect table, read through typed arrays (see DescriptorTable). */
@@ -95,6 +92,7 @@ export class PackedVirtqueue implements Virtqueue {
   private lastCompletedSeq = -1;
 
   constructor(private readonly mem: GuestMemory, c: VirtqueueConfig) {
+    super(c.index, c.errFd);
     this.index = c.index;
     this.size = c.size;
     this.eventIdx = c.eventIdx;
@@ -102,7 +100,6 @@ export class PackedVirtqueue implements Virtqueue {
     this.maxIndirect = Math.max(c.size, MAX_INDIRECT_ENTRIES);
     this.kickFd = c.kickFd;
     this.callFd = c.callFd;
-    this.errFd = c.errFd;
     if (c.size === 0 || c.size > MAX_QUEUE_SIZE) throw new Error(`queue ${c.index}: size ${c.size} is not in 1..${MAX_QUEUE_SIZE}`);
     this.ring = locate(mem, c.descGpa, 16 * c.size, 16, `queue ${c.index} descriptor ring`);
     this.table = new DescriptorTable().at(this.ring.win, this.ring.off, 16 * c.size);
@@ -124,22 +121,6 @@ export class PackedVirtqueue implements Virtqueue {
     this.byId = new Array(c.size);
     this.log = c.log ? DirtyLog.borrow(c.log) : null;
     this.config = { ...c };
-    this.errorLog = new GuestErrorLog(`queue ${c.index}`);
-  }
-
-  get errors(): number {
-    return this.errorLog.count;
-  }
-
-  private guestError(message: string): void {
-    this.errorLog.report(message);
-  }
-
-  private breakRing(message: string): void {
-    this.guestError(`${message}; queue stopped until reset`);
-    this.broken = true;
-    ringsBroken().inc();
-    if (this.errFd >= 0) signal(this.errFd);
   }
 
   private get availPos(): number {

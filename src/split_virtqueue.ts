@@ -6,7 +6,7 @@ import { DescriptorChain, ChainError, appendBuffer } from "./chain.ts";
 import { DirtyLog } from "./dirty_log.ts";
 import { QueueInflight, checkReplay } from "./inflight.ts";
 import { signal } from "../ffi/eventfd.ts";
-import { GuestErrorLog, ringsBroken } from "./guest_errors.ts";
+import { RingErrors } from "./ring_errors.ts";
 import { log } from "./log.ts";
 import {
   VIRTQ_DESC_F_NEXT, VIRTQ_DESC_F_WRITE, VIRTQ_DESC_F_INDIRECT, MAX_QUEUE_SIZE, MAX_INDIRECT_ENTRIES,
@@ -34,7 +34,7 @@ function checkSize(c: VirtqueueConfig): void {
   }
 }
 
-export class SplitVirtqueue implements Virtqueue {
+export class SplitVirtqueue extends RingErrors implements Virtqueue {
   readonly index: number;
   readonly size: number;
   readonly eventIdx: boolean;
@@ -42,14 +42,10 @@ export class SplitVirtqueue implements Virtqueue {
   private readonly maxIndirect: number;
   kickFd: number;
   callFd: number;
-  errFd: number;
   /** Next available-ring slot to take (free-running u16). */
   nextAvail: number;
   /** Next used-ring slot to fill (free-running u16). */
   nextUsed: number;
-  /** Set when the guest broke the ring protocol; the queue does nothing more until reset. */
-  broken = false;
-  private readonly errorLog: GuestErrorLog;
   private signalledUsed: number | null = null;
   /** Chains popped and not yet completed; `inFlightHead[h]` is 1 while head h is one of them. */
   inFlight = 0;
@@ -101,6 +97,7 @@ export class SplitVirtqueue implements Virtqueue {
   }
 
   constructor(private readonly mem: GuestMemory, c: VirtqueueConfig) {
+    super(c.index, c.errFd);
     checkSize(c);
     this.index = c.index;
     this.size = c.size;
@@ -109,7 +106,6 @@ export class SplitVirtqueue implements Virtqueue {
     this.maxIndirect = Math.max(c.size, MAX_INDIRECT_ENTRIES);
     this.kickFd = c.kickFd;
     this.callFd = c.callFd;
-    this.errFd = c.errFd;
     this.nextAvail = c.nextAvail & 0xffff;
     const desc = locate(mem, c.descGpa, 16 * c.size, 16, `queue ${c.index} descriptor table`);
     this.table = new DescriptorTable().at(desc.win, desc.off, 16 * c.size);
@@ -156,24 +152,6 @@ export class SplitVirtqueue implements Virtqueue {
     this.slotPass = new Int32Array(c.size);
     this.slotKind = new Uint8Array(c.size);
     this.config = { ...c };
-    this.errorLog = new GuestErrorLog(`queue ${c.index}`);
-  }
-
-  /** Guest-caused ring errors so far (logged rate-limited). */
-  get errors(): number {
-    return this.errorLog.count;
-  }
-
-  private guestError(message: string): void {
-    this.errorLog.report(message);
-  }
-
-  /** Marks the ring unusable and tells the front-end through the error eventfd. */
-  private breakRing(message: string): void {
-    this.guestError(`${message}; queue stopped until reset`);
-    this.broken = true;
-    ringsBroken().inc();
-    if (this.errFd >= 0) signal(this.errFd);
   }
 
   /**
