@@ -16,9 +16,9 @@ import type { GuestMemory } from "./memory.ts";
 import { DescriptorChain, ChainError, appendBuffer } from "./chain.ts";
 import { DirtyLog } from "./dirty_log.ts";
 import { signal } from "../ffi/eventfd.ts";
-import { RingErrors } from "./ring_errors.ts";
+import { VirtqueueBase } from "./virtqueue_base.ts";
 import {
-  VIRTQ_DESC_F_NEXT, VIRTQ_DESC_F_WRITE, VIRTQ_DESC_F_INDIRECT, MAX_QUEUE_SIZE, MAX_INDIRECT_ENTRIES,
+  VIRTQ_DESC_F_NEXT, VIRTQ_DESC_F_WRITE, VIRTQ_DESC_F_INDIRECT, MAX_QUEUE_SIZE,
   locate, DescriptorTable, type Located, type VirtqueueConfig, type RingPosition,
 } from "./ring.ts";
 import type { Virtqueue } from "./virtqueue.ts";
@@ -51,16 +51,8 @@ interface Popped {
   chain: DescriptorChain;
 }
 
-export class PackedVirtqueue extends RingErrors implements Virtqueue {
-  readonly index: number;
-  readonly size: number;
-  readonly eventIdx: boolean;
-  private readonly indirect: boolean;
-  private readonly maxIndirect: number;
-  kickFd: number;
-  callFd: number;
+export class PackedVirtqueue extends VirtqueueBase implements Virtqueue {
   inFlight = 0;
-  readonly config: VirtqueueConfig;
   notifyLater: (() => void) | null = null;
 
   private readonly ring: Located;
@@ -92,14 +84,7 @@ export class PackedVirtqueue extends RingErrors implements Virtqueue {
   private lastCompletedSeq = -1;
 
   constructor(private readonly mem: GuestMemory, c: VirtqueueConfig) {
-    super(c.index, c.errFd);
-    this.index = c.index;
-    this.size = c.size;
-    this.eventIdx = c.eventIdx;
-    this.indirect = c.indirect;
-    this.maxIndirect = Math.max(c.size, MAX_INDIRECT_ENTRIES);
-    this.kickFd = c.kickFd;
-    this.callFd = c.callFd;
+    super(c);
     if (c.size === 0 || c.size > MAX_QUEUE_SIZE) throw new Error(`queue ${c.index}: size ${c.size} is not in 1..${MAX_QUEUE_SIZE}`);
     this.ring = locate(mem, c.descGpa, 16 * c.size, 16, `queue ${c.index} descriptor ring`);
     this.table = new DescriptorTable().at(this.ring.win, this.ring.off, 16 * c.size);
@@ -120,7 +105,6 @@ export class PackedVirtqueue extends RingErrors implements Virtqueue {
     this.usedWrap = (used & WRAP) !== 0;
     this.byId = new Array(c.size);
     this.log = c.log ? DirtyLog.borrow(c.log) : null;
-    this.config = { ...c };
   }
 
   private get availPos(): number {

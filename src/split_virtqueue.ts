@@ -6,10 +6,10 @@ import { DescriptorChain, ChainError, appendBuffer } from "./chain.ts";
 import { DirtyLog } from "./dirty_log.ts";
 import { QueueInflight, checkReplay } from "./inflight.ts";
 import { signal } from "../ffi/eventfd.ts";
-import { RingErrors } from "./ring_errors.ts";
+import { VirtqueueBase } from "./virtqueue_base.ts";
 import { log } from "./log.ts";
 import {
-  VIRTQ_DESC_F_NEXT, VIRTQ_DESC_F_WRITE, VIRTQ_DESC_F_INDIRECT, MAX_QUEUE_SIZE, MAX_INDIRECT_ENTRIES,
+  VIRTQ_DESC_F_NEXT, VIRTQ_DESC_F_WRITE, VIRTQ_DESC_F_INDIRECT, MAX_QUEUE_SIZE,
   locate, DescriptorTable, type VirtqueueConfig, type RingPosition,
 } from "./ring.ts";
 import type { Virtqueue } from "./virtqueue.ts";
@@ -34,14 +34,7 @@ function checkSize(c: VirtqueueConfig): void {
   }
 }
 
-export class SplitVirtqueue extends RingErrors implements Virtqueue {
-  readonly index: number;
-  readonly size: number;
-  readonly eventIdx: boolean;
-  private readonly indirect: boolean;
-  private readonly maxIndirect: number;
-  kickFd: number;
-  callFd: number;
+export class SplitVirtqueue extends VirtqueueBase implements Virtqueue {
   /** Next available-ring slot to take (free-running u16). */
   nextAvail: number;
   /** Next used-ring slot to fill (free-running u16). */
@@ -58,8 +51,6 @@ export class SplitVirtqueue extends RingErrors implements Virtqueue {
   private readonly slotPass: Int32Array;
   private readonly slotKind: Uint8Array;
   private readonly poppedHead: Uint16Array;
-  /** What this queue was built from (to rebuild it in another thread). */
-  readonly config: VirtqueueConfig;
   private unpublished = false;
 
   /** The descriptor table, and a view re-pointed at each indirect table (see DescriptorTable). */
@@ -97,15 +88,8 @@ export class SplitVirtqueue extends RingErrors implements Virtqueue {
   }
 
   constructor(private readonly mem: GuestMemory, c: VirtqueueConfig) {
-    super(c.index, c.errFd);
+    super(c);
     checkSize(c);
-    this.index = c.index;
-    this.size = c.size;
-    this.eventIdx = c.eventIdx;
-    this.indirect = c.indirect;
-    this.maxIndirect = Math.max(c.size, MAX_INDIRECT_ENTRIES);
-    this.kickFd = c.kickFd;
-    this.callFd = c.callFd;
     this.nextAvail = c.nextAvail & 0xffff;
     const desc = locate(mem, c.descGpa, 16 * c.size, 16, `queue ${c.index} descriptor table`);
     this.table = new DescriptorTable().at(desc.win, desc.off, 16 * c.size);
@@ -151,7 +135,6 @@ export class SplitVirtqueue extends RingErrors implements Virtqueue {
     this.poppedHead = new Uint16Array(c.size);
     this.slotPass = new Int32Array(c.size);
     this.slotKind = new Uint8Array(c.size);
-    this.config = { ...c };
   }
 
   /**
