@@ -55,8 +55,11 @@ const ARPHRD_ETHER = 1;
 
 export const TUN_DEVICE = "/dev/net/tun";
 
+/** A struct ifreq: the interface name, then the request's argument (a union) from IFNAMSIZ on. */
+type Ifreq = { buf: Uint8Array; view: DataView };
+
 /** A zeroed struct ifreq carrying `name` (at most IFNAMSIZ-1 bytes; "tap%d" lets the kernel pick). */
-function ifreq(name: string): { buf: Uint8Array; view: DataView } {
+function ifreq(name: string): Ifreq {
   const bytes = Buffer.from(name);
   if (bytes.length >= IFNAMSIZ) throw new Error(`interface name '${name}' is longer than ${IFNAMSIZ - 1} bytes`);
   const buf = new Uint8Array(IFREQ_SIZE);
@@ -71,6 +74,17 @@ function ifreqName(buf: Uint8Array): string {
 
 function ioctl(fd: number, request: number, arg: Uint8Array | number, what: string): number {
   return check(libc.ioctl(fd, request, arg as never), what);
+}
+
+/**
+ * An interface ioctl (SIOC*IF*): `request` on an ifreq for `name` whose argument `fill` sets
+ * first; returns the ifreq, which holds the kernel's answer for the getters.
+ */
+function ifIoctl(sock: number, name: string, request: number, what: string, fill?: (r: Ifreq) => void): Ifreq {
+  const r = ifreq(name);
+  fill?.(r);
+  ioctl(sock, request, r.buf, what);
+  return r;
 }
 
 /** A new, unattached /dev/net/tun fd (non-blocking unless told otherwise, close-on-exec). */
@@ -165,48 +179,38 @@ export function ifIndex(sock: number, name: string): number {
   return ret < 0 ? -1 : r.view.getInt32(IFNAMSIZ, true);
 }
 
-function sockaddrIn(r: { buf: Uint8Array; view: DataView }, ip: Uint8Array): void {
+function sockaddrIn(r: Ifreq, ip: Uint8Array): void {
   if (ip.length !== 4) throw new Error("an IPv4 address has 4 bytes");
   r.view.setUint16(IFNAMSIZ, AF_INET, true);
   r.buf.set(ip, IFNAMSIZ + 4);
 }
 
 export function setIfAddr(sock: number, name: string, ip: Uint8Array): void {
-  const r = ifreq(name);
-  sockaddrIn(r, ip);
-  ioctl(sock, SIOCSIFADDR, r.buf, `ioctl(SIOCSIFADDR ${name})`);
+  ifIoctl(sock, name, SIOCSIFADDR, `ioctl(SIOCSIFADDR ${name})`, (r) => sockaddrIn(r, ip));
 }
 
 export function setIfNetmask(sock: number, name: string, mask: Uint8Array): void {
-  const r = ifreq(name);
-  sockaddrIn(r, mask);
-  ioctl(sock, SIOCSIFNETMASK, r.buf, `ioctl(SIOCSIFNETMASK ${name})`);
+  ifIoctl(sock, name, SIOCSIFNETMASK, `ioctl(SIOCSIFNETMASK ${name})`, (r) => sockaddrIn(r, mask));
 }
 
 export function setIfHwAddr(sock: number, name: string, mac: Uint8Array): void {
   if (mac.length !== 6) throw new Error("a MAC address has 6 bytes");
-  const r = ifreq(name);
-  r.view.setUint16(IFNAMSIZ, ARPHRD_ETHER, true);
-  r.buf.set(mac, IFNAMSIZ + 2);
-  ioctl(sock, SIOCSIFHWADDR, r.buf, `ioctl(SIOCSIFHWADDR ${name})`);
+  ifIoctl(sock, name, SIOCSIFHWADDR, `ioctl(SIOCSIFHWADDR ${name})`, (r) => {
+    r.view.setUint16(IFNAMSIZ, ARPHRD_ETHER, true);
+    r.buf.set(mac, IFNAMSIZ + 2);
+  });
 }
 
 export function getIfHwAddr(sock: number, name: string): Uint8Array {
-  const r = ifreq(name);
-  ioctl(sock, SIOCGIFHWADDR, r.buf, `ioctl(SIOCGIFHWADDR ${name})`);
-  return r.buf.slice(IFNAMSIZ + 2, IFNAMSIZ + 8);
+  return ifIoctl(sock, name, SIOCGIFHWADDR, `ioctl(SIOCGIFHWADDR ${name})`).buf.slice(IFNAMSIZ + 2, IFNAMSIZ + 8);
 }
 
 export function getIfFlags(sock: number, name: string): number {
-  const r = ifreq(name);
-  ioctl(sock, SIOCGIFFLAGS, r.buf, `ioctl(SIOCGIFFLAGS ${name})`);
-  return r.view.getUint16(IFNAMSIZ, true);
+  return ifIoctl(sock, name, SIOCGIFFLAGS, `ioctl(SIOCGIFFLAGS ${name})`).view.getUint16(IFNAMSIZ, true);
 }
 
 export function setIfFlags(sock: number, name: string, flags: number): void {
-  const r = ifreq(name);
-  r.view.setUint16(IFNAMSIZ, flags, true);
-  ioctl(sock, SIOCSIFFLAGS, r.buf, `ioctl(SIOCSIFFLAGS ${name})`);
+  ifIoctl(sock, name, SIOCSIFFLAGS, `ioctl(SIOCSIFFLAGS ${name})`, (r) => r.view.setUint16(IFNAMSIZ, flags, true));
 }
 
 /** Brings the interface up (read-modify-write of its flags). */
@@ -215,13 +219,9 @@ export function setIfUp(sock: number, name: string): void {
 }
 
 export function getIfMtu(sock: number, name: string): number {
-  const r = ifreq(name);
-  ioctl(sock, SIOCGIFMTU, r.buf, `ioctl(SIOCGIFMTU ${name})`);
-  return r.view.getInt32(IFNAMSIZ, true);
+  return ifIoctl(sock, name, SIOCGIFMTU, `ioctl(SIOCGIFMTU ${name})`).view.getInt32(IFNAMSIZ, true);
 }
 
 export function setIfMtu(sock: number, name: string, mtu: number): void {
-  const r = ifreq(name);
-  r.view.setInt32(IFNAMSIZ, mtu, true);
-  ioctl(sock, SIOCSIFMTU, r.buf, `ioctl(SIOCSIFMTU ${name} ${mtu})`);
+  ifIoctl(sock, name, SIOCSIFMTU, `ioctl(SIOCSIFMTU ${name} ${mtu})`, (r) => r.view.setInt32(IFNAMSIZ, mtu, true));
 }
