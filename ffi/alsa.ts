@@ -162,10 +162,15 @@ export type PcmHandle = Pointer;
 
 const handleOut = new BigUint64Array(1);
 
+/** The pointer a call that allocates (`ret` its result) stored through handleOut; throws AlsaError naming `call` if it failed. */
+function allocated(ret: number, call: string): Pointer {
+  alsaCheck(ret, call);
+  return Number(handleOut[0]) as Pointer;
+}
+
 /** snd_pcm_open(name, stream, mode); mode SND_PCM_NONBLOCK keeps writei/readi from sleeping. */
 export function pcmOpen(name: string, stream: number, mode: number): PcmHandle {
-  alsaCheck(alsa().snd_pcm_open(handleOut, Buffer.from(`${name}\0`), stream, mode), `snd_pcm_open ${name}`);
-  return Number(handleOut[0]) as PcmHandle;
+  return allocated(alsa().snd_pcm_open(handleOut, Buffer.from(`${name}\0`), stream, mode), `snd_pcm_open ${name}`);
 }
 
 export function pcmClose(pcm: PcmHandle): void {
@@ -174,8 +179,7 @@ export function pcmClose(pcm: PcmHandle): void {
 
 /** snd_pcm_hw_params_t* allocated with malloc; free it with hwParamsFree(). */
 export function hwParamsMalloc(): Pointer {
-  alsaCheck(alsa().snd_pcm_hw_params_malloc(handleOut), "snd_pcm_hw_params_malloc");
-  return Number(handleOut[0]) as Pointer;
+  return allocated(alsa().snd_pcm_hw_params_malloc(handleOut), "snd_pcm_hw_params_malloc");
 }
 
 export function hwParamsFree(p: Pointer): void {
@@ -183,8 +187,7 @@ export function hwParamsFree(p: Pointer): void {
 }
 
 export function swParamsMalloc(): Pointer {
-  alsaCheck(alsa().snd_pcm_sw_params_malloc(handleOut), "snd_pcm_sw_params_malloc");
-  return Number(handleOut[0]) as Pointer;
+  return allocated(alsa().snd_pcm_sw_params_malloc(handleOut), "snd_pcm_sw_params_malloc");
 }
 
 export function swParamsFree(p: Pointer): void {
