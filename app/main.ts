@@ -23,7 +23,7 @@ import { usagePrinter, withUsage } from "./help.ts";
 import { checkArgv, type OptionSpec } from "./argv_check.ts";
 import type { FromWorker, ToWorker, WorkerStart } from "../src/device_thread.ts";
 import { parseSandboxMode, type SandboxMode } from "../src/sandbox/index.ts";
-import { holdSignals, lockDown, openFds, releaseHeldSignals, resumeAfterSandbox, sandboxOff, runRequestedProbe, type Handover } from "./sandbox.ts";
+import { holdSignals, lockDown, openFds, releaseHeldSignals, resumeAfterSandbox, sandboxOff, runRequestedProbe, takeEarlyStop, type Handover } from "./sandbox.ts";
 import pkg from "../package.json" with { type: "json" };
 
 export const COMMON_ARGS = {
@@ -197,6 +197,8 @@ async function runDevice(def: DeviceDefinition, args: Record<string, unknown>, r
       life.socketPath = resumed.socketPath;
     }
     releaseHeldSignals(); // a stop that came during the re-exec is handled from here
+    const early = takeEarlyStop();
+    if (early !== null) return life.shutdown(early);
     return run(def, startMessage(def, options, parsed, resumed.resources, serving, resumed), resumed.where, serving);
   }
   const before = openFds();
@@ -272,6 +274,9 @@ async function serve(
     socketPath: options.fd === undefined ? socketPath : undefined,
     allowUids: serving.allowUids, allowGids: serving.allowGids,
   };
+  // A stop taken by one of Bun's threads since the handlers were installed waits for a turn of the
+  // event loop: let it run here (it exits, removing the socket) rather than lose it in the execve.
+  if (reexec) await new Promise((r) => setTimeout(r, 0));
   lockDown(def, parsed, sandbox, handover, before, extras);
   releaseHeldSignals();
   run(def, start, where, serving);

@@ -5,7 +5,7 @@
 import { readdirSync } from "node:fs";
 import { fileURLToPath } from "node:url";
 import { resolve } from "node:path";
-import { enterSandbox, resumeSandbox, threadStatuses, type SandboxMode } from "../src/sandbox/index.ts";
+import { SANDBOX_ENV, enterSandbox, resumeSandbox, threadStatuses, type SandboxMode } from "../src/sandbox/index.ts";
 export { holdSignals, releaseHeldSignals } from "../src/sandbox/index.ts";
 import { runProbe, type ProbeName } from "../src/sandbox/probe.ts";
 import type { DeviceDefinition } from "../src/device.ts";
@@ -31,6 +31,22 @@ const F_GETFD = 1;
 export function openFds(): Set<number> {
   const listed = readdirSync("/proc/self/fd").map(Number).filter((n) => Number.isInteger(n));
   return new Set(listed.filter((fd) => libc.fcntl(fd, F_GETFD, 0) >= 0));
+}
+
+/**
+ * In the re-exec'd image, stops are recorded from the moment this module is evaluated (before
+ * Bun's event loop first turns and could deliver a stop held across the execve with no handler,
+ * which would kill the process and leave its socket file): the program's own handlers take over
+ * once installed, and takeEarlyStop() tells it about one that came first.
+ */
+let earlyStop: string | null = null;
+if (process.env[SANDBOX_ENV] !== undefined) {
+  for (const sig of ["SIGTERM", "SIGINT", "SIGHUP"] as const) process.on(sig, () => (earlyStop ??= sig));
+}
+
+/** The stop signal that arrived in the re-exec'd image before the program's handlers, if any. */
+export function takeEarlyStop(): string | null {
+  return earlyStop;
 }
 
 /** In the re-exec'd image: the hand-over, with seccomp in force. null in the first image. */
