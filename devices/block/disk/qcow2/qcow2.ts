@@ -28,6 +28,7 @@ import {
   INCOMPAT_DIRTY, HDR_INCOMPAT, HDR_AUTOCLEAR,
 } from "./header.ts";
 import { Refcounts, Qcow2CorruptError } from "./refcounts.ts";
+import { LruCache } from "./lru_cache.ts";
 import { decompressCluster, compressedExtent } from "./compressed.ts";
 import { rebuildRefcounts } from "./repair.ts";
 
@@ -106,8 +107,7 @@ export class Qcow2Image implements ReadableImage {
   private readonly l2Entries: number;
   private readonly l1: Uint8Array;
   private readonly l1View: DataView;
-  private readonly l2Cache = new Map<number, L2Table>();
-  private readonly l2CacheMax: number;
+  private readonly l2Cache: LruCache<number, L2Table>;
   private refcounts: Refcounts | null = null;
   /** Host clusters whose last in-memory reference is gone; freed after the next metadata flush. */
   private pendingFrees: number[] = [];
@@ -128,7 +128,7 @@ export class Qcow2Image implements ReadableImage {
     this.cs = h.clusterSize;
     this.cb = h.clusterBits;
     this.l2Entries = this.cs / 8;
-    this.l2CacheMax = Math.max(16, Math.floor(L2_CACHE_BYTES / this.cs));
+    this.l2Cache = new LruCache(Math.max(16, Math.floor(L2_CACHE_BYTES / this.cs)));
     this.zeroCluster = new Uint8Array(this.cs);
     this.l1 = new Uint8Array(h.l1Size * 8);
     file.readAt(this.l1, h.l1TableOffset);
@@ -193,24 +193,15 @@ export class Qcow2Image implements ReadableImage {
   }
 
   private loadL2(offset: number): L2Table {
-    let t = this.l2Cache.get(offset);
-    if (t !== undefined) {
-      this.l2Cache.delete(offset);
-      this.l2Cache.set(offset, t);
-      return t;
-    }
+    const cached = this.l2Cache.get(offset);
+    if (cached !== undefined) return cached;
     this.checkMetadata(offset, "L2 table");
     if (this.refcounts?.isCachedBlock(offset)) throw new Qcow2CorruptError(`L2 table at ${offset} is also a refcount block`);
     const data = new Uint8Array(this.cs);
     this.file.readAt(data, offset);
-    t = { offset, data, view: new DataView(data.buffer) };
-    this.cacheL2(t);
+    const t = { offset, data, view: new DataView(data.buffer) };
+    this.l2Cache.admit(offset, t);
     return t;
-  }
-
-  private cacheL2(t: L2Table): void {
-    if (this.l2Cache.size >= this.l2CacheMax) this.l2Cache.delete(this.l2Cache.keys().next().value!);
-    this.l2Cache.set(t.offset, t);
   }
 
   /** The L2 table for L1 index `i`, or null if there is none (reads). */
@@ -230,7 +221,7 @@ export class Qcow2Image implements ReadableImage {
     const t: L2Table = { offset, data, view: new DataView(data.buffer) };
     this.file.writeAt(data, offset);
     this.file.sync(); // the table is durable before the L1 entry that points to it
-    this.cacheL2(t);
+    this.l2Cache.admit(offset, t);
     this.setL1(i, offset);
     if (e.offset !== 0) this.pendingFrees.push(e.offset / this.cs);
     return t;

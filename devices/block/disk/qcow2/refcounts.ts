@@ -8,6 +8,7 @@
 // replaced by a larger one placed past the end of the file together with the blocks that cover it.
 import type { ImageFile } from "./file.ts";
 import { HDR_REFTABLE_OFFSET, MAX_REFTABLE_BYTES } from "./header.ts";
+import { LruCache } from "./lru_cache.ts";
 
 export class Qcow2CorruptError extends Error {}
 
@@ -72,7 +73,7 @@ export class Refcounts {
   private tableView: DataView;
   tableOffset: number;
   tableClusters: number;
-  private readonly blocks = new Map<number, RefBlock>();
+  private readonly blocks = new LruCache<number, RefBlock>(BLOCK_CACHE);
   /** No cluster below this index is free. */
   private hint = 0;
   /** Clusters reserved by allocate(), handed out from `reservedAt` on. */
@@ -116,18 +117,13 @@ export class Refcounts {
   }
 
   private block(off: number): RefBlock {
-    let b = this.blocks.get(off);
-    if (b !== undefined) {
-      this.blocks.delete(off);
-      this.blocks.set(off, b);
-      return b;
-    }
+    const cached = this.blocks.get(off);
+    if (cached !== undefined) return cached;
     this.checkMetadata(off, "refcount block");
     const data = new Uint8Array(this.cs);
     this.file.readAt(data, off);
-    b = { data, view: new DataView(data.buffer) };
-    if (this.blocks.size >= BLOCK_CACHE) this.blocks.delete(this.blocks.keys().next().value!);
-    this.blocks.set(off, b);
+    const b = { data, view: new DataView(data.buffer) };
+    this.blocks.admit(off, b);
     return b;
   }
 
