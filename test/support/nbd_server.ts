@@ -24,6 +24,8 @@ export interface NbdServerOptions {
   readOnly?: boolean;
   /** nbdkit filters and their parameters: ["--filter=fua", "fuamode=none"]... */
   nbdkitArgs?: string[];
+  /** Listen on TCP 127.0.0.1:PORT (qemu-nbd) instead of the unix socket. */
+  tcpPort?: number;
   /** Size of a new sparse image (when no content is given). */
   size?: number;
   content?: Uint8Array;
@@ -52,6 +54,7 @@ export class NbdServer {
   }
 
   get uri(): string {
+    if (this.options.tcpPort !== undefined) return `nbd://localhost:${this.options.tcpPort}/${this.exportName}`;
     return `nbd+unix:///${this.exportName}?socket=${this.socket}`;
   }
 
@@ -65,12 +68,12 @@ export class NbdServer {
     rmSync(this.socket, { force: true });
     const o = this.options;
     const cmd = (o.server ?? "qemu-nbd") === "qemu-nbd"
-      ? ["qemu-nbd", "-f", "raw", "-k", this.socket, "-x", this.exportName, "-e", "64", "-t", "--discard=unmap", "--cache=writeback", ...(o.readOnly ? ["-r"] : []), this.image]
+      ? ["qemu-nbd", "-f", "raw", ...(o.tcpPort !== undefined ? ["-b", "127.0.0.1", "-p", String(o.tcpPort)] : ["-k", this.socket]), "-x", this.exportName, "-e", "64", "-t", "--discard=unmap", "--cache=writeback", ...(o.readOnly ? ["-r"] : []), this.image]
       : ["nbdkit", "-f", "-U", this.socket, "-e", this.exportName, ...(o.readOnly ? ["-r"] : []), ...(o.nbdkitArgs?.filter((a) => a.startsWith("--")) ?? []), "file", this.image, ...(o.nbdkitArgs?.filter((a) => !a.startsWith("--")) ?? [])];
     this.proc = spawn(cmd, { stdout: "ignore", stderr: "pipe" });
     const deadline = Date.now() + 10_000;
     for (;;) {
-      if (existsSync(this.socket)) {
+      if (o.tcpPort !== undefined || existsSync(this.socket)) {
         try {
           closeHandle(connectBlocking(this.uri));
           return;

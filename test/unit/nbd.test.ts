@@ -400,6 +400,25 @@ maybe("NBD disk", () => {
     expect(Buffer.compare(readFileSync(s.image), mirror)).toBe(0);
   });
 
+  test("over TCP (nbd://localhost:PORT/EXPORT, the server on 127.0.0.1 only): I/O, and a restart under a burst", async () => {
+    const r = rng(18);
+    const mirror = randomBytes(r, 8 * MiB);
+    // "localhost" may resolve to ::1 first: libnbd then moves on to the next address on a new socket.
+    const s = new NbdServer({ content: mirror, tcpPort: 20000 + Math.floor(Math.random() * 20000) });
+    await s.start();
+    const g = await rig(s);
+    burst(g, mirror, r, 32);
+    const taken = new Set<number>();
+    const b = burst(g, mirror, r, 32, { settle: false, taken });
+    g.io.submit();
+    await s.stop();
+    g.spin(300);
+    await s.start();
+    settleBursts(g, b);
+    expect(g.disk.connection.reconnects).toBe(1);
+    expect(Buffer.compare(readFileSync(s.image), mirror)).toBe(0);
+  });
+
   test("--nbd-timeout: waiting requests fail once the outage outlasts it, new ones at once, until the server is back", async () => {
     const r = rng(16);
     const mirror = randomBytes(r, 4 * MiB);
