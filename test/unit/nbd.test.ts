@@ -414,7 +414,8 @@ maybe("NBD disk", () => {
     await s.stop();
     g.spin(300);
     await s.start();
-    settleBursts(g, b);
+    settleBursts(g, b); // whatever was in flight when it went away
+    burst(g, mirror, r, 16); // and new requests, which need the new connection
     expect(g.disk.connection.reconnects).toBe(1);
     expect(Buffer.compare(readFileSync(s.image), mirror)).toBe(0);
   });
