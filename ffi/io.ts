@@ -121,6 +121,23 @@ export class IovecArray {
     this.count++;
     return true;
   }
+  /** Drops the first `n` bytes of the segments (after a short preadv/pwritev). Rare path. */
+  advance(n: number): void {
+    const v = this.view;
+    const u64 = (o: number) => v.getUint32(o, true) + v.getUint32(o + 4, true) * 0x1_0000_0000;
+    let i = 0;
+    while (i < this.count && n >= u64(16 * i + 8)) n -= u64(16 * i++ + 8);
+    this.bytes.copyWithin(0, 16 * i, 16 * this.count);
+    this.count -= i;
+    if (this.count > 0 && n > 0) {
+      const base = u64(0) + n;
+      const len = u64(8) - n;
+      v.setUint32(0, base >>> 0, true);
+      v.setUint32(4, Math.floor(base / 0x1_0000_0000), true);
+      v.setUint32(8, len >>> 0, true);
+      v.setUint32(12, Math.floor(len / 0x1_0000_0000), true);
+    }
+  }
 }
 
 export function fcntl(fd: number, cmd: number, arg = 0): number {

@@ -18,6 +18,8 @@ const SYS_io_uring_register = 427;
 export const IORING_OP_READV = 1;
 export const IORING_OP_WRITEV = 2;
 export const IORING_OP_FSYNC = 3;
+/** Opens a file (an opcode no device submits: restricted rings refuse it). */
+export const IORING_OP_OPENAT = 18;
 export const IORING_FSYNC_DATASYNC = 1;
 export const IOSQE_IO_DRAIN = 1 << 1;
 export const IOSQE_IO_LINK = 1 << 2;
@@ -28,12 +30,34 @@ export const IOSQE_IO_LINK = 1 << 2;
  */
 export const RWF_NOWAIT = 0x8;
 const IORING_SETUP_CLAMP = 1 << 4;
+/** Set up disabled: restrictions can be registered until IORING_REGISTER_ENABLE_RINGS (5.10+). */
+const IORING_SETUP_R_DISABLED = 1 << 6;
 /** Keep submitting the rest of a batch when one SQE fails to prepare (5.18+). */
 const IORING_SETUP_SUBMIT_ALL = 1 << 7;
 const IORING_FEAT_SINGLE_MMAP = 1 << 0;
 const IORING_ENTER_GETEVENTS = 1 << 0;
 const IORING_REGISTER_EVENTFD = 4;
 const IORING_UNREGISTER_EVENTFD = 5;
+const IORING_REGISTER_RESTRICTIONS = 11;
+const IORING_REGISTER_ENABLE_RINGS = 12;
+/** struct io_uring_restriction: u16 opcode, u8 register_op/sqe_op/sqe_flags, u8 resv, u32 resv2[3]. */
+const RESTRICTION_SIZE = 16;
+const IORING_RESTRICTION_REGISTER_OP = 0;
+const IORING_RESTRICTION_SQE_OP = 1;
+
+/** io_uring_register opcodes a restricted ring may be given (the others fail with EACCES). */
+export const RegisterOp = { EVENTFD: IORING_REGISTER_EVENTFD, UNREGISTER_EVENTFD: IORING_UNREGISTER_EVENTFD } as const;
+
+/**
+ * What a ring set up with restrictions may do once enabled: the SQE opcodes it may carry and the
+ * io_uring_register opcodes it may be given. Any other SQE completes with -EACCES, any other
+ * register call fails with EACCES; no SQE flag (IOSQE_*) is allowed. seccomp cannot see what an
+ * SQE does, so this is what confines a ring in a sandboxed process.
+ */
+export interface RingRestrictions {
+  sqeOps: readonly number[];
+  registerOps: readonly number[];
+}
 const IORING_OFF_SQ_RING = 0;
 const IORING_OFF_CQ_RING = 0x8000000;
 const IORING_OFF_SQES = 0x10000000;
@@ -58,6 +82,21 @@ export interface RingHandle {
 /** Closes a ring set up with IoUring.setupHandle (after every IoUring attached to it is closed). */
 export function closeRingHandle(h: RingHandle): void {
   close(h.fd);
+}
+
+/** IORING_REGISTER_RESTRICTIONS on a ring set up disabled (it takes effect at ENABLE_RINGS). */
+function registerRestrictions(fd: number, r: RingRestrictions): void {
+  const entries: [number, number][] = [
+    ...r.sqeOps.map((op): [number, number] => [IORING_RESTRICTION_SQE_OP, op]),
+    ...r.registerOps.map((op): [number, number] => [IORING_RESTRICTION_REGISTER_OP, op]),
+  ];
+  const buf = new Uint8Array(Math.max(1, entries.length) * RESTRICTION_SIZE);
+  const v = new DataView(buf.buffer);
+  entries.forEach(([kind, op], i) => {
+    v.setUint16(i * RESTRICTION_SIZE, kind, true);
+    v.setUint8(i * RESTRICTION_SIZE + 2, op);
+  });
+  check(sys(SYS_io_uring_register, fd, IORING_REGISTER_RESTRICTIONS, ptr(buf), entries.length, 0, 0, 0), "io_uring_register(RESTRICTIONS)");
 }
 
 /** A CQE as handed to reap()'s callback. `res` is the operation's return value or -errno. */
@@ -140,12 +179,21 @@ export class IoUring {
    * io_uring_setup(2) without mapping: the ring as plain data, for a thread that will attach to it.
    * Flags as setup()'s.
    */
-  static setupHandle(entries: number): RingHandle {
-    const ring = IoUring.setup(entries);
+  static setupHandle(entries: number, restrictions?: RingRestrictions): RingHandle {
+    const ring = IoUring.setup(entries, restrictions === undefined ? 0 : IORING_SETUP_R_DISABLED);
     const params = ring.paramsBytes!;
     ring.ownsFd = false;
     ring.close();
-    return { fd: ring.fd, params };
+    const h = { fd: ring.fd, params };
+    if (restrictions === undefined) return h;
+    try {
+      registerRestrictions(h.fd, restrictions);
+      check(sys(SYS_io_uring_register, h.fd, IORING_REGISTER_ENABLE_RINGS, 0, 0, 0, 0, 0), "io_uring_register(ENABLE_RINGS)");
+    } catch (e) {
+      close(h.fd);
+      throw e;
+    }
+    return h;
   }
 
   /** Maps a ring set up elsewhere (setupHandle) into this thread; close() then leaves its fd open. */
@@ -158,14 +206,15 @@ export class IoUring {
   /** The io_uring_params the ring was set up with (for setupHandle). */
   private paramsBytes: Uint8Array | null = null;
 
-  /** io_uring_setup(2) with `entries` SQ entries (rounded up to a power of 2, clamped). */
-  static setup(entries: number): IoUring {
+  /** io_uring_setup(2) with `entries` SQ entries (rounded up to a power of 2, clamped);
+   * `extraFlags`: IORING_SETUP_* besides ours. */
+  static setup(entries: number, extraFlags = 0): IoUring {
     const params = new Uint8Array(PARAMS_SIZE);
     const v = new DataView(params.buffer);
     let fd = -1;
     for (const flags of [IORING_SETUP_CLAMP | IORING_SETUP_SUBMIT_ALL, IORING_SETUP_CLAMP]) {
       params.fill(0);
-      v.setUint32(8, flags, true);
+      v.setUint32(8, flags | extraFlags, true);
       const r = sys(SYS_io_uring_setup, entries, ptr(params), 0, 0, 0, 0, 0);
       if (r >= 0) {
         fd = Number(r);

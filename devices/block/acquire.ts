@@ -7,31 +7,25 @@ import type { HostAccess } from "../../src/host_access.ts";
 import type { BlockOptions } from "./options.ts";
 import type { BlockDiskResource } from "./disk/open.ts";
 import { acquireRawDisk } from "./disk/raw.ts";
-import { ioUringUnavailable } from "./disk/raw_uring.ts";
 import { acquireQcow2Disk, isQcow2File } from "./disk/qcow2/disk.ts";
 import { acquireNbdDisk, isNbdUri, nbdHostAccess } from "./disk/nbd.ts";
 
 /**
  * Opens the image (and, with --direct, its buffered twin), locks it as QEMU does (unless
- * --no-lock), and settles the I/O mode (io_uring is probed once here, so a kernel without it costs
- * one warning rather than one per queue). Throws a message saying what is wrong.
+ * --no-lock), and with --aio io_uring sets up one io_uring per queue, each restricted to the
+ * operations a disk queue submits (a kernel without io_uring costs one warning, and the disk is
+ * served synchronously). Throws a message saying what is wrong.
  */
 export function acquireBlockDisk(o: BlockOptions): BlockDiskResource {
   if (isNbdUri(o.file)) return acquireNbdDisk(o.file, { readOnly: o.readOnly, timeoutMs: o.nbdTimeoutMs });
-  let aio = o.aio;
-  if (aio === "io_uring") {
-    const why = ioUringUnavailable();
-    if (why !== null) {
-      log.warn(`block: io_uring unavailable (${why}); serving requests synchronously (--aio sync)`);
-      aio = "sync";
-    }
-  }
+  const aio = o.aio;
+  const rings = { queues: o.numQueues, queueSize: o.queueSize };
   // --format raw never probes: what a guest writes into its raw disk cannot change how it opens.
   if (o.format === "qcow2" || (o.format === "auto" && isQcow2File(o.file))) {
     if (o.direct) log.info(`block: ${o.file} is qcow2: served through the page cache (--direct applies to raw images)`);
-    return acquireQcow2Disk(o.file, { readOnly: o.readOnly, lock: o.lock, aio });
+    return acquireQcow2Disk(o.file, { readOnly: o.readOnly, lock: o.lock, aio, ...rings });
   }
-  return acquireRawDisk(o.file, { readOnly: o.readOnly, direct: o.direct, aio, lock: o.lock });
+  return acquireRawDisk(o.file, { readOnly: o.readOnly, direct: o.direct, aio, lock: o.lock, ...rings });
 }
 
 /** After acquire, a raw image needs no new file, socket or thread: only I/O on its fds. An NBD

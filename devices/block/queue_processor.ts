@@ -131,7 +131,7 @@ export class QueueProcessor {
     this.hostErrors = new RateLimitedLog(`block queue ${queue.index}`, "warn", "I/O errors");
     this.metrics = new BlockQueueMetrics(queue.index, queue.size);
     this.sectorMask = (policy.blkSize >> SECTOR_SHIFT) - 1;
-    this.io = disk.attach(loop, { depth: queue.size, segMax: policy.segMax }, {
+    this.io = disk.attach(loop, { depth: queue.size, segMax: policy.segMax, queue: queue.index }, {
       done: (req, result) => this.completed(req, result),
       batchDone: () => this.onCompletions(),
     });

@@ -9,7 +9,7 @@ import {
   SECTOR, IMAGE_BYTES, CAPACITY, rng, randomBytes, randomIo, makeImage, segment, Disk, disposeDisks, type Pending,
 } from "../support/block_disk.ts";
 import { signal } from "../../ffi/eventfd.ts";
-import { ioUringUnavailable } from "../../devices/block/disk/raw_uring.ts";
+import { ioUringUnavailable } from "../../devices/block/disk/uring_queue.ts";
 import { acquireRawDisk, RawDisk } from "../../devices/block/disk/raw.ts";
 import { EventLoop } from "../../src/event_loop.ts";
 import { parseBlockOptions } from "../../devices/block/options.ts";
@@ -181,12 +181,15 @@ describe("block io_uring: ordering and stopping", () => {
     }
   });
 
-  test("rings are released when queues stop", async () => {
+  test("one ring per queue, set up with the device (acquire), kept across queue stops, released with the device", async () => {
     const before = ringFds();
     const d = await Disk.start({ file: makeImage(), "num-queues": "2", ...URING }, { queues: 2 });
+    expect(ringFds()).toBe(before + 2);
     await d.write(0, randomBytes(rng(1), 4096), 1);
     expect(ringFds()).toBe(before + 2);
     d.vmm.stopAll();
+    expect(ringFds()).toBe(before + 2);
+    await disposeDisks();
     expect(ringFds()).toBe(before);
   });
 });
@@ -258,12 +261,15 @@ describe("block io_uring: the raw disk's queue alone", () => {
 describe("block io_uring: fallback", () => {
   test("without io_uring (simulated), --aio io_uring serves synchronously", async () => {
     const before = ringFds();
+    // The rings are set up in acquire (this thread: process.env); queue threads read libc's environment.
     libc.symbols.setenv(cstr("BACKEND_NO_IO_URING"), cstr("1"), 1);
+    process.env.BACKEND_NO_IO_URING = "1";
     let d: Disk;
     try {
       d = await Disk.start({ file: makeImage(), "num-queues": "2", ...URING }, { queues: 2 });
     } finally {
       libc.symbols.unsetenv(cstr("BACKEND_NO_IO_URING"));
+      delete process.env.BACKEND_NO_IO_URING;
     }
     const data = randomBytes(rng(2), 65536);
     await d.write(10, data, 1);

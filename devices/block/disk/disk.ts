@@ -73,6 +73,8 @@ export interface DiskQueueOptions {
   depth: number;
   /** Most iovecs per read or write. */
   segMax: number;
+  /** The virtqueue's index: picks what the acquire phase set up for it (an io_uring). Default 0. */
+  queue?: number;
 }
 
 /** The I/O channel of one queue on one loop. Operations take `next()`'s slot (or, from inside

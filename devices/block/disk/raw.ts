@@ -4,7 +4,8 @@
 // operations (flush, discard, write zeroes) with fallbacks for file systems that lack some
 // fallocate modes. Each queue is served synchronously (one preadv/pwritev at a time, completed
 // inside the call: best on page-cache images) or through an io_uring of its own (many in flight:
-// best with O_DIRECT on a real disk; raw_uring.ts), as the resource's `aio` says.
+// best with O_DIRECT on a real disk; raw_uring.ts), as the resource's `aio` says. The rings are
+// set up with the fds, one per queue (uring_queue.ts: acquireDiskRings).
 import {
   open, preadv, pwritev, fallocate, fdatasync, fstat, ioctl, IovecArray,
   O_RDONLY, O_RDWR, O_DIRECT, O_CLOEXEC, S_IFMT, S_IFREG, S_IFBLK,
@@ -18,7 +19,9 @@ import {
   ZERO_UNMAP, ZERO_MAY_FAIL_FAST, ZERO_FUA,
   type Disk, type DiskIdentity, type DiskQueue, type DiskQueueHandlers, type DiskQueueOptions, type DiskRequest, type DiskResource,
 } from "./disk.ts";
-import { UringRawQueue, openRing, advance } from "./raw_uring.ts";
+import { UringRawQueue } from "./raw_uring.ts";
+import { acquireDiskRings, DEFAULT_RING_ENTRIES } from "./uring_queue.ts";
+import { closeRingHandle, type RingHandle } from "../../../ffi/io_uring.ts";
 import { ImageLock, imagePermissions, type ImageLockState } from "./lock.ts";
 
 /** 512: the sector, and the logical block size of a file. */
@@ -49,6 +52,9 @@ export interface RawDiskResource extends DiskResource {
   bufferedFd: number;
   direct: boolean;
   aio: AioMode;
+  /** With aio io_uring: queue i's ring (restricted, enabled; attached by whichever thread serves
+   * the queue). Empty for sync (also when io_uring was unavailable: `aio` then says sync). */
+  rings: RingHandle[];
   /** The image lock on `fd`'s open file description (lock.ts) as acquire left it. */
   lock: ImageLockState;
 }
@@ -59,6 +65,9 @@ export interface RawOpenOptions {
   aio: AioMode;
   /** Lock the image as QEMU does (false: --no-lock). */
   lock: boolean;
+  /** With aio io_uring: how many queues (one ring each; default 1) and their size (the rings' SQ entries). */
+  queues?: number;
+  queueSize?: number;
 }
 
 /** Opens `path` (and its buffered twin with `direct`) and locks it; the caller owns the fds
@@ -78,12 +87,15 @@ export function acquireRawDisk(path: string, o: RawOpenOptions): RawDiskResource
   if (lock === "waiting") {
     log.info(`${path}: another of our backends holds this image; this one serves it only once that one's device stopped (a migration destination)`);
   }
-  return { kind: "raw", location: path, readOnly: o.readOnly, fd, bufferedFd, direct: o.direct, aio: o.aio, lock };
+  const rings = o.aio === "io_uring" ? acquireDiskRings(o.queues ?? 1, o.queueSize ?? DEFAULT_RING_ENTRIES, `block ${path}`) : null;
+  const aio = rings === null ? "sync" : "io_uring";
+  return { kind: "raw", location: path, readOnly: o.readOnly, fd, bufferedFd, direct: o.direct, aio, rings: rings ?? [], lock };
 }
 
 export function closeRawDiskResource(r: RawDiskResource): void {
   close(r.fd);
   close(r.bufferedFd);
+  r.rings.forEach(closeRingHandle);
 }
 
 function isUnsupported(e: unknown): boolean {
@@ -179,7 +191,7 @@ export class RawDisk implements Disk {
   attach(loop: EventLoop, options: DiskQueueOptions, handlers: DiskQueueHandlers): DiskQueue {
     if (this.aio === "io_uring") {
       try {
-        return new UringRawQueue(this, openRing(options.depth), loop, options, handlers);
+        return new UringRawQueue(this, ringOf(this.resource.rings, options), loop, options, handlers);
       } catch (e) {
         log.warn(`${this.path}: io_uring unavailable (${(e as Error).message}); serving this queue synchronously`);
       }
@@ -227,7 +239,7 @@ export class RawDisk implements Disk {
       }
       if (n <= 0) return -EIO; // end of file: never report partial I/O as success
       done += n;
-      if (done < total) advance(iov, n); // short transfer: go on from where it stopped
+      if (done < total) iov.advance(n); // short transfer: go on from where it stopped
     }
     return total;
   }
@@ -339,6 +351,14 @@ export class RawDisk implements Disk {
     }
     return 0;
   }
+}
+
+/** The acquired ring of the queue `options` names (queue 0 when it names none). */
+export function ringOf(rings: readonly RingHandle[], options: DiskQueueOptions): RingHandle {
+  const q = options.queue ?? 0;
+  const ring = rings[q];
+  if (ring === undefined) throw new Error(`no io_uring was set up for queue ${q} (${rings.length} acquired)`);
+  return ring;
 }
 
 /** Builds a raw disk from its resource (DiskOpener). */

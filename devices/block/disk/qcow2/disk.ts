@@ -20,10 +20,11 @@ import {
   ZERO_UNMAP, ZERO_MAY_FAIL_FAST, ZERO_FUA,
   type Disk, type DiskIdentity, type DiskQueue, type DiskQueueHandlers, type DiskQueueOptions, type DiskRequest, type DiskResource,
 } from "../disk.ts";
-import { ImageFile, zeroIov, advance } from "./file.ts";
+import { ImageFile, zeroIov } from "./file.ts";
 import { Qcow2UringQueue } from "./uring_queue.ts";
-import { openRing } from "../raw_uring.ts";
-import type { AioMode } from "../raw.ts";
+import { ringOf, type AioMode } from "../raw.ts";
+import { acquireDiskRings, DEFAULT_RING_ENTRIES } from "../uring_queue.ts";
+import { closeRingHandle, type RingHandle } from "../../../../ffi/io_uring.ts";
 import { openChain, buildImage, probeFormat, type DiskFormat, type ChainLink } from "./open.ts";
 import { ImageLock, imagePermissions, type ImageLockState } from "../lock.ts";
 import type { Qcow2Image } from "./qcow2.ts";
@@ -34,6 +35,8 @@ export interface Qcow2DiskResource extends DiskResource {
   chain: { path: string; fd: number; format: DiskFormat; lock: ImageLockState }[];
   /** io_uring: reads and in-place writes of data clusters go through an io_uring per queue (many in flight). */
   aio: AioMode;
+  /** With aio io_uring: queue i's ring (restricted, enabled), set up here; empty for sync. */
+  rings: RingHandle[];
 }
 
 /** Whether the file at `path` holds a qcow2 image (for --format auto). */
@@ -50,7 +53,7 @@ export function isQcow2File(path: string): boolean {
  * Opens the image and its backing chain, and reads all their headers now, so a bad image or a
  * missing backing file is an error at startup. Throws a message saying what is wrong.
  */
-export function acquireQcow2Disk(path: string, o: { readOnly: boolean; lock: boolean; aio?: AioMode }): Qcow2DiskResource {
+export function acquireQcow2Disk(path: string, o: { readOnly: boolean; lock: boolean; aio?: AioMode; queues?: number; queueSize?: number }): Qcow2DiskResource {
   const top = ImageFile.open(path, o.readOnly);
   let links: ChainLink[] = [{ file: top, format: "qcow2" }];
   const locks: ImageLockState[] = [];
@@ -67,7 +70,8 @@ export function acquireQcow2Disk(path: string, o: { readOnly: boolean; lock: boo
     location: path,
     readOnly: o.readOnly,
     chain: links.map((l, i) => ({ path: l.file.path, fd: l.file.fd, format: l.format, lock: locks[i] ?? "off" })),
-    aio: o.aio ?? "sync",
+    aio: "sync",
+    rings: [],
   };
   try {
     // Every header of the chain parsed and checked (read-only: nothing is written yet).
@@ -75,6 +79,13 @@ export function acquireQcow2Disk(path: string, o: { readOnly: boolean; lock: boo
   } catch (e) {
     closeQcow2DiskResource(resource);
     throw new Error(`${path}: ${(e as Error).message}`);
+  }
+  if (o.aio === "io_uring") {
+    const rings = acquireDiskRings(o.queues ?? 1, o.queueSize ?? DEFAULT_RING_ENTRIES, `block ${path}`);
+    if (rings !== null) {
+      resource.aio = "io_uring";
+      resource.rings = rings;
+    }
   }
   if (resource.chain[0]!.lock === "waiting") {
     log.info(`${path}: another of our backends holds this image; this one serves it only once that one's device stopped (a migration destination)`);
@@ -84,6 +95,7 @@ export function acquireQcow2Disk(path: string, o: { readOnly: boolean; lock: boo
 
 export function closeQcow2DiskResource(r: Qcow2DiskResource): void {
   for (const l of r.chain) close(l.fd);
+  r.rings.forEach(closeRingHandle);
 }
 
 /** ImageFiles over the resource's fds, which they do not own. */
@@ -143,7 +155,7 @@ export class Qcow2Disk implements Disk {
   attach(loop: EventLoop, options: DiskQueueOptions, handlers: DiskQueueHandlers): DiskQueue {
     if (this.resource.aio === "io_uring") {
       try {
-        const q = new Qcow2UringQueue(this, openRing(options.depth), loop, options, handlers);
+        const q = new Qcow2UringQueue(this, ringOf(this.resource.rings, options), loop, options, handlers);
         this.uringQueues.add(q);
         return q;
       } catch (e) {
@@ -189,10 +201,6 @@ export class Qcow2Disk implements Disk {
   zeroRest(iov: IovecArray, n: number): number {
     zeroIov(iov, 0, n);
     return 0;
-  }
-
-  advance(iov: IovecArray, n: number): void {
-    advance(iov, n);
   }
 
   detach(q: Qcow2UringQueue): void {

@@ -71,7 +71,7 @@ export class ImageFile {
         return;
       }
       done += n;
-      if (done < len) advance(iov, n);
+      if (done < len) iov.advance(n);
     }
   }
 
@@ -83,7 +83,7 @@ export class ImageFile {
       const n = pwritev(this.fd, iov, offset + done);
       if (n <= 0) throw new Error(`${this.path}: pwritev at ${offset + done} returned ${n}`);
       done += n;
-      if (done < len) advance(iov, n);
+      if (done < len) iov.advance(n);
     }
     if (offset + len > this.length) this.length = offset + len;
   }
@@ -185,17 +185,3 @@ export function bufferIov(buf: Uint8Array): IovecArray {
   return iov;
 }
 
-/** Drops the first `n` bytes from an iovec array (after a short preadv/pwritev). Rare path. */
-export function advance(iov: IovecArray, n: number): void {
-  const entries: [number, number][] = [];
-  for (let i = 0; i < iov.count; i++) entries.push(entry(iov, i));
-  iov.clear();
-  for (const [base, len] of entries) {
-    if (n >= len) {
-      n -= len;
-      continue;
-    }
-    iov.push(base + n, len - n);
-    n = 0;
-  }
-}
