@@ -71,12 +71,13 @@ const CQ_OFF = 80;
 
 /**
  * A ring as plain data: its fd and the io_uring_params the kernel filled in, so a ring set up in
- * one thread (before serving) can be mapped and used in another (IoUring.attach). The fd belongs
- * to whoever set the ring up (closeRingHandle).
+ * one thread (before serving) can be mapped and used in another (IoUring.attach). JSON-safe (the
+ * params as byte values), since resources also cross the sandbox's re-exec as JSON. The fd
+ * belongs to whoever set the ring up (closeRingHandle).
  */
 export interface RingHandle {
   fd: number;
-  params: Uint8Array;
+  params: number[];
 }
 
 /** Closes a ring set up with IoUring.setupHandle (after every IoUring attached to it is closed). */
@@ -184,7 +185,7 @@ export class IoUring {
     const params = ring.paramsBytes!;
     ring.ownsFd = false;
     ring.close();
-    const h = { fd: ring.fd, params };
+    const h = { fd: ring.fd, params: [...params] };
     if (restrictions === undefined) return h;
     try {
       registerRestrictions(h.fd, restrictions);
@@ -198,7 +199,8 @@ export class IoUring {
 
   /** Maps a ring set up elsewhere (setupHandle) into this thread; close() then leaves its fd open. */
   static attach(h: RingHandle): IoUring {
-    const ring = new IoUring(h.fd, new DataView(h.params.buffer, h.params.byteOffset, h.params.byteLength));
+    if (h.params.length !== PARAMS_SIZE) throw new Error(`io_uring: a ring handle with ${h.params.length} bytes of params (${PARAMS_SIZE} expected)`);
+    const ring = new IoUring(h.fd, new DataView(Uint8Array.from(h.params).buffer));
     ring.ownsFd = false;
     return ring;
   }
