@@ -135,7 +135,8 @@ export const SND_PCM_STATE_PAUSED = 6;
 export const SND_PCM_STATE_SUSPENDED = 7;
 export const SND_PCM_STATE_DISCONNECTED = 8;
 
-export const EAGAIN = 11;
+// The errno values ALSA's calls return negated (EAGAIN: libc's, re-exported).
+export { EAGAIN } from "./libc.ts";
 export const EPIPE = 32;
 export const ESTRPIPE = 86;
 

@@ -153,6 +153,15 @@ export function ioctl(fd: number, request: number, arg: Buf | null): number {
   return check(libc.ioctl(fd, request, arg === null ? null : p(arg)), "ioctl");
 }
 
+const BLKGETSIZE64 = 0x80081272; // u64: size in bytes
+
+/** A block device's size in bytes (ioctl BLKGETSIZE64). */
+export function blockDeviceSize(fd: number): number {
+  const u64 = new Uint8Array(8);
+  ioctl(fd, BLKGETSIZE64, u64);
+  return Number(new DataView(u64.buffer).getBigUint64(0, true));
+}
+
 export function ftruncate(fd: number, len: number): void {
   check(libc.ftruncate(fd, len), "ftruncate");
 }

@@ -76,6 +76,7 @@ const ERRNO_NAMES: Record<number, string> = {
 export const EPERM = 1;
 export const ENOENT = 2;
 export const EINTR = 4;
+export const EIO = 5;
 export const EAGAIN = 11;
 export const ENXIO = 6;
 export const EBUSY = 16;

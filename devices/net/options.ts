@@ -4,6 +4,7 @@
 // `--device SOCK,IP,MASK,MAC`), whose first field is the vhost-user socket.
 import { booleanOption, intOption } from "../../src/cli_args.ts";
 import { MAX_QUEUE_SIZE } from "../../src/ring.ts";
+import { IFNAMSIZ } from "../../ffi/tap.ts";
 
 /** How the host side is reached: an existing tap, an inherited tap fd, or a tap we create. */
 export type TapSource =
@@ -37,7 +38,6 @@ export const MAX_QUEUE_PAIRS = 16;
 /** QEMU's virtio-net rx/tx_queue_size default (crosvm and cloud-hypervisor use 256 too). */
 export const DEFAULT_QUEUE_SIZE = 256;
 const MIN_QUEUE_SIZE = 64;
-const IFNAMSIZ = 16;
 
 /** Options that may be given more than once on a crosvm command line; we serve one device, so more than one is an error we can name. */
 export const NET_REPEATABLE = ["tap-name", "tap-fd", "device"];

@@ -10,9 +10,7 @@
 // metadata afresh (repairing a dirty image then); suspend() writes all metadata out and lets go,
 // so another of our backends may take over, and the next activate() reads everything again.
 import { IovecArray } from "../../../../ffi/io.ts";
-import { close, SysError, EINVAL, EOPNOTSUPP } from "../../../../ffi/libc.ts";
-
-const EIO = 5;
+import { close, SysError, EINVAL, EIO, EOPNOTSUPP } from "../../../../ffi/libc.ts";
 import type { EventLoop } from "../../../../src/event_loop.ts";
 import { log } from "../../../../src/log.ts";
 import { RateLimitedLog } from "../../../../src/guest_errors.ts";

@@ -4,7 +4,7 @@
 // lives in the order of these calls and of sync()).
 import { toArrayBuffer, ptr } from "bun:ffi";
 import {
-  open, pread, pwrite, preadv, pwritev, fallocate, fdatasync, fstat, ioctl, IovecArray,
+  open, pread, pwrite, preadv, pwritev, fallocate, fdatasync, fstat, blockDeviceSize, IovecArray,
   O_RDONLY, O_RDWR, S_IFMT, S_IFREG, S_IFBLK, FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE,
 } from "../../../../ffi/io.ts";
 import { close, SysError, EINVAL, EOPNOTSUPP, ENOTTY, ENODEV } from "../../../../ffi/libc.ts";
@@ -108,14 +108,6 @@ export class ImageFile {
     this.closed = true;
     if (this.ownsFd) close(this.fd);
   }
-}
-
-const BLKGETSIZE64 = 0x80081272;
-
-function blockDeviceSize(fd: number): number {
-  const u64 = new Uint8Array(8);
-  ioctl(fd, BLKGETSIZE64, u64);
-  return Number(new DataView(u64.buffer).getBigUint64(0, true));
 }
 
 // ---- scatter-gather helpers (iovecs point at host memory: guest RAM or our own buffers) ----
