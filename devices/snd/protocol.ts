@@ -196,6 +196,14 @@ function view(b: Uint8Array): DataView {
   return new DataView(b.buffer, b.byteOffset, b.byteLength);
 }
 
+/** A `size`-byte struct whose leading fields are the le32 `words`, in order; the rest is zero. */
+function le32Struct(size: number, words: readonly number[]): Uint8Array {
+  const b = new Uint8Array(size);
+  const dv = view(b);
+  words.forEach((w, i) => dv.setUint32(4 * i, w, true));
+  return b;
+}
+
 function u64Write(dv: DataView, off: number, v: number | bigint): void {
   dv.setBigUint64(off, BigInt.asUintN(64, BigInt(v)), true);
 }
@@ -226,13 +234,8 @@ export interface SndConfig {
 
 /** The config space: 16 bytes with CTLS offered, 12 without (the `controls` field does not exist then). */
 export function encodeConfig(c: SndConfig, ctls: boolean): Uint8Array {
-  const b = new Uint8Array(ctls ? CONFIG_BYTES : CONFIG_BYTES_NO_CTLS);
-  const dv = view(b);
-  dv.setUint32(0, c.jacks, true);
-  dv.setUint32(4, c.streams, true);
-  dv.setUint32(8, c.chmaps, true);
-  if (ctls) dv.setUint32(12, c.controls, true);
-  return b;
+  if (!ctls) return le32Struct(CONFIG_BYTES_NO_CTLS, [c.jacks, c.streams, c.chmaps]);
+  return le32Struct(CONFIG_BYTES, [c.jacks, c.streams, c.chmaps, c.controls]);
 }
 
 export function decodeConfig(b: Uint8Array): SndConfig {
@@ -415,33 +418,15 @@ export function minResponseBytes(r: SndRequest): number {
 // Request encoders (the driver's side; tests and tools).
 
 export function encodeQueryInfo(code: QueryCode, startId: number, count: number, size: number): Uint8Array {
-  const b = new Uint8Array(QUERY_INFO_BYTES);
-  const dv = view(b);
-  dv.setUint32(0, code, true);
-  dv.setUint32(4, startId, true);
-  dv.setUint32(8, count, true);
-  dv.setUint32(12, size, true);
-  return b;
+  return le32Struct(QUERY_INFO_BYTES, [code, startId, count, size]);
 }
 
 export function encodeJackRemap(jackId: number, association: number, sequence: number): Uint8Array {
-  const b = new Uint8Array(JACK_REMAP_BYTES);
-  const dv = view(b);
-  dv.setUint32(0, R_JACK_REMAP, true);
-  dv.setUint32(4, jackId, true);
-  dv.setUint32(8, association, true);
-  dv.setUint32(12, sequence, true);
-  return b;
+  return le32Struct(JACK_REMAP_BYTES, [R_JACK_REMAP, jackId, association, sequence]);
 }
 
 export function encodePcmSetParams(p: Omit<PcmSetParams, "kind" | "code">): Uint8Array {
-  const b = new Uint8Array(PCM_SET_PARAMS_BYTES);
-  const dv = view(b);
-  dv.setUint32(0, R_PCM_SET_PARAMS, true);
-  dv.setUint32(4, p.streamId, true);
-  dv.setUint32(8, p.bufferBytes, true);
-  dv.setUint32(12, p.periodBytes, true);
-  dv.setUint32(16, p.features, true);
+  const b = le32Struct(PCM_SET_PARAMS_BYTES, [R_PCM_SET_PARAMS, p.streamId, p.bufferBytes, p.periodBytes, p.features]);
   b[20] = p.channels;
   b[21] = p.format;
   b[22] = p.rate;
@@ -449,19 +434,11 @@ export function encodePcmSetParams(p: Omit<PcmSetParams, "kind" | "code">): Uint
 }
 
 export function encodePcmHdr(code: PcmCode, streamId: number): Uint8Array {
-  const b = new Uint8Array(PCM_HDR_BYTES);
-  const dv = view(b);
-  dv.setUint32(0, code, true);
-  dv.setUint32(4, streamId, true);
-  return b;
+  return le32Struct(PCM_HDR_BYTES, [code, streamId]);
 }
 
 export function encodeCtlHdr(code: CtlCode | typeof R_CTL_WRITE | typeof R_CTL_TLV_WRITE | typeof R_CTL_TLV_COMMAND, controlId: number): Uint8Array {
-  const b = new Uint8Array(CTL_HDR_BYTES);
-  const dv = view(b);
-  dv.setUint32(0, code, true);
-  dv.setUint32(4, controlId, true);
-  return b;
+  return le32Struct(CTL_HDR_BYTES, [code, controlId]);
 }
 
 export function encodeCtlWrite(controlId: number, value: Uint8Array): Uint8Array {
@@ -502,12 +479,7 @@ export interface JackInfo {
 }
 
 export function encodeJackInfo(j: JackInfo): Uint8Array {
-  const b = new Uint8Array(JACK_INFO_BYTES);
-  const dv = view(b);
-  dv.setUint32(0, j.nid, true);
-  dv.setUint32(4, j.features, true);
-  dv.setUint32(8, j.defconf, true);
-  dv.setUint32(12, j.caps, true);
+  const b = le32Struct(JACK_INFO_BYTES, [j.nid, j.features, j.defconf, j.caps]);
   b[16] = j.connected ? 1 : 0;
   return b;
 }
@@ -717,11 +689,7 @@ export interface SndEvent {
 }
 
 export function encodeEvent(e: SndEvent): Uint8Array {
-  const b = new Uint8Array(EVENT_BYTES);
-  const dv = view(b);
-  dv.setUint32(0, e.code, true);
-  dv.setUint32(4, e.data >>> 0, true);
-  return b;
+  return le32Struct(EVENT_BYTES, [e.code, e.data >>> 0]);
 }
 
 export function decodeEvent(b: Uint8Array): SndEvent {
