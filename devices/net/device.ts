@@ -11,13 +11,13 @@ import { WatchedQueue, processQueue } from "../../src/queue_serving.ts";
 import { pf, ProtocolFeature } from "../../src/protocol/constants.ts";
 import { log } from "../../src/log.ts";
 import * as tun from "../../ffi/tap.ts";
-import { tapFrom, offloadFeatures, type Tap, type AcquiredTap } from "./tap.ts";
+import { tapFrom, offloadFeatures, type Tap } from "./tap.ts";
+import { releaseRings, type AcquiredNet } from "./acquire.ts";
 import { formatMac, type NetOptions } from "./options.ts";
 import { NetShared, RX_PROMISC } from "./shared.ts";
 import { NetControl } from "./control.ts";
 import { netPairRunner, type NetRunnerOptions } from "./pair_runner.ts";
-import { openPairRings } from "./uring_tx.ts";
-import { closeRingHandle, type RingHandle } from "../../ffi/io_uring.ts";
+import type { RingHandle } from "../../ffi/io_uring.ts";
 import { close } from "../../ffi/libc.ts";
 import { validateNetState, NET_STATE_VERSION, type NetState } from "./state.ts";
 import {
@@ -57,14 +57,16 @@ export class NetDevice implements VhostUserDevice {
   private readonly queues: QueueService;
   private readonly ctrl: WatchedQueue;
   private readonly control: NetControl;
-  /** Each pair's io_uring (null: writev/readv), made with the device and closed with it. */
+  /** Each pair's io_uring (null: writev/readv), set up in acquire and closed with the device. */
   private readonly rings: (RingHandle | null)[];
 
   /** The AF_INET socket for SIOC* ioctls on the tap (NET_SET_MTU), opened in acquire. */
   private readonly controlFd: number;
 
-  constructor(opts: NetOptions, acquired: AcquiredTap, private readonly ctx: DeviceContext) {
+  /** Takes ownership of what `acquired` holds (released also when it throws). */
+  constructor(opts: NetOptions, acquired: AcquiredNet, private readonly ctx: DeviceContext) {
     this.tap = tapFrom(acquired);
+    this.rings = acquired.rings;
     this.controlFd = acquired.controlFd;
     this.pairs = opts.queuePairs;
     this.activePairs = this.pairs;
@@ -72,6 +74,7 @@ export class NetDevice implements VhostUserDevice {
     // Until a pair's receive ring runs, its tap queue takes no frames (the virtio default is one pair).
     if (!this.updateAttachedQueues()) {
       this.tap.close();
+      releaseRings(this.rings);
       throw new Error(`tap ${this.tap.name}: could not detach the queues of pairs not in use`);
     }
     this.mtu = opts.mtu ?? this.tap.mtu;
@@ -86,15 +89,7 @@ export class NetDevice implements VhostUserDevice {
       (opts.offloads ? offloadFeatures(this.tap.supportedOffloads) | VIRTIO_NET_F_CTRL_GUEST_OFFLOADS : 0n);
     this.resetFilter();
     this.shared.mtu = this.mtu;
-    let io: ReturnType<typeof openPairRings>;
-    try {
-      io = openPairRings(this.pairs, opts.netIo);
-    } catch (e) {
-      this.tap.close();
-      throw e;
-    }
-    this.rings = io.rings;
-    if (io.refused !== null) log.info(`net: io_uring unavailable (${io.refused}): one writev/readv per frame`);
+    if (acquired.ringsRefused !== null) log.info(`net: io_uring unavailable (${acquired.ringsRefused}): one writev/readv per frame`);
     const runnerOptions: NetRunnerOptions = { fds: [...this.tap.fds], shared: this.shared.data, rings: this.rings };
     this.queues = new QueueService({
       entry: ctx.queueThreadEntry, device: "net", options: runnerOptions, threads: this.pairs > 1 ? this.pairs : 0, threadOf: (i) => i >> 1,
@@ -309,7 +304,7 @@ export class NetDevice implements VhostUserDevice {
     this.queues.dispose();
     this.tap.close();
     close(this.controlFd);
-    for (const r of this.rings) if (r !== null) closeRingHandle(r);
+    releaseRings(this.rings);
     this.shared.record.dispose();
   }
 }

@@ -10,7 +10,9 @@
 //
 // The batch's iovecs live in one array: frame i owns entries [start[i], start[i] + count[i]).
 // Results come back per frame, in submission order (user_data = the frame's index in the batch).
-import { IoUring, IORING_OP_WRITEV, RWF_NOWAIT, closeRingHandle, type RingHandle } from "../../ffi/io_uring.ts";
+import {
+  IoUring, IORING_OP_WRITEV, IORING_OP_READV, RWF_NOWAIT, closeRingHandle, type RingHandle, type RingRestrictions,
+} from "../../ffi/io_uring.ts";
 import { IovecArray } from "../../ffi/io.ts";
 import { ChainReader, type DescriptorChain } from "../../src/chain.ts";
 
@@ -94,9 +96,16 @@ export class TxBatch {
 const DISABLE_ENV = "BACKEND_NO_IO_URING";
 
 /**
- * The io_uring of each of `pairs` pairs (its transmit and receive batches), set up with the device
- * (before any guest asks for them), or nulls (writev/readv) for --net-io syscall. With auto, a kernel or sandbox that refuses io_uring
- * means writev; with uring it is an error. Returns also why io_uring was not used, if it was not.
+ * What a pair's ring may do: the transmit batch's WRITEVs and the receive batch's READVs, nothing
+ * else (no register call either: the batches wait in io_uring_enter). seccomp cannot see SQEs.
+ */
+export const NET_RING_RESTRICTIONS: RingRestrictions = { sqeOps: [IORING_OP_WRITEV, IORING_OP_READV], registerOps: [] };
+
+/**
+ * The io_uring of each of `pairs` pairs (its transmit and receive batches), set up in acquire
+ * (restricted: NET_RING_RESTRICTIONS), or nulls (writev/readv) for --net-io syscall. With auto, a
+ * kernel or sandbox that refuses io_uring means writev; with uring it is an error. Returns also
+ * why io_uring was not used, if it was not.
  */
 export function openPairRings(pairs: number, mode: "uring" | "syscall" | "auto"): { rings: (RingHandle | null)[]; refused: string | null } {
   const none = { rings: new Array<RingHandle | null>(pairs).fill(null), refused: null };
@@ -104,7 +113,7 @@ export function openPairRings(pairs: number, mode: "uring" | "syscall" | "auto")
   const rings: RingHandle[] = [];
   try {
     if (process.env[DISABLE_ENV] === "1") throw new Error("io_uring_setup: ENOSYS (simulated: BACKEND_NO_IO_URING=1)");
-    for (let i = 0; i < pairs; i++) rings.push(IoUring.setupHandle(TX_BATCH));
+    for (let i = 0; i < pairs; i++) rings.push(IoUring.setupHandle(TX_BATCH, NET_RING_RESTRICTIONS));
   } catch (e) {
     rings.forEach(closeRingHandle);
     const why = (e as Error).message;

@@ -14,6 +14,7 @@ import { libc, errno, close } from "../../ffi/libc.ts";
 import { eventfd } from "../../ffi/eventfd.ts";
 import { acquireDiskRings, DISK_RING_RESTRICTIONS } from "../../devices/block/disk/uring_queue.ts";
 import { acquireRawDisk, closeRawDiskResource } from "../../devices/block/disk/raw.ts";
+import { openPairRings, NET_RING_RESTRICTIONS } from "../../devices/net/uring_tx.ts";
 
 const EACCES = 13;
 const AT_FDCWD = -100;
@@ -137,6 +138,31 @@ describe("block's rings are restricted to what a disk queue submits", () => {
     const ring = IoUring.attach(back);
     expect(ring.entries).toBe(8);
     ring.close();
+  });
+});
+
+describe("net's rings likewise (READV and WRITEV only)", () => {
+  test("an OPENAT SQE on a pair's ring fails with -EACCES; no register call is allowed", () => {
+    const path = secretFile();
+    const { rings } = openPairRings(1, "uring");
+    const h = rings[0]!;
+    cleanups.push(() => closeRingHandle(h));
+    const ring = IoUring.attach(h);
+    try {
+      expect(openThrough(ring, path)).toBe(-EACCES);
+      expect(fdsOn(path)).toEqual([]);
+    } finally {
+      ring.close();
+    }
+    expect(NET_RING_RESTRICTIONS.registerOps).toEqual([]);
+    const efd = eventfd();
+    cleanups.push(() => close(efd));
+    const again = IoUring.attach(h);
+    try {
+      expect(() => again.registerEventfd(efd)).toThrow(/EACCES/);
+    } finally {
+      again.close();
+    }
   });
 });
 
