@@ -10,11 +10,12 @@
 // overruns are recovered with snd_pcm_recover and reported as XRUN.
 import * as A from "../../../ffi/alsa.ts";
 import { EPOLLIN, EPOLLOUT } from "../../../ffi/epoll.ts";
-import { hostCaps, frameBytes, rateHz, type PcmCaps } from "../formats.ts";
+import { frameBytes, rateHz } from "../formats.ts";
 import * as P from "../protocol.ts";
 import type { PcmParams } from "../stream.ts";
 import type { SndOptions, SndStreamSpec } from "../options.ts";
-import type { EngineContext, HeldBuffer, HostStreamState, SndHost, StreamEngine } from "./host.ts";
+import type { EngineContext, HeldBuffer, StreamEngine } from "./host.ts";
+import { StatelessHost } from "./stateless.ts";
 import { log } from "../../../src/log.ts";
 import { EPERM, SysError } from "../../../ffi/libc.ts";
 import type { Timer } from "../../../src/event_loop.ts";
@@ -384,27 +385,15 @@ class AlsaEngine implements StreamEngine {
   }
 }
 
-export class AlsaHost implements SndHost {
+/** Caps are hostCaps(): ALSA's plug layer converts; S24_3 is left out as the null and file backends leave it out. */
+export class AlsaHost extends StatelessHost {
   readonly kind = "alsa";
 
-  constructor(private readonly o: SndOptions) {}
-
-  caps(_s: SndStreamSpec): PcmCaps {
-    // ALSA's plug layer converts; S24_3 is left out as the null and file backends leave it out.
-    return hostCaps();
+  constructor(private readonly o: SndOptions) {
+    super(o.streams.length);
   }
 
   open(s: SndStreamSpec, params: PcmParams, ctx: EngineContext): StreamEngine {
     return new AlsaEngine(ctx, s.direction, s.direction === P.D_OUTPUT ? this.o.alsaPlayback : this.o.alsaCapture, params);
   }
-
-  suspend(): void {}
-
-  snapshot(): HostStreamState[] {
-    return this.o.streams.map(() => null);
-  }
-
-  restore(_s: unknown): void {}
-
-  dispose(): void {}
 }
