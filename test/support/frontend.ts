@@ -230,6 +230,7 @@ export class BackendUnderTest {
           resolve();
         } else if (m.type === "fatal") reject(new Error(m.message));
         else if (m.type === "finished") this.finished = true;
+        else if (m.type === "stopped") this.stopped?.();
       };
     });
     this.ready = (async () => {
@@ -253,10 +254,17 @@ export class BackendUnderTest {
     signal(this.wakeFd);
   }
 
+  /** Set while stop() waits for the device thread to say it released everything. */
+  private stopped: (() => void) | null = null;
+
   async stop(): Promise<void> {
+    // Wait for the thread's "stopped" (it has closed its fds, so an image's locks are gone) rather
+    // than a fixed pause: on a loaded machine 20 ms was not enough and a test's next qemu-img
+    // found the image still locked. A thread that never answers is terminated after 5 s.
+    const stopped = new Promise<void>((resolve) => (this.stopped = resolve));
     this.worker.postMessage({ type: "stop" } satisfies ToWorker);
     if (this.wakeFd >= 0) signal(this.wakeFd);
-    await Bun.sleep(20);
+    await Promise.race([stopped, Bun.sleep(this.wakeFd >= 0 ? 5000 : 20)]);
     this.worker.terminate();
     rmSync(this.dir, { recursive: true, force: true });
   }
