@@ -15,6 +15,7 @@
 // a flush after the write, write-zeroes by writing zero pages) or, for discard, skipped.
 import { toArrayBuffer } from "bun:ffi";
 import * as nbd from "../../../ffi/nbd.ts";
+import { EIO } from "../../../ffi/libc.ts";
 import { IovecArray } from "../../../ffi/io.ts";
 import { mmap, munmap, PROT_READ, PROT_WRITE, MAP_PRIVATE, MAP_ANONYMOUS } from "../../../ffi/mem.ts";
 import type { EventLoop } from "../../../src/event_loop.ts";
@@ -29,7 +30,6 @@ import {
 } from "./nbd_connection.ts";
 import { log } from "../../../src/log.ts";
 
-const EIO = 5;
 const EROFS = 30;
 const EOPNOTSUPP = 95;
 

@@ -19,6 +19,7 @@
 // one loop timer serves, so that drive() — the blocking path a queue being stopped takes — honours
 // them too without the loop.
 import * as nbd from "../../../ffi/nbd.ts";
+import { EIO } from "../../../ffi/libc.ts";
 import { EPOLLIN, EPOLLOUT, EPOLLHUP, EPOLLERR } from "../../../ffi/epoll.ts";
 import { ioctl } from "../../../ffi/io.ts";
 import type { EventLoop, Timer } from "../../../src/event_loop.ts";
@@ -31,7 +32,6 @@ export const NBD_TRIM = 3;
 export const NBD_ZERO = 4;
 export type NbdOp = typeof NBD_READ | typeof NBD_WRITE | typeof NBD_FLUSH | typeof NBD_TRIM | typeof NBD_ZERO;
 
-const EIO = 5;
 const ENOTCONN = 107;
 const ETIMEDOUT = 110;
 

@@ -7,11 +7,11 @@
 // best with O_DIRECT on a real disk; raw_uring.ts), as the resource's `aio` says. The rings are
 // set up with the fds, one per queue (uring_queue.ts: acquireDiskRings).
 import {
-  open, preadv, pwritev, fallocate, fdatasync, fstat, ioctl, IovecArray,
+  open, preadv, pwritev, fallocate, fdatasync, fstat, ioctl, blockDeviceSize, IovecArray,
   O_RDONLY, O_RDWR, O_DIRECT, O_CLOEXEC, S_IFMT, S_IFREG, S_IFBLK,
   FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, FALLOC_FL_ZERO_RANGE,
 } from "../../../ffi/io.ts";
-import { close, SysError, EINVAL, EOPNOTSUPP, ENOTTY, ENODEV } from "../../../ffi/libc.ts";
+import { close, SysError, EINVAL, EIO, EOPNOTSUPP, ENOTTY, ENODEV } from "../../../ffi/libc.ts";
 import { mmap, munmap, PROT_READ, MAP_PRIVATE, MAP_ANONYMOUS } from "../../../ffi/mem.ts";
 import type { EventLoop } from "../../../src/event_loop.ts";
 import { log } from "../../../src/log.ts";
@@ -24,17 +24,12 @@ import { acquireDiskRings, DEFAULT_RING_ENTRIES } from "./uring_queue.ts";
 import { closeRingHandle, type RingHandle } from "../../../ffi/io_uring.ts";
 import { ImageLock, imagePermissions, type ImageLockState } from "./lock.ts";
 
-/** 512: the sector, and the logical block size of a file. */
-const SECTOR_SIZE = 512;
-/** Linux's IOV_MAX: the most iovecs one preadv/pwritev takes (zero-page writes). */
-const IOV_MAX = 1024;
-const EIO = 5;
+import { SECTOR_SIZE, IOV_MAX } from "../config.ts";
 
 // <linux/fs.h> block device ioctls.
 const BLKSSZGET = 0x1268; // int: logical sector size
 const BLKDISCARD = 0x1277; // u64[2]: start, length
 const BLKPBSZGET = 0x127b; // unsigned int: physical sector size
-const BLKGETSIZE64 = 0x80081272; // u64: size in bytes
 
 /** Zero pages for writing zeroes where fallocate cannot: read-only anonymous memory, page-aligned (O_DIRECT-safe). */
 const ZERO_CHUNK = 64 * 1024;
@@ -107,11 +102,6 @@ export function errnoOf(e: unknown): number {
   return e instanceof SysError ? -e.errno : -EIO;
 }
 
-function readU64(bytes: Uint8Array): number {
-  const v = new DataView(bytes.buffer, bytes.byteOffset, 8);
-  return v.getUint32(0, true) + v.getUint32(4, true) * 0x1_0000_0000;
-}
-
 export class RawDisk implements Disk {
   readonly path: string;
   readonly fd: number;
@@ -155,9 +145,7 @@ export class RawDisk implements Disk {
     this.ino = st.ino;
     let physical: number;
     if (this.isBlockDevice) {
-      const u64 = new Uint8Array(8);
-      ioctl(this.fd, BLKGETSIZE64, u64);
-      this.size = readU64(u64);
+      this.size = blockDeviceSize(this.fd);
       const i32 = new Uint8Array(4);
       const v = new DataView(i32.buffer);
       ioctl(this.fd, BLKSSZGET, i32);
@@ -183,9 +171,7 @@ export class RawDisk implements Disk {
 
   currentSize(): number {
     if (!this.isBlockDevice) return fstat(this.fd).size;
-    const u64 = new Uint8Array(8);
-    ioctl(this.fd, BLKGETSIZE64, u64);
-    return readU64(u64);
+    return blockDeviceSize(this.fd);
   }
 
   attach(loop: EventLoop, options: DiskQueueOptions, handlers: DiskQueueHandlers): DiskQueue {
