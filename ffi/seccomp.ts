@@ -20,6 +20,9 @@ const sys = libc.syscall;
 const SYS_capget = 125;
 const SYS_capset = 126;
 const SYS_pivot_root = 155;
+const SYS_statfs = 137;
+const SYS_unlinkat = 263;
+const AT_REMOVEDIR = 0x200;
 const SYS_seccomp = 317;
 
 // <linux/prctl.h>
@@ -61,6 +64,10 @@ export const MS_BIND = 4096;
 export const MS_REC = 16384;
 export const MS_PRIVATE = 1 << 18;
 export const MNT_DETACH = 2;
+/** statfs(2) f_flags bits that a bind mount's remount must keep (mount flags of the same values). */
+export const ST_NOSUID = 2;
+export const ST_NODEV = 4;
+export const ST_NOEXEC = 8;
 
 export function prctl(option: number, a2 = 0, a3 = 0, a4 = 0, a5 = 0): number {
   return check(lib.symbols.prctl(option, a2, a3, a4, a5), `prctl(${option})`);
@@ -132,8 +139,9 @@ export function capset(sets: CapabilitySets): void {
   check(sys(SYS_capset, ptr(header), ptr(data), 0, 0, 0, 0), "capset");
 }
 
-export function mount(source: string, target: string, fstype: string | null, flags: number): void {
-  const r = lib.symbols.mount(Buffer.from(source + "\0"), Buffer.from(target + "\0"), fstype === null ? null : Buffer.from(fstype + "\0"), flags, null);
+/** mount(2); `data` is the filesystem's option string (tmpfs: "size=...,mode=..."). */
+export function mount(source: string, target: string, fstype: string | null, flags: number, data: string | null = null): void {
+  const r = lib.symbols.mount(Buffer.from(source + "\0"), Buffer.from(target + "\0"), fstype === null ? null : Buffer.from(fstype + "\0"), flags, data === null ? null : Buffer.from(data + "\0"));
   check(r, `mount(${target})`);
 }
 
@@ -145,6 +153,20 @@ export function pivotRoot(newRoot: string, putOld: string): void {
   const a = Buffer.from(newRoot + "\0");
   const b = Buffer.from(putOld + "\0");
   check(sys(SYS_pivot_root, ptr(a), ptr(b), 0, 0, 0, 0), "pivot_root");
+}
+
+/** statfs(2)'s f_flags for `path` (ST_* bits: how the mount holding it is mounted). */
+export function statfsFlags(path: string): number {
+  const buf = new BigInt64Array(15); // struct statfs on x86_64: 120 bytes, f_flags at offset 80
+  const p = Buffer.from(path + "\0");
+  check(sys(SYS_statfs, ptr(p), ptr(buf), 0, 0, 0, 0), `statfs(${path})`);
+  return Number(buf[10]);
+}
+
+/** unlinkat(dirFd, name, AT_REMOVEDIR): removes an empty directory named relative to `dirFd`. */
+export function rmdirAt(dirFd: number, name: string): void {
+  const p = Buffer.from(name + "\0");
+  check(sys(SYS_unlinkat, dirFd, ptr(p), AT_REMOVEDIR, 0, 0, 0), `rmdir(${name})`);
 }
 
 export function chdir(path: string): void {

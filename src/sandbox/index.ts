@@ -15,13 +15,14 @@
 import { readFileSync, readdirSync } from "node:fs";
 import { fcntl } from "../../ffi/io.ts";
 import {
-  CAP_LAST_KNOWN, CLONE_NEWIPC, CLONE_NEWNET, CLONE_NEWUTS, PR_CAPBSET_DROP, PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL,
+  CAP_LAST_KNOWN, CLONE_NEWIPC, CLONE_NEWNET, CLONE_NEWNS, CLONE_NEWUTS, PR_CAPBSET_DROP, PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL,
   PR_SET_NO_NEW_PRIVS, SECCOMP_FILTER_FLAG_TSYNC, SIG_BLOCK, SIG_UNBLOCK, capget, capset, execve, prctl, prctlRaw,
   seccompSetFilter, signalMask, unshare,
 } from "../../ffi/seccomp.ts";
 import type { HostAccess } from "../host_access.ts";
 import { log } from "../log.ts";
 import { applyLandlock, declaredGrants, removalGrants, runtimeGrants, tcpPorts } from "./landlock.ts";
+import { enterEmptyRoot, keptFiles, rootPlan } from "./mount_ns.ts";
 import { buildPolicy, keptCapabilities } from "./policy.ts";
 import { compileFilter } from "./seccomp_filter.ts";
 
@@ -103,20 +104,34 @@ export function enterSandbox(req: SandboxRequest): SandboxResult | never {
   const argv = req.argv ?? ownArgv();
   const execPath = req.execPath ?? process.execPath;
 
-  // Namespaces first: they need CAP_SYS_ADMIN, which goes next.
+  // Namespaces first: they need CAP_SYS_ADMIN, which goes next. The mount namespace is this
+  // thread's own (the other threads keep the host's until the execve ends them).
+  let mountNs = false;
   if (root) {
-    const flags = CLONE_NEWIPC | CLONE_NEWUTS | (req.access.hostNetwork ? 0 : CLONE_NEWNET);
+    const flags = CLONE_NEWNS | CLONE_NEWIPC | CLONE_NEWUTS | (req.access.hostNetwork ? 0 : CLONE_NEWNET);
     try {
       unshare(flags);
-      applied.push(req.access.hostNetwork ? "namespaces(ipc,uts)" : "namespaces(net,ipc,uts)");
+      applied.push(req.access.hostNetwork ? "namespaces(mnt,ipc,uts)" : "namespaces(mnt,net,ipc,uts)");
+      mountNs = true;
     } catch (e) {
       shortfall(req.mode, missing, `namespaces: ${(e as Error).message}`);
     }
   } else {
     shortfall(req.mode, missing, "namespaces: not root");
   }
-  // Not built yet: reported, but strict does not fail on it (Landlock confines the filesystem).
-  missing.push("empty mount namespace (not implemented; Landlock confines the filesystem)");
+  // The empty root, before Landlock: its rules are taken on the paths of the new root.
+  if (mountNs) {
+    try {
+      const r = enterEmptyRoot(rootPlan({ execPath, access: req.access, readPaths: req.readPaths, removable: req.removable, kept: keptFiles(req.keepFds) }));
+      applied.push(`empty root(${r.bound.length} binds, /proc ${r.proc})`);
+      for (const s of r.skipped) log.debug(`sandbox: not in the new root (absent): ${s}`);
+    } catch (e) {
+      shortfall(req.mode, missing, `empty mount namespace: ${(e as Error).message}`);
+    }
+  } else {
+    log.info("sandbox: no empty mount namespace (not root): Landlock alone confines the filesystem");
+    missing.push("empty mount namespace (not root; Landlock confines the filesystem)");
+  }
 
   // Capabilities: an empty bounding set means the execve grants none, even to root (but those a
   // declared group keeps: the net device's CAP_NET_ADMIN).

@@ -6,7 +6,7 @@ import { ptr } from "bun:ffi";
 import { libc, errno, errnoName } from "../../ffi/libc.ts";
 
 export const PROBES = [
-  "open-shadow", "create-tmp", "exec-true", "connect-unix-path", "connect-unix-abstract", "socket-inet",
+  "open-shadow", "open-passwd", "create-tmp", "exec-true", "connect-unix-path", "connect-unix-abstract", "socket-inet",
   "ptrace-parent", "signal-parent", "open-tun", "io-uring-setup",
 ] as const;
 export type ProbeName = (typeof PROBES)[number];
@@ -70,6 +70,9 @@ export function runProbe(probe: ProbeName, target: { unixPath: string; abstractN
   switch (probe) {
     case "open-shadow":
       return outcome(probe, libc.open(cstr("/etc/shadow"), O_RDONLY | O_CLOEXEC, 0), "open(/etc/shadow)", (fd) => libc.close(fd));
+    case "open-passwd":
+      // Readable by anyone on the host: only the sandbox stops it (Landlock: EACCES; the empty root: ENOENT).
+      return outcome(probe, libc.open(cstr("/etc/passwd"), O_RDONLY | O_CLOEXEC, 0), "open(/etc/passwd)", (fd) => libc.close(fd));
     case "create-tmp": {
       const path = `${target.tmpDir}/sandbox-probe-${process.pid}`;
       return outcome(probe, libc.open(cstr(path), O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0o600), `open(${path}, O_CREAT)`, (fd) => {

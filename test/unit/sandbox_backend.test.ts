@@ -5,7 +5,7 @@
 // can fail). net runs under `ip netns exec` on a tap in a throwaway namespace, one probe at a time
 // (a single-queue tap takes one backend).
 import { afterAll, beforeAll, describe, expect, test } from "bun:test";
-import { mkdtempSync, rmSync, writeFileSync, mkdirSync } from "node:fs";
+import { existsSync, lstatSync, mkdtempSync, readdirSync, rmSync, writeFileSync, mkdirSync } from "node:fs";
 import { createServer, type Server } from "node:net";
 import { constants, tmpdir } from "node:os";
 import { join } from "node:path";
@@ -61,7 +61,8 @@ async function probe(device: string, mode: string, name: ProbeName | "status", a
   if (name === "status") return { verdict: out === null ? `no output: ${stderr.slice(-300)}` : "status", out };
   if (res === undefined) return { verdict: `no result (exit ${p.exitCode}, ${p.signalCode}): ${stderr.slice(-300)}`, out };
   if (res.allowed) return { verdict: "allowed", out };
-  return { verdict: /EACCES|EPERM/.test(res.detail) ? "denied" : `failed otherwise: ${res.detail}`, out };
+  // EACCES (Landlock), EPERM (seccomp errno, scopes), ENOENT and EROFS (the empty root).
+  return { verdict: /EACCES|EPERM|ENOENT|EROFS/.test(res.detail) ? "denied" : `failed otherwise: ${res.detail}`, out };
 }
 
 /**
@@ -82,6 +83,29 @@ describe.each(Object.keys(DEVICES))("%s under --sandbox auto", (device) => {
     expect(out.threads.length).toBeGreaterThan(2);
     for (const t of out.threads) expect(`${t.tid}: ${t.noNewPrivs} ${t.seccomp} ${t.capEff}`).toBe(`${t.tid}: 1 2 0`);
   });
+});
+
+test("as root the serving process's root holds only what it needs: the binary, its libraries, /etc's two files, /dev's three, the sources, the socket's directory", async () => {
+  const sock = join(dir, "root-view.sock");
+  const p = Bun.spawn([process.execPath, MAIN, "device", "console", "--socket", sock], { stdout: "ignore", stderr: "pipe" });
+  try {
+    const deadline = Date.now() + 30000;
+    while (!existsSync(sock) && Date.now() < deadline) await Bun.sleep(20);
+    expect(existsSync(sock)).toBe(true);
+    const top = (path: string) => path.split("/")[1]!;
+    const hostLinks = ["lib", "lib64"].filter((l) => lstatSync(`/${l}`, { throwIfNoEntry: false }) !== undefined);
+    const expected = new Set(["dev", "etc", "proc", "sys", "usr", ...hostLinks, top(process.execPath), top(join(import.meta.dir, "../..")), top(dir)]);
+    const root = `/proc/${p.pid}/root`;
+    expect(readdirSync(root).sort()).toEqual([...expected].sort());
+    expect(readdirSync(`${root}/etc`).sort()).toEqual(["ld.so.cache", "localtime"]);
+    expect(readdirSync(`${root}/dev`).sort()).toEqual(["null", "urandom", "zero"]);
+    expect(existsSync(`${root}/etc/passwd`)).toBe(false);
+    expect(existsSync(`${root}${sock}`)).toBe(true);
+  } finally {
+    p.kill("SIGTERM");
+    await p.exited;
+  }
+  expect(existsSync(sock)).toBe(false); // removed at exit, from inside
 });
 
 test("with --sandbox none the same probes succeed and no thread is confined", async () => {

@@ -71,8 +71,9 @@ function verdict(probe: ProbeName, r: Run): "denied" | "allowed" | string {
   const res = r.out?.results?.[0];
   if (res === undefined) return `no result (exit ${r.exitCode}, signal ${r.signal}): ${r.stderr.slice(-400)}`;
   if (res.allowed) return "allowed";
-  // Only the sandbox's answers count as denials: EACCES (Landlock), EPERM (seccomp errno, scopes).
-  return /EACCES|EPERM/.test(res.detail) ? "denied" : `failed otherwise: ${res.detail}`;
+  // Only the sandbox's answers count as denials: EACCES (Landlock), EPERM (seccomp errno, scopes),
+  // ENOENT and EROFS (the empty root: the path is not there, or its directory is read-only).
+  return /EACCES|EPERM|ENOENT|EROFS/.test(res.detail) ? "denied" : `failed otherwise: ${res.detail}`;
 }
 
 describe.each(["main", "worker"])("probes on the %s thread", (where) => {
@@ -87,7 +88,7 @@ test("every thread: NoNewPrivs 1, Seccomp 2, CapEff 0, after a Worker started; t
   expect(r.exitCode).toBe(0);
   expect(r.out.threads.length).toBeGreaterThan(1);
   for (const t of r.out.threads) expect({ tid: t.tid, noNewPrivs: t.noNewPrivs, seccomp: t.seccomp, capEff: t.capEff }).toEqual({ tid: t.tid, noNewPrivs: 1, seccomp: 2, capEff: "0" });
-  expect(r.out.applied).toEqual(expect.arrayContaining(["no_new_privs", "capabilities", "seccomp", "namespaces(net,ipc,uts)"]));
+  expect(r.out.applied).toEqual(expect.arrayContaining(["no_new_privs", "capabilities", "seccomp", "namespaces(mnt,net,ipc,uts)"]));
   if (landlockAbi() >= 1) expect(r.out.applied.some((l: string) => l.startsWith("landlock("))).toBe(true);
   expect(readFileSync(join(dir, "kept.log"), "utf8")).toContain("served by");
   // And none of it without the sandbox.
@@ -108,4 +109,14 @@ test("strict fails at startup when a layer cannot be applied (not root: no names
   const strictRoot = run(["strict", "status"]);
   if (landlockAbi() >= 6) expect(strictRoot.exitCode).toBe(0);
   else expect(strictRoot.stderr).toContain("--sandbox strict: landlock");
+});
+
+test("as root the filesystem is an empty root: /etc/passwd is absent (ENOENT); without root Landlock alone refuses it (EACCES)", () => {
+  const asRoot = run(["auto", "open-passwd"]);
+  expect(asRoot.out.applied.some((l: string) => l.startsWith("empty root("))).toBe(true);
+  expect(asRoot.out.results[0].detail).toBe("open(/etc/passwd): ENOENT");
+  const nobody = run(["auto", "open-passwd"], ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]);
+  expect(nobody.out.missing).toEqual(expect.arrayContaining([expect.stringContaining("empty mount namespace (not root")]));
+  if (landlockAbi() >= 1) expect(nobody.out.results[0].detail).toBe("open(/etc/passwd): EACCES");
+  expect(run(["none", "open-passwd"]).out.results[0].allowed).toBe(true);
 });
