@@ -47,10 +47,10 @@ export function mappedLibraries(maps = readFileSync("/proc/self/maps", "utf8")):
 }
 
 /**
- * The regular files and block devices behind the descriptors kept across the execve (a disk
- * image, a console's input file), at the path they were opened by, writable when the descriptor
- * is: the re-exec'd image parses the same command line, and its checks stat those paths. Their
- * contents are no new access (the process holds them open); Landlock still refuses a new open.
+ * The files and devices behind the descriptors kept across the execve (a disk image, a console's
+ * input file or terminal, net's /dev/net/tun), at the path they were opened by, writable when the
+ * descriptor is: the re-exec'd image parses the same command line, and its checks stat those
+ * paths. No new access (the process holds them open); Landlock still refuses a new open.
  */
 export function keptFiles(fds: readonly number[]): Bind[] {
   const binds: Bind[] = [];
@@ -59,7 +59,7 @@ export function keptFiles(fds: readonly number[]): Bind[] {
       const path = readlinkSync(`/proc/self/fd/${fd}`);
       if (!path.startsWith("/")) continue; // sockets, pipes, anonymous inodes
       const st = statSync(`/proc/self/fd/${fd}`);
-      if (!st.isFile() && !st.isBlockDevice()) continue;
+      if (!st.isFile() && !st.isBlockDevice() && !st.isCharacterDevice()) continue;
       const there = statSync(path, { throwIfNoEntry: false });
       if (there === undefined || there.ino !== st.ino || there.dev !== st.dev) continue; // renamed or removed since: not by that name
       const flags = Number.parseInt(/^flags:\s*([0-7]+)/m.exec(readFileSync(`/proc/self/fdinfo/${fd}`, "utf8"))?.[1] ?? "0", 8);
