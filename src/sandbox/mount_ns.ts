@@ -180,6 +180,31 @@ function materialize(root: string, path: string, leaf = true): string | null {
   return cur === "" ? "/" : cur;
 }
 
+/** The one directory every backend builds its root on, each in its own mount namespace. */
+const BUILD_DIRECTORY = "/run/vhost-backend-root";
+
+/**
+ * Where the new root is built: a mount point in this namespace only, shadowing nothing the binds
+ * read. One fixed, root-owned directory that is never removed — a directory per start cannot be
+ * removed after the pivot (it is still a mount point in the detached old tree: EBUSY), and every
+ * start left one behind in /tmp. A fresh temporary directory when the fixed one cannot be made or
+ * trusted (no /run; not a root-owned directory that only root may write).
+ */
+function buildDirectory(): { path: string; temporary: boolean } {
+  try {
+    try {
+      mkdirSync(BUILD_DIRECTORY, 0o700);
+    } catch (e) {
+      if ((e as NodeJS.ErrnoException).code !== "EEXIST") throw e;
+    }
+    const st = lstatSync(BUILD_DIRECTORY);
+    if (st.isDirectory() && st.uid === 0 && (st.mode & 0o022) === 0) return { path: BUILD_DIRECTORY, temporary: false };
+  } catch {
+    // no /run, or not ours: a temporary directory
+  }
+  return { path: mkdtempSync(join(tmpdir(), "vhost-backend-root-")), temporary: true };
+}
+
 /**
  * Builds the new root from `plan` and pivots into it; the calling thread must already be in its
  * own mount namespace with CAP_SYS_ADMIN. Afterwards "/" is the tmpfs (read-only), the host's tree
@@ -188,9 +213,7 @@ function materialize(root: string, path: string, leaf = true): string | null {
  */
 export function enterEmptyRoot(plan: RootPlan, cwd = process.cwd()): EmptyRootResult {
   mount("none", "/", null, MS_REC | MS_PRIVATE);
-  // Built on a fresh empty directory (a mount point in this namespace only, shadowing nothing the
-  // binds read), removed from the host once the pivot has moved the tmpfs off it.
-  const buildAt = mkdtempSync(join(tmpdir(), "vhost-backend-root-"));
+  const { path: buildAt, temporary } = buildDirectory();
   const parentFd = openSync(dirname(buildAt), O_PATH | O_DIRECTORY);
   const bound: string[] = [];
   const skipped: string[] = [];
@@ -198,7 +221,7 @@ export function enterEmptyRoot(plan: RootPlan, cwd = process.cwd()): EmptyRootRe
   try {
     mount("tmpfs", buildAt, "tmpfs", MS_NOSUID | MS_NODEV, "size=64k,nr_inodes=1024,mode=0755");
   } catch (e) {
-    rmdirSync(buildAt);
+    if (temporary) rmdirSync(buildAt);
     closeSync(parentFd);
     throw e;
   }
@@ -227,7 +250,7 @@ export function enterEmptyRoot(plan: RootPlan, cwd = process.cwd()): EmptyRootRe
     mount("none", buildAt, null, MS_REMOUNT | MS_RDONLY | MS_NOSUID | MS_NODEV);
   } catch (e) {
     umount2(buildAt, MNT_DETACH);
-    rmdirSync(buildAt);
+    if (temporary) rmdirSync(buildAt);
     closeSync(parentFd);
     throw e;
   }
@@ -237,9 +260,11 @@ export function enterEmptyRoot(plan: RootPlan, cwd = process.cwd()): EmptyRootRe
   umount2(".", MNT_DETACH);
   chdir("/");
   try {
-    rmdirAt(parentFd, basename(buildAt));
+    // Only a temporary directory is removed, and usually cannot be (EBUSY: it is still a mount
+    // point in the detached old tree); the fixed one is meant to stay.
+    if (temporary) rmdirAt(parentFd, basename(buildAt));
   } catch {
-    // an empty directory left in the host's temporary directory: harmless
+    // an empty directory left in the host's temporary directory
   } finally {
     closeSync(parentFd);
   }

@@ -86,15 +86,23 @@ describe.each(Object.keys(DEVICES))("%s under --sandbox auto", (device) => {
 });
 
 test("as root the serving process's root holds only what it needs: the binary, its libraries, /etc's two files, /dev's three, the sources, the socket's directory", async () => {
-  const sock = join(dir, "root-view.sock");
-  const p = Bun.spawn([process.execPath, MAIN, "device", "console", "--socket", sock], { stdout: "ignore", stderr: "pipe" });
+  // The socket right in the temporary directory, the root's build directory's parent: that bind
+  // carried the build directory's mount into the new root, which then could not remove it, and
+  // every start left an empty directory in /tmp. Building the root must leave nothing behind.
+  const sock = join(tmpdir(), `root-view-${process.pid}.sock`);
+  const buildDirs = () => readdirSync(tmpdir()).filter((n) => n.startsWith("vhost-backend-root-")).sort();
+  const before = buildDirs();
+  // The compiled binary when it is built (what users run; from sources the directory happened to go).
+  const bin = join(import.meta.dir, "../../dist/backend");
+  const argv = existsSync(bin) ? [bin] : [process.execPath, MAIN];
+  const p = Bun.spawn([...argv, "device", "console", "--socket", sock], { stdout: "ignore", stderr: "pipe", cwd: tmpdir() });
   try {
     const deadline = Date.now() + 30000;
     while (!existsSync(sock) && Date.now() < deadline) await Bun.sleep(20);
     expect(existsSync(sock)).toBe(true);
     const top = (path: string) => path.split("/")[1]!;
     const hostLinks = ["lib", "lib64"].filter((l) => lstatSync(`/${l}`, { throwIfNoEntry: false }) !== undefined);
-    const expected = new Set(["dev", "etc", "proc", "sys", "usr", ...hostLinks, top(process.execPath), top(join(import.meta.dir, "../..")), top(dir)]);
+    const expected = new Set(["dev", "etc", "proc", "sys", "usr", ...hostLinks, top(argv[0]!), ...(argv.length > 1 ? [top(join(import.meta.dir, "../.."))] : []), top(dir)]);
     const root = `/proc/${p.pid}/root`;
     expect(readdirSync(root).sort()).toEqual([...expected].sort());
     expect(readdirSync(`${root}/etc`).sort()).toEqual(["ld.so.cache", "localtime"]);
@@ -106,6 +114,7 @@ test("as root the serving process's root holds only what it needs: the binary, i
     await p.exited;
   }
   expect(existsSync(sock)).toBe(false); // removed at exit, from inside
+  expect(buildDirs()).toEqual(before);
 });
 
 test("with --sandbox none the same probes succeed and no thread is confined", async () => {
