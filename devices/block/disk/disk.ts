@@ -23,7 +23,7 @@
 // and completes the request once; a network client (NBD, RBD) registers its socket or eventfd on
 // the loop in `attach` and completes requests as replies arrive. Flush ordering: a flush covers at
 // least every write that completed before the flush was started.
-import type { IovecArray } from "../../../ffi/io.ts";
+import { IovecArray } from "../../../ffi/io.ts";
 import type { EventLoop } from "../../../src/event_loop.ts";
 
 /** What identifies the backing store across save and restore, independent of its contents and of
@@ -55,6 +55,15 @@ export interface DiskRequest {
    * starting the operation; the disk may consume it (advance past a short transfer). At most
    * `segMax` entries. */
   readonly iov: IovecArray;
+}
+
+/** The one slot of a queue that completes every request before start returns (depth 1, id 0). */
+export class SynchronousSlot implements DiskRequest {
+  readonly id = 0;
+  readonly iov: IovecArray;
+  constructor(segMax: number) {
+    this.iov = new IovecArray(segMax);
+  }
 }
 
 export interface DiskQueueHandlers {

@@ -16,7 +16,7 @@ import { mmap, munmap, PROT_READ, MAP_PRIVATE, MAP_ANONYMOUS } from "../../../ff
 import type { EventLoop } from "../../../src/event_loop.ts";
 import { log } from "../../../src/log.ts";
 import {
-  ZERO_UNMAP, ZERO_MAY_FAIL_FAST, ZERO_FUA,
+  ZERO_UNMAP, ZERO_MAY_FAIL_FAST, ZERO_FUA, SynchronousSlot,
   type Disk, type DiskIdentity, type DiskQueue, type DiskQueueHandlers, type DiskQueueOptions, type DiskRequest, type DiskResource,
 } from "./disk.ts";
 import { UringRawQueue } from "./raw_uring.ts";
@@ -352,24 +352,16 @@ export function openRawDisk(resource: RawDiskResource, owner: boolean): RawDisk 
   return new RawDisk(resource, owner);
 }
 
-/** A request slot of the synchronous queue. */
-class SyncSlot implements DiskRequest {
-  readonly id = 0;
-  readonly iov: IovecArray;
-  constructor(segMax: number) {
-    this.iov = new IovecArray(segMax);
-  }
-}
 
 /**
  * A queue served synchronously: every operation runs and completes (through `done`) inside its
  * call, so one slot is enough and nothing is ever in flight between calls.
  */
 export class SyncRawQueue implements DiskQueue {
-  private readonly slot: SyncSlot;
+  private readonly slot: SynchronousSlot;
   readonly inFlight = 0;
   constructor(private readonly disk: RawDisk, options: DiskQueueOptions, private readonly handlers: DiskQueueHandlers) {
-    this.slot = new SyncSlot(options.segMax);
+    this.slot = new SynchronousSlot(options.segMax);
   }
   next(): DiskRequest {
     return this.slot;

@@ -15,7 +15,7 @@ import type { EventLoop } from "../../../../src/event_loop.ts";
 import { log } from "../../../../src/log.ts";
 import { RateLimitedLog } from "../../../../src/guest_errors.ts";
 import {
-  ZERO_UNMAP, ZERO_MAY_FAIL_FAST, ZERO_FUA,
+  ZERO_UNMAP, ZERO_MAY_FAIL_FAST, ZERO_FUA, SynchronousSlot,
   type Disk, type DiskIdentity, type DiskQueue, type DiskQueueHandlers, type DiskQueueOptions, type DiskRequest, type DiskResource,
 } from "../disk.ts";
 import { ImageFile, zeroIov } from "./file.ts";
@@ -258,20 +258,13 @@ export function openQcow2Disk(resource: Qcow2DiskResource, owner: boolean): Qcow
   return new Qcow2Disk(resource, owner);
 }
 
-class Qcow2Slot implements DiskRequest {
-  readonly id = 0;
-  readonly iov: IovecArray;
-  constructor(segMax: number) {
-    this.iov = new IovecArray(segMax);
-  }
-}
 
 /** A queue served synchronously: each operation completes (through `done`) inside its call. */
 class Qcow2Queue implements DiskQueue {
-  private readonly slot: Qcow2Slot;
+  private readonly slot: SynchronousSlot;
   readonly inFlight = 0;
   constructor(private readonly disk: Qcow2Disk, options: DiskQueueOptions, private readonly handlers: DiskQueueHandlers) {
-    this.slot = new Qcow2Slot(options.segMax);
+    this.slot = new SynchronousSlot(options.segMax);
   }
   next(): DiskRequest {
     return this.slot;
