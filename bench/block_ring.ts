@@ -7,7 +7,7 @@
  * No TCG guest in the way, so the backends' host CPU per I/O is measured with little noise, and two
  * builds of ours can be compared back to back (`--ours-bin`) alongside qemu-storage-daemon.
  *
- *   bun run bench:block-ring [--rounds 5] [--seconds 3] [--jobs a,b] [--ours-bin label=PATH ...] [--format raw|qcow2|qcow2-empty]
+ *   bun run bench:block-ring [--rounds 5] [--seconds 3] [--jobs a,b] [--ours-bin label=PATH ...] [--format raw|qcow2|qcow2-empty|nbd]
  *                            [--no-qsd] [--qsd PATH] [--perf-stat] [--perf]
  *
  * Per job and backend it prints the median IOPS and host CPU µs per I/O (utime+stime of the whole
@@ -28,7 +28,7 @@ import { VIRTIO_F_EVENT_IDX, VIRTIO_F_INDIRECT_DESC, VIRTIO_F_VERSION_1 } from "
 import { VIRTQ_DESC_F_INDIRECT, VIRTQ_DESC_F_NEXT, VIRTQ_DESC_F_WRITE } from "../src/ring.ts";
 import { VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT } from "../devices/block/config.ts";
 import { FrontendConnection, GuestRam, Req, RING_PACKED, u64, vringAddr, vringState, memTable } from "../test/support/frontend.ts";
-import { cpuTicks, CLK_TCK, createImage, startOurs, startQsd, type Backend } from "./lib/backends.ts";
+import { cpuTicks, CLK_TCK, createImage, startNbdServer, startOurs, startQsd, type Backend, type NbdServer } from "./lib/backends.ts";
 import { fmt, median, table } from "./lib/stats.ts";
 import { jitDumpEnv, startPerf } from "./lib/perf.ts";
 
@@ -45,6 +45,7 @@ const JOBS: Job[] = [
   { name: "randread-4k-qd32", write: false, bs: 4096, qd: 32, sequential: false },
   { name: "randread-4k-qd1", write: false, bs: 4096, qd: 1, sequential: false },
   { name: "randwrite-4k-qd32", write: true, bs: 4096, qd: 32, sequential: false },
+  { name: "randwrite-4k-qd1", write: true, bs: 4096, qd: 1, sequential: false },
   { name: "read-128k-qd32", write: false, bs: 131072, qd: 32, sequential: true },
 ];
 
@@ -145,8 +146,11 @@ class RingDriver {
     if (job.write) this.ram.u8.fill(0xa5, s.data, s.data + job.bs);
   }
 
-  /** Runs `job` for `seconds`; returns the number of I/Os completed and the backend CPU ticks spent. */
-  run(job: Job, seconds: number, pid: number, seed: number): { ios: number; ticks: number; errors: number } {
+  /**
+   * Runs `job` for `seconds`; returns the number of I/Os completed and the CPU ticks spent by the
+   * backend (`pid`) and by the server behind it (`serverPid`, the NBD server; 0 when there is none).
+   */
+  run(job: Job, seconds: number, pid: number, seed: number, serverPid = 0): { ios: number; ticks: number; serverTicks: number; errors: number } {
     for (let i = 0; i < job.qd; i++) this.prepare(i, job);
     const dv = this.ram.dv;
     const u16 = this.ram.u16;
@@ -182,6 +186,7 @@ class RingDriver {
     let old = this.availIdx;
     for (let i = 0; i < job.qd; i++) submit(i);
     const t0 = cpuTicks(pid);
+    const s0 = serverPid > 0 ? cpuTicks(serverPid) : 0;
     const deadline = performance.now() + seconds * 1000;
     let ios = 0;
     let errors = 0;
@@ -227,7 +232,8 @@ class RingDriver {
       }
     }
     const ticks = cpuTicks(pid) - t0;
-    return { ios, ticks, errors };
+    const serverTicks = serverPid > 0 ? cpuTicks(serverPid) - s0 : 0;
+    return { ios, ticks, serverTicks, errors };
   }
 
   dispose(): void {
@@ -267,11 +273,13 @@ async function main(): Promise<void> {
   const seconds = Number(a.seconds);
   const jobs = a.jobs ? a.jobs.split(",").map((n) => JOBS.find((j) => j.name === n) ?? fail(`unknown job ${n}`)) : JOBS;
   const imageBytes = Number(a["image-mib"]) << 20;
-  // raw; qcow2 (64 KiB clusters, every cluster allocated up front); qcow2-empty (allocates as it goes).
+  // raw; qcow2 (64 KiB clusters, every cluster allocated up front); qcow2-empty (allocates as it goes);
+  // nbd (one raw image behind one qemu-nbd on a unix socket, the same export for every backend).
   const format = a.format!;
-  if (!["raw", "qcow2", "qcow2-empty"].includes(format)) fail(`--format ${format}: raw, qcow2 or qcow2-empty`);
+  if (!["raw", "qcow2", "qcow2-empty", "nbd"].includes(format)) fail(`--format ${format}: raw, qcow2, qcow2-empty or nbd`);
+  const nbdTarget = format === "nbd";
   const makeImage = (path: string) => {
-    if (format === "raw") return createImage(path, imageBytes);
+    if (format === "raw" || format === "nbd") return createImage(path, imageBytes);
     rmSync(path, { force: true });
     const prealloc = format === "qcow2" ? ",preallocation=falloc" : "";
     const r = Bun.spawnSync(["qemu-img", "create", "-q", "-f", "qcow2", "-o", `cluster_size=65536${prealloc}`, path, String(imageBytes)], { stderr: "pipe" });
@@ -312,20 +320,39 @@ async function main(): Promise<void> {
     contenders.push({
       label: "qsd",
       ours: false,
-      start: (socket, image) => startQsd("qsd", { qsd, aio: "threads", iothread: false, image, socket, numQueues: 1, queueSize: QUEUE_SIZE, format: format === "raw" ? "raw" : "qcow2" }),
+      start: (socket, image) =>
+        startQsd("qsd", {
+          qsd,
+          aio: "threads",
+          iothread: false,
+          image,
+          socket,
+          numQueues: 1,
+          queueSize: QUEUE_SIZE,
+          format: format === "qcow2" || format === "qcow2-empty" ? "qcow2" : "raw",
+          nbd: nbdTarget ? { socket: join(dir, "nbd.sock"), exportName: "bench" } : undefined,
+        }),
     });
   }
 
   const dir = mkdtempSync(join(tmpdir(), "bench-ring-"));
   const live: { c: Contender; b: Backend; d: RingDriver }[] = [];
+  let server: NbdServer | null = null;
+  const NBD_IMAGE = "/dev/shm/bench-ring-nbd.img";
   try {
+    if (nbdTarget) {
+      makeImage(NBD_IMAGE);
+      server = await startNbdServer(NBD_IMAGE, join(dir, "nbd.sock"), "bench");
+    }
     for (const [i, c] of contenders.entries()) {
-      const image = `/dev/shm/bench-ring-${i}.img`;
-      makeImage(image);
+      // NBD: every backend serves the one export (ours by its URI, qsd through its nbd driver).
+      const image = server !== null ? server.uri : `/dev/shm/bench-ring-${i}.img`;
+      if (server === null) makeImage(image);
       const b = await c.start(join(dir, `${i}.sock`), image);
       live.push({ c, b, d: new RingDriver(b.socket, imageBytes) });
     }
     console.log(`block ring bench: ${rounds} rounds × ${seconds} s per job and backend; CLK_TCK ${CLK_TCK}`);
+    if (server !== null) console.log(`  NBD server (pid ${server.pid}): ${server.argv.join(" ")}`);
     for (const l of live) console.log(`  ${l.c.label}: ${l.b.argv.join(" ")}`);
     const perfs = a.perf
       ? live.filter((l) => l.c.ours).map((l) => {
@@ -333,24 +360,26 @@ async function main(): Promise<void> {
           return { label: l.c.label, out, rec: startPerf(l.b.pid, out, join(resultsDir, `block-ring-${stamp}-${l.c.label}-jitdump`)) };
         })
       : [];
-    const results = new Map<string, { iops: number[]; cpu: number[]; rounds: number[]; errors: number }>();
+    const results = new Map<string, { iops: number[]; cpu: number[]; serverCpu: number[]; rounds: number[]; errors: number }>();
     const counters: { job: string; label: string; ios: number; syscalls: number; switches: number }[] = [];
     for (let round = 0; round < rounds; round++) {
       for (const job of jobs) {
         const order = live.map((_, i) => live[(i + round) % live.length]!);
         for (const l of order) {
           l.b.assertAlive();
+          server?.assertAlive();
           const stat = a["perf-stat"] ? await PerfStat.attach(l.b.pid, dir) : null;
-          const r = l.d.run(job, seconds, l.b.pid, 1 + round * 7919);
+          const r = l.d.run(job, seconds, l.b.pid, 1 + round * 7919, server?.pid ?? 0);
           if (stat !== null) {
             const c = await stat.finish();
             counters.push({ job: job.name, label: l.c.label, ios: r.ios, ...c });
           }
           const key = `${job.name}\0${l.c.label}`;
-          const acc = results.get(key) ?? { iops: [], cpu: [], rounds: [], errors: 0 };
+          const acc = results.get(key) ?? { iops: [], cpu: [], serverCpu: [], rounds: [], errors: 0 };
           acc.iops.push(r.ios / seconds);
           acc.rounds.push(round);
           acc.cpu.push(((r.ticks / CLK_TCK) * 1e6) / r.ios);
+          acc.serverCpu.push(((r.serverTicks / CLK_TCK) * 1e6) / r.ios);
           acc.errors += r.errors;
           results.set(key, acc);
         }
@@ -379,11 +408,13 @@ async function main(): Promise<void> {
           l.c.label === base ? "1.00" : fmt(cpu / median(b.cpu), 3),
           // Ratios of samples taken in the same round (back to back): cancels slow drift of the host.
           l.c.label === base ? "1.00" : fmt(median(r.cpu.map((c, i) => c / b.cpu[b.rounds.indexOf(r.rounds[i]!)]!)), 3),
+          ...(server !== null ? [fmt(median(r.serverCpu), 2)] : []),
           String(r.errors),
         ]);
       }
     }
-    console.log(table(["job", "backend", "IOPS", "CPU µs/IO", "range", `IOPS/${base}`, `CPU/${base}`, "paired", "errors"], rows));
+    // The NBD server's CPU is common to both backends (what each one's requests cost it): not in theirs.
+    console.log(table(["job", "backend", "IOPS", "CPU µs/IO", "range", `IOPS/${base}`, `CPU/${base}`, "paired", ...(server !== null ? ["server µs/IO"] : []), "errors"], rows));
     if (counters.length > 0) {
       const crow: string[][] = [];
       for (const job of jobs) {
@@ -400,8 +431,10 @@ async function main(): Promise<void> {
       l.d.dispose();
       await l.b.stop();
     }
+    await server?.stop();
     rmSync(dir, { recursive: true, force: true });
     for (let i = 0; i < contenders.length; i++) rmSync(`/dev/shm/bench-ring-${i}.img`, { force: true });
+    rmSync(NBD_IMAGE, { force: true });
   }
 }
 

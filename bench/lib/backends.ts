@@ -3,6 +3,8 @@
 import type { Subprocess } from "bun";
 import { existsSync, readdirSync, readFileSync, rmSync, statSync } from "node:fs";
 import { join } from "node:path";
+import { connectBlocking } from "../../devices/block/disk/nbd_connection.ts";
+import { closeHandle } from "../../ffi/nbd.ts";
 
 /** Clock ticks per second for /proc/PID/stat's utime/stime (USER_HZ; 100 on every Linux we know). */
 export const CLK_TCK = (() => {
@@ -73,6 +75,8 @@ export interface QsdOptions extends BackendOptions {
   iothread: boolean;
   /** The image's format: raw (default: the file driver alone) or qcow2 (the qcow2 driver over it). */
   format?: "raw" | "qcow2";
+  /** Serve an NBD export instead of `image` (QEMU's nbd driver, the export on a unix socket). */
+  nbd?: { socket: string; exportName: string };
 }
 
 export async function startOurs(label: BackendKind, o: OursOptions): Promise<Backend> {
@@ -95,7 +99,9 @@ export async function startQsd(label: BackendKind, o: QsdOptions): Promise<Backe
     ...(o.iothread ? ["--object", "iothread,id=io0"] : []),
     // driver=file directly (no raw format layer on top): the same raw image ours serves.
     // cache.direct=off: buffered, like ours without --direct (and O_DIRECT on tmpfs is moot anyway).
-    "--blockdev", o.format === "qcow2"
+    "--blockdev", o.nbd !== undefined
+      ? `driver=nbd,node-name=f,server.type=unix,server.path=${o.nbd.socket},export=${o.nbd.exportName}`
+      : o.format === "qcow2"
       ? `driver=qcow2,node-name=f,file.driver=file,file.filename=${o.image},file.cache.direct=off,file.aio=${o.aio}`
       : `driver=file,node-name=f,filename=${o.image},cache.direct=off,aio=${o.aio}`,
     "--export",
@@ -162,6 +168,69 @@ async function spawnBackend(
     await Bun.sleep(20);
   }
   return b;
+}
+
+/** An NBD server for both backends: qemu-nbd exporting `image` (raw) on a unix socket. */
+export interface NbdServer {
+  pid: number;
+  socket: string;
+  exportName: string;
+  /** `nbd+unix:///EXPORT?socket=PATH`, what ours takes as --file. */
+  uri: string;
+  argv: string[];
+  assertAlive(): void;
+  stop(): Promise<void>;
+}
+
+/**
+ * qemu-nbd with the settings a host would serve a shared disk with: the raw image buffered
+ * (writeback, thread-pool AIO, qemu-nbd's defaults), several clients at once (`-e`: ours and qsd
+ * each connect; one client at a time runs I/O), persistent (`-t`).
+ */
+export async function startNbdServer(image: string, socket: string, exportName: string): Promise<NbdServer> {
+  rmSync(socket, { force: true });
+  const argv = ["qemu-nbd", "-f", "raw", "-k", socket, "-x", exportName, "-e", "8", "-t", "--cache=writeback", "--discard=unmap", image];
+  const proc = Bun.spawn(argv, { stdin: "ignore", stdout: "ignore", stderr: "pipe" });
+  let out = "";
+  void (async () => {
+    const d = new TextDecoder();
+    for await (const b of proc.stderr as ReadableStream<Uint8Array>) out += d.decode(b, { stream: true });
+  })();
+  const assertAlive = () => {
+    if (proc.exitCode !== null || proc.signalCode !== null) throw new Error(`qemu-nbd died: exit ${proc.exitCode} signal ${proc.signalCode}\n${tail(out, 20)}`);
+  };
+  const uri = `nbd+unix:///${exportName}?socket=${socket}`;
+  // The socket file exists from bind(), before listen(): wait until a client gets through the handshake.
+  const deadline = Date.now() + 15_000;
+  for (;;) {
+    assertAlive();
+    if (existsSync(socket)) {
+      try {
+        closeHandle(connectBlocking(uri));
+        break;
+      } catch {
+        // not accepting yet
+      }
+    }
+    if (Date.now() > deadline) {
+      proc.kill("SIGKILL");
+      throw new Error(`qemu-nbd did not serve ${uri} within 15 s\n${tail(out, 20)}`);
+    }
+    await Bun.sleep(20);
+  }
+  return {
+    pid: proc.pid,
+    socket,
+    exportName,
+    uri,
+    argv,
+    assertAlive,
+    async stop() {
+      if (proc.exitCode !== null || proc.signalCode !== null) return;
+      proc.kill("SIGTERM");
+      await proc.exited;
+    },
+  };
 }
 
 /**
