@@ -61,6 +61,8 @@ APT_PACKAGES+=(alsa-utils libasound2 libasound2-plugins pulseaudio)
 APT_PACKAGES+=(python3-prometheus-client)
 # The acquire-phase tests: every device's full session traced with strace -f.
 APT_PACKAGES+=(strace)
+# RBD tests: a single-node Ceph cluster (test/support/ceph_cluster.ts) and librbd for the disk.
+APT_PACKAGES+=(ceph-mon ceph-osd ceph-common librbd1)
 # Packages that must come from bookworm-backports, with the minimum version we need (QEMU's configure
 # insists on meson >= 1.5 and pycotap, and cannot fetch them offline).
 BPO_PACKAGES=(qemu-system-x86 qemu-utils meson python3-pycotap)

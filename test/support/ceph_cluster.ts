@@ -1,0 +1,231 @@
+// A real single-node Ceph cluster for the RBD tests, e2e and bench: one monitor and one OSD on the
+// memory object store, pool size 1, no authentication, started from Debian's packages (ceph-mon,
+// ceph-osd, ceph-common) under a temporary directory with its own ceph.conf, bound to 127.0.0.1
+// only, and stopped (every daemon killed, the directory removed) by stop(). Steps after go-ceph's
+// micro-osd.sh, with what a machine without IPv6 and with other clusters around needs: the monitor
+// on free ports of our own, named in a monmap built with monmaptool (a monmap taken from `mon
+// host` names the monitor "noname-a", and ceph-mon --id a then waits to join a cluster forever),
+// IPv4 only, the OSD bound to 127.0.0.1. No manager: Debian's ceph-mgr pulls in ~40 Python
+// packages, and nothing RBD does needs one (pools and images are the monitor's and the OSD's);
+// one is started when ceph-mgr is installed.
+//
+// Daemons run in the foreground (-f) as children of this process, so stop() kills exactly them.
+import { spawn, spawnSync, type Subprocess } from "bun";
+import { mkdirSync, mkdtempSync, rmSync, writeFileSync, existsSync, readFileSync } from "node:fs";
+import { tmpdir } from "node:os";
+import { join } from "node:path";
+import { createServer } from "node:net";
+
+const TOOLS = ["ceph-mon", "ceph-osd", "ceph", "rbd", "monmaptool"] as const;
+
+const which = (tool: string) => spawnSync(["sh", "-c", `command -v ${tool}`]).exitCode === 0;
+
+/** Why a Ceph cluster cannot be started here (null when it can): the packages test/e2e/setup.sh installs. */
+export function cephTestsUnavailable(): string | null {
+  for (const tool of TOOLS) if (!which(tool)) return `${tool} is not installed (test/e2e/setup.sh installs ceph-mon, ceph-osd and ceph-common)`;
+  return null;
+}
+
+/** A TCP port free on 127.0.0.1 now (the kernel's pick; released before it is used). */
+export async function freePort(): Promise<number> {
+  return new Promise((resolve, reject) => {
+    const s = createServer();
+    s.once("error", reject);
+    s.listen(0, "127.0.0.1", () => {
+      const port = (s.address() as { port: number }).port;
+      s.close(() => resolve(port));
+    });
+  });
+}
+
+export interface CommandResult {
+  code: number;
+  out: string;
+  err: string;
+}
+
+const clusters = new Set<CephCluster>();
+process.on("exit", () => {
+  for (const c of clusters) c.kill();
+});
+
+export class CephCluster {
+  /** The cluster's ceph.conf: give it to clients as conf=PATH (or CEPH_CONF). */
+  readonly conf: string;
+  private readonly daemons: Subprocess[] = [];
+
+  private constructor(
+    readonly dir: string,
+    /** The monitor's msgr2 and msgr1 ports on 127.0.0.1. */
+    readonly monPorts: { v2: number; v1: number },
+  ) {
+    this.conf = join(dir, "ceph.conf");
+  }
+
+  /** The monitor's address as `mon_host` spells it. */
+  get monHost(): string {
+    return `[v2:127.0.0.1:${this.monPorts.v2},v1:127.0.0.1:${this.monPorts.v1}]`;
+  }
+
+  /** Starts a monitor and an OSD (and a manager when installed) and waits until the OSD is up. */
+  static async start(): Promise<CephCluster> {
+    const why = cephTestsUnavailable();
+    if (why !== null) throw new Error(why);
+    const dir = mkdtempSync(join(tmpdir(), "ceph-test-"));
+    const c = new CephCluster(dir, { v2: await freePort(), v1: await freePort() });
+    clusters.add(c);
+    try {
+      await c.boot();
+      return c;
+    } catch (e) {
+      await c.stop();
+      throw e;
+    }
+  }
+
+  private async boot(): Promise<void> {
+    const d = this.dir;
+    for (const sub of ["mon", "osd", "log", "run"]) mkdirSync(join(d, sub));
+    const fsid = crypto.randomUUID();
+    writeFileSync(this.conf, [
+      "[global]",
+      `fsid = ${fsid}`,
+      `mon host = ${this.monHost}`,
+      "ms bind ipv4 = true",
+      "ms bind ipv6 = false",
+      "auth cluster required = none",
+      "auth service required = none",
+      "auth client required = none",
+      "osd pool default size = 1",
+      "osd pool default min size = 1",
+      "osd pool default pg autoscale mode = off",
+      "osd crush chooseleaf type = 0",
+      "mon allow pool delete = true",
+      "mon data avail crit = 0",
+      "mon data avail warn = 0",
+      "mon warn on pool no redundancy = false",
+      `run dir = ${d}/run`,
+      `admin socket = ${d}/run/$name.asok`,
+      `log file = ${d}/log/$name.log`,
+      "",
+      "[mon.a]",
+      `mon data = ${d}/mon`,
+      "public addr = 127.0.0.1",
+      "",
+      "[osd.0]",
+      `osd data = ${d}/osd`,
+      "osd objectstore = memstore",
+      "memstore device bytes = 2147483648",
+      "public addr = 127.0.0.1",
+      "cluster addr = 127.0.0.1",
+      // Two cores shared with the tests: a few threads, not one per shard per core.
+      "osd op num shards = 1",
+      "osd op num threads per shard = 2",
+      "",
+      "[mgr.x]",
+      `mgr data = ${d}/mgr`,
+      "",
+    ].join("\n"));
+    const monmap = join(d, "monmap");
+    this.run(["monmaptool", "--create", "--fsid", fsid, "--addv", "a", this.monHost, monmap]);
+    this.run(["ceph-mon", "-c", this.conf, "--id", "a", "--mkfs", "--monmap", monmap, "--keyring", "/dev/null"]);
+    writeFileSync(join(d, "mon", "keyring"), "");
+    this.daemon(["ceph-mon", "-c", this.conf, "--id", "a", "-f", "--public-addrv", this.monHost]);
+    const id = this.ceph(["osd", "create"]).trim();
+    if (id !== "0") throw new Error(`ceph osd create gave id '${id}', expected 0`);
+    this.ceph(["osd", "crush", "add", "osd.0", "1", "root=default"]);
+    this.run(["ceph-osd", "-c", this.conf, "--id", "0", "--mkfs"]);
+    this.daemon(["ceph-osd", "-c", this.conf, "--id", "0", "-f"]);
+    if (which("ceph-mgr")) {
+      mkdirSync(join(d, "mgr"));
+      this.daemon(["ceph-mgr", "-c", this.conf, "--id", "x", "-f"]);
+    }
+    const deadline = Date.now() + 30_000;
+    for (;;) {
+      const stat = JSON.parse(this.ceph(["osd", "stat", "--format", "json"])) as { num_up_osds?: number };
+      if (stat.num_up_osds === 1) break;
+      this.checkDaemons();
+      if (Date.now() > deadline) throw new Error(`the OSD did not come up in 30 s:\n${this.logTail("osd.0")}`);
+      await Bun.sleep(100);
+    }
+  }
+
+  /** A pool for RBD images (8 placement groups, the rbd application enabled). */
+  createPool(name: string): void {
+    this.ceph(["osd", "pool", "create", name, "8"]);
+    this.ceph(["osd", "pool", "application", "enable", name, "rbd"]);
+  }
+
+  /** A new image of `bytes` (rbd's default features: layering, exclusive-lock, object-map, fast-diff, deep-flatten). */
+  createImage(pool: string, image: string, bytes: number, extra: string[] = []): void {
+    this.rbd(["create", "--size", `${Math.ceil(bytes / 1024)}K`, ...extra, `${pool}/${image}`]);
+  }
+
+  /** Runs `ceph ARGS` against this cluster; throws with its stderr when it fails. */
+  ceph(args: string[]): string {
+    return this.run(["ceph", "-c", this.conf, "--connect-timeout", "15", ...args]);
+  }
+
+  /** Runs `rbd ARGS` against this cluster; throws with its stderr when it fails. */
+  rbd(args: string[]): string {
+    return this.run(["rbd", "-c", this.conf, ...args]);
+  }
+
+  /** Reads `bytes` of an image (or snapshot, `pool/image@snap`) from offset 0 through `rbd export`. */
+  readImage(spec: string): Uint8Array {
+    const out = join(this.dir, "export.bin");
+    rmSync(out, { force: true });
+    this.rbd(["export", "--no-progress", spec, out]);
+    const data = new Uint8Array(readFileSync(out));
+    rmSync(out, { force: true });
+    return data;
+  }
+
+  /** Writes `data` as the content of an image from offset 0 (`rbd import` into a new image). */
+  importImage(spec: string, data: Uint8Array): void {
+    const src = join(this.dir, "import.bin");
+    writeFileSync(src, data);
+    this.rbd(["import", "--no-progress", src, spec]);
+    rmSync(src, { force: true });
+  }
+
+  /** Runs a command, throwing with its output when it fails. */
+  run(argv: string[]): string {
+    const r = this.tryRun(argv);
+    if (r.code !== 0) throw new Error(`${argv.join(" ")} failed (${r.code}): ${(r.err || r.out).trim()}`);
+    return r.out;
+  }
+
+  tryRun(argv: string[]): CommandResult {
+    const p = spawnSync(argv, { stdout: "pipe", stderr: "pipe", stdin: "ignore", env: { ...process.env, CEPH_CONF: this.conf } });
+    return { code: p.exitCode ?? -1, out: p.stdout.toString(), err: p.stderr.toString() };
+  }
+
+  private daemon(argv: string[]): void {
+    this.daemons.push(spawn(argv, { stdin: "ignore", stdout: "ignore", stderr: "ignore", env: { ...process.env, CEPH_CONF: this.conf } }));
+  }
+
+  private checkDaemons(): void {
+    for (const p of this.daemons) {
+      if (p.exitCode !== null || p.signalCode !== null) throw new Error(`${String(p.spawnfile)} exited (${p.exitCode ?? p.signalCode}) while starting:\n${this.logTail(p.spawnfile.includes("osd") ? "osd.0" : "mon.a")}`);
+    }
+  }
+
+  private logTail(name: string): string {
+    const f = join(this.dir, "log", `${name}.log`);
+    return existsSync(f) ? readFileSync(f, "utf8").split("\n").slice(-30).join("\n") : "(no log)";
+  }
+
+  /** Kills the daemons now (SIGKILL: the store is in memory, nothing to shut down cleanly). */
+  kill(): void {
+    for (const p of this.daemons) if (p.exitCode === null && p.signalCode === null) p.kill("SIGKILL");
+  }
+
+  /** Kills every daemon, waits for them to exit, and removes the directory. */
+  async stop(): Promise<void> {
+    this.kill();
+    for (const p of this.daemons.splice(0)) await p.exited;
+    clusters.delete(this);
+    rmSync(this.dir, { recursive: true, force: true });
+  }
+}
