@@ -338,7 +338,9 @@ async function main(): Promise<void> {
   const dir = mkdtempSync(join(tmpdir(), "bench-ring-"));
   const live: { c: Contender; b: Backend; d: RingDriver }[] = [];
   let server: NbdServer | null = null;
-  const NBD_IMAGE = "/dev/shm/bench-ring-nbd.img";
+  // Named by our pid: two benches at once (a shared machine) must not remove each other's images.
+  const imagePath = (name: string | number) => `/dev/shm/bench-ring-${process.pid}-${name}.img`;
+  const NBD_IMAGE = imagePath("nbd");
   try {
     if (nbdTarget) {
       makeImage(NBD_IMAGE);
@@ -346,7 +348,7 @@ async function main(): Promise<void> {
     }
     for (const [i, c] of contenders.entries()) {
       // NBD: every backend serves the one export (ours by its URI, qsd through its nbd driver).
-      const image = server !== null ? server.uri : `/dev/shm/bench-ring-${i}.img`;
+      const image = server !== null ? server.uri : imagePath(i);
       if (server === null) makeImage(image);
       const b = await c.start(join(dir, `${i}.sock`), image);
       live.push({ c, b, d: new RingDriver(b.socket, imageBytes) });
@@ -433,7 +435,7 @@ async function main(): Promise<void> {
     }
     await server?.stop();
     rmSync(dir, { recursive: true, force: true });
-    for (let i = 0; i < contenders.length; i++) rmSync(`/dev/shm/bench-ring-${i}.img`, { force: true });
+    for (let i = 0; i < contenders.length; i++) rmSync(imagePath(i), { force: true });
     rmSync(NBD_IMAGE, { force: true });
   }
 }
