@@ -52,7 +52,7 @@ process.on("exit", () => {
 export class CephCluster {
   /** The cluster's ceph.conf: give it to clients as conf=PATH (or CEPH_CONF). */
   readonly conf: string;
-  private readonly daemons: Subprocess[] = [];
+  private readonly daemons: { name: string; proc: Subprocess }[] = [];
 
   private constructor(
     readonly dir: string,
@@ -130,15 +130,15 @@ export class CephCluster {
     this.run(["monmaptool", "--create", "--fsid", fsid, "--addv", "a", this.monHost, monmap]);
     this.run(["ceph-mon", "-c", this.conf, "--id", "a", "--mkfs", "--monmap", monmap, "--keyring", "/dev/null"]);
     writeFileSync(join(d, "mon", "keyring"), "");
-    this.daemon(["ceph-mon", "-c", this.conf, "--id", "a", "-f", "--public-addrv", this.monHost]);
+    this.daemon(["ceph-mon", "-c", this.conf, "--id", "a", "-f", "--public-addrv", this.monHost], "mon.a");
     const id = this.ceph(["osd", "create"]).trim();
     if (id !== "0") throw new Error(`ceph osd create gave id '${id}', expected 0`);
     this.ceph(["osd", "crush", "add", "osd.0", "1", "root=default"]);
     this.run(["ceph-osd", "-c", this.conf, "--id", "0", "--mkfs"]);
-    this.daemon(["ceph-osd", "-c", this.conf, "--id", "0", "-f"]);
+    this.daemon(["ceph-osd", "-c", this.conf, "--id", "0", "-f"], "osd.0");
     if (which("ceph-mgr")) {
       mkdirSync(join(d, "mgr"));
-      this.daemon(["ceph-mgr", "-c", this.conf, "--id", "x", "-f"]);
+      this.daemon(["ceph-mgr", "-c", this.conf, "--id", "x", "-f"], "mgr.x");
     }
     const deadline = Date.now() + 30_000;
     for (;;) {
@@ -201,13 +201,14 @@ export class CephCluster {
     return { code: p.exitCode ?? -1, out: p.stdout.toString(), err: p.stderr.toString() };
   }
 
-  private daemon(argv: string[]): void {
-    this.daemons.push(spawn(argv, { stdin: "ignore", stdout: "ignore", stderr: "ignore", env: { ...process.env, CEPH_CONF: this.conf } }));
+  /** Starts a daemon in the foreground; `name` is its log's ($name.log). */
+  private daemon(argv: string[], name: string): void {
+    this.daemons.push({ name, proc: spawn(argv, { stdin: "ignore", stdout: "ignore", stderr: "ignore", env: { ...process.env, CEPH_CONF: this.conf } }) });
   }
 
   private checkDaemons(): void {
-    for (const p of this.daemons) {
-      if (p.exitCode !== null || p.signalCode !== null) throw new Error(`${String(p.spawnfile)} exited (${p.exitCode ?? p.signalCode}) while starting:\n${this.logTail(p.spawnfile.includes("osd") ? "osd.0" : "mon.a")}`);
+    for (const { name, proc } of this.daemons) {
+      if (proc.exitCode !== null || proc.signalCode !== null) throw new Error(`${name} exited (${proc.exitCode ?? proc.signalCode}) while starting:\n${this.logTail(name)}`);
     }
   }
 
@@ -218,13 +219,13 @@ export class CephCluster {
 
   /** Kills the daemons now (SIGKILL: the store is in memory, nothing to shut down cleanly). */
   kill(): void {
-    for (const p of this.daemons) if (p.exitCode === null && p.signalCode === null) p.kill("SIGKILL");
+    for (const { proc } of this.daemons) if (proc.exitCode === null && proc.signalCode === null) proc.kill("SIGKILL");
   }
 
   /** Kills every daemon, waits for them to exit, and removes the directory. */
   async stop(): Promise<void> {
     this.kill();
-    for (const p of this.daemons.splice(0)) await p.exited;
+    for (const { proc } of this.daemons.splice(0)) await proc.exited;
     clusters.delete(this);
     rmSync(this.dir, { recursive: true, force: true });
   }
