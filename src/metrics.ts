@@ -9,7 +9,10 @@
 // queue's series is updated by the thread that serves the queue, a session's by the device
 // thread), and values are float64 slots (integers exact to 2^53), read whole by an x86-64 load.
 //
-// Layout: Int32 header [lock, entries, string bytes used, value slots used], then MAX_ENTRIES
+// Latencies cost two clock reads per request (a few percent of a fast request's CPU), so they are
+// measured only once something reads them: the metrics endpoint, or a test (timeLatencies).
+//
+// Layout: Int32 header [lock, entries, string bytes used, value slots used, latencies timed], then MAX_ENTRIES
 // descriptors of ENTRY_INTS Int32 each, then the string bytes (UTF-8), then the Float64 values.
 
 /** "shared": a counter several threads add to (Atomics on an int64 slot; for rare events). */
@@ -17,11 +20,12 @@ export type MetricKind = "counter" | "gauge" | "histogram" | "shared";
 const KIND_CODE: Record<MetricKind, number> = { counter: 1, gauge: 2, histogram: 3, shared: 4 };
 const KIND_NAME: Record<number, MetricKind> = { 1: "counter", 2: "gauge", 3: "histogram", 4: "shared" };
 
-const HEADER_INTS = 4;
+const HEADER_INTS = 5;
 const H_LOCK = 0;
 const H_ENTRIES = 1;
 const H_STRINGS = 2;
 const H_VALUES = 3;
+const H_TIMED = 4;
 // kind, name off/len, labels off/len, help off/len, first value slot, histogram bound count
 const ENTRY_INTS = 9;
 const MAX_ENTRIES = 1024;
@@ -150,6 +154,16 @@ export class MetricsRegistry {
     this.strings = new Uint8Array(this.buffer, STRINGS_OFF, STRING_BYTES);
     this.values = new Float64Array(this.buffer, VALUES_OFF, VALUE_SLOTS);
     this.ints = new BigInt64Array(this.buffer, VALUES_OFF, VALUE_SLOTS);
+  }
+
+  /** Whether latency histograms are being fed: threads read this when they set up a queue. */
+  get latenciesTimed(): boolean {
+    return Atomics.load(this.header, H_TIMED) !== 0;
+  }
+
+  /** Starts feeding latency histograms (queues set up from now on time their requests). */
+  timeLatencies(): void {
+    Atomics.store(this.header, H_TIMED, 1);
   }
 
   /** A counter several threads may add to (rendered as a counter; each add is atomic). */

@@ -31,6 +31,7 @@ export interface MetricsServer {
 }
 
 export function serveMetrics(address: MetricsAddress, registry: MetricsRegistry): MetricsServer {
+  registry.timeLatencies();
   const fetch = (req: Request): Response => {
     if (req.method !== "GET" && req.method !== "HEAD") return new Response("only GET\n", { status: 405, headers: { allow: "GET, HEAD" } });
     const openMetrics = (req.headers.get("accept") ?? "").includes("application/openmetrics-text");

@@ -37,6 +37,7 @@ describe("device metrics", () => {
       ["vhost_block_read_bytes", q0], ["vhost_block_written_bytes", q0], ["vhost_block_errors", { queue: 0, status: "ioerr" }],
       ["vhost_block_request_seconds", q0], ["vhost_sessions", {}],
     ];
+    metrics().timeLatencies(); // as the metrics endpoint does (queues set up from now on time requests)
     const d = await Disk.start({ file: makeImage() });
     const before = snapshot(watched);
     for (let i = 0; i < 5; i++) await d.write(i * 8, new Uint8Array(8 * SECTOR).fill(i + 1));
