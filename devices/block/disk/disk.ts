@@ -57,15 +57,6 @@ export interface DiskRequest {
   readonly iov: IovecArray;
 }
 
-/** The one slot of a queue that completes every request before start returns (depth 1, id 0). */
-export class SynchronousSlot implements DiskRequest {
-  readonly id = 0;
-  readonly iov: IovecArray;
-  constructor(segMax: number) {
-    this.iov = new IovecArray(segMax);
-  }
-}
-
 export interface DiskQueueHandlers {
   /** One finished operation: `result` is the bytes transferred (reads and writes: the full
    * length), 0 for the others, or -errno. The slot is free again once this returns, unless this
@@ -113,6 +104,30 @@ export interface DiskQueue {
   drain(): void;
   /** Drains, then detaches from the loop and releases what the queue holds (not the disk). */
   close(): void;
+}
+
+/**
+ * A queue that completes every operation (through `done`) inside the call that starts it (raw
+ * files without io_uring, qcow2): one slot (depth 1, id 0) and nothing to submit, drain or
+ * release. An implementation says only how each operation runs.
+ */
+export abstract class SynchronousQueue implements DiskQueue {
+  readonly inFlight = 0;
+  private readonly slot: DiskRequest;
+  constructor(options: DiskQueueOptions, protected readonly handlers: DiskQueueHandlers) {
+    this.slot = { id: 0, iov: new IovecArray(options.segMax) };
+  }
+  next(): DiskRequest {
+    return this.slot;
+  }
+  abstract read(req: DiskRequest, offset: number, len: number): void;
+  abstract write(req: DiskRequest, offset: number, len: number, fua: boolean): void;
+  abstract flush(req: DiskRequest): void;
+  abstract discard(req: DiskRequest, offset: number, len: number): void;
+  abstract writeZeroes(req: DiskRequest, offset: number, len: number, flags: number): void;
+  submit(): void {}
+  drain(): void {}
+  close(): void {}
 }
 
 export interface Disk {

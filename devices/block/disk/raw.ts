@@ -16,7 +16,7 @@ import { mmap, munmap, PROT_READ, MAP_PRIVATE, MAP_ANONYMOUS } from "../../../ff
 import type { EventLoop } from "../../../src/event_loop.ts";
 import { log } from "../../../src/log.ts";
 import {
-  ZERO_UNMAP, ZERO_MAY_FAIL_FAST, ZERO_FUA, SynchronousSlot,
+  ZERO_UNMAP, ZERO_MAY_FAIL_FAST, ZERO_FUA, SynchronousQueue,
   type Disk, type DiskIdentity, type DiskQueue, type DiskQueueHandlers, type DiskQueueOptions, type DiskRequest, type DiskResource,
 } from "./disk.ts";
 import { UringRawQueue } from "./raw_uring.ts";
@@ -357,14 +357,9 @@ export function openRawDisk(resource: RawDiskResource, owner: boolean): RawDisk 
  * A queue served synchronously: every operation runs and completes (through `done`) inside its
  * call, so one slot is enough and nothing is ever in flight between calls.
  */
-export class SyncRawQueue implements DiskQueue {
-  private readonly slot: SynchronousSlot;
-  readonly inFlight = 0;
-  constructor(private readonly disk: RawDisk, options: DiskQueueOptions, private readonly handlers: DiskQueueHandlers) {
-    this.slot = new SynchronousSlot(options.segMax);
-  }
-  next(): DiskRequest {
-    return this.slot;
+export class SyncRawQueue extends SynchronousQueue {
+  constructor(private readonly disk: RawDisk, options: DiskQueueOptions, handlers: DiskQueueHandlers) {
+    super(options, handlers);
   }
   read(req: DiskRequest, offset: number, len: number): void {
     this.handlers.done(req, this.disk.transfer(false, req.iov, offset, len));
@@ -386,9 +381,6 @@ export class SyncRawQueue implements DiskQueue {
   writeZeroes(req: DiskRequest, offset: number, len: number, flags: number): void {
     this.handlers.done(req, this.disk.zeroRange(offset, len, flags));
   }
-  submit(): void {}
-  drain(): void {}
-  close(): void {}
 }
 
 function setU64(v: DataView, o: number, x: number): void {

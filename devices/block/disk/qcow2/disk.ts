@@ -15,7 +15,7 @@ import type { EventLoop } from "../../../../src/event_loop.ts";
 import { log } from "../../../../src/log.ts";
 import { RateLimitedLog } from "../../../../src/guest_errors.ts";
 import {
-  ZERO_UNMAP, ZERO_MAY_FAIL_FAST, ZERO_FUA, SynchronousSlot,
+  ZERO_UNMAP, ZERO_MAY_FAIL_FAST, ZERO_FUA, SynchronousQueue,
   type Disk, type DiskIdentity, type DiskQueue, type DiskQueueHandlers, type DiskQueueOptions, type DiskRequest, type DiskResource,
 } from "../disk.ts";
 import { ImageFile, zeroIov } from "./file.ts";
@@ -260,14 +260,9 @@ export function openQcow2Disk(resource: Qcow2DiskResource, owner: boolean): Qcow
 
 
 /** A queue served synchronously: each operation completes (through `done`) inside its call. */
-class Qcow2Queue implements DiskQueue {
-  private readonly slot: SynchronousSlot;
-  readonly inFlight = 0;
-  constructor(private readonly disk: Qcow2Disk, options: DiskQueueOptions, private readonly handlers: DiskQueueHandlers) {
-    this.slot = new SynchronousSlot(options.segMax);
-  }
-  next(): DiskRequest {
-    return this.slot;
+class Qcow2Queue extends SynchronousQueue {
+  constructor(private readonly disk: Qcow2Disk, options: DiskQueueOptions, handlers: DiskQueueHandlers) {
+    super(options, handlers);
   }
   read(req: DiskRequest, offset: number, len: number): void {
     this.handlers.done(req, this.disk.run(len, (img) => img.readv(req.iov, offset, len)));
@@ -287,7 +282,4 @@ class Qcow2Queue implements DiskQueue {
   writeZeroes(req: DiskRequest, offset: number, len: number, flags: number): void {
     this.handlers.done(req, this.disk.zeroes(offset, len, flags));
   }
-  submit(): void {}
-  drain(): void {}
-  close(): void {}
 }

@@ -295,20 +295,30 @@ export class Qcow2Image implements ReadableImage {
       let n = Math.min(this.cs - inCl, len - pos);
       const { m } = this.mapping(g);
       if (m.kind === Kind.Normal) {
-        this.checkData(m.host);
-        // Extend over the following clusters while they are contiguous on the host.
-        while (pos + n < len) {
-          const next = this.mapping(g + n).m;
-          if (next.kind !== Kind.Normal || next.host !== m.host + inCl + n) break;
-          this.checkData(next.host);
-          n += Math.min(this.cs, len - pos - n);
-        }
+        n = this.extendRun(m, g, n, len - pos, false);
         this.file.readv(this.part(iov, pos, n, len), m.host + inCl, n);
       } else {
         this.readUnmapped(m, iov, pos, g, n, len);
       }
       pos += n;
     }
+  }
+
+  /**
+   * The guest range at `g` whose first `n` bytes (to the end of g's cluster) map to the plain host
+   * cluster `m`, extended over the following clusters while they are plain, contiguous on the host
+   * and (`inPlace`: for writes) not shared, up to `left` bytes: one host I/O for the whole run.
+   */
+  private extendRun(m: Mapping, g: number, n: number, left: number, inPlace: boolean): number {
+    this.checkData(m.host);
+    const host = m.host + (g % this.cs);
+    while (n < left) {
+      const next = this.mapping(g + n).m;
+      if (next.kind !== Kind.Normal || (inPlace && !next.copied) || next.host !== host + n) break;
+      this.checkData(next.host);
+      n += Math.min(this.cs, left - n);
+    }
+    return n;
   }
 
   /** `iov` itself when the part is all of it (no copy of the iovec array), else a slice. */
@@ -360,13 +370,7 @@ export class Qcow2Image implements ReadableImage {
       let n = Math.min(this.cs - inCl, len - pos);
       const { m } = this.mapping(g);
       if (m.kind === Kind.Normal && m.copied) {
-        this.checkData(m.host);
-        while (pos + n < len) {
-          const next = this.mapping(g + n).m;
-          if (next.kind !== Kind.Normal || !next.copied || next.host !== m.host + inCl + n) break;
-          this.checkData(next.host);
-          n += Math.min(this.cs, len - pos - n);
-        }
+        n = this.extendRun(m, g, n, len - pos, true);
         this.file.writev(this.part(iov, pos, n, len), m.host + inCl, n);
       } else {
         this.writeCluster(g - inCl, inCl, n, iov, pos, len);
@@ -536,18 +540,11 @@ export class Qcow2Image implements ReadableImage {
   hostRun(offset: number, len: number, forWrite: boolean): number {
     this.checkRange(offset, len);
     if (forWrite) this.checkWritable();
-    let host = -1;
-    for (let pos = 0; pos < len; ) {
-      const g = offset + pos;
-      const { m } = this.mapping(g);
-      if (m.kind !== Kind.Normal || (forWrite && !m.copied)) return -1;
-      const at = m.host + (g % this.cs);
-      if (pos === 0) host = at;
-      else if (at !== host + pos) return -1;
-      this.checkData(m.host);
-      pos += Math.min(this.cs - (g % this.cs), len - pos);
-    }
-    return host;
+    if (len === 0) return -1;
+    const { m } = this.mapping(offset);
+    if (m.kind !== Kind.Normal || (forWrite && !m.copied)) return -1;
+    const first = Math.min(this.cs - (offset % this.cs), len);
+    return this.extendRun(m, offset, first, len, forWrite) === len ? m.host + (offset % this.cs) : -1;
   }
 
   private flushMetadata(): void {
