@@ -52,6 +52,7 @@ function load() {
     nbd_set_request_block_size: { args: ["ptr", "bool"], returns: "i32" },
     nbd_set_strict_mode: { args: ["ptr", "u32"], returns: "i32" },
     nbd_set_pread_initialize: { args: ["ptr", "bool"], returns: "i32" },
+    nbd_set_request_structured_replies: { args: ["ptr", "bool"], returns: "i32" },
     nbd_poll: { args: ["ptr", "i32"], returns: "i32" },
     nbd_connect_uri: { args: ["ptr", "cstring"], returns: "i32" },
     nbd_aio_connect_uri: { args: ["ptr", "cstring"], returns: "i32" },
@@ -174,6 +175,16 @@ export function setRequestBlockSize(h: NbdHandle, request: boolean): void {
  */
 export function setPreadInitialize(h: NbdHandle, on: boolean): void {
   check(nbd().nbd_set_pread_initialize(h, on), "nbd_set_pread_initialize");
+}
+
+/**
+ * Whether the handshake asks for structured replies (libnbd's default). Off, a read's reply is
+ * a 16-byte header and the data, which libnbd reads in 2 recv calls; a structured one (header,
+ * the rest of the larger header, the chunk's offset, the data) takes 4. Needed only for block
+ * status and for reads the server answers in pieces (holes, partial errors).
+ */
+export function setRequestStructuredReplies(h: NbdHandle, request: boolean): void {
+  check(nbd().nbd_set_request_structured_replies(h, request), "nbd_set_request_structured_replies");
 }
 
 /**
