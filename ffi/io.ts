@@ -121,6 +121,14 @@ export class IovecArray {
     this.count++;
     return true;
   }
+  /** Segment `i`'s address. */
+  baseAt(i: number): number {
+    return this.view.getUint32(16 * i, true) + this.view.getUint32(16 * i + 4, true) * 0x1_0000_0000;
+  }
+  /** Segment `i`'s length. */
+  lenAt(i: number): number {
+    return this.view.getUint32(16 * i + 8, true) + this.view.getUint32(16 * i + 12, true) * 0x1_0000_0000;
+  }
   /** Drops the first `n` bytes of the segments (after a short preadv/pwritev). Rare path. */
   advance(n: number): void {
     const v = this.view;

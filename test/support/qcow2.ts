@@ -5,7 +5,8 @@ import { mkdtempSync, rmSync, readFileSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { createHash } from "node:crypto";
-import { bufferIov, ImageFile } from "../../devices/block/disk/qcow2/file.ts";
+import { ImageFile } from "../../devices/block/disk/qcow2/file.ts";
+import { bufferIov } from "../../devices/block/disk/iov_memory.ts";
 import { openQcow2 } from "../../devices/block/disk/qcow2/open.ts";
 import type { Qcow2Image } from "../../devices/block/disk/qcow2/qcow2.ts";
 

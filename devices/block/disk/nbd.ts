@@ -14,6 +14,7 @@
 // write-zeroes (fast-zero, no-hole) map to the NBD flags; what the server lacks is emulated (FUA by
 // a flush after the write, write-zeroes by writing zero pages) or, for discard, skipped.
 import { toArrayBuffer } from "bun:ffi";
+import { copyFromIov, copyToIov } from "./iov_memory.ts";
 import * as nbd from "../../../ffi/nbd.ts";
 import { EIO } from "../../../ffi/libc.ts";
 import { IovecArray } from "../../../ffi/io.ts";
@@ -229,13 +230,6 @@ function zeroes(): number {
   return zeroPage;
 }
 
-function iovBase(v: DataView, i: number): number {
-  return v.getUint32(16 * i, true) + v.getUint32(16 * i + 4, true) * 0x1_0000_0000;
-}
-function iovLen(v: DataView, i: number): number {
-  return v.getUint32(16 * i + 8, true) + v.getUint32(16 * i + 12, true) * 0x1_0000_0000;
-}
-
 // ---- requests ----
 
 const STEP_NONE = 0;
@@ -244,7 +238,6 @@ const STEP_FLUSH = 1;
 
 class NbdRequest implements DiskRequest, CommandOwner {
   readonly iov: IovecArray;
-  readonly iovView: DataView;
   busy = false;
   isRead = false;
   len = 0;
@@ -258,7 +251,6 @@ class NbdRequest implements DiskRequest, CommandOwner {
 
   constructor(readonly id: number, segMax: number, readonly queue: NbdQueue) {
     this.iov = new IovecArray(segMax);
-    this.iovView = new DataView(this.iov.bytes.buffer, this.iov.bytes.byteOffset, this.iov.bytes.byteLength);
   }
 
   commandDone(_cmd: NbdCommand, result: number): void {
@@ -326,7 +318,7 @@ class NbdQueue implements DiskQueue {
       this.startCommands(r, NBD_FLUSH, 0, 0, 0, 0, 1);
       return;
     }
-    if (r.isRead && r.bounceAddr !== 0) scatter(r, r.bounceAddr, r.len);
+    if (r.isRead && r.bounceAddr !== 0) copyToIov(r.iov, 0, new Uint8Array(toArrayBuffer(r.bounceAddr as never, 0, r.len)));
     this.complete(r, r.len);
   }
 
@@ -353,15 +345,15 @@ class NbdQueue implements DiskQueue {
 
   /** Reads or writes: straight from guest memory, through a bounce buffer, or one command per run. */
   private transfer(r: NbdRequest, op: NbdOp, offset: number, len: number, flags: number): void {
-    const v = r.iovView;
-    const count = r.iov.count;
+    const iov = r.iov;
+    const count = iov.count;
     const maxPayload = this.disk.resource.maxPayload;
     let runs = 0;
     let end = -1;
     let total = 0;
     for (let i = 0; i < count; i++) {
-      const base = iovBase(v, i);
-      const l = iovLen(v, i);
+      const base = iov.baseAt(i);
+      const l = iov.lenAt(i);
       if (l === 0) continue;
       if (base !== end) runs++;
       end = base + l;
@@ -370,23 +362,23 @@ class NbdQueue implements DiskQueue {
     if (total < len) return this.complete(r, -EIO); // the caller's iovecs do not hold len bytes
     r.parts = 1; // held until every command is started
     if (runs <= 1) {
-      this.startCommands(r, op, count > 0 ? firstBase(v, count) : 0, offset, len, flags, maxPayload);
+      this.startCommands(r, op, count > 0 ? firstBase(iov) : 0, offset, len, flags, maxPayload);
     } else if (len <= BOUNCE_MAX) {
       const b = this.disk.bounce.take(len);
       r.bounceAddr = b.addr;
       r.bounceSize = b.size;
-      if (op === NBD_WRITE) gather(r, b.addr, len);
+      if (op === NBD_WRITE) copyFromIov(iov, 0, new Uint8Array(toArrayBuffer(b.addr as never, 0, len)));
       this.startCommands(r, op, b.addr, offset, len, flags, maxPayload);
     } else {
       // Too big to copy: one command per run of contiguous memory.
       let at = 0;
       let i = 0;
       while (i < count && at < len) {
-        const base = iovBase(v, i);
-        let l = Math.min(iovLen(v, i), len - at);
+        const base = iov.baseAt(i);
+        let l = Math.min(iov.lenAt(i), len - at);
         i++;
-        while (i < count && at + l < len && iovBase(v, i) === base + l) {
-          l += Math.min(iovLen(v, i), len - at - l);
+        while (i < count && at + l < len && iov.baseAt(i) === base + l) {
+          l += Math.min(iov.lenAt(i), len - at - l);
           i++;
         }
         if (l === 0) continue;
@@ -493,35 +485,9 @@ class NbdQueue implements DiskQueue {
   }
 }
 
-function firstBase(v: DataView, count: number): number {
-  for (let i = 0; i < count; i++) if (iovLen(v, i) > 0) return iovBase(v, i);
+function firstBase(iov: IovecArray): number {
+  for (let i = 0; i < iov.count; i++) if (iov.lenAt(i) > 0) return iov.baseAt(i);
   return 0;
-}
-
-/** Copies `len` bytes from the request's iovecs (guest memory) to `addr`. */
-function gather(r: NbdRequest, addr: number, len: number): void {
-  const dst = new Uint8Array(toArrayBuffer(addr as never, 0, len));
-  const v = r.iovView;
-  let at = 0;
-  for (let i = 0; i < r.iov.count && at < len; i++) {
-    const l = Math.min(iovLen(v, i), len - at);
-    if (l === 0) continue;
-    dst.set(new Uint8Array(toArrayBuffer(iovBase(v, i) as never, 0, l)), at);
-    at += l;
-  }
-}
-
-/** Copies `len` bytes from `addr` to the request's iovecs. */
-function scatter(r: NbdRequest, addr: number, len: number): void {
-  const src = new Uint8Array(toArrayBuffer(addr as never, 0, len));
-  const v = r.iovView;
-  let at = 0;
-  for (let i = 0; i < r.iov.count && at < len; i++) {
-    const l = Math.min(iovLen(v, i), len - at);
-    if (l === 0) continue;
-    new Uint8Array(toArrayBuffer(iovBase(v, i) as never, 0, l)).set(src.subarray(at, at + l));
-    at += l;
-  }
 }
 
 // ---- the disk ----

@@ -18,7 +18,8 @@ import {
   ZERO_UNMAP, ZERO_MAY_FAIL_FAST, ZERO_FUA, SynchronousQueue,
   type Disk, type DiskIdentity, type DiskQueue, type DiskQueueHandlers, type DiskQueueOptions, type DiskRequest, type DiskResource,
 } from "../disk.ts";
-import { ImageFile, zeroIov } from "./file.ts";
+import { ImageFile } from "./file.ts";
+import { zeroIov } from "../iov_memory.ts";
 import { Qcow2UringQueue } from "./uring_queue.ts";
 import { ringOf, type AioMode } from "../raw.ts";
 import { acquireDiskRings, DEFAULT_RING_ENTRIES } from "../uring_queue.ts";

@@ -2,12 +2,12 @@
 // buffers, vectored data transfers straight to and from guest memory, and the space operations.
 // Everything is synchronous on the calling thread; callers decide the order (crash consistency
 // lives in the order of these calls and of sync()).
-import { toArrayBuffer, ptr } from "bun:ffi";
 import {
   open, pread, pwrite, preadv, pwritev, fallocate, fdatasync, fstat, blockDeviceSize, IovecArray,
   O_RDONLY, O_RDWR, S_IFMT, S_IFREG, S_IFBLK, FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE,
 } from "../../../../ffi/io.ts";
 import { close, SysError, EINVAL, EOPNOTSUPP, ENOTTY, ENODEV } from "../../../../ffi/libc.ts";
+import { zeroIov } from "../iov_memory.ts";
 
 /** The I/O a qcow2 image needs from the file that holds it. */
 export class ImageFile {
@@ -109,71 +109,3 @@ export class ImageFile {
     if (this.ownsFd) close(this.fd);
   }
 }
-
-// ---- scatter-gather helpers (iovecs point at host memory: guest RAM or our own buffers) ----
-
-function entry(iov: IovecArray, i: number): [number, number] {
-  const v = new DataView(iov.bytes.buffer, iov.bytes.byteOffset + i * 16, 16);
-  return [v.getUint32(0, true) + v.getUint32(4, true) * 0x1_0000_0000, v.getUint32(8, true) + v.getUint32(12, true) * 0x1_0000_0000];
-}
-
-/**
- * Calls `fn(address, length, at)` on each piece of host memory that [offset, offset + len) of the
- * iovecs covers, in order (`at`: the piece's place in the range); stops early when `fn` returns
- * false. Returns true if the whole range was covered and `fn` never refused.
- */
-function eachSpan(iov: IovecArray, offset: number, len: number, fn: (address: number, n: number, at: number) => boolean): boolean {
-  let pos = 0;
-  let at = 0;
-  for (let i = 0; i < iov.count && len > 0; i++) {
-    const [base, l] = entry(iov, i);
-    if (pos + l <= offset) {
-      pos += l;
-      continue;
-    }
-    const skip = Math.max(0, offset - pos);
-    const n = Math.min(l - skip, len);
-    if (!fn(base + skip, n, at)) return false;
-    at += n;
-    len -= n;
-    offset += n;
-    pos += l;
-  }
-  return len === 0;
-}
-
-/** Fills `dst` with the part [offset, offset + len) of `src`; returns false if `dst` is too small. */
-export function sliceIov(src: IovecArray, offset: number, len: number, dst: IovecArray): boolean {
-  dst.clear();
-  return eachSpan(src, offset, len, (address, n) => dst.push(address, n));
-}
-
-/** Calls `fn` on views of [offset, offset + len) of the memory the iovecs describe. */
-function eachView(iov: IovecArray, offset: number, len: number, fn: (view: Uint8Array, at: number) => void): void {
-  eachSpan(iov, offset, len, (address, n, at) => {
-    if (n > 0) fn(new Uint8Array(toArrayBuffer(address as never, 0, n)), at);
-    return true;
-  });
-}
-
-export function zeroIov(iov: IovecArray, offset: number, len: number): void {
-  eachView(iov, offset, len, (v) => v.fill(0));
-}
-
-/** Copies `src` into the iovecs' memory from byte `offset` on. */
-export function copyToIov(iov: IovecArray, offset: number, src: Uint8Array): void {
-  eachView(iov, offset, src.length, (v, at) => v.set(src.subarray(at, at + v.length)));
-}
-
-/** Copies [offset, offset + dst.length) of the iovecs' memory into `dst`. */
-export function copyFromIov(iov: IovecArray, offset: number, dst: Uint8Array): void {
-  eachView(iov, offset, dst.length, (v, at) => dst.set(v, at));
-}
-
-/** An iovec array describing one buffer of our own (the buffer must outlive the array's use). */
-export function bufferIov(buf: Uint8Array): IovecArray {
-  const iov = new IovecArray(1);
-  if (buf.length > 0) iov.push(ptr(buf), buf.length);
-  return iov;
-}
-

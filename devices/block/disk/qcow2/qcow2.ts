@@ -22,7 +22,8 @@
 // Metadata and data I/O are synchronous on the calling thread, one request at a time: requests
 // to the same cluster are trivially ordered and copy-on-write from the backing image happens once.
 import { IovecArray } from "../../../../ffi/io.ts";
-import { ImageFile, sliceIov, zeroIov, copyToIov, copyFromIov, bufferIov } from "./file.ts";
+import { ImageFile } from "./file.ts";
+import { sliceIov, zeroIov, copyToIov, copyFromIov, bufferIov } from "../iov_memory.ts";
 import {
   parseHeader, overlaps, Qcow2FormatError, type Qcow2Header,
   INCOMPAT_DIRTY, HDR_INCOMPAT, HDR_AUTOCLEAR,
@@ -480,11 +481,9 @@ export class Qcow2Image implements ReadableImage {
   writeZeroes(offset: number, len: number, unmap: boolean): void {
     this.checkWritable();
     this.checkRange(offset, len);
-    let pos = 0;
-    while (pos < len) {
-      const g = offset + pos;
-      const inCl = g % this.cs;
-      const n = Math.min(this.cs - inCl, len - pos);
+    const end = offset + len;
+    for (let g = offset; g < end; ) {
+      const n = Math.min(this.cs - (g % this.cs), end - g); // to the end of g's cluster
       const c = Math.floor(g / this.cs);
       const { m } = this.mapping(g);
       const readsZero = m.kind === Kind.Zero || m.kind === Kind.ZeroAllocated || (m.kind === Kind.Unallocated && this.backing === null);
@@ -500,7 +499,7 @@ export class Qcow2Image implements ReadableImage {
         const zeroes = bufferIov(this.zeroCluster.subarray(0, n));
         this.writev(zeroes, g, n);
       }
-      pos += n;
+      g += n;
     }
   }
 
