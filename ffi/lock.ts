@@ -4,12 +4,15 @@
 import { ptr } from "bun:ffi";
 import { libc, errno } from "./libc.ts";
 
-export const F_OFD_GETLK = 36;
-export const F_OFD_SETLK = 37;
+const F_OFD_GETLK = 36;
+const F_OFD_SETLK = 37;
 
-export const F_RDLCK = 0;
-export const F_WRLCK = 1;
-export const F_UNLCK = 2;
+/** struct flock's l_type (<fcntl.h> F_RDLCK, F_WRLCK, F_UNLCK). */
+export const FLOCK = {
+  RDLCK: 0,
+  WRLCK: 1,
+  UNLCK: 2,
+} as const;
 const SEEK_SET = 0;
 
 /** struct flock (x86_64): l_type i16, l_whence i16, pad, l_start i64 @8, l_len i64 @16, l_pid i32 @24. */
@@ -25,7 +28,7 @@ function flock(type: number, start: number, len: number): { bytes: Uint8Array; v
   return { bytes, view }; // l_pid 0, as OFD locks require
 }
 
-/** Takes (F_RDLCK/F_WRLCK) or drops (F_UNLCK) a lock on [start, start+len), without waiting.
+/** Takes (FLOCK.RDLCK/FLOCK.WRLCK) or drops (FLOCK.UNLCK) a lock on [start, start+len), without waiting.
  * Returns 0, or -errno (EAGAIN or EACCES: another open file description holds a conflicting lock). */
 export function ofdSetLock(fd: number, type: number, start: number, len: number): number {
   const { bytes } = flock(type, start, len);
@@ -33,7 +36,7 @@ export function ofdSetLock(fd: number, type: number, start: number, len: number)
 }
 
 /** The type of a lock another open file description holds that would conflict with taking `type`
- * on [start, start+len) (F_RDLCK or F_WRLCK), F_UNLCK when none would, or -errno. */
+ * on [start, start+len) (FLOCK.RDLCK or FLOCK.WRLCK), FLOCK.UNLCK when none would, or -errno. */
 export function ofdTestLock(fd: number, type: number, start: number, len: number): number {
   const { bytes, view } = flock(type, start, len);
   if (libc.fcntl(fd, F_OFD_GETLK, ptr(bytes)) < 0) return -errno();

@@ -17,57 +17,70 @@ const lib = dlopen("libc.so.6", {
 });
 const sys = libc.syscall;
 
-const SYS_capget = 125;
-const SYS_capset = 126;
-const SYS_pivot_root = 155;
-const SYS_statfs = 137;
-const SYS_unlinkat = 263;
+/** System call numbers (x86_64 <asm/unistd_64.h> __NR_*) of the calls made through syscall(). */
+const SYS = {
+  capget: 125,
+  capset: 126,
+  statfs: 137,
+  pivot_root: 155,
+  unlinkat: 263,
+  seccomp: 317,
+} as const;
 const AT_REMOVEDIR = 0x200;
-const SYS_seccomp = 317;
 
-// <linux/prctl.h>
-export const PR_CAPBSET_READ = 23;
-export const PR_CAPBSET_DROP = 24;
-export const PR_SET_SECUREBITS = 28;
-export const PR_SET_NO_NEW_PRIVS = 38;
-export const PR_GET_NO_NEW_PRIVS = 39;
-export const PR_CAP_AMBIENT = 47;
-export const PR_CAP_AMBIENT_CLEAR_ALL = 4;
-/** The highest capability number this code knows (CAP_CHECKPOINT_RESTORE); the kernel may know fewer. */
-export const CAP_LAST_KNOWN = 40;
+/** prctl options and arguments (<linux/prctl.h> PR_*). */
+export const PR = {
+  CAPBSET_READ: 23,
+  CAPBSET_DROP: 24,
+  SET_SECUREBITS: 28,
+  SET_NO_NEW_PRIVS: 38,
+  GET_NO_NEW_PRIVS: 39,
+  CAP_AMBIENT: 47,
+  /** PR_CAP_AMBIENT's arg2: empty the ambient set. */
+  CAP_AMBIENT_CLEAR_ALL: 4,
+} as const;
 
-// <linux/sched.h>
-export const CLONE_NEWNS = 0x00020000;
-export const CLONE_NEWCGROUP = 0x02000000;
-export const CLONE_NEWUTS = 0x04000000;
-export const CLONE_NEWIPC = 0x08000000;
-export const CLONE_NEWUSER = 0x10000000;
-export const CLONE_NEWPID = 0x20000000;
-export const CLONE_NEWNET = 0x40000000;
-export const CLONE_THREAD = 0x00010000;
+/** Namespace and thread flags of clone/unshare (<linux/sched.h> CLONE_*). */
+export const CLONE = {
+  THREAD: 0x00010000,
+  NEWNS: 0x00020000,
+  NEWCGROUP: 0x02000000,
+  NEWUTS: 0x04000000,
+  NEWIPC: 0x08000000,
+  NEWUSER: 0x10000000,
+  NEWPID: 0x20000000,
+  NEWNET: 0x40000000,
+} as const;
 
-// <linux/seccomp.h>
-export const SECCOMP_SET_MODE_FILTER = 1;
-export const SECCOMP_GET_ACTION_AVAIL = 2;
-export const SECCOMP_FILTER_FLAG_TSYNC = 1;
-export const SECCOMP_FILTER_FLAG_LOG = 2;
-/** With TSYNC: report a thread that could not be synchronized as ESRCH instead of its tid. */
-export const SECCOMP_FILTER_FLAG_TSYNC_ESRCH = 16;
+/** seccomp(2) operations and SECCOMP_SET_MODE_FILTER's flags (<linux/seccomp.h> SECCOMP_*). */
+export const SECCOMP = {
+  SET_MODE_FILTER: 1,
+  GET_ACTION_AVAIL: 2,
+  FILTER_FLAG_TSYNC: 1,
+  FILTER_FLAG_LOG: 2,
+  /** With TSYNC: report a thread that could not be synchronized as ESRCH instead of its tid. */
+  FILTER_FLAG_TSYNC_ESRCH: 16,
+} as const;
 
-// <sys/mount.h>
-export const MS_RDONLY = 1;
-export const MS_NOSUID = 2;
-export const MS_NODEV = 4;
-export const MS_NOEXEC = 8;
-export const MS_REMOUNT = 32;
-export const MS_BIND = 4096;
-export const MS_REC = 16384;
-export const MS_PRIVATE = 1 << 18;
+/** mount(2) flags (<sys/mount.h> MS_*). */
+export const MS = {
+  RDONLY: 1,
+  NOSUID: 2,
+  NODEV: 4,
+  NOEXEC: 8,
+  REMOUNT: 32,
+  BIND: 4096,
+  REC: 16384,
+  PRIVATE: 1 << 18,
+} as const;
 export const MNT_DETACH = 2;
-/** statfs(2) f_flags bits that a bind mount's remount must keep (mount flags of the same values). */
-export const ST_NOSUID = 2;
-export const ST_NODEV = 4;
-export const ST_NOEXEC = 8;
+
+/** statfs(2) f_flags bits that a bind mount's remount must keep (<sys/statvfs.h> ST_*: mount flags of the same values). */
+export const ST = {
+  NOSUID: 2,
+  NODEV: 4,
+  NOEXEC: 8,
+} as const;
 
 export function prctl(option: number, a2 = 0, a3 = 0, a4 = 0, a5 = 0): number {
   return check(lib.symbols.prctl(option, a2, a3, a4, a5), `prctl(${option})`);
@@ -97,17 +110,19 @@ export function seccompSetFilter(program: Uint8Array, flags: number): number {
   const fprog = new DataView(new ArrayBuffer(16));
   fprog.setUint16(0, program.byteLength / 8, true);
   fprog.setBigUint64(8, BigInt(ptr(program)), true);
-  const r = sys(SYS_seccomp, SECCOMP_SET_MODE_FILTER, flags, ptr(fprog), 0, 0, 0);
+  const r = sys(SYS.seccomp, SECCOMP.SET_MODE_FILTER, flags, ptr(fprog), 0, 0, 0);
   return check(r, "seccomp(SECCOMP_SET_MODE_FILTER)");
 }
 
 /** True when the kernel knows the seccomp return action `action` (e.g. SECCOMP_RET_KILL_PROCESS). */
 export function seccompActionAvailable(action: number): boolean {
   const a = new Uint32Array([action >>> 0]);
-  return sys(SYS_seccomp, SECCOMP_GET_ACTION_AVAIL, 0, ptr(a), 0, 0, 0) === 0;
+  return sys(SYS.seccomp, SECCOMP.GET_ACTION_AVAIL, 0, ptr(a), 0, 0, 0) === 0;
 }
 
 const LINUX_CAPABILITY_VERSION_3 = 0x20080522;
+/** The highest capability number this code knows (CAP_CHECKPOINT_RESTORE); the kernel may know fewer. */
+export const CAP_LAST_KNOWN = 40;
 
 export interface CapabilitySets {
   /** Each set as a bigint bit mask (64 bits, two 32-bit words in the ABI). */
@@ -120,7 +135,7 @@ export interface CapabilitySets {
 export function capget(): CapabilitySets {
   const header = new Uint32Array([LINUX_CAPABILITY_VERSION_3, 0]);
   const data = new Uint32Array(6); // two __user_cap_data_struct {effective, permitted, inheritable}
-  check(sys(SYS_capget, ptr(header), ptr(data), 0, 0, 0, 0), "capget");
+  check(sys(SYS.capget, ptr(header), ptr(data), 0, 0, 0, 0), "capget");
   const word = (i: number) => BigInt(data[i]!) | (BigInt(data[i + 3]!) << 32n);
   return { effective: word(0), permitted: word(1), inheritable: word(2) };
 }
@@ -136,7 +151,7 @@ export function capset(sets: CapabilitySets): void {
   put(0, sets.effective);
   put(1, sets.permitted);
   put(2, sets.inheritable);
-  check(sys(SYS_capset, ptr(header), ptr(data), 0, 0, 0, 0), "capset");
+  check(sys(SYS.capset, ptr(header), ptr(data), 0, 0, 0, 0), "capset");
 }
 
 /** mount(2); `data` is the filesystem's option string (tmpfs: "size=...,mode=..."). */
@@ -152,21 +167,21 @@ export function umount2(target: string, flags: number): void {
 export function pivotRoot(newRoot: string, putOld: string): void {
   const a = Buffer.from(newRoot + "\0");
   const b = Buffer.from(putOld + "\0");
-  check(sys(SYS_pivot_root, ptr(a), ptr(b), 0, 0, 0, 0), "pivot_root");
+  check(sys(SYS.pivot_root, ptr(a), ptr(b), 0, 0, 0, 0), "pivot_root");
 }
 
 /** statfs(2)'s f_flags for `path` (ST_* bits: how the mount holding it is mounted). */
 export function statfsFlags(path: string): number {
   const buf = new BigInt64Array(15); // struct statfs on x86_64: 120 bytes, f_flags at offset 80
   const p = Buffer.from(path + "\0");
-  check(sys(SYS_statfs, ptr(p), ptr(buf), 0, 0, 0, 0), `statfs(${path})`);
+  check(sys(SYS.statfs, ptr(p), ptr(buf), 0, 0, 0, 0), `statfs(${path})`);
   return Number(buf[10]);
 }
 
 /** unlinkat(dirFd, name, AT_REMOVEDIR): removes an empty directory named relative to `dirFd`. */
 export function rmdirAt(dirFd: number, name: string): void {
   const p = Buffer.from(name + "\0");
-  check(sys(SYS_unlinkat, dirFd, ptr(p), AT_REMOVEDIR, 0, 0, 0), `rmdir(${name})`);
+  check(sys(SYS.unlinkat, dirFd, ptr(p), AT_REMOVEDIR, 0, 0, 0), `rmdir(${name})`);
 }
 
 export function chdir(path: string): void {

@@ -5,16 +5,26 @@ import { libc, check, checkAllow, close, errno, SysError, EAGAIN, EINTR, ENOENT 
 
 const ECONNREFUSED = 111;
 
-const AF_UNIX = 1;
-const SOCK_STREAM = 1;
-const SOCK_DGRAM = 2;
-const SOCK_NONBLOCK = 0o4000;
-const SOCK_CLOEXEC = 0o2000000;
+/** Address families (<sys/socket.h> AF_*). */
+export const AF = {
+  UNIX: 1,
+  INET: 2,
+} as const;
+/** Socket types, and the flags socket()/accept4() take with them (<sys/socket.h> SOCK_*). */
+export const SOCK = {
+  STREAM: 1,
+  DGRAM: 2,
+  NONBLOCK: 0o4000,
+  CLOEXEC: 0o2000000,
+} as const;
 const SOL_SOCKET = 1;
 const SCM_RIGHTS = 1;
-export const MSG_CMSG_CLOEXEC = 0x40000000;
-export const MSG_NOSIGNAL = 0x4000;
-const MSG_CTRUNC = 0x8;
+/** sendmsg/recvmsg flags (<sys/socket.h> MSG_*). */
+const MSG = {
+  CTRUNC: 0x8,
+  NOSIGNAL: 0x4000,
+  CMSG_CLOEXEC: 0x40000000,
+} as const;
 const SOCKADDR_UN_LEN = 110;
 
 /** Largest fd count we accept in one message: the spec's front-ends send at most 8. */
@@ -28,7 +38,7 @@ function sockaddrUn(path: string): Uint8Array {
   const bytes = Buffer.from(path);
   if (bytes.length > MAX_SOCKET_PATH) throw new Error(`socket path too long (${bytes.length} bytes, at most ${MAX_SOCKET_PATH}): ${path}`);
   const sa = new Uint8Array(SOCKADDR_UN_LEN);
-  sa[0] = AF_UNIX;
+  sa[0] = AF.UNIX;
   sa.set(bytes, 2);
   return sa;
 }
@@ -42,14 +52,14 @@ export function unixAddress(name: string): { addr: Uint8Array; len: number } {
   const bytes = Buffer.from(name.slice(1));
   if (bytes.length > SOCKADDR_UN_LEN - 3) throw new Error(`abstract socket name too long: ${name}`);
   const addr = new Uint8Array(SOCKADDR_UN_LEN);
-  addr[0] = AF_UNIX;
+  addr[0] = AF.UNIX;
   addr.set(bytes, 3);
   return { addr, len: 3 + bytes.length };
 }
 
 /** A new unix socket of `type`, set up by `setup` (closed again if that throws). */
 function unixSocket(type: number, setup: (fd: number) => void): number {
-  const fd = check(libc.socket(AF_UNIX, type | SOCK_CLOEXEC, 0), "socket");
+  const fd = check(libc.socket(AF.UNIX, type | SOCK.CLOEXEC, 0), "socket");
   try {
     setup(fd);
   } catch (e) {
@@ -64,7 +74,7 @@ function unixSocket(type: number, setup: (fd: number) => void): number {
  * `beforeListen` runs between bind and listen, while no peer can connect yet (permissions).
  */
 export function listenUnix(path: string, backlog = 1, beforeListen?: () => void): number {
-  return unixSocket(SOCK_STREAM, (fd) => {
+  return unixSocket(SOCK.STREAM, (fd) => {
     check(libc.bind(fd, sockaddrUn(path), SOCKADDR_UN_LEN), `bind(${path})`);
     beforeListen?.();
     check(libc.listen(fd, backlog), "listen");
@@ -77,7 +87,7 @@ export function listenUnix(path: string, backlog = 1, beforeListen?: () => void)
  */
 export function sendDatagramTo(name: string, data: Uint8Array): number {
   const { addr, len } = unixAddress(name);
-  const fd = check(libc.socket(AF_UNIX, SOCK_DGRAM | SOCK_CLOEXEC, 0), "socket");
+  const fd = check(libc.socket(AF.UNIX, SOCK.DGRAM | SOCK.CLOEXEC, 0), "socket");
   try {
     const msg = new Uint8Array(56);
     const mv = new DataView(msg.buffer);
@@ -87,7 +97,7 @@ export function sendDatagramTo(name: string, data: Uint8Array): number {
     mv.setBigUint64(16, BigInt(ptr(iov)), true);
     mv.setBigUint64(24, 1n, true);
     for (;;) {
-      const r = checkAllow(libc.sendmsg(fd, msg, MSG_NOSIGNAL), `sendmsg(${name})`, EINTR);
+      const r = checkAllow(libc.sendmsg(fd, msg, MSG.NOSIGNAL), `sendmsg(${name})`, EINTR);
       if (r !== -EINTR) return r;
     }
   } finally {
@@ -110,26 +120,26 @@ export function peerCredentials(fd: number): PeerCredentials {
 }
 
 export function connectUnix(path: string): number {
-  return unixSocket(SOCK_STREAM, (fd) => check(libc.connect(fd, sockaddrUn(path), SOCKADDR_UN_LEN), `connect(${path})`));
+  return unixSocket(SOCK.STREAM, (fd) => check(libc.connect(fd, sockaddrUn(path), SOCKADDR_UN_LEN), `connect(${path})`));
 }
 
 /** A datagram socket connected to `path` (the syslog socket, /dev/log), non-blocking unless told otherwise. */
 export function connectUnixDatagram(path: string, nonBlocking = true): number {
-  return unixSocket(SOCK_DGRAM | (nonBlocking ? SOCK_NONBLOCK : 0), (fd) =>
+  return unixSocket(SOCK.DGRAM | (nonBlocking ? SOCK.NONBLOCK : 0), (fd) =>
     check(libc.connect(fd, sockaddrUn(path), SOCKADDR_UN_LEN), `connect(${path})`));
 }
 
 /** A non-blocking datagram socket bound at `path` (which must not exist) or at an `@abstract` name. */
 export function bindUnixDatagram(path: string): number {
   const { addr, len } = unixAddress(path);
-  return unixSocket(SOCK_DGRAM | SOCK_NONBLOCK, (fd) => check(libc.bind(fd, addr, len), `bind(${path})`));
+  return unixSocket(SOCK.DGRAM | SOCK.NONBLOCK, (fd) => check(libc.bind(fd, addr, len), `bind(${path})`));
 }
 
 /** accept4 with CLOEXEC (and NONBLOCK when asked); returns -EAGAIN when nothing is pending. */
 export function accept(listenFd: number, nonBlocking = false): number {
   for (;;) {
     const r = checkAllow(
-      libc.accept4(listenFd, null, null, SOCK_CLOEXEC | (nonBlocking ? SOCK_NONBLOCK : 0)),
+      libc.accept4(listenFd, null, null, SOCK.CLOEXEC | (nonBlocking ? SOCK.NONBLOCK : 0)),
       "accept4",
       EAGAIN,
       EINTR,
@@ -140,7 +150,7 @@ export function accept(listenFd: number, nonBlocking = false): number {
 
 export function socketPair(): [number, number] {
   const fds = new Int32Array(2);
-  check(libc.socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, fds), "socketpair");
+  check(libc.socketpair(AF.UNIX, SOCK.STREAM | SOCK.CLOEXEC, 0, fds), "socketpair");
   return [fds[0]!, fds[1]!];
 }
 
@@ -196,13 +206,13 @@ export class MsgIo {
     this.msgView.setInt32(48, 0, true);
     let n: number;
     for (;;) {
-      n = checkAllow(libc.recvmsg(fd, this.msg, MSG_CMSG_CLOEXEC), "recvmsg", EAGAIN, EINTR);
+      n = checkAllow(libc.recvmsg(fd, this.msg, MSG.CMSG_CLOEXEC), "recvmsg", EAGAIN, EINTR);
       if (n !== -EINTR) break;
     }
     const fds: number[] = [];
     if (n < 0) return { n, fds, truncated: false };
     const controlLen = Number(this.msgView.getBigUint64(40, true));
-    const flags = this.msgView.getInt32(48, true) & ~MSG_CMSG_CLOEXEC;
+    const flags = this.msgView.getInt32(48, true) & ~MSG.CMSG_CLOEXEC;
     let o = 0;
     while (o + 16 <= controlLen) {
       const cmsgLen = Number(this.controlView.getBigUint64(o, true));
@@ -214,7 +224,7 @@ export class MsgIo {
       }
       o += (cmsgLen + 7) & ~7;
     }
-    return { n, fds, truncated: (flags & MSG_CTRUNC) !== 0 };
+    return { n, fds, truncated: (flags & MSG.CTRUNC) !== 0 };
   }
 
   /** sendmsg of `buf[0..len)` with `fds` attached; returns bytes sent or -EAGAIN. */
@@ -234,7 +244,7 @@ export class MsgIo {
       this.msgView.setBigUint64(40, 0n, true);
     }
     for (;;) {
-      const r = checkAllow(libc.sendmsg(fd, this.msg, MSG_NOSIGNAL), "sendmsg", EAGAIN, EINTR);
+      const r = checkAllow(libc.sendmsg(fd, this.msg, MSG.NOSIGNAL), "sendmsg", EAGAIN, EINTR);
       if (r !== -EINTR) return r;
     }
   }
@@ -246,7 +256,7 @@ export class MsgIo {
  * The probe connection is closed at once (the listener sees a peer that hangs up).
  */
 export function unixListenerAlive(path: string): boolean {
-  const fd = check(libc.socket(AF_UNIX, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0), "socket");
+  const fd = check(libc.socket(AF.UNIX, SOCK.STREAM | SOCK.NONBLOCK | SOCK.CLOEXEC, 0), "socket");
   try {
     if (libc.connect(fd, sockaddrUn(path), SOCKADDR_UN_LEN) >= 0) return true;
     const e = errno();

@@ -16,7 +16,7 @@ import { formatMac, type NetOptions } from "./options.ts";
 
 export type TapOpenOptions = Pick<NetOptions, "tap" | "queuePairs" | "mtu" | "offloads">;
 
-const TAP_FLAGS = tun.IFF_TAP | tun.IFF_NO_PI | tun.IFF_VNET_HDR;
+const TAP_FLAGS = tun.IFF.TAP | tun.IFF.NO_PI | tun.IFF.VNET_HDR;
 /** The name template of taps we create (crosvm's), filled in by the kernel. */
 const CREATED_TAP_NAME = "vmtap%d";
 const EBADFD = 77;
@@ -26,12 +26,12 @@ const NEEDS_CAP = "needs CAP_NET_ADMIN: run as root or give the binary cap_net_a
 
 /** The TUNSETOFFLOAD combinations the kernel accepts one by one (it refuses USO4 without USO6, anything without CSUM). */
 const OFFLOAD_PROBES = [
-  tun.TUN_F_CSUM,
-  tun.TUN_F_CSUM | tun.TUN_F_TSO4,
-  tun.TUN_F_CSUM | tun.TUN_F_TSO6,
-  tun.TUN_F_CSUM | tun.TUN_F_TSO4 | tun.TUN_F_TSO_ECN,
-  tun.TUN_F_CSUM | tun.TUN_F_UFO,
-  tun.TUN_F_CSUM | tun.TUN_F_USO4 | tun.TUN_F_USO6,
+  tun.TUN_F.CSUM,
+  tun.TUN_F.CSUM | tun.TUN_F.TSO4,
+  tun.TUN_F.CSUM | tun.TUN_F.TSO6,
+  tun.TUN_F.CSUM | tun.TUN_F.TSO4 | tun.TUN_F.TSO_ECN,
+  tun.TUN_F.CSUM | tun.TUN_F.UFO,
+  tun.TUN_F.CSUM | tun.TUN_F.USO4 | tun.TUN_F.USO6,
 ];
 
 function fail(message: string, cause: unknown): never {
@@ -77,7 +77,7 @@ function attachByName(name: string, pairs: number): number[] {
     );
   }
   // A single pair also works on a multi_queue tap, so it may fall back to IFF_MULTI_QUEUE.
-  let flags = TAP_FLAGS | (pairs > 1 ? tun.IFF_MULTI_QUEUE : 0);
+  let flags = TAP_FLAGS | (pairs > 1 ? tun.IFF.MULTI_QUEUE : 0);
   const fds: number[] = [];
   try {
     for (let i = 0; i < pairs; i++) {
@@ -86,7 +86,7 @@ function attachByName(name: string, pairs: number): number[] {
       } catch (e) {
         if (i > 0 || errnoOf(e) !== EINVAL) throw e;
         // EINVAL: the multi_queue setting differs from ours, or it is not a tap at all.
-        const flipped = flags ^ tun.IFF_MULTI_QUEUE;
+        const flipped = flags ^ tun.IFF.MULTI_QUEUE;
         let probe: number;
         try {
           probe = attach(name, flipped).fd;
@@ -123,10 +123,10 @@ function checkTapFd(fd: number): string {
     if (n === EINVAL || n === ENOTTY) fail(`--tap-fd ${fd} is not a tun/tap fd`, e);
     throw e;
   }
-  if ((info.flags & tun.IFF_TAP) === 0) fail(`--tap-fd ${fd} is a tun (layer 3) device ${info.name}, not a tap`, null);
+  if ((info.flags & tun.IFF.TAP) === 0) fail(`--tap-fd ${fd} is a tun (layer 3) device ${info.name}, not a tap`, null);
   const missing = [
-    (info.flags & tun.IFF_NO_PI) === 0 && "IFF_NO_PI",
-    (info.flags & tun.IFF_VNET_HDR) === 0 && "IFF_VNET_HDR",
+    (info.flags & tun.IFF.NO_PI) === 0 && "IFF_NO_PI",
+    (info.flags & tun.IFF.VNET_HDR) === 0 && "IFF_VNET_HDR",
   ].filter(Boolean);
   if (missing.length > 0) {
     fail(
@@ -145,7 +145,7 @@ function hasCapNetAdmin(): boolean {
 
 /** Creates a tap (vmtapN) with one fd per pair and configures its host side as crosvm's --device does. */
 function createTap(o: TapOpenOptions & { tap: { kind: "create" } }): { name: string; fds: number[] } {
-  const flags = TAP_FLAGS | (o.queuePairs > 1 ? tun.IFF_MULTI_QUEUE : 0);
+  const flags = TAP_FLAGS | (o.queuePairs > 1 ? tun.IFF.MULTI_QUEUE : 0);
   const fds: number[] = [];
   let name = CREATED_TAP_NAME;
   try {
@@ -177,12 +177,12 @@ function createTap(o: TapOpenOptions & { tap: { kind: "create" } }): { name: str
 export function guestFeaturesToTunOffloads(features: bigint): number {
   const has = (f: bigint) => (features & f) !== 0n;
   if (!has(VIRTIO_NET_F_GUEST_CSUM)) return 0;
-  let t = tun.TUN_F_CSUM;
-  if (has(VIRTIO_NET_F_GUEST_TSO4)) t |= tun.TUN_F_TSO4;
-  if (has(VIRTIO_NET_F_GUEST_TSO6)) t |= tun.TUN_F_TSO6;
-  if (has(VIRTIO_NET_F_GUEST_ECN) && (t & (tun.TUN_F_TSO4 | tun.TUN_F_TSO6)) !== 0) t |= tun.TUN_F_TSO_ECN;
-  if (has(VIRTIO_NET_F_GUEST_UFO)) t |= tun.TUN_F_UFO;
-  if (has(VIRTIO_NET_F_GUEST_USO4) && has(VIRTIO_NET_F_GUEST_USO6)) t |= tun.TUN_F_USO4 | tun.TUN_F_USO6;
+  let t = tun.TUN_F.CSUM;
+  if (has(VIRTIO_NET_F_GUEST_TSO4)) t |= tun.TUN_F.TSO4;
+  if (has(VIRTIO_NET_F_GUEST_TSO6)) t |= tun.TUN_F.TSO6;
+  if (has(VIRTIO_NET_F_GUEST_ECN) && (t & (tun.TUN_F.TSO4 | tun.TUN_F.TSO6)) !== 0) t |= tun.TUN_F.TSO_ECN;
+  if (has(VIRTIO_NET_F_GUEST_UFO)) t |= tun.TUN_F.UFO;
+  if (has(VIRTIO_NET_F_GUEST_USO4) && has(VIRTIO_NET_F_GUEST_USO6)) t |= tun.TUN_F.USO4 | tun.TUN_F.USO6;
   return t;
 }
 
@@ -193,13 +193,13 @@ export function guestFeaturesToTunOffloads(features: bigint): number {
  * kernel that knows UDP_L4 GSO, which the USO probe shows.
  */
 export function offloadFeatures(supported: number): bigint {
-  if ((supported & tun.TUN_F_CSUM) === 0) return 0n;
+  if ((supported & tun.TUN_F.CSUM) === 0) return 0n;
   let f = VIRTIO_NET_F_GUEST_CSUM | VIRTIO_NET_F_CSUM | VIRTIO_NET_F_HOST_TSO4 | VIRTIO_NET_F_HOST_TSO6 | VIRTIO_NET_F_HOST_ECN | VIRTIO_NET_F_HOST_UFO;
-  if (supported & tun.TUN_F_TSO4) f |= VIRTIO_NET_F_GUEST_TSO4;
-  if (supported & tun.TUN_F_TSO6) f |= VIRTIO_NET_F_GUEST_TSO6;
-  if (supported & tun.TUN_F_TSO_ECN) f |= VIRTIO_NET_F_GUEST_ECN;
-  if (supported & tun.TUN_F_UFO) f |= VIRTIO_NET_F_GUEST_UFO;
-  if (supported & tun.TUN_F_USO4) f |= VIRTIO_NET_F_GUEST_USO4 | VIRTIO_NET_F_GUEST_USO6 | VIRTIO_NET_F_HOST_USO;
+  if (supported & tun.TUN_F.TSO4) f |= VIRTIO_NET_F_GUEST_TSO4;
+  if (supported & tun.TUN_F.TSO6) f |= VIRTIO_NET_F_GUEST_TSO6;
+  if (supported & tun.TUN_F.TSO_ECN) f |= VIRTIO_NET_F_GUEST_ECN;
+  if (supported & tun.TUN_F.UFO) f |= VIRTIO_NET_F_GUEST_UFO;
+  if (supported & tun.TUN_F.USO4) f |= VIRTIO_NET_F_GUEST_USO4 | VIRTIO_NET_F_GUEST_USO6 | VIRTIO_NET_F_HOST_USO;
   return f;
 }
 
@@ -352,7 +352,7 @@ export function openTap(o: TapOpenOptions): Tap {
     ({ name, fds } = createTap(o as TapOpenOptions & { tap: { kind: "create" } }));
   }
   try {
-    if ((tun.tunGetIff(fds[0]!).flags & tun.IFF_VNET_HDR) === 0) {
+    if ((tun.tunGetIff(fds[0]!).flags & tun.IFF.VNET_HDR) === 0) {
       throw new Error(`tap ${name} has no vnet_hdr: recreate it with \`${mkTapHint(name, o.queuePairs > 1)}\``);
     }
     tun.tunSetVnetHdrSize(fds[0]!, VIRTIO_NET_HDR_SIZE); // device-wide; the kernel default is 10 (no num_buffers)

@@ -15,8 +15,7 @@
 import { readFileSync, readdirSync } from "node:fs";
 import { fcntl } from "../../ffi/io.ts";
 import {
-  CAP_LAST_KNOWN, CLONE_NEWIPC, CLONE_NEWNET, CLONE_NEWNS, CLONE_NEWUTS, PR_CAPBSET_DROP, PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL,
-  PR_SET_NO_NEW_PRIVS, SECCOMP_FILTER_FLAG_TSYNC, SIG_BLOCK, SIG_UNBLOCK, capget, capset, execve, prctl, prctlRaw,
+  CAP_LAST_KNOWN, CLONE, PR, SECCOMP, SIG_BLOCK, SIG_UNBLOCK, capget, capset, execve, prctl, prctlRaw,
   seccompSetFilter, signalMask, unshare,
 } from "../../ffi/seccomp.ts";
 import type { HostAccess } from "../host_access.ts";
@@ -108,7 +107,7 @@ export function enterSandbox(req: SandboxRequest): SandboxResult | never {
   // thread's own (the other threads keep the host's until the execve ends them).
   let mountNs = false;
   if (root) {
-    const flags = CLONE_NEWNS | CLONE_NEWIPC | CLONE_NEWUTS | (req.access.hostNetwork ? 0 : CLONE_NEWNET);
+    const flags = CLONE.NEWNS | CLONE.NEWIPC | CLONE.NEWUTS | (req.access.hostNetwork ? 0 : CLONE.NEWNET);
     try {
       unshare(flags);
       applied.push(req.access.hostNetwork ? "namespaces(mnt,ipc,uts)" : "namespaces(mnt,net,ipc,uts)");
@@ -139,10 +138,10 @@ export function enterSandbox(req: SandboxRequest): SandboxResult | never {
   try {
     for (let cap = 0; cap <= CAP_LAST_KNOWN; cap++) {
       if (kept.includes(cap)) continue;
-      const r = prctlRaw(PR_CAPBSET_DROP, cap);
+      const r = prctlRaw(PR.CAPBSET_DROP, cap);
       if (r < 0 && r !== -22 /* EINVAL: a capability this kernel does not know */) throw new Error(`PR_CAPBSET_DROP ${cap}: errno ${-r}`);
     }
-    prctlRaw(PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL);
+    prctlRaw(PR.CAP_AMBIENT, PR.CAP_AMBIENT_CLEAR_ALL);
     const caps = capget();
     capset({ effective: caps.effective, permitted: caps.permitted, inheritable: 0n });
     applied.push(kept.length === 0 ? "capabilities" : `capabilities(kept: ${kept.join(",")})`);
@@ -151,7 +150,7 @@ export function enterSandbox(req: SandboxRequest): SandboxResult | never {
     else applied.push("capabilities"); // not root and no file capabilities: nothing to drop
   }
 
-  prctl(PR_SET_NO_NEW_PRIVS, 1);
+  prctl(PR.SET_NO_NEW_PRIVS, 1);
   applied.push("no_new_privs");
 
   const ll = applyLandlock(
@@ -213,7 +212,7 @@ export function resumeSandbox(): SandboxResult | null {
   const s = JSON.parse(raw) as Stage2;
   for (const fd of s.keepFds) fcntl(fd, F_SETFD, fcntl(fd, F_GETFD) | FD_CLOEXEC);
   const policy = buildPolicy(s.access, { pid: process.pid, openAllowed: true, unlinkAllowed: s.removable.length > 0 });
-  const r = seccompSetFilter(compileFilter(policy), SECCOMP_FILTER_FLAG_TSYNC);
+  const r = seccompSetFilter(compileFilter(policy), SECCOMP.FILTER_FLAG_TSYNC);
   if (r !== 0) throw new Error(`seccomp: thread ${r} could not be synchronized`);
   s.applied.push("seccomp");
   const capMask = root() ? keptCapabilities(s.access).reduce((m, c) => m | (1n << BigInt(c)), 0n) : 0n;

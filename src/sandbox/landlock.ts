@@ -3,7 +3,7 @@
 // declared TCP ports; everything else on the filesystem and every other TCP port is denied, and
 // from ABI 6 abstract unix sockets and signals are scoped to the sandbox. Best effort across ABI
 // versions: rights a kernel does not know are left out, and the report says what was not enforced.
-import { ACCESS_FS, ACCESS_NET_BIND_TCP, ACCESS_NET_CONNECT_TCP, SCOPE_ABSTRACT_UNIX_SOCKET, SCOPE_SIGNAL, addNetPortRule, addPathRule, createRuleset, fsRightsOfAbi, landlockAbi, restrictSelf } from "../../ffi/landlock.ts";
+import { ACCESS_FS, ACCESS_NET, SCOPE, addNetPortRule, addPathRule, createRuleset, fsRightsOfAbi, landlockAbi, restrictSelf } from "../../ffi/landlock.ts";
 import { open, fstat, O_CLOEXEC, S_IFMT } from "../../ffi/io.ts";
 import { close, errnoName, SysError } from "../../ffi/libc.ts";
 import type { HostAccess, PathRight } from "../host_access.ts";
@@ -114,9 +114,9 @@ export function applyLandlock(grants: readonly PathGrant[], ports: readonly numb
   if (abi < 2) missing.push("file renames across directories (ABI 2)");
   if (abi < 3) missing.push("truncate (ABI 3)");
   if (abi < 5) missing.push("device ioctls (ABI 5)");
-  const handledNet = abi >= 4 ? ACCESS_NET_BIND_TCP | ACCESS_NET_CONNECT_TCP : 0n;
+  const handledNet = abi >= 4 ? ACCESS_NET.BIND_TCP | ACCESS_NET.CONNECT_TCP : 0n;
   if (abi < 4) missing.push("TCP bind/connect (ABI 4)");
-  const scoped = abi >= 6 ? SCOPE_ABSTRACT_UNIX_SOCKET | SCOPE_SIGNAL : 0n;
+  const scoped = abi >= 6 ? SCOPE.ABSTRACT_UNIX_SOCKET | SCOPE.SIGNAL : 0n;
   if (abi < 6) missing.push("abstract unix socket and signal scoping (ABI 6)");
   const ruleset = createRuleset({ handledFs, handledNet, scoped }, abi);
   const skipped: string[] = [];
@@ -140,7 +140,7 @@ export function applyLandlock(grants: readonly PathGrant[], ports: readonly numb
         close(fd);
       }
     }
-    if (handledNet !== 0n) for (const port of ports) addNetPortRule(ruleset, port, ACCESS_NET_CONNECT_TCP);
+    if (handledNet !== 0n) for (const port of ports) addNetPortRule(ruleset, port, ACCESS_NET.CONNECT_TCP);
     restrictSelf(ruleset);
   } finally {
     close(ruleset);

@@ -14,7 +14,7 @@ import { closeSync, lstatSync, mkdirSync, mkdtempSync, openSync, rmdirSync, read
 import { tmpdir } from "node:os";
 import { basename, dirname, join } from "node:path";
 import {
-  MNT_DETACH, MS_BIND, MS_NODEV, MS_NOEXEC, MS_NOSUID, MS_PRIVATE, MS_RDONLY, MS_REC, MS_REMOUNT, ST_NODEV, ST_NOEXEC, ST_NOSUID,
+  MNT_DETACH, MS, ST,
   chdir, mount, pivotRoot, rmdirAt, statfsFlags, umount2,
 } from "../../ffi/seccomp.ts";
 import type { HostAccess } from "../host_access.ts";
@@ -212,14 +212,14 @@ function buildDirectory(): { path: string; temporary: boolean } {
  * Throws on a failure; before the pivot it first undoes the tmpfs, so the caller may go on without.
  */
 export function enterEmptyRoot(plan: RootPlan, cwd = process.cwd()): EmptyRootResult {
-  mount("none", "/", null, MS_REC | MS_PRIVATE);
+  mount("none", "/", null, MS.REC | MS.PRIVATE);
   const { path: buildAt, temporary } = buildDirectory();
   const parentFd = openSync(dirname(buildAt), O_PATH | O_DIRECTORY);
   const bound: string[] = [];
   const skipped: string[] = [];
   let proc: EmptyRootResult["proc"] = "proc";
   try {
-    mount("tmpfs", buildAt, "tmpfs", MS_NOSUID | MS_NODEV, "size=64k,nr_inodes=1024,mode=0755");
+    mount("tmpfs", buildAt, "tmpfs", MS.NOSUID | MS.NODEV, "size=64k,nr_inodes=1024,mode=0755");
   } catch (e) {
     if (temporary) rmdirSync(buildAt);
     closeSync(parentFd);
@@ -233,21 +233,21 @@ export function enterEmptyRoot(plan: RootPlan, cwd = process.cwd()): EmptyRootRe
         skipped.push(`${b.path} (ENOENT)`);
         continue;
       }
-      mount(at, buildAt + at, null, MS_BIND | MS_REC);
+      mount(at, buildAt + at, null, MS.BIND | MS.REC);
       // Keep what the source mount forbids (a remount may not lift it), add read-only unless writable.
-      const kept = statfsFlags(at) & (ST_NOSUID | ST_NODEV | ST_NOEXEC);
-      mount("none", buildAt + at, null, MS_REMOUNT | MS_BIND | kept | (b.writable ? 0 : MS_RDONLY));
+      const kept = statfsFlags(at) & (ST.NOSUID | ST.NODEV | ST.NOEXEC);
+      mount("none", buildAt + at, null, MS.REMOUNT | MS.BIND | kept | (b.writable ? 0 : MS.RDONLY));
       bound.push(b.path);
     }
     mkdirSync(`${buildAt}/proc`, 0o555);
     try {
-      mount("proc", `${buildAt}/proc`, "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC);
+      mount("proc", `${buildAt}/proc`, "proc", MS.NOSUID | MS.NODEV | MS.NOEXEC);
     } catch {
       // A proc mount may be refused (a container's masked /proc): the host's, recursively.
-      mount("/proc", `${buildAt}/proc`, null, MS_BIND | MS_REC);
+      mount("/proc", `${buildAt}/proc`, null, MS.BIND | MS.REC);
       proc = "bind";
     }
-    mount("none", buildAt, null, MS_REMOUNT | MS_RDONLY | MS_NOSUID | MS_NODEV);
+    mount("none", buildAt, null, MS.REMOUNT | MS.RDONLY | MS.NOSUID | MS.NODEV);
   } catch (e) {
     umount2(buildAt, MNT_DETACH);
     if (temporary) rmdirSync(buildAt);

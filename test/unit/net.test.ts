@@ -207,7 +207,7 @@ class Rig {
     ns.addTap(name);
     const tapFd = ns.enter(() => {
       const fd = tun.openTunDevice(true);
-      tun.tunSetIff(fd, name, tun.IFF_TAP | tun.IFF_NO_PI | tun.IFF_VNET_HDR);
+      tun.tunSetIff(fd, name, tun.IFF.TAP | tun.IFF.NO_PI | tun.IFF.VNET_HDR);
       return fd;
     });
     const b = new BackendUnderTest("net", { "tap-fd": String(tapFd), mac: GUEST_MAC, ...o.options });

@@ -150,11 +150,11 @@ describe.skipIf(!AVAILABLE)("net tap (in a network namespace)", () => {
       const fd = tun.openTunDevice();
       fds.push(fd);
       const features = tun.tunGetFeatures(fd);
-      for (const f of [tun.IFF_TAP, tun.IFF_NO_PI, tun.IFF_VNET_HDR, tun.IFF_MULTI_QUEUE]) expect(features & f).toBe(f);
-      expect(tun.tunSetIff(fd, "vtsq", tun.IFF_TAP | tun.IFF_NO_PI | tun.IFF_VNET_HDR)).toBe("vtsq");
+      for (const f of [tun.IFF.TAP, tun.IFF.NO_PI, tun.IFF.VNET_HDR, tun.IFF.MULTI_QUEUE]) expect(features & f).toBe(f);
+      expect(tun.tunSetIff(fd, "vtsq", tun.IFF.TAP | tun.IFF.NO_PI | tun.IFF.VNET_HDR)).toBe("vtsq");
       const info = tun.tunGetIff(fd);
       expect(info.name).toBe("vtsq");
-      expect(info.flags & (tun.IFF_TAP | tun.IFF_NO_PI | tun.IFF_VNET_HDR | tun.IFF_PERSIST)).toBe(tun.IFF_TAP | tun.IFF_NO_PI | tun.IFF_VNET_HDR | tun.IFF_PERSIST);
+      expect(info.flags & (tun.IFF.TAP | tun.IFF.NO_PI | tun.IFF.VNET_HDR | tun.IFF.PERSIST)).toBe(tun.IFF.TAP | tun.IFF.NO_PI | tun.IFF.VNET_HDR | tun.IFF.PERSIST);
       expect(tun.tunGetVnetHdrSize(fd)).toBe(10); // the kernel default: virtio_net_hdr without num_buffers
       tun.tunSetVnetHdrSize(fd, 12);
       expect(tun.tunGetVnetHdrSize(fd)).toBe(12);
@@ -162,7 +162,7 @@ describe.skipIf(!AVAILABLE)("net tap (in a network namespace)", () => {
         expect(tun.ifIndex(s, "vtsq")).toBeGreaterThan(0);
         expect(tun.ifIndex(s, "no-such-tap")).toBe(-1);
         expect(tun.getIfMtu(s, "vtsq")).toBe(1500);
-        expect(tun.getIfFlags(s, "vtsq") & tun.IFF_UP).toBe(tun.IFF_UP);
+        expect(tun.getIfFlags(s, "vtsq") & tun.IFF.UP).toBe(tun.IFF.UP);
       });
       fds.splice(fds.indexOf(fd), 1);
       close(fd);
@@ -178,7 +178,7 @@ describe.skipIf(!AVAILABLE)("net tap (in a network namespace)", () => {
     expect(tun.tunGetVnetHdrSize(t.fds[0]!)).toBe(12);
     expect(t.mtu).toBe(1500);
     // CSUM, TSO4/6 and TSO_ECN are as old as TUNSETOFFLOAD itself; UFO and USO depend on the kernel.
-    const base = tun.TUN_F_CSUM | tun.TUN_F_TSO4 | tun.TUN_F_TSO6 | tun.TUN_F_TSO_ECN;
+    const base = tun.TUN_F.CSUM | tun.TUN_F.TSO4 | tun.TUN_F.TSO6 | tun.TUN_F.TSO_ECN;
     expect(t.supportedOffloads & base).toBe(base);
     console.log(`tap offloads accepted here: 0x${t.supportedOffloads.toString(16)}`);
     expect(t.offloads).toBe(0);
@@ -243,7 +243,7 @@ describe.skipIf(!AVAILABLE)("net tap (in a network namespace)", () => {
 
     // GUEST_CSUM: the kernel leaves the UDP checksum to us (csum_start = 14 + 20, offset 6).
     expect(t.setOffloads(VIRTIO_NET_F_GUEST_CSUM | VIRTIO_NET_F_GUEST_TSO4 | VIRTIO_NET_F_GUEST_ECN)).toBe(
-      tun.TUN_F_CSUM | tun.TUN_F_TSO4 | tun.TUN_F_TSO_ECN,
+      tun.TUN_F.CSUM | tun.TUN_F.TSO4 | tun.TUN_F.TSO_ECN,
     );
     if (HAVE_ETHTOOL) {
       const k = ethtoolFeatures(ns, "vt0");
@@ -259,9 +259,9 @@ describe.skipIf(!AVAILABLE)("net tap (in a network namespace)", () => {
     expect(h.gsoType).toBe(VIRTIO_NET_HDR_GSO_NONE);
     expect([h.csumStart, h.csumOffset]).toEqual([34, 6]);
 
-    if ((t.supportedOffloads & tun.TUN_F_USO4) !== 0) {
+    if ((t.supportedOffloads & tun.TUN_F.USO4) !== 0) {
       // USO on: a 3000-byte UDP_SEGMENT send stays one GSO frame; off again: three datagrams.
-      expect(t.setOffloads(VIRTIO_NET_F_GUEST_CSUM | VIRTIO_NET_F_GUEST_USO4 | VIRTIO_NET_F_GUEST_USO6) & tun.TUN_F_USO4).toBe(tun.TUN_F_USO4);
+      expect(t.setOffloads(VIRTIO_NET_F_GUEST_CSUM | VIRTIO_NET_F_GUEST_USO4 | VIRTIO_NET_F_GUEST_USO6) & tun.TUN_F.USO4).toBe(tun.TUN_F.USO4);
       if (HAVE_ETHTOOL) expect(ethtoolFeatures(ns, "vt0")["tx-udp-segmentation"]).toBe("on");
       send(1000, 3000, 4002);
       ({ pkt } = await receive(t.fds, isUdpTo(4002)));
@@ -286,15 +286,15 @@ describe.skipIf(!AVAILABLE)("net tap (in a network namespace)", () => {
 
   test("guest features map to TUN_F_* as QEMU's tap_fd_set_offload does", () => {
     expect(guestFeaturesToTunOffloads(VIRTIO_NET_F_GUEST_TSO4)).toBe(0); // nothing without GUEST_CSUM
-    expect(guestFeaturesToTunOffloads(VIRTIO_NET_F_GUEST_CSUM | VIRTIO_NET_F_GUEST_ECN)).toBe(tun.TUN_F_CSUM); // ECN needs TSO
-    expect(guestFeaturesToTunOffloads(VIRTIO_NET_F_GUEST_CSUM | VIRTIO_NET_F_GUEST_USO4)).toBe(tun.TUN_F_CSUM); // USO only as a pair
+    expect(guestFeaturesToTunOffloads(VIRTIO_NET_F_GUEST_CSUM | VIRTIO_NET_F_GUEST_ECN)).toBe(tun.TUN_F.CSUM); // ECN needs TSO
+    expect(guestFeaturesToTunOffloads(VIRTIO_NET_F_GUEST_CSUM | VIRTIO_NET_F_GUEST_USO4)).toBe(tun.TUN_F.CSUM); // USO only as a pair
   });
 
   test("two queue pairs on a multi_queue tap: two fds, both carry frames", async () => {
     const t = openIn(opts({ kind: "name", name: "vtmq" }, { queuePairs: 2 }));
     expect(t.fds.length).toBe(2);
     expect(new Set(t.fds).size).toBe(2);
-    for (const fd of t.fds) expect(tun.tunGetIff(fd).flags & tun.IFF_MULTI_QUEUE).toBe(tun.IFF_MULTI_QUEUE);
+    for (const fd of t.fds) expect(tun.tunGetIff(fd).flags & tun.IFF.MULTI_QUEUE).toBe(tun.IFF.MULTI_QUEUE);
     const ps = ns.enter(() => tun.withControlSocket((s) => packetSocket(tun.ifIndex(s, "vtmq"))));
     fds.push(ps);
     for (const [i, fd] of t.fds.entries()) {
@@ -353,11 +353,11 @@ describe.skipIf(!AVAILABLE)("net tap (in a network namespace)", () => {
 
   test("a tap made without vnet_hdr is fine by name (the opener's flags win), refused as a --tap-fd opened without IFF_VNET_HDR", () => {
     const t = openIn(opts({ kind: "name", name: "vtnov" }));
-    expect(tun.tunGetIff(t.fds[0]!).flags & tun.IFF_VNET_HDR).toBe(tun.IFF_VNET_HDR);
+    expect(tun.tunGetIff(t.fds[0]!).flags & tun.IFF.VNET_HDR).toBe(tun.IFF.VNET_HDR);
     t.close();
     const fd = ns.enter(() => {
       const f = tun.openTunDevice();
-      tun.tunSetIff(f, "vtnov", tun.IFF_TAP | tun.IFF_NO_PI);
+      tun.tunSetIff(f, "vtnov", tun.IFF.TAP | tun.IFF.NO_PI);
       return f;
     });
     fds.push(fd);
@@ -370,7 +370,7 @@ describe.skipIf(!AVAILABLE)("net tap (in a network namespace)", () => {
   test("a --tap-fd opened with the right flags is taken over as queue 0", () => {
     const fd = ns.enter(() => {
       const f = tun.openTunDevice(false);
-      tun.tunSetIff(f, "vtnov", tun.IFF_TAP | tun.IFF_NO_PI | tun.IFF_VNET_HDR);
+      tun.tunSetIff(f, "vtnov", tun.IFF.TAP | tun.IFF.NO_PI | tun.IFF.VNET_HDR);
       return f;
     });
     validateTap(opts({ kind: "fd", fd }));

@@ -36,9 +36,9 @@ test.skipIf(landlockAbi() < 1)("a child restricted to a declared directory write
     const grants = declaredGrants({ ...NO_HOST_ACCESS, paths: [{ path: join(dir, "allowed"), rights: ["create", "write"], directory: true }] });
     const script = `
       import { applyLandlock, runtimeGrants } from ${JSON.stringify(join(import.meta.dir, "../../src/sandbox/landlock.ts"))};
-      import { prctl, PR_SET_NO_NEW_PRIVS } from ${JSON.stringify(join(import.meta.dir, "../../ffi/seccomp.ts"))};
+      import { prctl, PR } from ${JSON.stringify(join(import.meta.dir, "../../ffi/seccomp.ts"))};
       import { writeFileSync, readFileSync } from "node:fs";
-      prctl(PR_SET_NO_NEW_PRIVS, 1);
+      prctl(PR.SET_NO_NEW_PRIVS, 1);
       const g = ${JSON.stringify(grants, (_k, v) => (typeof v === "bigint" ? `${v}n` : v))}.map((x) => ({ ...x, access: BigInt(x.access.slice(0, -1)) }));
       applyLandlock([...runtimeGrants({ execPath: process.execPath, pid: process.pid }), ...g], []);
       const tryIt = (f) => { try { f(); return "ok"; } catch (e) { return e.code; } };
