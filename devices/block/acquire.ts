@@ -9,6 +9,7 @@ import type { BlockDiskResource } from "./disk/open.ts";
 import { acquireRawDisk } from "./disk/raw.ts";
 import { acquireQcow2Disk, isQcow2File } from "./disk/qcow2/disk.ts";
 import { acquireNbdDisk, isNbdUri, nbdHostAccess } from "./disk/nbd.ts";
+import { acquireRbdDisk, isRbdSpec, rbdHostAccess } from "./disk/rbd.ts";
 
 /**
  * Opens the image (and, with --direct, its buffered twin), locks it as QEMU does (unless
@@ -18,6 +19,7 @@ import { acquireNbdDisk, isNbdUri, nbdHostAccess } from "./disk/nbd.ts";
  */
 export function acquireBlockDisk(o: BlockOptions): BlockDiskResource {
   if (isNbdUri(o.file)) return acquireNbdDisk(o.file, { readOnly: o.readOnly, timeoutMs: o.nbdTimeoutMs });
+  if (isRbdSpec(o.file)) return acquireRbdDisk(o.file, { readOnly: o.readOnly });
   const aio = o.aio;
   const rings = { queues: o.numQueues, queueSize: o.queueSize };
   // --format raw never probes: what a guest writes into its raw disk cannot change how it opens.
@@ -29,9 +31,11 @@ export function acquireBlockDisk(o: BlockOptions): BlockDiskResource {
 }
 
 /** After acquire, a raw image needs no new file, socket or thread: only I/O on its fds. An NBD
- * disk connects to its server again (each queue thread, and after an outage). */
+ * disk connects to its server again (each queue thread, and after an outage); an RBD disk
+ * connects to its cluster again, with librados's own threads. */
 export function blockHostAccess(o: BlockOptions): HostAccess {
   if (isNbdUri(o.file)) return nbdHostAccess(o.file);
+  if (isRbdSpec(o.file)) return rbdHostAccess(o.file);
   return {
     paths: [],
     unixSockets: [],

@@ -111,11 +111,25 @@ export class BlockDevice implements VhostUserDevice {
       // In the device thread, through this device's disk; queue threads build their own from the resource.
       runner: (o, loop) => new BlockQueueRunner(o as BlockThreadOptions, loop, disk),
     });
+    if (disk.watchSize !== undefined && !disk.multiThread) disk.watchSize(ctx.loop, (size) => this.resized(size, ctx));
     log.info(
       `block: ${opts.file} (${disk.description}, ${disk.size} bytes, ` +
         `${blkSize}-byte blocks, ${this.readOnly ? "read-only" : "read-write"}${opts.lock ? "" : ", not locked"}), ` +
         `serial '${this.serial}', ${opts.numQueues} queue(s), ${threads === 0 ? "served in the device thread" : `${threads} queue thread(s)`}`,
     );
+  }
+
+  /** The store was resized while served: the new capacity goes into the config space and the
+   * queues' bounds (one thread serves them all, through this policy object), and the front-end is
+   * told to re-read the config space (BACKEND_CONFIG_CHANGE_MSG; virtio-blk drivers then resize). */
+  private resized(size: number, ctx: DeviceContext): void {
+    const blkSize = this.geometry.blkSize;
+    const sectors = Math.floor(size / blkSize) * (blkSize / 512);
+    if (sectors === this.geometry.capacitySectors) return;
+    log.info(`block: ${this.opts.file} resized: ${this.geometry.capacitySectors * 512} → ${sectors * 512} bytes; telling the front-end`);
+    this.geometry.capacitySectors = sectors;
+    this.policy.capacitySectors = sectors;
+    ctx.configChanged();
   }
 
   maxQueues(): number {

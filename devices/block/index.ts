@@ -8,6 +8,7 @@ import { blockQueueRunner } from "./queue_runner.ts";
 import { acquireBlockDisk, blockHostAccess } from "./acquire.ts";
 import { releaseDiskResource, type BlockDiskResource } from "./disk/open.ts";
 import { isNbdUri } from "./disk/nbd.ts";
+import { isRbdSpec, parseRbdSpec } from "./disk/rbd_spec.ts";
 
 /** virtio spec 5.2: the block device. */
 const VIRTIO_ID_BLOCK = 2;
@@ -15,7 +16,7 @@ const VIRTIO_ID_BLOCK = 2;
 export const blockDevice: DeviceDefinition<BlockOptions> = {
   name: "block",
   virtioId: VIRTIO_ID_BLOCK,
-  description: "virtio-blk over a raw or qcow2 disk image, a block device, or an NBD export",
+  description: "virtio-blk over a raw or qcow2 disk image, a block device, an NBD export or a Ceph RBD image",
   // As released. QEMU's docs/interop/vhost-user.json spells this type "block", and its "blk-file"
   // feature stands for a --blk-file option (ours is --file).
   capabilities: { type: "block", features: ["read-only"] },
@@ -25,6 +26,11 @@ export const blockDevice: DeviceDefinition<BlockOptions> = {
     const o = parseBlockOptions(raw);
     if (isNbdUri(o.file)) {
       if (o.format === "qcow2") throw new Error(`--format qcow2: ${o.file} is an NBD export, served as raw (a qcow2 image behind NBD: export it with qemu-nbd -f qcow2)`);
+      return o;
+    }
+    if (isRbdSpec(o.file)) {
+      parseRbdSpec(o.file); // the spec's form, checked before anything connects
+      if (o.format === "qcow2") throw new Error(`--format qcow2: ${o.file} is an RBD image, served as raw`);
       return o;
     }
     let st;

@@ -7,7 +7,7 @@ import { booleanOption, intOption } from "../../src/cli_args.ts";
 import { MAX_QUEUE_SIZE } from "../../src/ring.ts";
 
 export const BLOCK_ARGS = {
-  file: { type: "string", description: "Disk image: a raw or qcow2 image file, a block device, or an NBD export (nbd://HOST[:PORT]/EXPORT, nbd+unix:///EXPORT?socket=PATH) (required)" },
+  file: { type: "string", description: "Disk image: a raw or qcow2 image file, a block device, an NBD export (nbd://HOST[:PORT]/EXPORT, nbd+unix:///EXPORT?socket=PATH), or a Ceph RBD image (rbd:POOL/IMAGE[@SNAP][:id=USER][:conf=PATH][:key=value...]; a snapshot is read-only) (required)" },
   format: { type: "string", default: "auto", description: "Image format: auto (qcow2 if the file starts with a qcow2 header, else raw), raw (never probed: a guest that writes a qcow2 header into its raw disk does not change how it opens next time) or qcow2" },
   "read-only": { type: "boolean", default: false, description: "Expose the disk read-only (VIRTIO_BLK_F_RO); writes fail" },
   serial: { type: "string", description: `Disk serial for GET_ID (at most ${VIRTIO_BLK_ID_BYTES} bytes; default derived from the file's device and inode)` },

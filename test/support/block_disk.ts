@@ -344,6 +344,62 @@ export async function randomIo(options: Record<string, unknown>, seed: number, r
   return requests;
 }
 
+/**
+ * Random reads, writes and flushes on both queues at once, none overlapping within a round;
+ * checks every status and read against `model` and applies the writes. Between the kicks and the
+ * collection, `meanwhile` runs (a server restart, an image resize).
+ */
+export async function randomRounds(d: Disk, model: Uint8Array, seed: number, rounds: number, meanwhile?: (round: number) => Promise<void>): Promise<number> {
+  const r = rng(seed);
+  const capacity = model.length / SECTOR;
+  let requests = 0;
+  for (let round = 0; round < rounds; round++) {
+    d.arena.reset();
+    const busy: [number, number][] = [];
+    const batches: { qi: number; pending: Pending[]; want: (Uint8Array | null)[]; writes: [number, Uint8Array][] }[] = [];
+    for (let qi = 0; qi < 2; qi++) {
+      const q = d.q(qi);
+      const b = { qi, pending: [] as Pending[], want: [] as (Uint8Array | null)[], writes: [] as [number, Uint8Array][] };
+      for (let i = randInt(r, 6, 14); i > 0; i--) {
+        if (r() < 0.05) {
+          b.pending.push(d.add(q, { type: VIRTIO_BLK_T_FLUSH }));
+          b.want.push(null);
+          continue;
+        }
+        const sectors = randInt(r, 1, 256);
+        let sector = 0;
+        do sector = randInt(r, 0, capacity - sectors);
+        while (busy.some(([s, e]) => sector < e && s < sector + sectors));
+        busy.push([sector, sector + sectors]);
+        const pieces = randInt(r, 1, 8);
+        if (r() < 0.5) {
+          b.pending.push(d.add(q, { type: VIRTIO_BLK_T_IN, sector, inLen: sectors * SECTOR, pieces, indirect: r() < 0.5 }));
+          b.want.push(model.slice(sector * SECTOR, (sector + sectors) * SECTOR));
+        } else {
+          const data = randomBytes(r, sectors * SECTOR);
+          b.pending.push(d.add(q, { type: VIRTIO_BLK_T_OUT, sector, out: data, pieces, indirect: r() < 0.5 }));
+          b.want.push(null);
+          b.writes.push([sector, data]);
+        }
+      }
+      batches.push(b);
+    }
+    for (const b of batches) signal(d.q(b.qi).kick);
+    await meanwhile?.(round);
+    for (const b of batches) {
+      const results = await d.finish(d.q(b.qi), b.pending);
+      results.forEach((res, i) => {
+        expect(res.status).toBe(VIRTIO_BLK_S_OK);
+        const want = b.want[i];
+        if (want) expect(Buffer.compare(res.data, want)).toBe(0);
+      });
+      for (const [sector, data] of b.writes) model.set(data, sector * SECTOR);
+      requests += results.length;
+    }
+  }
+  return requests;
+}
+
 /** Every Disk started (so tests can dispose of one early by taking it out). */
 export const opened: Disk[] = [];
 

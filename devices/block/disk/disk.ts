@@ -39,6 +39,16 @@ export interface DiskIdentity {
   ino: number;
 }
 
+/** FNV-1a, 48 bits (a safe integer): a network disk's identity `ino` from its canonical name. */
+export function hash48(s: string): number {
+  let h = 0xcbf29ce484222325n;
+  for (const b of new TextEncoder().encode(s)) {
+    h ^= BigInt(b);
+    h = (h * 0x100000001b3n) & 0xffffffffffffffffn;
+  }
+  return Number(h & 0xffffffffffffn);
+}
+
 /** writeZeroes flags. */
 /** The range may be deallocated (punched, trimmed) as long as it reads back as zeroes. */
 export const ZERO_UNMAP = 1;
@@ -147,6 +157,11 @@ export interface Disk {
   identity(): DiskIdentity;
   /** The store's size as the host sees it now (to notice a resize under our feet). */
   currentSize(): number;
+  /** A store that can be resized while served (an RBD image resized with `rbd resize`): calls
+   * `onResize` on `loop` with the new size whenever it changes, until close(). Only on a disk
+   * served from one thread (multiThread false), whose queues all see the device's new capacity.
+   * Absent: the size is fixed while serving. */
+  watchSize?(loop: EventLoop, onResize: (size: number) => void): void;
   /** Opens the I/O channel of one queue on `loop`. */
   attach(loop: EventLoop, options: DiskQueueOptions, handlers: DiskQueueHandlers): DiskQueue;
   /** Makes every completed write durable, blocking (the VM is being suspended or saved). */

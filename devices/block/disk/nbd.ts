@@ -22,7 +22,7 @@ import { mmap, munmap, PROT_READ, PROT_WRITE, MAP_PRIVATE, MAP_ANONYMOUS } from 
 import type { EventLoop } from "../../../src/event_loop.ts";
 import type { HostAccess } from "../../../src/host_access.ts";
 import {
-  ZERO_UNMAP, ZERO_MAY_FAIL_FAST, ZERO_FUA,
+  ZERO_UNMAP, ZERO_MAY_FAIL_FAST, ZERO_FUA, hash48,
   type Disk, type DiskIdentity, type DiskQueue, type DiskQueueHandlers, type DiskQueueOptions, type DiskRequest, type DiskResource,
 } from "./disk.ts";
 import {
@@ -178,16 +178,6 @@ function exportKey(uri: string): string {
   } catch {
     return uri;
   }
-}
-
-/** FNV-1a, 48 bits (a safe integer). */
-function hash48(s: string): number {
-  let h = 0xcbf29ce484222325n;
-  for (const b of new TextEncoder().encode(s)) {
-    h ^= BigInt(b);
-    h = (h * 0x100000001b3n) & 0xffffffffffffffffn;
-  }
-  return Number(h & 0xffffffffffffn);
 }
 
 // ---- buffers ----

@@ -4,9 +4,10 @@ import type { Disk } from "./disk.ts";
 import { openRawDisk, closeRawDiskResource, type RawDiskResource } from "./raw.ts";
 import { openQcow2Disk, closeQcow2DiskResource, type Qcow2DiskResource } from "./qcow2/disk.ts";
 import { openNbdDisk, type NbdDiskResource } from "./nbd.ts";
+import { openRbdDisk, type RbdDiskResource } from "./rbd.ts";
 
 /** The resource of any disk kind (plain, structured-cloneable data). */
-export type BlockDiskResource = RawDiskResource | Qcow2DiskResource | NbdDiskResource;
+export type BlockDiskResource = RawDiskResource | Qcow2DiskResource | NbdDiskResource | RbdDiskResource;
 
 /** Builds this thread's Disk from the resource; `owner` closes the resource's fds on close(). */
 export function openDisk(resource: BlockDiskResource, owner: boolean): Disk {
@@ -17,6 +18,8 @@ export function openDisk(resource: BlockDiskResource, owner: boolean): Disk {
       return openQcow2Disk(resource, owner);
     case "nbd":
       return openNbdDisk(resource, owner);
+    case "rbd":
+      return openRbdDisk(resource, owner);
     default:
       throw new Error(`unknown disk kind '${(resource as { kind: string }).kind}'`);
   }
@@ -31,7 +34,8 @@ export function releaseDiskResource(resource: BlockDiskResource): void {
     case "qcow2":
       closeQcow2DiskResource(resource);
       return;
-    case "nbd": // holds no fd: every Disk connects on its own
+    case "nbd": // hold no fd: every Disk connects on its own
+    case "rbd":
       return;
   }
 }
