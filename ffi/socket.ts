@@ -17,7 +17,14 @@ export const SOCK = {
   NONBLOCK: 0o4000,
   CLOEXEC: 0o2000000,
 } as const;
+/** The socket level of get/setsockopt and of control messages, and its options (<asm/socket.h> SO_*). */
 const SOL_SOCKET = 1;
+const SO = {
+  PEERCRED: 17,
+  RCVTIMEO: 20,
+  SNDTIMEO: 21,
+  ACCEPTCONN: 30,
+} as const;
 const SCM_RIGHTS = 1;
 /** sendmsg/recvmsg flags (<sys/socket.h> MSG_*). */
 const MSG = {
@@ -115,7 +122,7 @@ export interface PeerCredentials {
 export function peerCredentials(fd: number): PeerCredentials {
   const ucred = new Int32Array(3);
   const len = new Uint32Array([12]);
-  check(libc.getsockopt(fd, SOL_SOCKET, 17 /* SO_PEERCRED */, ucred, len), "getsockopt(SO_PEERCRED)");
+  check(libc.getsockopt(fd, SOL_SOCKET, SO.PEERCRED, ucred, len), "getsockopt(SO_PEERCRED)");
   return { pid: ucred[0]!, uid: ucred[1]! >>> 0, gid: ucred[2]! >>> 0 };
 }
 
@@ -158,15 +165,15 @@ export function socketPair(): [number, number] {
 export function isListening(fd: number): boolean {
   const val = new Int32Array(1);
   const len = new Uint32Array([4]);
-  check(libc.getsockopt(fd, SOL_SOCKET, 30 /* SO_ACCEPTCONN */, val, len), "getsockopt(SO_ACCEPTCONN)");
+  check(libc.getsockopt(fd, SOL_SOCKET, SO.ACCEPTCONN, val, len), "getsockopt(SO_ACCEPTCONN)");
   return val[0] !== 0;
 }
 
 /** SO_RCVTIMEO/SO_SNDTIMEO, so blocking calls on `fd` give up after `ms` with EAGAIN. */
 export function setTimeouts(fd: number, ms: number): void {
   const tv = new BigInt64Array([BigInt(Math.floor(ms / 1000)), BigInt((ms % 1000) * 1000)]);
-  check(libc.setsockopt(fd, SOL_SOCKET, 20 /* SO_RCVTIMEO */, tv, 16), "setsockopt(SO_RCVTIMEO)");
-  check(libc.setsockopt(fd, SOL_SOCKET, 21 /* SO_SNDTIMEO */, tv, 16), "setsockopt(SO_SNDTIMEO)");
+  check(libc.setsockopt(fd, SOL_SOCKET, SO.RCVTIMEO, tv, 16), "setsockopt(SO_RCVTIMEO)");
+  check(libc.setsockopt(fd, SOL_SOCKET, SO.SNDTIMEO, tv, 16), "setsockopt(SO_SNDTIMEO)");
 }
 
 export function shutdown(fd: number): void {

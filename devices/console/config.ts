@@ -7,16 +7,18 @@ export const VIRTIO_CONSOLE_F_SIZE = 1n << 0n;
 export const VIRTIO_CONSOLE_F_MULTIPORT = 1n << 1n;
 export const VIRTIO_CONSOLE_F_EMERG_WRITE = 1n << 2n;
 
-/** struct virtio_console_config { le16 cols; le16 rows; le32 max_nr_ports; le32 emerg_wr; } */
+/** struct virtio_console_config { le16 cols; le16 rows; le32 max_nr_ports; le32 emerg_wr; }: byte offsets. */
+export const CONFIG = {
+  COLS: 0,
+  ROWS: 2,
+  MAX_NR_PORTS: 4,
+  EMERG_WR: 8,
+} as const;
 export const CONFIG_SIZE = 12;
-const COLS = 0;
-const ROWS = 2;
-const MAX_NR_PORTS = 4;
-export const EMERG_WR = 8;
 
 /** Queues 2 and 3 carry control messages once MULTIPORT is negotiated. */
-export const CONTROL_RECEIVEQ = 2;
-export const CONTROL_TRANSMITQ = 3;
+const CONTROL_RECEIVEQ = 2;
+const CONTROL_TRANSMITQ = 3;
 
 /**
  * Extra ports beyond port 0. QEMU's virtio-serial caps a device at 32 ports; it also keeps the
@@ -62,8 +64,8 @@ export interface WindowSize {
 export function configBytes(size: WindowSize | null, maxNrPorts: number): Uint8Array {
   const b = new Uint8Array(CONFIG_SIZE);
   const v = new DataView(b.buffer);
-  v.setUint16(COLS, size?.cols ?? 0, true);
-  v.setUint16(ROWS, size?.rows ?? 0, true);
-  v.setUint32(MAX_NR_PORTS, maxNrPorts, true);
+  v.setUint16(CONFIG.COLS, size?.cols ?? 0, true);
+  v.setUint16(CONFIG.ROWS, size?.rows ?? 0, true);
+  v.setUint32(CONFIG.MAX_NR_PORTS, maxNrPorts, true);
   return b;
 }

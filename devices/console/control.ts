@@ -15,17 +15,20 @@ import { log } from "../../src/log.ts";
 import type { WindowSize } from "./config.ts";
 import type { ConsolePort } from "./port.ts";
 
-export const VIRTIO_CONSOLE_DEVICE_READY = 0;
-export const VIRTIO_CONSOLE_PORT_ADD = 1;
-export const VIRTIO_CONSOLE_PORT_REMOVE = 2;
-export const VIRTIO_CONSOLE_PORT_READY = 3;
-export const VIRTIO_CONSOLE_CONSOLE_PORT = 4;
-export const VIRTIO_CONSOLE_RESIZE = 5;
-export const VIRTIO_CONSOLE_PORT_OPEN = 6;
-export const VIRTIO_CONSOLE_PORT_NAME = 7;
+/** Control message events (virtio 1.2 §5.3.6.2, VIRTIO_CONSOLE_*). */
+export const VIRTIO_CONSOLE = {
+  DEVICE_READY: 0,
+  PORT_ADD: 1,
+  PORT_REMOVE: 2,
+  PORT_READY: 3,
+  CONSOLE_PORT: 4,
+  RESIZE: 5,
+  PORT_OPEN: 6,
+  PORT_NAME: 7,
+} as const;
 
 /** struct virtio_console_control { le32 id; le16 event; le16 value; } */
-export const CONTROL_HEADER_SIZE = 8;
+const CONTROL_HEADER_SIZE = 8;
 /** Port names are short identifiers (they become /dev/virtio-ports/NAME). */
 export const PORT_NAME_MAX = 64;
 /** Device→driver messages held for a driver that posts no control buffers; more are dropped. */
@@ -47,7 +50,7 @@ function resizeMessage(id: number, size: WindowSize): Uint8Array {
   const v = new DataView(extra.buffer);
   v.setUint16(0, size.cols, true);
   v.setUint16(2, size.rows, true);
-  return controlMessage(id, VIRTIO_CONSOLE_RESIZE, 0, extra);
+  return controlMessage(id, VIRTIO_CONSOLE.RESIZE, 0, extra);
 }
 
 export interface ControlState {
@@ -121,15 +124,15 @@ export class ControlChannel {
 
   private handle(id: number, event: number, value: number): void {
     switch (event) {
-      case VIRTIO_CONSOLE_DEVICE_READY:
+      case VIRTIO_CONSOLE.DEVICE_READY:
         if (value !== 1) {
           log.warn("console: the driver failed to initialise the device (DEVICE_READY 0)");
           return;
         }
         this.deviceReady = true;
-        for (const p of this.ports) this.send(controlMessage(p.id, VIRTIO_CONSOLE_PORT_ADD, 1));
+        for (const p of this.ports) this.send(controlMessage(p.id, VIRTIO_CONSOLE.PORT_ADD, 1));
         return;
-      case VIRTIO_CONSOLE_PORT_READY: {
+      case VIRTIO_CONSOLE.PORT_READY: {
         const port = this.ports[id];
         if (port === undefined) return this.guestError(`PORT_READY for port ${id}, which does not exist`);
         if (value !== 1) {
@@ -137,15 +140,15 @@ export class ControlChannel {
           return;
         }
         port.guestReady = true;
-        if (port.isConsole) this.send(controlMessage(id, VIRTIO_CONSOLE_CONSOLE_PORT, 1));
-        if (port.name !== null) this.send(controlMessage(id, VIRTIO_CONSOLE_PORT_NAME, 1, Buffer.from(port.name)));
+        if (port.isConsole) this.send(controlMessage(id, VIRTIO_CONSOLE.CONSOLE_PORT, 1));
+        if (port.name !== null) this.send(controlMessage(id, VIRTIO_CONSOLE.PORT_NAME, 1, Buffer.from(port.name)));
         // The host end of every port is always connected.
-        this.send(controlMessage(id, VIRTIO_CONSOLE_PORT_OPEN, 1));
+        this.send(controlMessage(id, VIRTIO_CONSOLE.PORT_OPEN, 1));
         const size = port.isConsole ? this.consoleSize() : null;
         if (size !== null) this.send(resizeMessage(id, size));
         return;
       }
-      case VIRTIO_CONSOLE_PORT_OPEN: {
+      case VIRTIO_CONSOLE.PORT_OPEN: {
         const port = this.ports[id];
         if (port === undefined) return this.guestError(`PORT_OPEN for port ${id}, which does not exist`);
         port.guestOpen = value === 1;

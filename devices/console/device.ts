@@ -10,7 +10,7 @@ import { type VirtqueueConfig, type RingPosition } from "../../src/ring.ts";
 import type { GuestMemory } from "../../src/memory.ts";
 import {
   VIRTIO_CONSOLE_F_SIZE, VIRTIO_CONSOLE_F_MULTIPORT, VIRTIO_CONSOLE_F_EMERG_WRITE,
-  CONFIG_SIZE, EMERG_WR, queueCount, queueRole, configBytes, type WindowSize,
+  CONFIG, CONFIG_SIZE, queueCount, queueRole, configBytes, type WindowSize,
 } from "./config.ts";
 import { ConsolePort, type PortState } from "./port.ts";
 import { ControlChannel, type ControlState } from "./control.ts";
@@ -91,8 +91,8 @@ export class ConsoleDevice implements VhostUserDevice {
   /** Only emerg_wr is writable: its low byte is one character of port 0 output. */
   writeConfig(offset: number, data: Uint8Array): boolean {
     if ((this.offered & VIRTIO_CONSOLE_F_EMERG_WRITE) === 0n) return false;
-    if (data.length === 0 || offset < EMERG_WR || offset + data.length > CONFIG_SIZE) return false;
-    if (offset === EMERG_WR) this.ports[0]!.emergencyWrite(data[0]!);
+    if (data.length === 0 || offset < CONFIG.EMERG_WR || offset + data.length > CONFIG_SIZE) return false;
+    if (offset === CONFIG.EMERG_WR) this.ports[0]!.emergencyWrite(data[0]!);
     return true;
   }
 

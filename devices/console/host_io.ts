@@ -22,14 +22,21 @@ import { log } from "../../src/log.ts";
 const O_NOCTTY = 0o400;
 const TIOCGWINSZ = 0x5413;
 
-// struct termios (x86_64): c_iflag@0 c_oflag@4 c_cflag@8 c_lflag@12 c_line@16 c_cc[32]@17.
-const C_LFLAG = 12;
-const C_CC = 17;
-const VTIME = 5;
-const VMIN = 6;
-const ISIG = 0o1;
-const ICANON = 0o2;
-const ECHO = 0o10;
+/**
+ * The parts of struct termios raw input changes (<termios.h>; x86_64 layout: c_iflag@0 c_oflag@4
+ * c_cflag@8 c_lflag@12 c_line@16 c_cc[32]@17).
+ */
+const TERMIOS = {
+  C_LFLAG: 12,
+  C_CC: 17,
+  // c_lflag bits: signal characters, line editing, echo.
+  ISIG: 0o1,
+  ICANON: 0o2,
+  ECHO: 0o10,
+  // c_cc slots: the read timer and the minimum byte count.
+  VTIME: 5,
+  VMIN: 6,
+} as const;
 
 /** Where a port's guest input comes from. */
 export interface InputSource {
@@ -119,9 +126,9 @@ class FdInput implements InputSource {
     const saved = tcgetattr(this.fd);
     const raw = saved.slice();
     const v = new DataView(raw.buffer);
-    v.setUint32(C_LFLAG, v.getUint32(C_LFLAG, true) & ~(ICANON | ECHO | ISIG), true);
-    raw[C_CC + VMIN] = 1;
-    raw[C_CC + VTIME] = 0;
+    v.setUint32(TERMIOS.C_LFLAG, v.getUint32(TERMIOS.C_LFLAG, true) & ~(TERMIOS.ICANON | TERMIOS.ECHO | TERMIOS.ISIG), true);
+    raw[TERMIOS.C_CC + TERMIOS.VMIN] = 1;
+    raw[TERMIOS.C_CC + TERMIOS.VTIME] = 0;
     tcsetattr(this.fd, raw);
     this.savedTermios = saved;
   }

@@ -14,8 +14,7 @@ import { COMMON_FEATURES } from "../../src/device.ts";
 import { F_PROTOCOL_FEATURES, F_LOG_ALL, HEADER_SIZE, BackendReq } from "../../src/protocol/constants.ts";
 import { VIRTIO_CONSOLE_F_SIZE, VIRTIO_CONSOLE_F_MULTIPORT, VIRTIO_CONSOLE_F_EMERG_WRITE } from "../../devices/console/config.ts";
 import {
-  VIRTIO_CONSOLE_DEVICE_READY, VIRTIO_CONSOLE_PORT_ADD, VIRTIO_CONSOLE_PORT_READY, VIRTIO_CONSOLE_CONSOLE_PORT,
-  VIRTIO_CONSOLE_PORT_OPEN, VIRTIO_CONSOLE_PORT_NAME, VIRTIO_CONSOLE_RESIZE,
+  VIRTIO_CONSOLE,
 } from "../../devices/console/control.ts";
 import { parseConsoleOptions } from "../../devices/console/options.ts";
 import { repeatedOption } from "../../src/cli_args.ts";
@@ -471,22 +470,22 @@ describe("multiport", () => {
 
     const q = vmm.queues;
     const control = new ControlReceiver(ram, q[2]!);
-    sendCtrl(ram, q[3]!, ctrl(0, VIRTIO_CONSOLE_DEVICE_READY, 1));
+    sendCtrl(ram, q[3]!, ctrl(0, VIRTIO_CONSOLE.DEVICE_READY, 1));
     const adds = await control.waitFor(3);
-    expect(adds.map((m) => [m.id, m.event])).toEqual([[0, VIRTIO_CONSOLE_PORT_ADD], [1, VIRTIO_CONSOLE_PORT_ADD], [2, VIRTIO_CONSOLE_PORT_ADD]]);
+    expect(adds.map((m) => [m.id, m.event])).toEqual([[0, VIRTIO_CONSOLE.PORT_ADD], [1, VIRTIO_CONSOLE.PORT_ADD], [2, VIRTIO_CONSOLE.PORT_ADD]]);
 
-    sendCtrl(ram, q[3]!, ctrl(0, VIRTIO_CONSOLE_PORT_READY, 1));
+    sendCtrl(ram, q[3]!, ctrl(0, VIRTIO_CONSOLE.PORT_READY, 1));
     const port0 = await control.waitFor(2);
-    expect(port0.map((m) => [m.id, m.event, m.value])).toEqual([[0, VIRTIO_CONSOLE_CONSOLE_PORT, 1], [0, VIRTIO_CONSOLE_PORT_OPEN, 1]]);
-    sendCtrl(ram, q[3]!, ctrl(1, VIRTIO_CONSOLE_PORT_READY, 1));
+    expect(port0.map((m) => [m.id, m.event, m.value])).toEqual([[0, VIRTIO_CONSOLE.CONSOLE_PORT, 1], [0, VIRTIO_CONSOLE.PORT_OPEN, 1]]);
+    sendCtrl(ram, q[3]!, ctrl(1, VIRTIO_CONSOLE.PORT_READY, 1));
     const port1 = await control.waitFor(2);
-    expect(port1.map((m) => [m.id, m.event, m.value])).toEqual([[1, VIRTIO_CONSOLE_PORT_NAME, 1], [1, VIRTIO_CONSOLE_PORT_OPEN, 1]]);
+    expect(port1.map((m) => [m.id, m.event, m.value])).toEqual([[1, VIRTIO_CONSOLE.PORT_NAME, 1], [1, VIRTIO_CONSOLE.PORT_OPEN, 1]]);
     expect(Buffer.from(port1[0]!.extra).toString()).toBe("log");
-    sendCtrl(ram, q[3]!, ctrl(2, VIRTIO_CONSOLE_PORT_READY, 1));
-    expect((await control.waitFor(2)).map((m) => [m.id, m.event])).toEqual([[2, VIRTIO_CONSOLE_PORT_NAME], [2, VIRTIO_CONSOLE_PORT_OPEN]]);
+    sendCtrl(ram, q[3]!, ctrl(2, VIRTIO_CONSOLE.PORT_READY, 1));
+    expect((await control.waitFor(2)).map((m) => [m.id, m.event])).toEqual([[2, VIRTIO_CONSOLE.PORT_NAME], [2, VIRTIO_CONSOLE.PORT_OPEN]]);
     // A short control message, and one for a port that does not exist: ignored, completed.
     sendCtrl(ram, q[3]!, new Uint8Array(3));
-    sendCtrl(ram, q[3]!, ctrl(9, VIRTIO_CONSOLE_PORT_OPEN, 1));
+    sendCtrl(ram, q[3]!, ctrl(9, VIRTIO_CONSOLE.PORT_OPEN, 1));
     await until(() => q[3]!.usedIdx() === 6, "the control transmitq to drain");
 
     // Input for port 1 waits until a guest program opens the port (Linux drops it otherwise). The
@@ -495,10 +494,10 @@ describe("multiport", () => {
     const rx1 = q[4]!;
     const buf = ram.alloc(64);
     const head = rx1.addChain([{ gpa: buf, len: 64, write: true }]);
-    sendCtrl(ram, q[3]!, ctrl(1, VIRTIO_CONSOLE_PORT_READY, 1)); // a repeated PORT_READY: answered again
-    expect((await control.waitFor(2)).map((m) => m.event)).toEqual([VIRTIO_CONSOLE_PORT_NAME, VIRTIO_CONSOLE_PORT_OPEN]);
+    sendCtrl(ram, q[3]!, ctrl(1, VIRTIO_CONSOLE.PORT_READY, 1)); // a repeated PORT_READY: answered again
+    expect((await control.waitFor(2)).map((m) => m.event)).toEqual([VIRTIO_CONSOLE.PORT_NAME, VIRTIO_CONSOLE.PORT_OPEN]);
     expect(rx1.usedIdx()).toBe(0);
-    sendCtrl(ram, q[3]!, ctrl(1, VIRTIO_CONSOLE_PORT_OPEN, 1));
+    sendCtrl(ram, q[3]!, ctrl(1, VIRTIO_CONSOLE.PORT_OPEN, 1));
     const [u] = await rx1.waitUsed(1);
     expect(u).toEqual({ id: head, len: 9 });
     expect(Buffer.from(ram.bytes(buf, 9)).toString()).toBe("to port 1");
@@ -525,11 +524,11 @@ describe("multiport", () => {
     vmm.activate(6);
     const q = vmm.queues;
     const control = new ControlReceiver(ram, q[2]!);
-    sendCtrl(ram, q[3]!, ctrl(0, VIRTIO_CONSOLE_DEVICE_READY, 1));
+    sendCtrl(ram, q[3]!, ctrl(0, VIRTIO_CONSOLE.DEVICE_READY, 1));
     await control.waitFor(2);
-    sendCtrl(ram, q[3]!, ctrl(0, VIRTIO_CONSOLE_PORT_READY, 1));
+    sendCtrl(ram, q[3]!, ctrl(0, VIRTIO_CONSOLE.PORT_READY, 1));
     const msgs = await control.waitFor(3);
-    expect(msgs.map((m) => m.event)).toEqual([VIRTIO_CONSOLE_CONSOLE_PORT, VIRTIO_CONSOLE_PORT_OPEN, VIRTIO_CONSOLE_RESIZE]);
+    expect(msgs.map((m) => m.event)).toEqual([VIRTIO_CONSOLE.CONSOLE_PORT, VIRTIO_CONSOLE.PORT_OPEN, VIRTIO_CONSOLE.RESIZE]);
     const size = (m: CtrlMsg) => {
       const v = new DataView(m.extra.buffer, m.extra.byteOffset, 4);
       return [v.getUint16(0, true), v.getUint16(2, true)]; // cols, rows (the spec's order)
@@ -538,7 +537,7 @@ describe("multiport", () => {
     pty.resize(120, 50);
     backend.hostEvent("resize");
     const [resize] = await control.waitFor(1);
-    expect(resize!.event).toBe(VIRTIO_CONSOLE_RESIZE);
+    expect(resize!.event).toBe(VIRTIO_CONSOLE.RESIZE);
     expect(size(resize!)).toEqual([120, 50]);
   });
 });
@@ -552,10 +551,10 @@ describe("snapshot", () => {
     a.vmm.activate(6);
     const q = a.vmm.queues;
     const control = new ControlReceiver(a.ram, q[2]!);
-    sendCtrl(a.ram, q[3]!, ctrl(0, VIRTIO_CONSOLE_DEVICE_READY, 1));
+    sendCtrl(a.ram, q[3]!, ctrl(0, VIRTIO_CONSOLE.DEVICE_READY, 1));
     await control.waitFor(2);
-    sendCtrl(a.ram, q[3]!, ctrl(0, VIRTIO_CONSOLE_PORT_READY, 1));
-    sendCtrl(a.ram, q[3]!, ctrl(0, VIRTIO_CONSOLE_PORT_OPEN, 1)); // the guest's hvc opens port 0
+    sendCtrl(a.ram, q[3]!, ctrl(0, VIRTIO_CONSOLE.PORT_READY, 1));
+    sendCtrl(a.ram, q[3]!, ctrl(0, VIRTIO_CONSOLE.PORT_OPEN, 1)); // the guest's hvc opens port 0
     await control.waitFor(2);
     // Input arrives while the guest has no receive buffer posted.
     const w = open(fifo, O_WRONLY | O_NONBLOCK);
