@@ -445,9 +445,12 @@ export function cliArgs(argv0: string, args: readonly string[]): string[] {
   return def === undefined ? [...args] : ["device", def.name, ...args];
 }
 
-if (import.meta.main) {
+/** Runs the command line (the entry point: this file, or app/sandbox_entry.ts in a re-exec'd image run from sources). */
+export function runCli(): void {
   // Libraries (citty's usage errors) write to console.error, with colors: make every such line a
   // log event, so it follows the log's rules (one line, no escape codes off a terminal).
   console.error = (...args: unknown[]) => log.error(...args);
   runMain(main, { rawArgs: cliArgs(process.argv0, process.argv.slice(2)), showUsage: usagePrinter(main) as typeof showUsage });
 }
+
+if (import.meta.main) runCli();

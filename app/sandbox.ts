@@ -5,7 +5,7 @@
 import { readdirSync } from "node:fs";
 import { fileURLToPath } from "node:url";
 import { resolve } from "node:path";
-import { SANDBOX_ENV, enterSandbox, resumeSandbox, threadStatuses, type SandboxMode } from "../src/sandbox/index.ts";
+import { SANDBOX_ENV, enterSandbox, ownArgv, resumeSandbox, threadStatuses, type SandboxMode } from "../src/sandbox/index.ts";
 export { holdSignals, releaseHeldSignals } from "../src/sandbox/index.ts";
 import { runProbe, type ProbeName } from "../src/sandbox/probe.ts";
 import type { DeviceDefinition } from "../src/device.ts";
@@ -39,15 +39,38 @@ export function openFds(): Set<number> {
  * which would kill the process and leave its socket file): the program's own handlers take over
  * once installed, and takeEarlyStop() tells it about one that came first.
  */
-let earlyStop: string | null = null;
+const EARLY_STOP = Symbol.for("vhost-backend.sandbox.early-stop"); // app/sandbox_entry.ts records there too
+const earlyStop = globalThis as unknown as Record<symbol, string | undefined>;
 if (process.env[SANDBOX_ENV] !== undefined) {
-  for (const sig of ["SIGTERM", "SIGINT", "SIGHUP"] as const) process.on(sig, () => (earlyStop ??= sig));
+  for (const sig of ["SIGTERM", "SIGINT", "SIGHUP"] as const) process.on(sig, () => (earlyStop[EARLY_STOP] ??= sig));
 }
 
 /** The stop signal that arrived in the re-exec'd image before the program's handlers, if any. */
 export function takeEarlyStop(): string | null {
-  return earlyStop;
+  return earlyStop[EARLY_STOP] ?? null;
 }
+
+/** app/main.ts and the re-exec'd image's entry from sources (app/sandbox_entry.ts). */
+const MAIN_SOURCE = fileURLToPath(new URL("./main.ts", import.meta.url));
+const SANDBOX_ENTRY_SOURCE = fileURLToPath(new URL("./sandbox_entry.ts", import.meta.url));
+
+/**
+ * Run from sources, the re-exec'd image starts at app/sandbox_entry.ts (which records a stop held
+ * across the execve before Bun's module loading can deliver it unhandled) instead of app/main.ts:
+ * this process's argv with that one argument replaced (by its absolute path; the new image's
+ * working directory may differ). Unchanged when app/main.ts is not among the arguments.
+ */
+export function sourcesArgv(argv: readonly string[]): string[] {
+  const at = argv.findIndex((a, i) => i > 0 && resolve(a) === MAIN_SOURCE);
+  return at < 0 ? [...argv] : argv.with(at, SANDBOX_ENTRY_SOURCE);
+}
+
+/**
+ * Run from sources, the re-exec'd Bun transpiles the sources again; its runtime transpiler cache
+ * (under ~/.bun/install/cache) is not in the sandbox (one failed open per module, and a cache
+ * directory it cannot create): turned off in that image.
+ */
+export const SOURCES_ENV: Readonly<Record<string, string>> = { BUN_RUNTIME_TRANSPILER_CACHE_PATH: "0" };
 
 /** In the re-exec'd image: the hand-over, with seccomp in force. null in the first image. */
 export function resumeAfterSandbox(): Handover | null {
@@ -94,7 +117,10 @@ export function lockDown(def: DeviceDefinition, parsed: unknown, mode: SandboxMo
   const readPaths = compiled ? [] : [fileURLToPath(new URL("..", import.meta.url))];
   // The socket's directory: the bound name is renamed into place there, and removed at exit.
   const removable = handover.ownSocket === undefined ? [] : [resolve(handover.ownSocket)];
-  enterSandbox({ mode, access: declared, keepFds: keep, resources: handover, readPaths, removable });
+  enterSandbox({
+    mode, access: declared, keepFds: keep, resources: handover, readPaths, removable,
+    ...(compiled ? {} : { argv: sourcesArgv(ownArgv()), env: SOURCES_ENV }),
+  });
 }
 
 /**

@@ -47,6 +47,8 @@ export interface SandboxRequest {
   /** The executable to re-exec (process.execPath) and its arguments (this process's argv). */
   execPath?: string;
   argv?: readonly string[];
+  /** Variables set (or replaced) in the new image's environment, beyond this process's. */
+  env?: Readonly<Record<string, string>>;
   /** Extra read-only paths for the runtime (sources when not compiled). */
   readPaths?: readonly string[];
   /**
@@ -82,7 +84,7 @@ function shortfall(mode: SandboxMode, missing: string[], what: string): void {
 }
 
 /** This process's argv as the kernel has it (a compiled binary's process.argv is rewritten). */
-function ownArgv(): string[] {
+export function ownArgv(): string[] {
   const raw = readFileSync("/proc/self/cmdline", "utf8");
   return raw.split("\0").slice(0, -1);
 }
@@ -163,7 +165,7 @@ export function enterSandbox(req: SandboxRequest): SandboxResult | never {
 
   for (const fd of req.keepFds) fcntl(fd, F_SETFD, fcntl(fd, F_GETFD) & ~FD_CLOEXEC);
   const stage2: Stage2 = { mode: req.mode, access: req.access, keepFds: [...req.keepFds], resources: req.resources, removable: [...(req.removable ?? [])], applied, missing };
-  const env = Object.entries(process.env)
+  const env = Object.entries({ ...process.env, ...req.env })
     .filter(([k, v]) => k !== SANDBOX_ENV && v !== undefined)
     .map(([k, v]) => `${k}=${v}`);
   env.push(`${SANDBOX_ENV}=${JSON.stringify(stage2)}`);

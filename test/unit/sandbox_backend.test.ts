@@ -5,7 +5,7 @@
 // can fail). net runs under `ip netns exec` on a tap in a throwaway namespace, one probe at a time
 // (a single-queue tap takes one backend).
 import { afterAll, beforeAll, describe, expect, test } from "bun:test";
-import { existsSync, lstatSync, mkdtempSync, readdirSync, rmSync, writeFileSync, mkdirSync } from "node:fs";
+import { existsSync, lstatSync, mkdtempSync, readdirSync, readFileSync, rmSync, writeFileSync, mkdirSync } from "node:fs";
 import { createServer, type Server } from "node:net";
 import { constants, tmpdir } from "node:os";
 import { join } from "node:path";
@@ -116,6 +116,29 @@ test("as root the serving process's root holds only what it needs: the binary, i
   expect(existsSync(sock)).toBe(false); // removed at exit, from inside
   expect(buildDirs()).toEqual(before);
 });
+
+test.skipIf(Bun.spawnSync(["strace", "-V"], { stdout: "ignore", stderr: "ignore" }).exitCode !== 0)(
+  "run from sources, the re-exec'd image does not look for Bun's transpiler cache (it is outside the sandbox)",
+  async () => {
+    // Bun looks up every module it transpiles in its runtime transpiler cache (~/.bun/install/cache/@t@)
+    // and tries to create the directory: inside the sandbox about 200 failed calls at each start.
+    const log = join(dir, "transpiler-cache.strace");
+    const env: Record<string, string | undefined> = { ...process.env, VHOST_BACKEND_SANDBOX_PROBE: JSON.stringify({ probe: "status", ...target }) };
+    delete env.BUN_RUNTIME_TRANSPILER_CACHE_PATH;
+    const p = Bun.spawn(["strace", "-f", "-qq", "-e", "trace=execve,open,openat,mkdir,mkdirat", "-o", log, process.execPath, MAIN, "device", "block", "--socket", join(dir, "tcache.sock"), "--file", join(dir, "disk.img")], {
+      env, stdout: "pipe", stderr: "pipe",
+    });
+    const timer = setTimeout(() => p.kill("SIGKILL"), 60000);
+    const stdout = await new Response(p.stdout).text();
+    await p.exited;
+    clearTimeout(timer);
+    expect(stdout).toContain("sandbox-probe: "); // it served, sandboxed
+    const lines = readFileSync(log, "utf8").split("\n");
+    const reexec = lines.findLastIndex((l) => / execve\(.*\) = 0$/.test(l));
+    expect(reexec).toBeGreaterThan(0); // the first image's execve and the sandbox's
+    expect(lines.slice(reexec).filter((l) => l.includes("/@t@")).slice(0, 3)).toEqual([]);
+  },
+);
 
 test("with --sandbox none the same probes succeed and no thread is confined", async () => {
   const verdicts: string[] = [];
