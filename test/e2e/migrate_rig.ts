@@ -118,8 +118,10 @@ export interface VmOptions {
   devices: string[];
   memoryMiB?: number;
   smp?: number;
-  /** Start as a migration destination listening on unix:<dir>/<name>.incoming. */
-  incoming?: boolean;
+  /** Start as a migration destination listening on unix:<dir>/<name>.incoming (true), or on this URI (e.g. tcp:ADDR:PORT). */
+  incoming?: boolean | string;
+  /** argv prefix QEMU runs under, e.g. ["ip", "netns", "exec", NS] (a "host" of its own; it execs QEMU, so the pid is QEMU's). */
+  launcher?: string[];
   extraArgs?: string[];
   /** Appended to the kernel command line. */
   kernelCmdline?: string;
@@ -165,7 +167,9 @@ export async function startVm(o: VmOptions): Promise<Vm> {
   const mem = o.memoryMiB ?? 512;
   const qmpPath = join(o.dir, `${o.name}.qmp`);
   const incomingPath = join(o.dir, `${o.name}.incoming`);
+  const incomingUri = typeof o.incoming === "string" ? o.incoming : o.incoming ? `unix:${incomingPath}` : null;
   const argv = [
+    ...(o.launcher ?? []),
     rig.qemu,
     ...rig.firmwareDirs.flatMap((d) => ["-L", d]),
     "-accel", "tcg,thread=multi",
@@ -182,7 +186,7 @@ export async function startVm(o: VmOptions): Promise<Vm> {
     "-append", `console=ttyS0 quiet panic=-1 ${o.kernelCmdline ?? ""}`.trim(),
     "-fw_cfg", `name=opt/cmd,file=${o.cmdFile}`,
     "-qmp", `unix:${qmpPath},server=on,wait=off`,
-    ...(o.incoming ? ["-incoming", `unix:${incomingPath}`] : []),
+    ...(incomingUri !== null ? ["-incoming", incomingUri] : []),
     ...o.devices,
     ...(o.extraArgs ?? []),
   ];
@@ -229,7 +233,7 @@ export async function startVm(o: VmOptions): Promise<Vm> {
     proc,
     argv,
     qmp,
-    incomingUri: o.incoming ? `unix:${incomingPath}` : null,
+    incomingUri,
     serial: () => serial,
     stderr: () => stderr,
     waitSerial(pattern, timeoutMs) {
@@ -309,3 +313,31 @@ export function summarize(label: string, i: MigrationInfo): string {
   const mib = i.ram ? (i.ram.transferred / 2 ** 20).toFixed(1) : "?";
   return `${label}: status=${i.status} downtime=${i.downtime ?? "?"} ms total-time=${i["total-time"] ?? "?"} ms setup=${i["setup-time"] ?? "?"} ms transferred=${mib} MiB dirty-sync-count=${i.ram?.["dirty-sync-count"] ?? "?"}`;
 }
+
+// ---------------------------------------------------------------------------------------------
+// Guest script pieces
+
+/** fio with verify in the background on /dev/vda, one 16 MiB randwrite+verify run after another (at `offsetMiB`) until FIO_STOP. */
+export function fioVerifyLoop(offsetMiB: number): string {
+  return `# fio with verify, one 16 MiB randwrite+verify run after another until told to stop.
+(
+  i=0
+  while [ ! -e /tmp/stop ]; do
+    i=$((i+1))
+    if ! fio --name=mig --filename=/dev/vda --offset=${offsetMiB}M --size=16M --rw=randwrite --bs=4k \\
+        --ioengine=libaio --direct=1 --invalidate=0 --iodepth=16 --verify=crc32c --do_verify=1 --verify_fatal=1 \\
+        --output=/tmp/fio.out >/dev/null 2>&1; then
+      echo "E2E-FIO-FAIL run=$i: $(grep -m1 -iE 'bad|mismatch|error' /tmp/fio.out)"; tail -n 15 /tmp/fio.out; echo fail > /tmp/fio.result; exit 1
+    fi
+  done
+  echo "E2E-FIO-OK runs=$i"; echo ok > /tmp/fio.result
+) &
+`;
+}
+
+/** Stops fioVerifyLoop after its current run (waiting at most 60 s); sets bit 2 of $rc on an error, 4 if it hung. */
+export const FIO_STOP = `touch /tmp/stop
+t=0
+while [ ! -e /tmp/fio.result ] && [ $t -lt 600 ]; do sleep 0.1; t=$((t+1)); done
+if [ ! -e /tmp/fio.result ]; then echo "E2E-FIO-HUNG"; rc=$((rc|4)); elif [ "$(cat /tmp/fio.result)" != ok ]; then rc=$((rc|2)); fi
+`;

@@ -21,7 +21,7 @@ import { join } from "node:path";
 import { ensureRig, SETUP_TIMEOUT_MS, tail, waitForPath } from "./rig.ts";
 import { backendCommand, startBackend, type RunningBackend } from "./backend.ts";
 import { NetNamespace, netnsAvailable } from "../support/netns.ts";
-import { startMigration, startVm, summarize, waitMigration, writeGuestCommand, type MigrationInfo, type Vm } from "./migrate_rig.ts";
+import { FIO_STOP, fioVerifyLoop, startMigration, startVm, summarize, waitMigration, writeGuestCommand, type MigrationInfo, type Vm } from "./migrate_rig.ts";
 
 const MiB = 1 << 20;
 /** Region of known content at the start of the disk, checked in chunks. */
@@ -91,27 +91,7 @@ function blkDevices(sock: string): string[] {
   return ["-chardev", `socket,id=blk0,path=${sock}`, "-device", "vhost-user-blk-pci,chardev=blk0,num-queues=1"];
 }
 
-/** Guest script piece: fio with verify in the background, run after run, until FIO_STOP. */
-const FIO_LOOP = `# fio with verify, one 16 MiB randwrite+verify run after another until told to stop.
-(
-  i=0
-  while [ ! -e /tmp/stop ]; do
-    i=$((i+1))
-    if ! fio --name=mig --filename=/dev/vda --offset=${FIO_OFFSET_MIB}M --size=16M --rw=randwrite --bs=4k \\
-        --ioengine=libaio --direct=1 --invalidate=0 --iodepth=16 --verify=crc32c --do_verify=1 --verify_fatal=1 \\
-        --output=/tmp/fio.out >/dev/null 2>&1; then
-      echo "E2E-FIO-FAIL run=$i: $(grep -m1 -iE 'bad|mismatch|error' /tmp/fio.out)"; tail -n 15 /tmp/fio.out; echo fail > /tmp/fio.result; exit 1
-    fi
-  done
-  echo "E2E-FIO-OK runs=$i"; echo ok > /tmp/fio.result
-) &
-`;
-/** Stops FIO_LOOP after its current run (waiting at most 60 s); sets bit 2 of $rc on an error, 4 if it hung. */
-const FIO_STOP = `touch /tmp/stop
-t=0
-while [ ! -e /tmp/fio.result ] && [ $t -lt 600 ]; do sleep 0.1; t=$((t+1)); done
-if [ ! -e /tmp/fio.result ]; then echo "E2E-FIO-HUNG"; rc=$((rc|4)); elif [ "$(cat /tmp/fio.result)" != ok ]; then rc=$((rc|2)); fi
-`;
+const FIO_LOOP = fioVerifyLoop(FIO_OFFSET_MIB);
 
 /**
  * The guest side. Exit status bits: 1 an md5 mismatch in the cached region, 2 fio reported an error,

@@ -21,11 +21,12 @@
 // once the new backend is set up); a host ping flood with a payload pattern across two kills checks
 // that traffic resumes and no frame comes back altered.
 import { afterAll, beforeAll, describe, expect, test } from "bun:test";
-import { closeSync, existsSync, ftruncateSync, mkdtempSync, openSync, readdirSync, readFileSync, readlinkSync, rmSync } from "node:fs";
+import { closeSync, existsSync, ftruncateSync, mkdtempSync, openSync, readdirSync, readFileSync, rmSync } from "node:fs";
 import { join } from "node:path";
 import type { Subprocess } from "bun";
 import { bootGuest, ensureRig, SETUP_TIMEOUT_MS, tail, waitForPath, type BootResult } from "./rig.ts";
 import { backendCommand } from "./backend.ts";
+import { inflightFdPath, killWithRequestsInFlight, waitFor } from "./inflight_region.ts";
 import { NetNamespace, netnsAvailable } from "../support/netns.ts";
 
 const KILLS = 5;
@@ -73,14 +74,6 @@ function spawnLogged(argv: string[]): Proc {
   return { proc, log: () => text, exited: pumped.then(() => proc.exited) };
 }
 
-async function waitFor(what: string, cond: () => boolean, timeoutMs: number): Promise<void> {
-  const deadline = Date.now() + timeoutMs;
-  while (!cond()) {
-    if (Date.now() > deadline) throw new Error(`timed out after ${timeoutMs} ms waiting for ${what}`);
-    await Bun.sleep(20);
-  }
-}
-
 /** The QEMU process whose command line names `sock` (bootGuest does not expose its pid). */
 function qemuPid(sock: string): number | null {
   for (const e of readdirSync("/proc")) {
@@ -91,48 +84,6 @@ function qemuPid(sock: string): number | null {
     } catch {}
   }
   return null;
-}
-
-/** Whether every thread of `pid` is stopped (state T after SIGSTOP). */
-function allStopped(pid: number): boolean {
-  try {
-    return readdirSync(`/proc/${pid}/task`).every((t) => {
-      const stat = readFileSync(`/proc/${pid}/task/${t}/stat`, "utf8");
-      return /^\S+ \(.*\) [tT]/.test(stat);
-    });
-  } catch {
-    return false;
-  }
-}
-
-/** QEMU's fd of the inflight region (the memfd our first backend allocated and sent it). */
-function inflightFdPath(pid: number): string | null {
-  for (const fd of readdirSync(`/proc/${pid}/fd`)) {
-    try {
-      if (readlinkSync(`/proc/${pid}/fd/${fd}`).startsWith("/memfd:vhost-inflight")) return `/proc/${pid}/fd/${fd}`;
-    } catch {}
-  }
-  return null;
-}
-
-interface RegionView {
-  /** Heads flagged in flight, in pop order (their counters). */
-  heads: number[];
-  /** The used index the region says was last published. */
-  usedIdx: number;
-}
-
-/** Reads one queue's split-layout region (libvhost-user's: 16-byte header, 16 bytes per head). */
-function readRegion(path: string): RegionView {
-  const buf = readFileSync(path);
-  const dv = new DataView(buf.buffer, buf.byteOffset, buf.byteLength);
-  const descNum = dv.getUint16(10, true);
-  const e: { h: number; c: number }[] = [];
-  for (let h = 0; h < descNum && 16 + 16 * h + 16 <= buf.length; h++) {
-    const o = 16 + 16 * h;
-    if (dv.getUint8(o) === 1) e.push({ h, c: dv.getUint32(o + 8, true) + dv.getUint32(o + 12, true) * 2 ** 32 });
-  }
-  return { heads: e.sort((a, b) => a.c - b.c).map((x) => x.h), usedIdx: dv.getUint16(14, true) };
 }
 
 /**
@@ -262,30 +213,10 @@ async function reconnectRun(img: string, extraArgs: string[], sockName: string, 
       if (regionPath === null) throw new Error("QEMU holds no /memfd:vhost-inflight: GET_INFLIGHT_FD never happened?");
       for (let k = 0; k < KILLS; k++) {
         await Bun.sleep(k === 0 ? 2_000 : 3_500);
-        // The backend completes a request in well under a millisecond while the TCG guest takes far
-        // longer to send the next: many instants have nothing in flight in the backend. Watch the
-        // shared region (live); when it shows requests in flight, freeze the backend (SIGSTOP) and
-        // look again: still in flight, it dies there (SIGKILL, the same as a crash at that instant);
-        // else it goes on (SIGCONT) and the watch resumes.
+        // Killed at an instant when the region shows requests in flight (see killWithRequestsInFlight).
         const victim = backends[backends.length - 1]!;
-        const deadline = Date.now() + 6_000;
-        let polls = 0;
-        let region = readRegion(regionPath);
-        while (Date.now() < deadline) {
-          if (++polls % 64 === 0) await Bun.sleep(0);
-          if (readRegion(regionPath).heads.length === 0) continue;
-          victim.proc.kill("SIGSTOP");
-          await waitFor("the backend to stop", () => allStopped(victim.proc.pid), 5_000);
-          region = readRegion(regionPath);
-          if (region.heads.length > 0) break;
-          victim.proc.kill("SIGCONT");
-        }
+        const region = await killWithRequestsInFlight(victim.proc, victim.exited, regionPath);
         const killedAt = Date.now();
-        victim.proc.kill("SIGKILL");
-        await victim.exited;
-        const dead = readRegion(regionPath);
-        if (dead.heads.join() !== region.heads.join()) throw new Error(`the region changed between SIGSTOP and SIGKILL: ${region.heads} then ${dead.heads}`);
-        region = dead;
         // Our backend replaces a stale socket itself; removing it lets waitForPath see the new one.
         rmSync(sock, { force: true });
         const next = spawnLogged(backendArgv());

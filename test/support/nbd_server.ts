@@ -6,6 +6,7 @@ import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { connectBlocking } from "../../devices/block/disk/nbd_connection.ts";
 import { closeHandle, libnbdUnavailable } from "../../ffi/nbd.ts";
+import type { NetNamespace } from "./netns.ts";
 
 /** Why the NBD tests cannot run here, or null (libnbd0, qemu-nbd and nbdkit from setup.sh). */
 export function nbdTestsUnavailable(): string | null {
@@ -26,6 +27,10 @@ export interface NbdServerOptions {
   nbdkitArgs?: string[];
   /** Listen on TCP 127.0.0.1:PORT (qemu-nbd) instead of the unix socket. */
   tcpPort?: number;
+  /** With tcpPort: the address to listen on (and to name in the URI) instead of 127.0.0.1 (localhost). */
+  tcpHost?: string;
+  /** Run the server inside this network namespace (a storage "host" of its own). */
+  netns?: NetNamespace;
   /** Size of a new sparse image (when no content is given). */
   size?: number;
   content?: Uint8Array;
@@ -54,7 +59,7 @@ export class NbdServer {
   }
 
   get uri(): string {
-    if (this.options.tcpPort !== undefined) return `nbd://localhost:${this.options.tcpPort}/${this.exportName}`;
+    if (this.options.tcpPort !== undefined) return `nbd://${this.options.tcpHost ?? "localhost"}:${this.options.tcpPort}/${this.exportName}`;
     return `nbd+unix:///${this.exportName}?socket=${this.socket}`;
   }
 
@@ -68,14 +73,17 @@ export class NbdServer {
     rmSync(this.socket, { force: true });
     const o = this.options;
     const cmd = (o.server ?? "qemu-nbd") === "qemu-nbd"
-      ? ["qemu-nbd", "-f", "raw", ...(o.tcpPort !== undefined ? ["-b", "127.0.0.1", "-p", String(o.tcpPort)] : ["-k", this.socket]), "-x", this.exportName, "-e", "64", "-t", "--discard=unmap", "--cache=writeback", ...(o.readOnly ? ["-r"] : []), this.image]
+      ? ["qemu-nbd", "-f", "raw", ...(o.tcpPort !== undefined ? ["-b", o.tcpHost ?? "127.0.0.1", "-p", String(o.tcpPort)] : ["-k", this.socket]), "-x", this.exportName, "-e", "64", "-t", "--discard=unmap", "--cache=writeback", ...(o.readOnly ? ["-r"] : []), this.image]
       : ["nbdkit", "-f", "-U", this.socket, "-e", this.exportName, ...(o.readOnly ? ["-r"] : []), ...(o.nbdkitArgs?.filter((a) => a.startsWith("--")) ?? []), "file", this.image, ...(o.nbdkitArgs?.filter((a) => !a.startsWith("--")) ?? [])];
-    this.proc = spawn(cmd, { stdout: "ignore", stderr: "pipe" });
+    // `ip netns exec` execs the server: the pid is the server's.
+    this.proc = spawn(o.netns !== undefined ? ["ip", "netns", "exec", o.netns.name, ...cmd] : cmd, { stdout: "ignore", stderr: "pipe" });
     const deadline = Date.now() + 10_000;
     for (;;) {
       if (o.tcpPort !== undefined || existsSync(this.socket)) {
         try {
-          closeHandle(connectBlocking(this.uri));
+          const probe = () => closeHandle(connectBlocking(this.uri));
+          if (o.netns !== undefined) o.netns.enter(probe);
+          else probe();
           return;
         } catch {
           // not accepting yet
