@@ -5,7 +5,7 @@
 // CQE field is read once. Nothing here knows about devices: see devices/block/disk/raw_uring.ts.
 import { ptr, toArrayBuffer } from "bun:ffi";
 import { libc, check, close, errno, SysError, EAGAIN, EINTR, EBUSY, EINVAL } from "./libc.ts";
-import { mmap, munmap, PROT_READ, PROT_WRITE, MAP_SHARED } from "./mem.ts";
+import { mmap, munmap, PROT_READ, PROT_WRITE, MAP_SHARED, MAP_PRIVATE, MAP_ANONYMOUS } from "./mem.ts";
 import type { IovecArray } from "./io.ts";
 
 const sys = libc.syscall;
@@ -20,9 +20,24 @@ export const IORING_OP_WRITEV = 2;
 export const IORING_OP_FSYNC = 3;
 /** Opens a file (an opcode no device submits: restricted rings refuse it). */
 export const IORING_OP_OPENAT = 18;
+/** Cancels the request whose user_data is the SQE's addr. */
+export const IORING_OP_ASYNC_CANCEL = 14;
+/**
+ * A read that stays armed (6.7+): each time the fd has data it reads into a buffer the kernel takes
+ * from a provided-buffer ring (IOSQE_BUFFER_SELECT) and posts a CQE with IORING_CQE_F_MORE, until
+ * an error, the group running out of buffers (-ENOBUFS) or a cancel ends it (a CQE without F_MORE).
+ * Only on pollable files (a tap, a pipe, a socket).
+ */
+export const IORING_OP_READ_MULTISHOT = 49;
 export const IORING_FSYNC_DATASYNC = 1;
 export const IOSQE_IO_DRAIN = 1 << 1;
 export const IOSQE_IO_LINK = 1 << 2;
+/** The read takes its buffer from the provided-buffer group named by the SQE's buf_group. */
+export const IOSQE_BUFFER_SELECT = 1 << 5;
+/** CQE flags: a provided buffer was used (its id in the flags' upper 16 bits); more CQEs follow. */
+export const IORING_CQE_F_BUFFER = 1 << 0;
+export const IORING_CQE_F_MORE = 1 << 1;
+export const IORING_CQE_BUFFER_SHIFT = 16;
 /**
  * READV/WRITEV rw_flags: fail with -EAGAIN instead of waiting. Without it, a read or write that
  * would block on a non-blocking fd (a full tap or pipe, an empty one) is parked by io_uring until
@@ -30,6 +45,8 @@ export const IOSQE_IO_LINK = 1 << 2;
  */
 export const RWF_NOWAIT = 0x8;
 const IORING_SETUP_CLAMP = 1 << 4;
+/** io_uring_params.cq_entries is the CQ size asked for. */
+const IORING_SETUP_CQSIZE = 1 << 3;
 /** Set up disabled: restrictions can be registered until IORING_REGISTER_ENABLE_RINGS (5.10+). */
 const IORING_SETUP_R_DISABLED = 1 << 6;
 /** Keep submitting the rest of a batch when one SQE fails to prepare (5.18+). */
@@ -40,23 +57,33 @@ const IORING_REGISTER_EVENTFD = 4;
 const IORING_UNREGISTER_EVENTFD = 5;
 const IORING_REGISTER_RESTRICTIONS = 11;
 const IORING_REGISTER_ENABLE_RINGS = 12;
+const IORING_REGISTER_PBUF_RING = 22;
+const IORING_UNREGISTER_PBUF_RING = 23;
 /** struct io_uring_restriction: u16 opcode, u8 register_op/sqe_op/sqe_flags, u8 resv, u32 resv2[3]. */
 const RESTRICTION_SIZE = 16;
 const IORING_RESTRICTION_REGISTER_OP = 0;
 const IORING_RESTRICTION_SQE_OP = 1;
+const IORING_RESTRICTION_SQE_FLAGS_ALLOWED = 2;
 
 /** io_uring_register opcodes a restricted ring may be given (the others fail with EACCES). */
-export const RegisterOp = { EVENTFD: IORING_REGISTER_EVENTFD, UNREGISTER_EVENTFD: IORING_UNREGISTER_EVENTFD } as const;
+export const RegisterOp = {
+  EVENTFD: IORING_REGISTER_EVENTFD,
+  UNREGISTER_EVENTFD: IORING_UNREGISTER_EVENTFD,
+  PBUF_RING: IORING_REGISTER_PBUF_RING,
+  UNREGISTER_PBUF_RING: IORING_UNREGISTER_PBUF_RING,
+} as const;
 
 /**
  * What a ring set up with restrictions may do once enabled: the SQE opcodes it may carry and the
  * io_uring_register opcodes it may be given. Any other SQE completes with -EACCES, any other
- * register call fails with EACCES; no SQE flag (IOSQE_*) is allowed. seccomp cannot see what an
- * SQE does, so this is what confines a ring in a sandboxed process.
+ * register call fails with EACCES; no SQE flag (IOSQE_*) is allowed but those in `sqeFlags`.
+ * seccomp cannot see what an SQE does, so this is what confines a ring in a sandboxed process.
  */
 export interface RingRestrictions {
   sqeOps: readonly number[];
   registerOps: readonly number[];
+  /** IOSQE_* flags SQEs may carry (none when absent). */
+  sqeFlags?: number;
 }
 const IORING_OFF_SQ_RING = 0;
 const IORING_OFF_CQ_RING = 0x8000000;
@@ -90,6 +117,7 @@ function registerRestrictions(fd: number, r: RingRestrictions): void {
   const entries: [number, number][] = [
     ...r.sqeOps.map((op): [number, number] => [IORING_RESTRICTION_SQE_OP, op]),
     ...r.registerOps.map((op): [number, number] => [IORING_RESTRICTION_REGISTER_OP, op]),
+    ...(r.sqeFlags ? [[IORING_RESTRICTION_SQE_FLAGS_ALLOWED, r.sqeFlags] as [number, number]] : []),
   ];
   const buf = new Uint8Array(Math.max(1, entries.length) * RESTRICTION_SIZE);
   const v = new DataView(buf.buffer);
@@ -180,8 +208,8 @@ export class IoUring {
    * io_uring_setup(2) without mapping: the ring as plain data, for a thread that will attach to it.
    * Flags as setup()'s.
    */
-  static setupHandle(entries: number, restrictions?: RingRestrictions): RingHandle {
-    const ring = IoUring.setup(entries, restrictions === undefined ? 0 : IORING_SETUP_R_DISABLED);
+  static setupHandle(entries: number, restrictions?: RingRestrictions, cqEntries = 0): RingHandle {
+    const ring = IoUring.setup(entries, restrictions === undefined ? 0 : IORING_SETUP_R_DISABLED, cqEntries);
     const params = ring.paramsBytes!;
     ring.ownsFd = false;
     ring.close();
@@ -209,14 +237,15 @@ export class IoUring {
   private paramsBytes: Uint8Array | null = null;
 
   /** io_uring_setup(2) with `entries` SQ entries (rounded up to a power of 2, clamped);
-   * `extraFlags`: IORING_SETUP_* besides ours. */
-  static setup(entries: number, extraFlags = 0): IoUring {
+   * `extraFlags`: IORING_SETUP_* besides ours; `cqEntries`: CQ entries (0: twice `entries`). */
+  static setup(entries: number, extraFlags = 0, cqEntries = 0): IoUring {
     const params = new Uint8Array(PARAMS_SIZE);
     const v = new DataView(params.buffer);
     let fd = -1;
     for (const flags of [IORING_SETUP_CLAMP | IORING_SETUP_SUBMIT_ALL, IORING_SETUP_CLAMP]) {
       params.fill(0);
-      v.setUint32(8, flags | extraFlags, true);
+      v.setUint32(8, flags | extraFlags | (cqEntries > 0 ? IORING_SETUP_CQSIZE : 0), true);
+      if (cqEntries > 0) v.setUint32(4, cqEntries, true);
       const r = sys(SYS_io_uring_setup, entries, ptr(params), 0, 0, 0, 0, 0);
       if (r >= 0) {
         fd = Number(r);
@@ -250,7 +279,7 @@ export class IoUring {
    * Queues one SQE (not yet visible to the kernel: see submit()). Returns false when the SQ is
    * full. `offset` and `addr` are exact integers below 2^53; `userData` a u32.
    */
-  prep(opcode: number, fd: number, addr: number, len: number, offset: number, userData: number, sqeFlags = 0, opFlags = 0): boolean {
+  prep(opcode: number, fd: number, addr: number, len: number, offset: number, userData: number, sqeFlags = 0, opFlags = 0, bufGroup = 0): boolean {
     if (this.space === 0) return false;
     const w = (this.tail & this.sqMask) * (SQE_SIZE / 4);
     const s = this.sqes;
@@ -264,7 +293,8 @@ export class IoUring {
     s[w + 7] = opFlags; // rw_flags / fsync_flags
     s[w + 8] = userData;
     s[w + 9] = 0;
-    s.fill(0, w + 10, w + 16); // buf_index, personality, splice_fd_in, addr3
+    s[w + 10] = bufGroup; // buf_index / buf_group u16, personality u16 = 0
+    s.fill(0, w + 11, w + 16); // splice_fd_in, addr3
     this.tail = (this.tail + 1) >>> 0;
     return true;
   }
@@ -277,6 +307,16 @@ export class IoUring {
   /** WRITEV of `iov` at `offset`. */
   prepWritev(fd: number, iov: IovecArray, offset: number, userData: number, sqeFlags = 0): boolean {
     return this.prep(IORING_OP_WRITEV, fd, iov.ptr, iov.count, offset, userData, sqeFlags);
+  }
+
+  /** READ_MULTISHOT of `fd` into buffers of provided-buffer group `bufGroup` (see BufferRing). */
+  prepReadMultishot(fd: number, bufGroup: number, userData: number): boolean {
+    return this.prep(IORING_OP_READ_MULTISHOT, fd, 0, 0, 0, userData, IOSQE_BUFFER_SELECT, 0, bufGroup);
+  }
+
+  /** ASYNC_CANCEL of the request submitted with user_data `target` (a u32 here). */
+  prepCancel(target: number, userData: number): boolean {
+    return this.prep(IORING_OP_ASYNC_CANCEL, -1, target, 0, 0, userData);
   }
 
   /** FSYNC of the whole file; `datasync` = fdatasync semantics. */
@@ -356,5 +396,97 @@ export class IoUring {
     if (this.cqLen > 0) munmap(this.cqPtr, this.cqLen);
     munmap(this.ringPtr, this.ringLen);
     if (this.ownsFd) close(this.fd);
+  }
+}
+
+/** struct io_uring_buf_reg: u64 ring_addr, u32 ring_entries, u16 bgid, u16 flags, u64 resv[3]. */
+const BUF_REG_SIZE = 40;
+/** struct io_uring_buf: u64 addr, u32 len, u16 bid, u16 resv (entry 0's resv is the ring's tail). */
+const BUF_SIZE = 16;
+
+/**
+ * A provided-buffer ring (IORING_REGISTER_PBUF_RING, 5.19+) of `count` buffers of `size` bytes
+ * each, in memory of our own: reads with IOSQE_BUFFER_SELECT on group `group` take a buffer from
+ * it and name it in their CQE (IORING_CQE_F_BUFFER, id in the flags' upper bits). A buffer goes
+ * back with give() and is visible to the kernel after publish(). Until then the kernel leaves it
+ * alone: the bytes read into it stay ours to copy out.
+ */
+export class BufferRing {
+  /** The buffers' memory: buffer `id` is bytes [id * size, (id + 1) * size). */
+  readonly bytes: Uint8Array;
+  private readonly bufsPtr: number;
+  private readonly ringPtr: number;
+  private readonly ringLen: number;
+  private readonly entries: Uint32Array;
+  private readonly tailWord: Uint16Array;
+  private tail = 0;
+  private registered = false;
+
+  /** Registers the ring with `ring` (and gives it every buffer). `count`: a power of 2, ≤ 32768. */
+  constructor(private readonly ring: IoUring, readonly group: number, readonly count: number, readonly size: number) {
+    if (count <= 0 || count > 32768 || (count & (count - 1)) !== 0) throw new Error(`BufferRing: ${count} buffers (a power of 2 up to 32768)`);
+    this.ringLen = Math.max(4096, count * BUF_SIZE);
+    this.ringPtr = mmap(this.ringLen, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    try {
+      this.bufsPtr = mmap(count * size, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    } catch (e) {
+      munmap(this.ringPtr, this.ringLen);
+      throw e;
+    }
+    const ringBuf = toArrayBuffer(this.ringPtr as never, 0, this.ringLen);
+    this.entries = new Uint32Array(ringBuf);
+    this.tailWord = new Uint16Array(ringBuf);
+    this.bytes = new Uint8Array(toArrayBuffer(this.bufsPtr as never, 0, count * size));
+    const reg = new Uint8Array(BUF_REG_SIZE);
+    const v = new DataView(reg.buffer);
+    v.setBigUint64(0, BigInt(this.ringPtr), true);
+    v.setUint32(8, count, true);
+    v.setUint16(12, group, true);
+    try {
+      check(sys(SYS_io_uring_register, ring.fd, IORING_REGISTER_PBUF_RING, ptr(reg), 1, 0, 0, 0), "io_uring_register(PBUF_RING)");
+    } catch (e) {
+      munmap(this.bufsPtr, count * size);
+      munmap(this.ringPtr, this.ringLen);
+      throw e;
+    }
+    this.registered = true;
+    for (let id = 0; id < count; id++) this.give(id);
+    this.publish();
+  }
+
+  /** Buffer `id`'s first `len` bytes (a view: valid until the buffer is given back). */
+  view(id: number, len: number): Uint8Array {
+    return this.bytes.subarray(id * this.size, id * this.size + Math.min(len, this.size));
+  }
+
+  /** Queues buffer `id` for the kernel again (seen at the next publish()). */
+  give(id: number): void {
+    const e = (this.tail & (this.count - 1)) * (BUF_SIZE / 4);
+    const addr = this.bufsPtr + id * this.size;
+    this.entries[e] = addr >>> 0;
+    this.entries[e + 1] = Math.floor(addr / 0x1_0000_0000);
+    this.entries[e + 2] = this.size;
+    // bid u16, then resv u16 — which in entry 0 is the tail word: write bid alone.
+    this.tailWord[e * 2 + 6] = id;
+    this.tail = (this.tail + 1) & 0xffff;
+  }
+
+  /** Makes the buffers given since the last publish available to the kernel. */
+  publish(): void {
+    Atomics.store(this.tailWord, 7, this.tail); // release: the entries before it are written
+  }
+
+  /**
+   * Unregisters the ring and frees the memory. No read may still be armed on the group (cancel it
+   * first): the kernel would write into freed memory.
+   */
+  close(): void {
+    if (!this.registered) return;
+    this.registered = false;
+    const reg = new Uint8Array(BUF_REG_SIZE);
+    new DataView(reg.buffer).setUint16(12, this.group, true);
+    check(sys(SYS_io_uring_register, this.ring.fd, IORING_UNREGISTER_PBUF_RING, ptr(reg), 1, 0, 0, 0), "io_uring_register(UNREGISTER_PBUF_RING)");
+    munmap(this.bufsPtr, this.count * this.size);
+    munmap(this.ringPtr, this.ringLen);
   }
 }

@@ -59,6 +59,8 @@ export class NetDevice implements VhostUserDevice {
   private readonly control: NetControl;
   /** Each pair's io_uring (null: writev/readv), set up in acquire and closed with the device. */
   private readonly rings: (RingHandle | null)[];
+  /** Each pair's receive io_uring (a multishot read), or null; closed with the device. */
+  private readonly rxRings: (RingHandle | null)[];
 
   /** The AF_INET socket for SIOC* ioctls on the tap (NET_SET_MTU), opened in acquire. */
   private readonly controlFd: number;
@@ -67,6 +69,7 @@ export class NetDevice implements VhostUserDevice {
   constructor(opts: NetOptions, acquired: AcquiredNet, private readonly ctx: DeviceContext) {
     this.tap = tapFrom(acquired);
     this.rings = acquired.rings;
+    this.rxRings = acquired.rxRings;
     this.controlFd = acquired.controlFd;
     this.pairs = opts.queuePairs;
     this.activePairs = this.pairs;
@@ -75,6 +78,7 @@ export class NetDevice implements VhostUserDevice {
     if (!this.updateAttachedQueues()) {
       this.tap.close();
       releaseRings(this.rings);
+      releaseRings(this.rxRings);
       throw new Error(`tap ${this.tap.name}: could not detach the queues of pairs not in use`);
     }
     this.mtu = opts.mtu ?? this.tap.mtu;
@@ -90,7 +94,7 @@ export class NetDevice implements VhostUserDevice {
     this.resetFilter();
     this.shared.mtu = this.mtu;
     if (acquired.ringsRefused !== null) log.info(`net: io_uring unavailable (${acquired.ringsRefused}): one writev/readv per frame`);
-    const runnerOptions: NetRunnerOptions = { fds: [...this.tap.fds], shared: this.shared.data, rings: this.rings };
+    const runnerOptions: NetRunnerOptions = { fds: [...this.tap.fds], shared: this.shared.data, rings: this.rings, rxRings: this.rxRings };
     this.queues = new QueueService({
       entry: ctx.queueThreadEntry, device: "net", options: runnerOptions, threads: this.pairs > 1 ? this.pairs : 0, threadOf: (i) => i >> 1,
       loop: ctx.loop, runner: netPairRunner,
@@ -305,6 +309,7 @@ export class NetDevice implements VhostUserDevice {
     this.tap.close();
     close(this.controlFd);
     releaseRings(this.rings);
+    releaseRings(this.rxRings);
     this.shared.record.dispose();
   }
 }

@@ -1,11 +1,15 @@
 // The net QueueRunner (src/device.ts): moves frames between the rx/tx queues of the pairs one
-// thread serves and the tap queue fd of each pair. Frames never pass through a JS buffer:
+// thread serves and the tap queue fd of each pair. Frames pass through no JS buffer, except
+// received ones on the multishot path (our provided buffers, then one copy into guest memory):
 //
 // - transmit: each chain (virtio-net header + frame) goes to the tap with ONE writev whose iovecs
 //   point into guest memory (the tap takes the 12-byte header as its vnet header); several chains
 //   per kick, one used-index publish and at most one notification per batch. A full tap (EAGAIN)
 //   puts the chain back and waits for EPOLLOUT; the loop never blocks.
-// - receive: ONE readv from the tap straight into guest receive buffers. With MRG_RXBUF a frame may
+// - receive, with io_uring on 6.7+: one multishot read per pair into our own provided buffers,
+//   each frame copied into guest receive buffers (rx_multishot.ts, receiveShot below); before
+//   6.7, READV batches straight into the held guest buffers (uring_rx.ts); without io_uring,
+//   ONE readv from the tap straight into guest receive buffers. With MRG_RXBUF a frame may
 //   span several chains: enough chains for the largest frame the guest may receive are popped
 //   first (chains a frame did not need stay held for the next frames, and go back to the ring
 //   when the queue stops); num_buffers is written into the first. When the guest has no buffers, reading stops
@@ -29,6 +33,7 @@ import type { SharedRecordData } from "../../src/shared_record.ts";
 import { IoUring, type RingHandle } from "../../ffi/io_uring.ts";
 import { TxBatch } from "./uring_tx.ts";
 import { RxBatch, RX_BATCH } from "./uring_rx.ts";
+import { RxMultishot } from "./rx_multishot.ts";
 import { log } from "../../src/log.ts";
 import { NetShared, PairStat } from "./shared.ts";
 import {
@@ -58,6 +63,8 @@ export interface NetRunnerOptions {
    * one writev per frame (--net-io syscall, or io_uring unavailable).
    */
   rings: (RingHandle | null)[];
+  /** Per pair, the io_uring of its multishot receive (rx_multishot.ts), or null: READV batches on `rings`. */
+  rxRings?: (RingHandle | null)[];
 }
 
 /** One rx/tx pair: its queues and the tap queue they share. */
@@ -76,6 +83,11 @@ class Pair {
   ring: IoUring | null = null;
   txBatch: TxBatch | null = null;
   rxBatch: RxBatch | null = null;
+  /** The pair's multishot receive (its own ring), or null. */
+  rxShot: RxMultishot | null = null;
+  /** The receive ring's fd is watched. */
+  rxShotWatching = false;
+  rxShotFd = -1;
   /**
    * Transmit chains popped but not sent (the tap was full), in order: they go first when it has
    * room again. `txRetryIsTail`: nothing popped after them was completed, so stop() may give them
@@ -165,6 +177,14 @@ export class NetPairRunner implements QueueRunner {
           this.dropRing(pair);
         }
       }
+      const rxRing = this.o.rxRings?.[index] ?? null;
+      if (rxRing !== null && pair.ring !== null) {
+        try {
+          pair.rxShot = new RxMultishot(rxRing, fd);
+        } catch (e) {
+          log.warn(`net: pair ${index}: multishot receive refused (${(e as Error).message}); READV batches`);
+        }
+      }
       p = pair;
       this.pairs.set(index, p);
     }
@@ -220,6 +240,7 @@ export class NetPairRunner implements QueueRunner {
 
   dispose(): void {
     for (const p of this.pairs.values()) {
+      this.dropRxShot(p);
       this.dropRing(p);
       p.queues.stop();
       p.rx = p.tx = null;
@@ -229,7 +250,15 @@ export class NetPairRunner implements QueueRunner {
 
   /** Watches the tap fd for what the pair waits for: frames to receive, room to transmit. */
   private updateInterest(p: Pair): void {
-    const readable = p.rx !== null && !p.starved;
+    const shot = p.rxShot;
+    const watchShot = shot !== null && p.rx !== null;
+    if (watchShot !== p.rxShotWatching) {
+      if (watchShot) this.loop.watch(shot.ring.fd, { readable: () => this.receive(p) }, { readable: true, writable: false });
+      else this.loop.remove(p.rxShotFd);
+      p.rxShotWatching = watchShot;
+      p.rxShotFd = watchShot ? shot.ring.fd : -1;
+    }
+    const readable = p.rx !== null && !p.starved && shot === null;
     const writable = p.tx !== null && p.txBlocked;
     if (!readable && !writable) {
       if (p.watching) this.loop.remove(p.fd);
@@ -480,6 +509,10 @@ export class NetPairRunner implements QueueRunner {
    * next frames (popped and walked once, not per wakeup); stop() gives them back to the ring.
    */
   private receive(p: Pair): void {
+    if (p.rxShot !== null) {
+      this.receiveShot(p, p.rxShot);
+      return;
+    }
     const q = p.rx;
     if (q === null || p.starved) return;
     this.refreshSettings();
@@ -508,6 +541,131 @@ export class NetPairRunner implements QueueRunner {
       }
       this.starve(p);
       return;
+    }
+  }
+
+  /**
+   * Receive through the multishot read: takes the frames it posted, copies them into guest
+   * buffers in order (fillQueue's loop, one chain held ahead so a guest with no buffers is seen
+   * at once), gives their buffers back and arms the read again if it ended. While starved, frames
+   * wait in our buffers (then in the tap) until the guest's kick.
+   */
+  private receiveShot(p: Pair, s: RxMultishot): void {
+    const q = p.rx;
+    if (q === null) return;
+    try {
+      s.reap();
+      if (s.failed !== 0) {
+        // A tap in an error state would fail every read: pause until the guest's next kick.
+        this.guestErrors.report(`rx pair ${p.index}: reading the tap failed (errno ${-s.failed}); paused until the next kick`);
+        this.shared.count(p.index, PairStat.RxDropped);
+        s.failed = 0;
+        if (!p.starved) this.starve(p);
+      }
+      if (!p.starved) {
+        this.refreshSettings();
+        const mergeable = (p.features & VIRTIO_NET_F_MRG_RXBUF) !== 0n;
+        const budget = p.queues.rx.budget;
+        this.deliverShot(p, q, s, mergeable);
+        const outOfBuffers = fillQueue(q, () => s.pending > 0 || p.held.length === 0, (chain) => {
+          p.hold(chain);
+          this.deliverShot(p, q, s, mergeable);
+          return true;
+        }, budget);
+        if (outOfBuffers) {
+          if (budget.exhausted) budget.yieldTurn();
+          else this.starve(p);
+        }
+      }
+      s.publish();
+      if (!p.starved) s.arm();
+    } catch (e) {
+      log.warn(`net: pair ${p.index}: multishot receive failed (${(e as Error).message}); READV batches from now on`);
+      this.dropRxShot(p);
+      this.updateInterest(p);
+      this.loop.defer(() => this.receive(p));
+    }
+  }
+
+  /** Copies pending frames into the held chains while they can take them (see receiveShot). */
+  private deliverShot(p: Pair, q: Virtqueue, s: RxMultishot, mergeable: boolean): void {
+    const budget = p.queues.rx.budget;
+    const limit = this.frameLimit();
+    while (s.pending > 0 && !budget.exhausted) {
+      this.completeUnusable(p, q);
+      const n = s.frontLen;
+      const bytes = s.frontBytes();
+      if (n < VIRTIO_NET_HDR_SIZE + 6 || n > limit || n > bytes.length) {
+        if (n > limit) this.guestErrors.report(`rx queue ${q.index}: frame of ${n} bytes is above the ${limit}-byte limit (the tap's MTU is above the guest's?); dropped`);
+        this.shared.count(p.index, PairStat.RxDropped);
+        s.release();
+        continue;
+      }
+      if (!this.shared.promiscuous() && !this.shared.accepts(bytes.subarray(VIRTIO_NET_HDR_SIZE, VIRTIO_NET_HDR_SIZE + 6))) {
+        this.shared.count(p.index, PairStat.RxFiltered);
+        s.release();
+        continue;
+      }
+      // The chains the frame takes: enough for it with MRG_RXBUF, else the first one.
+      let k = 0;
+      let used = 0;
+      let cap = 0;
+      if (mergeable) {
+        while (k < p.held.length && cap < n) {
+          const w = p.writers[k++];
+          if (w === null || w === undefined) continue;
+          cap += w.chain.writableLen;
+          used++;
+        }
+        if (cap < n) return; // more chains first
+      } else {
+        if (p.held.length === 0) return;
+        const w = p.writers[0]!; // completeUnusable left a usable one in front
+        if (w.chain.writableLen < n) {
+          this.guestErrors.report(`rx queue ${q.index}: frame of ${n} bytes does not fit a ${w.chain.writableLen}-byte buffer (no MRG_RXBUF); dropped`);
+          this.shared.count(p.index, PairStat.RxDropped);
+          s.release();
+          continue;
+        }
+        k = used = 1;
+        cap = w.chain.writableLen;
+      }
+      // num_buffers: how many chains the driver must gather for this frame.
+      bytes[HDR_NUM_BUFFERS] = used & 0xff;
+      bytes[HDR_NUM_BUFFERS + 1] = used >> 8;
+      // Unusable chains among them complete first, empty: never inside the frame's run.
+      for (let i = 0; i < k; i++) if (p.writers[i] === null) q.add(p.held[i]!.head, 0);
+      let off = 0;
+      for (let i = 0; i < k; i++) {
+        const w = p.writers[i];
+        if (w === null || w === undefined) continue;
+        const len = Math.min(n - off, w.chain.writableLen);
+        w.writeAt(0, bytes.subarray(off, off + len));
+        q.add(w.chain.head, len);
+        off += len;
+      }
+      p.held.splice(0, k);
+      p.writers.splice(0, k);
+      p.heldCapacity -= cap;
+      s.release();
+      budget.spendBytes(n);
+      this.shared.count(p.index, PairStat.RxFrames);
+      this.shared.bytes(p.index, "rx", n);
+    }
+  }
+
+  /** Stops the multishot receive (it failed, or the runner goes): READV batches or readv from now on. */
+  private dropRxShot(p: Pair): void {
+    const s = p.rxShot;
+    if (s === null) return;
+    p.rxShot = null;
+    if (p.rxShotWatching) this.loop.remove(p.rxShotFd);
+    p.rxShotWatching = false;
+    p.rxShotFd = -1;
+    try {
+      s.close();
+    } catch (e) {
+      log.warn(`net: pair ${p.index}: closing the multishot receive: ${(e as Error).message}`);
     }
   }
 

@@ -1,4 +1,5 @@
-// Receive through io_uring: up to RX_BATCH frames per io_uring_enter, each read by its own READV
+// Receive through io_uring where the multishot read (rx_multishot.ts, kernel 6.7+) is not
+// available (or BACKEND_NET_RX_READV=1): up to RX_BATCH frames per io_uring_enter, each read by its own READV
 // SQE straight into guest receive buffers. The held receive chains are split, in order, into
 // parts that can each take the largest frame the guest may receive (one chain each without
 // MRG_RXBUF); part i's READV covers its chains plus a small overflow area behind them, so a frame
