@@ -2,7 +2,8 @@
 // guest buffers, and a Disk that builds virtio-blk requests and reads their results. Shared by the
 // block unit tests (sync and io_uring). Call disposeDisks() after each test.
 import { expect } from "bun:test";
-import { mkdtempSync, writeFileSync, readFileSync, rmSync, truncateSync } from "node:fs";
+import { mkdtempSync, writeFileSync, readFileSync, rmSync, truncateSync, existsSync } from "node:fs";
+import { spawn, type Subprocess } from "bun";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { BackendUnderTest, GuestRam, Vmm, DriverQueue, Req, configPayload, type BufferSpec } from "./frontend.ts";
@@ -133,9 +134,55 @@ export function segment(sector: number, sectors: number, flags = 0): Uint8Array 
 }
 export const concat = (...parts: Uint8Array[]) => new Uint8Array(Buffer.concat(parts));
 
+/** What Disk needs of the backend it drives: an in-process BackendUnderTest, or a SpawnedBackend. */
+export interface BackendHandle {
+  readonly socketPath: string;
+  readonly ready: Promise<void>;
+  stop(): Promise<void>;
+}
+
+/**
+ * `backend device block ARGS --socket PATH` run as its own process from the sources (app/main.ts,
+ * the real entry point: acquire, the sandbox's re-exec, the device thread), ready once it serves.
+ */
+export class SpawnedBackend implements BackendHandle {
+  readonly socketPath: string;
+  readonly ready: Promise<void>;
+  private readonly proc: Subprocess;
+  private stderr = "";
+
+  constructor(args: string[]) {
+    const sock = join(tempDir(), "blk.sock");
+    this.socketPath = sock;
+    const proc = spawn([process.execPath, join(import.meta.dir, "../../app/main.ts"), "device", "block", "--socket", sock, ...args], { stdin: "ignore", stdout: "ignore", stderr: "pipe" });
+    this.proc = proc;
+    void (async () => {
+      for await (const chunk of proc.stderr as ReadableStream<Uint8Array>) this.stderr += Buffer.from(chunk).toString();
+    })();
+    this.ready = (async () => {
+      const deadline = Date.now() + 30_000;
+      while (!existsSync(sock) || !this.stderr.includes("listening on")) {
+        if (proc.exitCode !== null || proc.signalCode !== null) throw new Error(`backend exited (${proc.exitCode ?? proc.signalCode}): ${this.stderr.slice(-2000)}`);
+        if (Date.now() > deadline) throw new Error(`backend did not serve in 30 s: ${this.stderr.slice(-2000)}`);
+        await Bun.sleep(20);
+      }
+    })();
+  }
+
+  /** What it logged so far. */
+  get log(): string {
+    return this.stderr;
+  }
+
+  async stop(): Promise<void> {
+    if (this.proc.exitCode === null && this.proc.signalCode === null) this.proc.kill("SIGTERM");
+    await this.proc.exited;
+  }
+}
+
 /** A started block backend with a VMM session, guest RAM and driver queues. */
 export class Disk {
-  readonly backend: BackendUnderTest;
+  readonly backend: BackendHandle;
   readonly ram: GuestRam;
   vmm: Vmm;
   readonly arena: Arena;
@@ -143,17 +190,18 @@ export class Disk {
 
   private readonly ownsRam: boolean;
 
-  private constructor(readonly options: Record<string, unknown>, ramSize: number, guest?: Disk) {
-    this.backend = new BackendUnderTest("block", options);
+  private constructor(readonly options: Record<string, unknown>, ramSize: number, guest?: Disk, backend?: BackendHandle) {
+    this.backend = backend ?? new BackendUnderTest("block", options);
     this.ownsRam = guest === undefined;
     this.ram = guest?.ram ?? new GuestRam(ramSize);
     this.arena = guest?.arena ?? new Arena(this.ram, ramSize - (8 << 20));
     this.vmm = null as unknown as Vmm;
   }
 
-  /** Starts a backend; with `guest`, the same guest (RAM) as another Disk, e.g. to restore into. */
-  static async start(options: Record<string, unknown>, o: { queues?: number; queueSize?: number; ramSize?: number; activate?: boolean; guest?: Disk } = {}): Promise<Disk> {
-    const d = new Disk(options, o.ramSize ?? 64 << 20, o.guest);
+  /** Starts a backend; with `guest`, the same guest (RAM) as another Disk, e.g. to restore into;
+   * with `backend`, drives that one (started elsewhere) instead, and `options` are ignored. */
+  static async start(options: Record<string, unknown>, o: { queues?: number; queueSize?: number; ramSize?: number; activate?: boolean; guest?: Disk; backend?: BackendHandle } = {}): Promise<Disk> {
+    const d = new Disk(options, o.ramSize ?? 64 << 20, o.guest, o.backend);
     opened.push(d);
     await d.backend.ready;
     d.vmm = new Vmm(d.backend, d.ram);

@@ -9,7 +9,7 @@ import { socketPair, setTimeouts } from "../../ffi/socket.ts";
 import { read } from "../../ffi/io.ts";
 import { close } from "../../ffi/libc.ts";
 import { HEADER_SIZE, BackendReq } from "../../src/protocol/constants.ts";
-import { SECTOR, rng, randomBytes, segment, Disk, disposeDisks, randomRounds } from "../support/block_disk.ts";
+import { SECTOR, rng, randomBytes, segment, Disk, disposeDisks, randomRounds, SpawnedBackend } from "../support/block_disk.ts";
 import { CephCluster, cephTestsUnavailable, freePort } from "../support/ceph_cluster.ts";
 import { blockDevice } from "../../devices/block/index.ts";
 import { parseRbdSpec } from "../../devices/block/disk/rbd_spec.ts";
@@ -73,6 +73,19 @@ maybe("block device on a Ceph RBD image", () => {
     expect(v.getBigUint64(0, true)).toBe(BigInt(16 * MiB / SECTOR));
     expect(v.getUint32(20, true)).toBe(512);
     expect(await randomRounds(d, model, 32, 12)).toBeGreaterThan(150);
+    expect((await d.one({ type: VIRTIO_BLK_T_FLUSH })).status).toBe(VIRTIO_BLK_S_OK);
+    expect(Buffer.compare(cluster.readImage(`rbd/${img.name}`), model)).toBe(0);
+  }, 60_000);
+
+  test("served by the real entry point under the sandbox (librados connects after the re-exec): random I/O matches the mirror and the image", async () => {
+    const model = randomBytes(rng(37), 8 * MiB);
+    const img = image(model);
+    const backend = new SpawnedBackend(["--file", img.file, "--num-queues", "2", "--queue-size", "256"]);
+    const d = await Disk.start({}, { backend, queues: 2, queueSize: 256 });
+    const sandbox = backend.log.split("\n").find((l) => l.includes("sandbox:")) ?? "";
+    expect(sandbox).toMatch(/landlock\(.*filesystem,tcp.*seccomp/);
+    expect(backend.log).not.toContain("not applied");
+    expect(await randomRounds(d, model, 38, 6)).toBeGreaterThan(60);
     expect((await d.one({ type: VIRTIO_BLK_T_FLUSH })).status).toBe(VIRTIO_BLK_S_OK);
     expect(Buffer.compare(cluster.readImage(`rbd/${img.name}`), model)).toBe(0);
   }, 60_000);

@@ -252,7 +252,7 @@ function defaultConfFiles(): string[] {
  * configuration librados will use (a handle configured, not connected).
  */
 export function rbdHostAccess(file: string): HostAccess {
-  const access: HostAccess = { paths: [], unixSockets: [], tcp: [], hostNetwork: true, threadsAfterAcquire: true, syscallGroups: [] };
+  const access: HostAccess = { paths: [], unixSockets: [], tcp: [], hostNetwork: true, threadsAfterAcquire: true, syscallGroups: ["ceph"] };
   let spec: RbdSpec;
   try {
     spec = parseRbdSpec(file);
