@@ -8,7 +8,7 @@
  * builds of ours can be compared back to back (`--ours-bin`) alongside qemu-storage-daemon.
  *
  *   bun run bench:block-ring [--rounds 5] [--seconds 3] [--jobs a,b] [--ours-bin label=PATH ...] [--format raw|qcow2|qcow2-empty|nbd]
- *                            [--no-qsd] [--qsd PATH] [--perf-stat] [--perf]
+ *                            [--no-qsd] [--qsd PATH] [--perf-stat] [--perf] [--warmup SECONDS]
  *
  * Per job and backend it prints the median IOPS and host CPU µs per I/O (utime+stime of the whole
  * backend process, all threads, from /proc/PID/stat) and each one's ratio to the first backend.
@@ -266,6 +266,7 @@ async function main(): Promise<void> {
       format: { type: "string", default: "raw" },
       "ours-arg": { type: "string", multiple: true },
       "perf-stat": { type: "boolean", default: false },
+      warmup: { type: "string", default: "1" },
       perf: { type: "boolean", default: false },
     },
   });
@@ -356,6 +357,13 @@ async function main(): Promise<void> {
     console.log(`block ring bench: ${rounds} rounds × ${seconds} s per job and backend; CLK_TCK ${CLK_TCK}`);
     if (server !== null) console.log(`  NBD server (pid ${server.pid}): ${server.argv.join(" ")}`);
     for (const l of live) console.log(`  ${l.c.label}: ${l.b.argv.join(" ")}`);
+    // Each backend runs every job once, unmeasured, before the rounds: ours compiles its hot path
+    // (JIT) in the first seconds, which is not the steady state a long-lived backend serves in.
+    const warmup = Number(a.warmup);
+    if (warmup > 0) {
+      for (const job of jobs) for (const l of live) l.d.run(job, warmup, l.b.pid, 7);
+      process.stderr.write(`warm-up done (${warmup} s per job and backend)\n`);
+    }
     const perfs = a.perf
       ? live.filter((l) => l.c.ours).map((l) => {
           const out = join(resultsDir, `block-ring-${stamp}-${l.c.label}.perf.data`);
