@@ -26,7 +26,7 @@ import { inflightBytes } from "../src/protocol/codec.ts";
 import { F_LOG_ALL, F_PROTOCOL_FEATURES, ProtocolFeature } from "../src/protocol/constants.ts";
 import { VIRTIO_F_EVENT_IDX, VIRTIO_F_INDIRECT_DESC, VIRTIO_F_VERSION_1 } from "../src/device.ts";
 import { VIRTQ_DESC_F_INDIRECT, VIRTQ_DESC_F_NEXT, VIRTQ_DESC_F_WRITE } from "../src/ring.ts";
-import { VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT } from "../devices/block/config.ts";
+import { VIRTIO_BLK_T } from "../devices/block/config.ts";
 import { FrontendConnection, GuestRam, Req, RING_PACKED, u64, vringAddr, vringState, memTable } from "../test/support/frontend.ts";
 import { cpuTicks, CLK_TCK, createImage, startNbdServer, startOurs, startQsd, type Backend, type NbdServer } from "./lib/backends.ts";
 import { fmt, median, table } from "./lib/stats.ts";
@@ -127,7 +127,7 @@ class RingDriver {
   private prepare(i: number, job: Job): void {
     const s = this.slots[i]!;
     const dv = this.ram.dv;
-    dv.setUint32(s.hdr, job.write ? VIRTIO_BLK_T_OUT : VIRTIO_BLK_T_IN, true);
+    dv.setUint32(s.hdr, job.write ? VIRTIO_BLK_T.OUT : VIRTIO_BLK_T.IN, true);
     dv.setUint32(s.hdr + 4, 0, true);
     const put = (table: number, n: number, gpa: number, len: number, flags: number, next: number) => {
       const o = table + 16 * n;

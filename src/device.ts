@@ -90,6 +90,9 @@ export interface VhostUserDevice {
   dispose?(): void;
 }
 
+/** Feature bit `n` (the spec numbers them) as a mask of the 64-bit feature word. */
+export const featureBit = (n: number): bigint => 1n << BigInt(n);
+
 export const VIRTIO_F_INDIRECT_DESC = 1n << 28n;
 export const VIRTIO_F_EVENT_IDX = 1n << 29n;
 export const VIRTIO_F_VERSION_1 = 1n << 32n;

@@ -14,9 +14,8 @@ import { BLOCK_SHARED, type BlockPolicy, type BlockShared } from "./queue_proces
 import { segMaxFor, type BlockOptions } from "./options.ts";
 import { validateBlockState, BLOCK_STATE_VERSION, type BlockState, type BlockStateSelf } from "./state.ts";
 import {
-  buildConfig, CONFIG_SIZE, CFG_WRITEBACK, VIRTIO_BLK_ID_BYTES, type BlockGeometry,
-  VIRTIO_BLK_F_SEG_MAX, VIRTIO_BLK_F_RO, VIRTIO_BLK_F_BLK_SIZE, VIRTIO_BLK_F_FLUSH, VIRTIO_BLK_F_TOPOLOGY,
-  VIRTIO_BLK_F_CONFIG_WCE, VIRTIO_BLK_F_MQ, VIRTIO_BLK_F_DISCARD, VIRTIO_BLK_F_WRITE_ZEROES,
+  buildConfig, CONFIG_SIZE, CFG, VIRTIO_BLK_ID_BYTES, type BlockGeometry,
+  VIRTIO_BLK_F,
 } from "./config.ts";
 
 /** The GET_ID answer when --serial is not given: the file's device and inode numbers in hex. */
@@ -91,11 +90,11 @@ export class BlockDevice implements VhostUserDevice {
       coalesceUs: opts.coalesceUs,
     };
     this.offered =
-      COMMON_FEATURES | VIRTIO_BLK_F_SEG_MAX | VIRTIO_BLK_F_BLK_SIZE | VIRTIO_BLK_F_TOPOLOGY | VIRTIO_BLK_F_FLUSH |
-      VIRTIO_BLK_F_CONFIG_WCE | VIRTIO_BLK_F_MQ |
-      (this.readOnly ? VIRTIO_BLK_F_RO : 0n) |
-      (this.geometry.discard ? VIRTIO_BLK_F_DISCARD : 0n) |
-      (this.geometry.writeZeroes ? VIRTIO_BLK_F_WRITE_ZEROES : 0n);
+      COMMON_FEATURES | VIRTIO_BLK_F.SEG_MAX | VIRTIO_BLK_F.BLK_SIZE | VIRTIO_BLK_F.TOPOLOGY | VIRTIO_BLK_F.FLUSH |
+      VIRTIO_BLK_F.CONFIG_WCE | VIRTIO_BLK_F.MQ |
+      (this.readOnly ? VIRTIO_BLK_F.RO : 0n) |
+      (this.geometry.discard ? VIRTIO_BLK_F.DISCARD : 0n) |
+      (this.geometry.writeZeroes ? VIRTIO_BLK_F.WRITE_ZEROES : 0n);
     this.updateWriteMode();
     const threadOptions: BlockThreadOptions = {
       disk: resource, policy: this.policy, shared: this.shared.shared,
@@ -143,7 +142,7 @@ export class BlockDevice implements VhostUserDevice {
   ackFeatures(features: bigint): void {
     this.acked = features;
     // virtio 1.2 §5.2.5.2: with CONFIG_WCE but no FLUSH the device starts in writethrough.
-    if ((features & VIRTIO_BLK_F_CONFIG_WCE) !== 0n && (features & VIRTIO_BLK_F_FLUSH) === 0n) this.writeback = 0;
+    if ((features & VIRTIO_BLK_F.CONFIG_WCE) !== 0n && (features & VIRTIO_BLK_F.FLUSH) === 0n) this.writeback = 0;
     this.updateWriteMode();
   }
 
@@ -153,7 +152,7 @@ export class BlockDevice implements VhostUserDevice {
 
   /** Writes are stable at completion unless the driver negotiated FLUSH and the cache is writeback. */
   private updateWriteMode(): void {
-    const writethrough = !this.disk.readOnly && ((this.acked & VIRTIO_BLK_F_FLUSH) === 0n || this.writeback === 0);
+    const writethrough = !this.disk.readOnly && ((this.acked & VIRTIO_BLK_F.FLUSH) === 0n || this.writeback === 0);
     this.shared.set("writethrough", writethrough);
   }
 
@@ -164,7 +163,7 @@ export class BlockDevice implements VhostUserDevice {
 
   /** Only `writeback` is writable (CONFIG_WCE), with 0 (writethrough) or 1 (writeback). */
   writeConfig(offset: number, data: Uint8Array): boolean {
-    if (offset !== CFG_WRITEBACK || data.length !== 1 || data[0]! > 1) return false;
+    if (offset !== CFG.WRITEBACK || data.length !== 1 || data[0]! > 1) return false;
     this.writeback = data[0]!;
     this.updateWriteMode();
     log.debug(`block: cache mode ${this.writeback ? "writeback" : "writethrough"}`);

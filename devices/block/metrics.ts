@@ -4,13 +4,12 @@
 // when the registry says latencies are read (the metrics endpoint is up).
 import { metrics, type Counter, type Gauge, type Histogram } from "../../src/metrics.ts";
 import {
-  VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT, VIRTIO_BLK_T_FLUSH, VIRTIO_BLK_T_GET_ID, VIRTIO_BLK_T_DISCARD,
-  VIRTIO_BLK_T_WRITE_ZEROES, VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_UNSUPP,
+  VIRTIO_BLK_T, VIRTIO_BLK_S,
 } from "./config.ts";
 
 const TYPE_NAMES: Record<number, string> = {
-  [VIRTIO_BLK_T_IN]: "read", [VIRTIO_BLK_T_OUT]: "write", [VIRTIO_BLK_T_FLUSH]: "flush", [VIRTIO_BLK_T_GET_ID]: "get_id",
-  [VIRTIO_BLK_T_DISCARD]: "discard", [VIRTIO_BLK_T_WRITE_ZEROES]: "write_zeroes",
+  [VIRTIO_BLK_T.IN]: "read", [VIRTIO_BLK_T.OUT]: "write", [VIRTIO_BLK_T.FLUSH]: "flush", [VIRTIO_BLK_T.GET_ID]: "get_id",
+  [VIRTIO_BLK_T.DISCARD]: "discard", [VIRTIO_BLK_T.WRITE_ZEROES]: "write_zeroes",
 };
 
 export class BlockQueueMetrics {
@@ -67,8 +66,8 @@ export class BlockQueueMetrics {
   /** It completed with `status`. */
   end(head: number, status: number): void {
     this.inFlight.dec();
-    if (status === VIRTIO_BLK_S_IOERR) this.ioErrors.inc();
-    else if (status === VIRTIO_BLK_S_UNSUPP) this.unsupported.inc();
+    if (status === VIRTIO_BLK_S.IOERR) this.ioErrors.inc();
+    else if (status === VIRTIO_BLK_S.UNSUPP) this.unsupported.inc();
     if (head < this.started.length) this.latency.observe((performance.now() - this.started[head]!) / 1000);
   }
 }

@@ -19,9 +19,7 @@ import { ZERO_UNMAP, ZERO_FUA, type Disk, type DiskQueue, type DiskRequest } fro
 import { SharedRecord, bool } from "../../src/shared_record.ts";
 import { RequestHeader } from "./request.ts";
 import {
-  VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT, VIRTIO_BLK_T_FLUSH, VIRTIO_BLK_T_GET_ID, VIRTIO_BLK_T_DISCARD,
-  VIRTIO_BLK_T_WRITE_ZEROES, VIRTIO_BLK_S_OK, VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_UNSUPP,
-  REQUEST_HEADER_SIZE, DISCARD_SEGMENT_SIZE, VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP, VIRTIO_BLK_ID_BYTES,
+  VIRTIO_BLK_T, VIRTIO_BLK_S, REQUEST_HEADER_SIZE, DISCARD_SEGMENT_SIZE, VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP, VIRTIO_BLK_ID_BYTES,
   SECTOR_SHIFT, MAX_REQUEST_BYTES, MAX_DISCARD_SECTORS, MAX_DISCARD_SEGMENTS,
 } from "./config.ts";
 import { BlockQueueMetrics } from "./metrics.ts";
@@ -202,7 +200,7 @@ export class QueueProcessor {
     let status: number;
     if (!this.header.read(reader)) {
       this.guestError(chain, `request header shorter than ${REQUEST_HEADER_SIZE} bytes`);
-      status = VIRTIO_BLK_S_IOERR;
+      status = VIRTIO_BLK_S.IOERR;
     } else {
       this.metrics.request(this.header.type);
       status = this.execute(chain, reader, writer, req, state);
@@ -213,8 +211,8 @@ export class QueueProcessor {
 
   /** Counts the outcome, stores the status byte; returns the used length. */
   private finish(chain: DescriptorChain, state: RequestState, status: number): number {
-    if (status === VIRTIO_BLK_S_IOERR) this.stats.errors++;
-    else if (status === VIRTIO_BLK_S_UNSUPP) this.stats.unsupported++;
+    if (status === VIRTIO_BLK_S.IOERR) this.stats.errors++;
+    else if (status === VIRTIO_BLK_S.UNSUPP) this.stats.unsupported++;
     this.metrics.end(chain.head, status);
     state.status.writeByte(status);
     // Like QEMU: the whole device-writable part counts as written (data for reads, then status).
@@ -227,13 +225,13 @@ export class QueueProcessor {
     const state = this.states[req.id]!;
     const chain = state.chain!;
     const type = state.type;
-    let status = VIRTIO_BLK_S_OK;
+    let status: number = VIRTIO_BLK_S.OK;
     if (result < 0) {
       status = this.hostError(opName(type), state.sector, state.len, result);
-    } else if (type === VIRTIO_BLK_T_IN) {
+    } else if (type === VIRTIO_BLK_T.IN) {
       this.stats.bytesRead += state.len;
       this.metrics.read(state.len);
-    } else if (type === VIRTIO_BLK_T_OUT) {
+    } else if (type === VIRTIO_BLK_T.OUT) {
       this.stats.bytesWritten += state.len;
       this.metrics.written(state.len);
     } else if (state.nextSegment < state.count) {
@@ -248,46 +246,40 @@ export class QueueProcessor {
     const p = this.policy;
     const { type, sector } = this.header;
     switch (type) {
-      case VIRTIO_BLK_T_IN: {
-        const len = writer.remaining;
-        if (!this.checkRange(chain, sector, len, "read")) return VIRTIO_BLK_S_IOERR;
+      case VIRTIO_BLK_T.IN:
+      case VIRTIO_BLK_T.OUT: {
+        // The data travels in the chain's writable part for a read, its readable part for a write.
+        const write = type === VIRTIO_BLK_T.OUT;
+        if (write && p.readOnly) return this.refuseReadOnly(chain, "write");
+        const data = write ? reader : writer;
+        const len = data.remaining;
+        if (!this.checkRange(chain, sector, len, write ? "write" : "read")) return VIRTIO_BLK_S.IOERR;
         const iov = req.iov;
         iov.clear();
-        if (!writer.iovecs(iov, len)) return this.tooManySegments(chain);
-        if (len === 0) return VIRTIO_BLK_S_OK;
+        if (!data.iovecs(iov, len)) return this.tooManySegments(chain);
+        if (len === 0) return VIRTIO_BLK_S.OK;
         this.start(state, chain, type, sector, len);
-        this.io.read(req, sector * 512, len);
+        if (write) this.io.write(req, sector * 512, len, this.writethrough());
+        else this.io.read(req, sector * 512, len);
         return IN_FLIGHT;
       }
-      case VIRTIO_BLK_T_OUT: {
-        if (p.readOnly) return this.refuseReadOnly(chain, "write");
-        const len = reader.remaining;
-        if (!this.checkRange(chain, sector, len, "write")) return VIRTIO_BLK_S_IOERR;
-        const iov = req.iov;
-        iov.clear();
-        if (!reader.iovecs(iov, len)) return this.tooManySegments(chain);
-        if (len === 0) return VIRTIO_BLK_S_OK;
-        this.start(state, chain, type, sector, len);
-        this.io.write(req, sector * 512, len, this.writethrough());
-        return IN_FLIGHT;
-      }
-      case VIRTIO_BLK_T_FLUSH:
+      case VIRTIO_BLK_T.FLUSH:
         this.start(state, chain, type, 0, 0);
         this.io.flush(req);
         return IN_FLIGHT;
-      case VIRTIO_BLK_T_GET_ID:
+      case VIRTIO_BLK_T.GET_ID:
         if (writer.remaining < VIRTIO_BLK_ID_BYTES) {
           this.guestError(chain, `GET_ID buffer of ${writer.remaining} bytes (needs ${VIRTIO_BLK_ID_BYTES})`);
-          return VIRTIO_BLK_S_IOERR;
+          return VIRTIO_BLK_S.IOERR;
         }
         writer.write(p.serial);
-        return VIRTIO_BLK_S_OK;
-      case VIRTIO_BLK_T_DISCARD:
-      case VIRTIO_BLK_T_WRITE_ZEROES:
-        return this.discardOrZero(chain, reader, req, state, type === VIRTIO_BLK_T_WRITE_ZEROES);
+        return VIRTIO_BLK_S.OK;
+      case VIRTIO_BLK_T.DISCARD:
+      case VIRTIO_BLK_T.WRITE_ZEROES:
+        return this.discardOrZero(chain, reader, req, state, type === VIRTIO_BLK_T.WRITE_ZEROES);
       default:
         this.guestError(chain, `unsupported request type ${type}`);
-        return VIRTIO_BLK_S_UNSUPP;
+        return VIRTIO_BLK_S.UNSUPP;
     }
   }
 
@@ -325,17 +317,17 @@ export class QueueProcessor {
     if (p.readOnly) return this.refuseReadOnly(chain, what);
     if (!(zero ? p.writeZeroes : p.discard)) {
       this.guestError(chain, `${what} is not offered by this device`);
-      return VIRTIO_BLK_S_UNSUPP;
+      return VIRTIO_BLK_S.UNSUPP;
     }
     const bytes = reader.remaining;
     if (bytes <= 0 || bytes % DISCARD_SEGMENT_SIZE !== 0) {
       this.guestError(chain, `${what} payload of ${bytes} bytes is not a list of 16-byte segments`);
-      return VIRTIO_BLK_S_IOERR;
+      return VIRTIO_BLK_S.IOERR;
     }
     const count = bytes / DISCARD_SEGMENT_SIZE;
     if (count > MAX_DISCARD_SEGMENTS) {
       this.guestError(chain, `${what} with ${count} segments (at most ${MAX_DISCARD_SEGMENTS})`);
-      return VIRTIO_BLK_S_UNSUPP;
+      return VIRTIO_BLK_S.UNSUPP;
     }
     if (state.segments === null) {
       state.segments = new Uint8Array(MAX_DISCARD_SEGMENTS * DISCARD_SEGMENT_SIZE);
@@ -352,22 +344,22 @@ export class QueueProcessor {
       const allowed = zero ? VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP : 0;
       if ((flags & ~allowed) !== 0) {
         this.guestError(chain, `${what} segment with flags 0x${flags.toString(16)}`);
-        return VIRTIO_BLK_S_UNSUPP;
+        return VIRTIO_BLK_S.UNSUPP;
       }
       if (sectors > MAX_DISCARD_SECTORS) {
         this.guestError(chain, `${what} of ${sectors} sectors (at most ${MAX_DISCARD_SECTORS})`);
-        return VIRTIO_BLK_S_IOERR;
+        return VIRTIO_BLK_S.IOERR;
       }
       if (((sector & this.sectorMask) | (sectors & this.sectorMask)) !== 0) {
         this.guestError(chain, `${what} at sector ${sector} (+${sectors}) is not aligned to ${p.blkSize}-byte blocks`);
-        return VIRTIO_BLK_S_IOERR;
+        return VIRTIO_BLK_S.IOERR;
       }
       if (sector > p.capacitySectors || sectors > p.capacitySectors - sector) {
         this.guestError(chain, `${what} at sector ${sector} (+${sectors}) is beyond the disk's ${p.capacitySectors} sectors`);
-        return VIRTIO_BLK_S_IOERR;
+        return VIRTIO_BLK_S.IOERR;
       }
     }
-    this.start(state, chain, zero ? VIRTIO_BLK_T_WRITE_ZEROES : VIRTIO_BLK_T_DISCARD, 0, 0);
+    this.start(state, chain, zero ? VIRTIO_BLK_T.WRITE_ZEROES : VIRTIO_BLK_T.DISCARD, 0, 0);
     state.count = count;
     this.startSegment(req, state);
     return IN_FLIGHT;
@@ -382,7 +374,7 @@ export class QueueProcessor {
     const sectors = v.getUint32(o + 8, true);
     state.sector = sector;
     state.len = sectors * 512;
-    if (state.type === VIRTIO_BLK_T_DISCARD) {
+    if (state.type === VIRTIO_BLK_T.DISCARD) {
       this.io.discard(req, sector * 512, sectors * 512);
       return;
     }
@@ -393,12 +385,12 @@ export class QueueProcessor {
 
   private refuseReadOnly(chain: DescriptorChain, what: string): number {
     this.guestError(chain, `${what} on a read-only disk`);
-    return VIRTIO_BLK_S_IOERR;
+    return VIRTIO_BLK_S.IOERR;
   }
 
   private tooManySegments(chain: DescriptorChain): number {
     this.guestError(chain, `request with more than ${this.policy.segMax} data segments (seg_max)`);
-    return VIRTIO_BLK_S_IOERR;
+    return VIRTIO_BLK_S.IOERR;
   }
 
   /** Guest mistakes: debug-level (a guest may probe), rate-limited. */
@@ -409,16 +401,16 @@ export class QueueProcessor {
   /** Host I/O failures: the guest sees IOERR; we log (rate-limited) since the host has a problem. */
   private hostError(what: string, sector: number, len: number, result: number): number {
     this.hostErrors.report(`${what} of ${len} bytes at sector ${sector} failed: ${errnoName(-result)}`);
-    return VIRTIO_BLK_S_IOERR;
+    return VIRTIO_BLK_S.IOERR;
   }
 }
 
 function opName(type: number): string {
   switch (type) {
-    case VIRTIO_BLK_T_IN: return "read";
-    case VIRTIO_BLK_T_OUT: return "write";
-    case VIRTIO_BLK_T_FLUSH: return "flush";
-    case VIRTIO_BLK_T_DISCARD: return "discard";
+    case VIRTIO_BLK_T.IN: return "read";
+    case VIRTIO_BLK_T.OUT: return "write";
+    case VIRTIO_BLK_T.FLUSH: return "flush";
+    case VIRTIO_BLK_T.DISCARD: return "discard";
     default: return "write zeroes";
   }
 }

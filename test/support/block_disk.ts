@@ -8,7 +8,7 @@ import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { BackendUnderTest, GuestRam, Vmm, DriverQueue, Req, configPayload, type BufferSpec } from "./frontend.ts";
 import { signal } from "../../ffi/eventfd.ts";
-import { VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT, VIRTIO_BLK_T_FLUSH, VIRTIO_BLK_S_OK } from "../../devices/block/config.ts";
+import { VIRTIO_BLK_T, VIRTIO_BLK_S } from "../../devices/block/config.ts";
 
 export const SECTOR = 512;
 export const IMAGE_BYTES = 8 << 20;
@@ -299,14 +299,14 @@ export class Disk {
   }
 
   async read(sector: number, sectors: number, qi = 0): Promise<Uint8Array> {
-    const r = await this.one({ type: VIRTIO_BLK_T_IN, sector, inLen: sectors * SECTOR }, qi);
-    expect(r.status).toBe(VIRTIO_BLK_S_OK);
+    const r = await this.one({ type: VIRTIO_BLK_T.IN, sector, inLen: sectors * SECTOR }, qi);
+    expect(r.status).toBe(VIRTIO_BLK_S.OK);
     return r.data;
   }
 
   async write(sector: number, data: Uint8Array, qi = 0): Promise<void> {
-    const r = await this.one({ type: VIRTIO_BLK_T_OUT, sector, out: data }, qi);
-    expect(r.status).toBe(VIRTIO_BLK_S_OK);
+    const r = await this.one({ type: VIRTIO_BLK_T.OUT, sector, out: data }, qi);
+    expect(r.status).toBe(VIRTIO_BLK_S.OK);
   }
 
   config(offset = 0, size = 60): DataView {
@@ -344,7 +344,7 @@ export async function randomIo(options: Record<string, unknown>, seed: number, r
         const pieces = randInt(r, 1, 8);
         const ma = misalign && r() < 0.5 ? randInt(r, 1, 511) : 0;
         if (kind < 0.05) {
-          b.pending.push(d.add(q, { type: VIRTIO_BLK_T_FLUSH, inLen: 0, indirect }));
+          b.pending.push(d.add(q, { type: VIRTIO_BLK_T.FLUSH, inLen: 0, indirect }));
           b.expect.push(null);
           continue;
         }
@@ -357,11 +357,11 @@ export async function randomIo(options: Record<string, unknown>, seed: number, r
         }
         busy.push([sector, sector + sectors]);
         if (kind < 0.5) {
-          b.pending.push(d.add(q, { type: VIRTIO_BLK_T_IN, sector, inLen: sectors * SECTOR, pieces, indirect, misalign: ma }));
+          b.pending.push(d.add(q, { type: VIRTIO_BLK_T.IN, sector, inLen: sectors * SECTOR, pieces, indirect, misalign: ma }));
           b.expect.push(model.slice(sector * SECTOR, (sector + sectors) * SECTOR));
         } else {
           const data = randomBytes(r, sectors * SECTOR);
-          b.pending.push(d.add(q, { type: VIRTIO_BLK_T_OUT, sector, out: data, pieces, indirect, misalign: ma }));
+          b.pending.push(d.add(q, { type: VIRTIO_BLK_T.OUT, sector, out: data, pieces, indirect, misalign: ma }));
           b.expect.push(null);
           b.writes.push([sector, data]);
         }
@@ -372,7 +372,7 @@ export async function randomIo(options: Record<string, unknown>, seed: number, r
     for (const b of batches) {
       const results = await d.finish(b.q, b.pending);
       results.forEach((res, i) => {
-        expect(res.status).toBe(VIRTIO_BLK_S_OK);
+        expect(res.status).toBe(VIRTIO_BLK_S.OK);
         const want = b.expect[i];
         if (want) {
           expect(res.usedLen).toBe(want.length + 1);
@@ -410,7 +410,7 @@ export async function randomRounds(d: Disk, model: Uint8Array, seed: number, rou
       const b = { qi, pending: [] as Pending[], want: [] as (Uint8Array | null)[], writes: [] as [number, Uint8Array][] };
       for (let i = randInt(r, 6, 14); i > 0; i--) {
         if (r() < 0.05) {
-          b.pending.push(d.add(q, { type: VIRTIO_BLK_T_FLUSH }));
+          b.pending.push(d.add(q, { type: VIRTIO_BLK_T.FLUSH }));
           b.want.push(null);
           continue;
         }
@@ -421,11 +421,11 @@ export async function randomRounds(d: Disk, model: Uint8Array, seed: number, rou
         busy.push([sector, sector + sectors]);
         const pieces = randInt(r, 1, 8);
         if (r() < 0.5) {
-          b.pending.push(d.add(q, { type: VIRTIO_BLK_T_IN, sector, inLen: sectors * SECTOR, pieces, indirect: r() < 0.5 }));
+          b.pending.push(d.add(q, { type: VIRTIO_BLK_T.IN, sector, inLen: sectors * SECTOR, pieces, indirect: r() < 0.5 }));
           b.want.push(model.slice(sector * SECTOR, (sector + sectors) * SECTOR));
         } else {
           const data = randomBytes(r, sectors * SECTOR);
-          b.pending.push(d.add(q, { type: VIRTIO_BLK_T_OUT, sector, out: data, pieces, indirect: r() < 0.5 }));
+          b.pending.push(d.add(q, { type: VIRTIO_BLK_T.OUT, sector, out: data, pieces, indirect: r() < 0.5 }));
           b.want.push(null);
           b.writes.push([sector, data]);
         }
@@ -437,7 +437,7 @@ export async function randomRounds(d: Disk, model: Uint8Array, seed: number, rou
     for (const b of batches) {
       const results = await d.finish(d.q(b.qi), b.pending);
       results.forEach((res, i) => {
-        expect(res.status).toBe(VIRTIO_BLK_S_OK);
+        expect(res.status).toBe(VIRTIO_BLK_S.OK);
         const want = b.want[i];
         if (want) expect(Buffer.compare(res.data, want)).toBe(0);
       });

@@ -15,11 +15,7 @@ import { COMMON_FEATURES } from "../../src/device.ts";
 import { blockDevice } from "../../devices/block/index.ts";
 import { validateBlockState, type BlockStateSelf } from "../../devices/block/state.ts";
 import {
-  VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT, VIRTIO_BLK_T_FLUSH, VIRTIO_BLK_T_GET_ID, VIRTIO_BLK_T_DISCARD,
-  VIRTIO_BLK_T_WRITE_ZEROES, VIRTIO_BLK_S_OK, VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_UNSUPP,
-  VIRTIO_BLK_F_SEG_MAX, VIRTIO_BLK_F_RO, VIRTIO_BLK_F_BLK_SIZE, VIRTIO_BLK_F_FLUSH, VIRTIO_BLK_F_TOPOLOGY,
-  VIRTIO_BLK_F_CONFIG_WCE, VIRTIO_BLK_F_MQ, VIRTIO_BLK_F_DISCARD, VIRTIO_BLK_F_WRITE_ZEROES,
-  MAX_DISCARD_SECTORS, MAX_DISCARD_SEGMENTS,
+  VIRTIO_BLK_T, VIRTIO_BLK_S, VIRTIO_BLK_F, MAX_DISCARD_SECTORS, MAX_DISCARD_SEGMENTS,
 } from "../../devices/block/config.ts";
 
 afterEach(disposeDisks);
@@ -55,10 +51,10 @@ describe("block: features and config space", () => {
     const d = await Disk.start({ file: img, "num-queues": "4" }, { activate: false });
     const c = d.vmm.conn;
     const features = c.requestU64(Req.GET_FEATURES);
-    const want = COMMON_FEATURES | VIRTIO_BLK_F_SEG_MAX | VIRTIO_BLK_F_BLK_SIZE | VIRTIO_BLK_F_TOPOLOGY | VIRTIO_BLK_F_FLUSH |
-      VIRTIO_BLK_F_CONFIG_WCE | VIRTIO_BLK_F_MQ | VIRTIO_BLK_F_DISCARD | VIRTIO_BLK_F_WRITE_ZEROES;
+    const want = COMMON_FEATURES | VIRTIO_BLK_F.SEG_MAX | VIRTIO_BLK_F.BLK_SIZE | VIRTIO_BLK_F.TOPOLOGY | VIRTIO_BLK_F.FLUSH |
+      VIRTIO_BLK_F.CONFIG_WCE | VIRTIO_BLK_F.MQ | VIRTIO_BLK_F.DISCARD | VIRTIO_BLK_F.WRITE_ZEROES;
     expect(features & want).toBe(want);
-    expect(features & VIRTIO_BLK_F_RO).toBe(0n);
+    expect(features & VIRTIO_BLK_F.RO).toBe(0n);
     expect(c.requestU64(Req.GET_QUEUE_NUM)).toBe(4n);
     d.vmm.handshake();
     const v = d.config(0, 60);
@@ -84,8 +80,8 @@ describe("block: features and config space", () => {
     const img = makeImage();
     const d = await Disk.start({ file: img, "queue-size": "64", sparse: false }, { activate: false });
     const f = d.vmm.conn.requestU64(Req.GET_FEATURES);
-    expect(f & VIRTIO_BLK_F_DISCARD).toBe(0n);
-    expect(f & VIRTIO_BLK_F_WRITE_ZEROES).toBe(VIRTIO_BLK_F_WRITE_ZEROES);
+    expect(f & VIRTIO_BLK_F.DISCARD).toBe(0n);
+    expect(f & VIRTIO_BLK_F.WRITE_ZEROES).toBe(VIRTIO_BLK_F.WRITE_ZEROES);
     d.vmm.handshake();
     const v = d.config();
     expect(v.getUint32(12, true)).toBe(62);
@@ -95,8 +91,8 @@ describe("block: features and config space", () => {
 
     const ro = await Disk.start({ file: img, "read-only": true }, { activate: false });
     const rf = ro.vmm.conn.requestU64(Req.GET_FEATURES);
-    expect(rf & VIRTIO_BLK_F_RO).toBe(VIRTIO_BLK_F_RO);
-    expect(rf & (VIRTIO_BLK_F_DISCARD | VIRTIO_BLK_F_WRITE_ZEROES)).toBe(0n);
+    expect(rf & VIRTIO_BLK_F.RO).toBe(VIRTIO_BLK_F.RO);
+    expect(rf & (VIRTIO_BLK_F.DISCARD | VIRTIO_BLK_F.WRITE_ZEROES)).toBe(0n);
   });
 
   test("writeback is the only writable field (CONFIG_WCE)", async () => {
@@ -118,7 +114,7 @@ describe("block: features and config space", () => {
   test("CONFIG_WCE without FLUSH starts in writethrough", async () => {
     const d = await Disk.start({ file: makeImage() }, { activate: false });
     const offered = d.vmm.conn.requestU64(Req.GET_FEATURES);
-    d.vmm.handshake(offered & ~VIRTIO_BLK_F_FLUSH & ~RING_PACKED);
+    d.vmm.handshake(offered & ~VIRTIO_BLK_F.FLUSH & ~RING_PACKED);
     expect(d.config(32, 1).getUint8(0)).toBe(0);
   });
 });
@@ -141,17 +137,17 @@ describe("block: data integrity", () => {
   test("any framing: header with data, data with status, header split in two, header not 4-byte aligned", async () => {
     const d = await Disk.start({ file: makeImage() });
     const data = randomBytes(rng(3), 4096);
-    expect((await d.one({ type: VIRTIO_BLK_T_OUT, sector: 8, out: data, headerWithData: true })).status).toBe(VIRTIO_BLK_S_OK);
-    const r1 = await d.one({ type: VIRTIO_BLK_T_IN, sector: 8, inLen: 4096, dataWithStatus: true });
-    expect(r1.status).toBe(VIRTIO_BLK_S_OK);
+    expect((await d.one({ type: VIRTIO_BLK_T.OUT, sector: 8, out: data, headerWithData: true })).status).toBe(VIRTIO_BLK_S.OK);
+    const r1 = await d.one({ type: VIRTIO_BLK_T.IN, sector: 8, inLen: 4096, dataWithStatus: true });
+    expect(r1.status).toBe(VIRTIO_BLK_S.OK);
     expect(r1.data).toEqual(data);
     expect(r1.usedLen).toBe(4097);
-    const r2 = await d.one({ type: VIRTIO_BLK_T_IN, sector: 8, inLen: 4096, splitHeader: true, pieces: 5 });
-    expect(r2.status).toBe(VIRTIO_BLK_S_OK);
+    const r2 = await d.one({ type: VIRTIO_BLK_T.IN, sector: 8, inLen: 4096, splitHeader: true, pieces: 5 });
+    expect(r2.status).toBe(VIRTIO_BLK_S.OK);
     expect(r2.data).toEqual(data);
     for (const headerMisalign of [1, 2, 3, 6]) {
-      const r = await d.one({ type: VIRTIO_BLK_T_IN, sector: 8, inLen: 4096, headerMisalign });
-      expect(r.status).toBe(VIRTIO_BLK_S_OK);
+      const r = await d.one({ type: VIRTIO_BLK_T.IN, sector: 8, inLen: 4096, headerMisalign });
+      expect(r.status).toBe(VIRTIO_BLK_S.OK);
       expect(r.data).toEqual(data);
     }
   });
@@ -164,10 +160,10 @@ describe("block: data integrity", () => {
     q.calls();
     q.setUsedEvent(q.usedIdx()); // "notify me at the next used entry", as Linux does after draining
     d.arena.reset();
-    const pending = Array.from({ length: 32 }, (_, i) => d.add(q, { type: VIRTIO_BLK_T_IN, sector: i * 8, inLen: 4096 }));
+    const pending = Array.from({ length: 32 }, (_, i) => d.add(q, { type: VIRTIO_BLK_T.IN, sector: i * 8, inLen: 4096 }));
     signal(q.kick);
     const res = await d.finish(q, pending);
-    expect(res.every((r) => r.status === VIRTIO_BLK_S_OK)).toBe(true);
+    expect(res.every((r) => r.status === VIRTIO_BLK_S.OK)).toBe(true);
     await Bun.sleep(20); // 32 outstanding: the notification waits out the coalescing window
     expect(q.calls()).toBe(1);
   });
@@ -179,8 +175,8 @@ describe("block: flush, discard, write zeroes", () => {
     const d = await Disk.start({ file: img });
     const data = randomBytes(rng(11), 65536);
     await d.write(1000, data);
-    const r = await d.one({ type: VIRTIO_BLK_T_FLUSH });
-    expect(r.status).toBe(VIRTIO_BLK_S_OK);
+    const r = await d.one({ type: VIRTIO_BLK_T.FLUSH });
+    expect(r.status).toBe(VIRTIO_BLK_S.OK);
     expect(r.usedLen).toBe(1);
     expect(Buffer.compare(readFileSync(img).subarray(1000 * SECTOR, 1000 * SECTOR + 65536), data)).toBe(0);
   });
@@ -190,7 +186,7 @@ describe("block: flush, discard, write zeroes", () => {
     const d = await Disk.start({ file: img, ...options });
     const data = randomBytes(rng(21), 1 << 20);
     for (let i = 0; i < 16; i++) await d.write(i * 128, data.subarray(i * 65536, (i + 1) * 65536));
-    expect((await d.one({ type: VIRTIO_BLK_T_FLUSH })).status).toBe(VIRTIO_BLK_S_OK);
+    expect((await d.one({ type: VIRTIO_BLK_T.FLUSH })).status).toBe(VIRTIO_BLK_S.OK);
     return { img, d, data, blocks: () => statSync(img).blocks };
   }
 
@@ -199,8 +195,8 @@ describe("block: flush, discard, write zeroes", () => {
     const before = blocks();
     expect(before).toBeGreaterThanOrEqual(2048);
     // Two segments in one request: sectors 0-511 and 1024-1535.
-    const r = await d.one({ type: VIRTIO_BLK_T_DISCARD, payload: concat(segment(0, 512), segment(1024, 512)) });
-    expect(r.status).toBe(VIRTIO_BLK_S_OK);
+    const r = await d.one({ type: VIRTIO_BLK_T.DISCARD, payload: concat(segment(0, 512), segment(1024, 512)) });
+    expect(r.status).toBe(VIRTIO_BLK_S.OK);
     expect(blocks()).toBeLessThanOrEqual(before - 1024);
     expect(await d.read(0, 512)).toEqual(zeros(512 * SECTOR));
     expect(await d.read(512, 512)).toEqual(data.subarray(512 * SECTOR, 1024 * SECTOR));
@@ -211,11 +207,11 @@ describe("block: flush, discard, write zeroes", () => {
   test("write zeroes keeps blocks without UNMAP and frees them with it", async () => {
     const { d, data, blocks } = await filled();
     const before = blocks();
-    expect((await d.one({ type: VIRTIO_BLK_T_WRITE_ZEROES, payload: segment(0, 512) })).status).toBe(VIRTIO_BLK_S_OK);
+    expect((await d.one({ type: VIRTIO_BLK_T.WRITE_ZEROES, payload: segment(0, 512) })).status).toBe(VIRTIO_BLK_S.OK);
     expect(await d.read(0, 512)).toEqual(zeros(512 * SECTOR));
     expect(blocks()).toBeGreaterThanOrEqual(before - 8);
     const mid = blocks();
-    expect((await d.one({ type: VIRTIO_BLK_T_WRITE_ZEROES, payload: segment(512, 512, 1) })).status).toBe(VIRTIO_BLK_S_OK);
+    expect((await d.one({ type: VIRTIO_BLK_T.WRITE_ZEROES, payload: segment(512, 512, 1) })).status).toBe(VIRTIO_BLK_S.OK);
     expect(await d.read(512, 512)).toEqual(zeros(512 * SECTOR));
     expect(blocks()).toBeLessThanOrEqual(mid - 512);
     expect(await d.read(1024, 1024)).toEqual(data.subarray(1024 * SECTOR));
@@ -224,21 +220,21 @@ describe("block: flush, discard, write zeroes", () => {
   test("write zeroes where fallocate cannot zero a range (tmpfs) writes zero pages", async () => {
     const { d, data, blocks } = await filled("/dev/shm");
     const before = blocks();
-    expect((await d.one({ type: VIRTIO_BLK_T_WRITE_ZEROES, payload: segment(100, 700) })).status).toBe(VIRTIO_BLK_S_OK);
+    expect((await d.one({ type: VIRTIO_BLK_T.WRITE_ZEROES, payload: segment(100, 700) })).status).toBe(VIRTIO_BLK_S.OK);
     expect(await d.read(100, 700)).toEqual(zeros(700 * SECTOR));
     expect(await d.read(0, 100)).toEqual(data.subarray(0, 100 * SECTOR));
     expect(await d.read(800, 1248)).toEqual(data.subarray(800 * SECTOR));
     expect(blocks()).toBe(before);
-    expect((await d.one({ type: VIRTIO_BLK_T_WRITE_ZEROES, payload: segment(1024, 1024, 1) })).status).toBe(VIRTIO_BLK_S_OK);
+    expect((await d.one({ type: VIRTIO_BLK_T.WRITE_ZEROES, payload: segment(1024, 1024, 1) })).status).toBe(VIRTIO_BLK_S.OK);
     expect(blocks()).toBeLessThan(before);
     expect(await d.read(1024, 1024)).toEqual(zeros(1024 * SECTOR));
   });
 
   test("--no-sparse: no DISCARD, and UNMAP does not deallocate", async () => {
     const { d, blocks } = await filled(undefined, { sparse: false });
-    expect(await statusOf(d, { type: VIRTIO_BLK_T_DISCARD, payload: segment(0, 8) })).toBe(VIRTIO_BLK_S_UNSUPP);
+    expect(await statusOf(d, { type: VIRTIO_BLK_T.DISCARD, payload: segment(0, 8) })).toBe(VIRTIO_BLK_S.UNSUPP);
     const before = blocks();
-    expect((await d.one({ type: VIRTIO_BLK_T_WRITE_ZEROES, payload: segment(0, 1024, 1) })).status).toBe(VIRTIO_BLK_S_OK);
+    expect((await d.one({ type: VIRTIO_BLK_T.WRITE_ZEROES, payload: segment(0, 1024, 1) })).status).toBe(VIRTIO_BLK_S.OK);
     expect(await d.read(0, 1024)).toEqual(zeros(1024 * SECTOR));
     expect(blocks()).toBeGreaterThanOrEqual(before - 8);
   });
@@ -247,21 +243,21 @@ describe("block: flush, discard, write zeroes", () => {
     const { d, data } = await filled();
     const seg = (s: number, n: number, f = 0) => segment(s, n, f);
     const cases: [number, Uint8Array, number][] = [
-      [VIRTIO_BLK_T_DISCARD, seg(0, 8, 1), VIRTIO_BLK_S_UNSUPP], // UNMAP flag on discard
-      [VIRTIO_BLK_T_WRITE_ZEROES, seg(0, 8, 2), VIRTIO_BLK_S_UNSUPP], // unknown flag
-      [VIRTIO_BLK_T_DISCARD, concat(...Array.from({ length: MAX_DISCARD_SEGMENTS + 1 }, () => seg(0, 8))), VIRTIO_BLK_S_UNSUPP],
-      [VIRTIO_BLK_T_DISCARD, seg(0, MAX_DISCARD_SECTORS + 1), VIRTIO_BLK_S_IOERR],
-      [VIRTIO_BLK_T_DISCARD, seg(CAPACITY - 4, 8), VIRTIO_BLK_S_IOERR],
-      [VIRTIO_BLK_T_WRITE_ZEROES, concat(seg(0, 8), seg(CAPACITY, 1)), VIRTIO_BLK_S_IOERR], // second segment bad: nothing done
-      [VIRTIO_BLK_T_WRITE_ZEROES, seg(2 ** 53, 8), VIRTIO_BLK_S_IOERR],
-      [VIRTIO_BLK_T_DISCARD, new Uint8Array(0), VIRTIO_BLK_S_IOERR], // no segment
-      [VIRTIO_BLK_T_DISCARD, new Uint8Array(20), VIRTIO_BLK_S_IOERR], // not a multiple of 16
+      [VIRTIO_BLK_T.DISCARD, seg(0, 8, 1), VIRTIO_BLK_S.UNSUPP], // UNMAP flag on discard
+      [VIRTIO_BLK_T.WRITE_ZEROES, seg(0, 8, 2), VIRTIO_BLK_S.UNSUPP], // unknown flag
+      [VIRTIO_BLK_T.DISCARD, concat(...Array.from({ length: MAX_DISCARD_SEGMENTS + 1 }, () => seg(0, 8))), VIRTIO_BLK_S.UNSUPP],
+      [VIRTIO_BLK_T.DISCARD, seg(0, MAX_DISCARD_SECTORS + 1), VIRTIO_BLK_S.IOERR],
+      [VIRTIO_BLK_T.DISCARD, seg(CAPACITY - 4, 8), VIRTIO_BLK_S.IOERR],
+      [VIRTIO_BLK_T.WRITE_ZEROES, concat(seg(0, 8), seg(CAPACITY, 1)), VIRTIO_BLK_S.IOERR], // second segment bad: nothing done
+      [VIRTIO_BLK_T.WRITE_ZEROES, seg(2 ** 53, 8), VIRTIO_BLK_S.IOERR],
+      [VIRTIO_BLK_T.DISCARD, new Uint8Array(0), VIRTIO_BLK_S.IOERR], // no segment
+      [VIRTIO_BLK_T.DISCARD, new Uint8Array(20), VIRTIO_BLK_S.IOERR], // not a multiple of 16
     ];
     for (const [type, payload, want] of cases) expect(await statusOf(d, { type, payload })).toBe(want);
     const big = new Uint8Array(16);
     new DataView(big.buffer).setBigUint64(0, 0xffff_ffff_ffff_fff0n, true);
     new DataView(big.buffer).setUint32(8, 0x20, true);
-    expect(await statusOf(d, { type: VIRTIO_BLK_T_DISCARD, payload: big })).toBe(VIRTIO_BLK_S_IOERR);
+    expect(await statusOf(d, { type: VIRTIO_BLK_T.DISCARD, payload: big })).toBe(VIRTIO_BLK_S.IOERR);
     expect(await d.read(0, 2048)).toEqual(data);
   });
 });
@@ -280,11 +276,11 @@ describe("block: host block devices", () => {
       const data = randomBytes(rng(32), 65536);
       await d.write(CAPACITY - 128, data);
       expect(await d.read(CAPACITY - 128, 128)).toEqual(data);
-      expect(await statusOf(d, { type: VIRTIO_BLK_T_IN, sector: CAPACITY, inLen: SECTOR })).toBe(VIRTIO_BLK_S_IOERR);
-      expect(await statusOf(d, { type: VIRTIO_BLK_T_WRITE_ZEROES, payload: segment(0, 64, 1) })).toBe(VIRTIO_BLK_S_OK);
+      expect(await statusOf(d, { type: VIRTIO_BLK_T.IN, sector: CAPACITY, inLen: SECTOR })).toBe(VIRTIO_BLK_S.IOERR);
+      expect(await statusOf(d, { type: VIRTIO_BLK_T.WRITE_ZEROES, payload: segment(0, 64, 1) })).toBe(VIRTIO_BLK_S.OK);
       expect(await d.read(0, 64)).toEqual(zeros(64 * SECTOR));
-      expect(await statusOf(d, { type: VIRTIO_BLK_T_DISCARD, payload: segment(64, 64) })).toBe(VIRTIO_BLK_S_OK);
-      expect(await statusOf(d, { type: VIRTIO_BLK_T_FLUSH })).toBe(VIRTIO_BLK_S_OK);
+      expect(await statusOf(d, { type: VIRTIO_BLK_T.DISCARD, payload: segment(64, 64) })).toBe(VIRTIO_BLK_S.OK);
+      expect(await statusOf(d, { type: VIRTIO_BLK_T.FLUSH })).toBe(VIRTIO_BLK_S.OK);
       await d.dispose();
       opened.splice(opened.indexOf(d), 1);
       expect(Buffer.compare(readFileSync(img).subarray((CAPACITY - 128) * SECTOR), data)).toBe(0);
@@ -301,26 +297,26 @@ describe("block: GET_ID", () => {
     const st = statSync(img, { bigint: true });
     const want = Buffer.alloc(20);
     want.write(`${st.dev.toString(16)}-${st.ino.toString(16)}`);
-    const r = await d.one({ type: VIRTIO_BLK_T_GET_ID, inLen: 20 });
-    expect(r.status).toBe(VIRTIO_BLK_S_OK);
+    const r = await d.one({ type: VIRTIO_BLK_T.GET_ID, inLen: 20 });
+    expect(r.status).toBe(VIRTIO_BLK_S.OK);
     expect(r.usedLen).toBe(21);
     expect(Buffer.from(r.data)).toEqual(want);
   });
 
   test("--serial: 20 bytes without NUL; a small buffer gets IOERR, a large one the id first", async () => {
     const d = await Disk.start({ file: makeImage(), serial: "ABCDEFGHIJ0123456789" });
-    const r = await d.one({ type: VIRTIO_BLK_T_GET_ID, inLen: 20, pieces: 3 });
-    expect(r.status).toBe(VIRTIO_BLK_S_OK);
+    const r = await d.one({ type: VIRTIO_BLK_T.GET_ID, inLen: 20, pieces: 3 });
+    expect(r.status).toBe(VIRTIO_BLK_S.OK);
     expect(Buffer.from(r.data).toString()).toBe("ABCDEFGHIJ0123456789");
-    const small = await d.one({ type: VIRTIO_BLK_T_GET_ID, inLen: 19 });
-    expect(small.status).toBe(VIRTIO_BLK_S_IOERR);
+    const small = await d.one({ type: VIRTIO_BLK_T.GET_ID, inLen: 19 });
+    expect(small.status).toBe(VIRTIO_BLK_S.IOERR);
     expect(small.data).toEqual(new Uint8Array(19).fill(0xee)); // untouched
-    const large = await d.one({ type: VIRTIO_BLK_T_GET_ID, inLen: 64 });
-    expect(large.status).toBe(VIRTIO_BLK_S_OK);
+    const large = await d.one({ type: VIRTIO_BLK_T.GET_ID, inLen: 64 });
+    expect(large.status).toBe(VIRTIO_BLK_S.OK);
     expect(Buffer.from(large.data.subarray(0, 20)).toString()).toBe("ABCDEFGHIJ0123456789");
 
     const short = await Disk.start({ file: makeImage(), serial: "vol-7" });
-    const s = await short.one({ type: VIRTIO_BLK_T_GET_ID, inLen: 20 });
+    const s = await short.one({ type: VIRTIO_BLK_T.GET_ID, inLen: 20 });
     expect(Buffer.from(s.data)).toEqual(Buffer.concat([Buffer.from("vol-7"), Buffer.alloc(15)]));
   });
 });
@@ -336,20 +332,20 @@ describe("block: bounds and hostile requests", () => {
     expect(await d.read(CAPACITY - 1, 1)).toEqual(last);
     expect(await d.read(CAPACITY - 8, 8)).toEqual(concat(initial.subarray((CAPACITY - 8) * SECTOR, (CAPACITY - 1) * SECTOR), last));
     const ioerr: BlkReq[] = [
-      { type: VIRTIO_BLK_T_IN, sector: CAPACITY, inLen: SECTOR },
-      { type: VIRTIO_BLK_T_IN, sector: CAPACITY - 1, inLen: 2 * SECTOR },
-      { type: VIRTIO_BLK_T_OUT, sector: CAPACITY - 1, out: randomBytes(r, 2 * SECTOR) },
-      { type: VIRTIO_BLK_T_OUT, sector: CAPACITY, out: randomBytes(r, SECTOR) },
-      { type: VIRTIO_BLK_T_IN, sector: 0xffff_ffff_ffff_ffffn, inLen: SECTOR },
-      { type: VIRTIO_BLK_T_OUT, sector: 0xffff_ffff_ffff_fff8n, out: randomBytes(r, 8 * SECTOR) }, // wraps past 2^64
-      { type: VIRTIO_BLK_T_IN, sector: 2n ** 55n, inLen: SECTOR }, // sector * 512 overflows u64
-      { type: VIRTIO_BLK_T_IN, sector: 2 ** 53 + 2, inLen: SECTOR },
-      { type: VIRTIO_BLK_T_IN, sector: 0, inLen: 100 }, // not a multiple of 512
-      { type: VIRTIO_BLK_T_OUT, sector: 0, out: randomBytes(r, 700) },
+      { type: VIRTIO_BLK_T.IN, sector: CAPACITY, inLen: SECTOR },
+      { type: VIRTIO_BLK_T.IN, sector: CAPACITY - 1, inLen: 2 * SECTOR },
+      { type: VIRTIO_BLK_T.OUT, sector: CAPACITY - 1, out: randomBytes(r, 2 * SECTOR) },
+      { type: VIRTIO_BLK_T.OUT, sector: CAPACITY, out: randomBytes(r, SECTOR) },
+      { type: VIRTIO_BLK_T.IN, sector: 0xffff_ffff_ffff_ffffn, inLen: SECTOR },
+      { type: VIRTIO_BLK_T.OUT, sector: 0xffff_ffff_ffff_fff8n, out: randomBytes(r, 8 * SECTOR) }, // wraps past 2^64
+      { type: VIRTIO_BLK_T.IN, sector: 2n ** 55n, inLen: SECTOR }, // sector * 512 overflows u64
+      { type: VIRTIO_BLK_T.IN, sector: 2 ** 53 + 2, inLen: SECTOR },
+      { type: VIRTIO_BLK_T.IN, sector: 0, inLen: 100 }, // not a multiple of 512
+      { type: VIRTIO_BLK_T.OUT, sector: 0, out: randomBytes(r, 700) },
     ];
     for (const req of ioerr) {
       const res = await d.one(req);
-      expect(res.status).toBe(VIRTIO_BLK_S_IOERR);
+      expect(res.status).toBe(VIRTIO_BLK_S.IOERR);
     }
     const model = initial.slice();
     model.set(last, (CAPACITY - 1) * SECTOR);
@@ -360,7 +356,7 @@ describe("block: bounds and hostile requests", () => {
     const d = await Disk.start({ file: makeImage() });
     for (const type of [2, 3, 10, 14, 0x80000000, 0xffffffff]) {
       const r = await d.one({ type, inLen: 512 });
-      expect(r.status).toBe(VIRTIO_BLK_S_UNSUPP);
+      expect(r.status).toBe(VIRTIO_BLK_S.UNSUPP);
     }
     expect(await d.read(0, 1)).toEqual(zeros(SECTOR));
   });
@@ -369,23 +365,23 @@ describe("block: bounds and hostile requests", () => {
     // Driver ring of 64 entries against a device sized for 16 (seg_max 14).
     const d = await Disk.start({ file: makeImage(), "queue-size": "16" }, { queueSize: 64 });
     expect(d.config().getUint32(12, true)).toBe(14);
-    expect(await statusOf(d, { type: VIRTIO_BLK_T_IN, sector: 0, inLen: 8192, pieces: 14, indirect: true })).toBe(VIRTIO_BLK_S_OK);
-    expect(await statusOf(d, { type: VIRTIO_BLK_T_IN, sector: 0, inLen: 8192, pieces: 15, indirect: true })).toBe(VIRTIO_BLK_S_IOERR);
-    expect(await statusOf(d, { type: VIRTIO_BLK_T_OUT, sector: 0, out: new Uint8Array(8192), pieces: 15 })).toBe(VIRTIO_BLK_S_IOERR);
+    expect(await statusOf(d, { type: VIRTIO_BLK_T.IN, sector: 0, inLen: 8192, pieces: 14, indirect: true })).toBe(VIRTIO_BLK_S.OK);
+    expect(await statusOf(d, { type: VIRTIO_BLK_T.IN, sector: 0, inLen: 8192, pieces: 15, indirect: true })).toBe(VIRTIO_BLK_S.IOERR);
+    expect(await statusOf(d, { type: VIRTIO_BLK_T.OUT, sector: 0, out: new Uint8Array(8192), pieces: 15 })).toBe(VIRTIO_BLK_S.IOERR);
   });
 
   test("malformed chains complete with an error and the device keeps serving", async () => {
     const d = await Disk.start({ file: makeImage() });
     const q = d.q();
     // No writable byte at all: nowhere to put a status, completed with length 0.
-    const noStatus = await d.one({ type: VIRTIO_BLK_T_OUT, sector: 0, out: new Uint8Array(512), noStatus: true });
+    const noStatus = await d.one({ type: VIRTIO_BLK_T.OUT, sector: 0, out: new Uint8Array(512), noStatus: true });
     expect(noStatus.usedLen).toBe(0);
     // A header shorter than 16 bytes.
-    const short = await d.one({ type: VIRTIO_BLK_T_IN, headerLen: 8, inLen: 512 });
-    expect(short.status).toBe(VIRTIO_BLK_S_IOERR);
+    const short = await d.one({ type: VIRTIO_BLK_T.IN, headerLen: 8, inLen: 512 });
+    expect(short.status).toBe(VIRTIO_BLK_S.IOERR);
     // A read-only (device-readable) buffer where the read data should go is never written.
-    const ro = await d.one({ type: VIRTIO_BLK_T_IN, sector: 0, out: new Uint8Array(512).fill(7) });
-    expect(ro.status).toBe(VIRTIO_BLK_S_OK); // zero-length read: nothing to do
+    const ro = await d.one({ type: VIRTIO_BLK_T.IN, sector: 0, out: new Uint8Array(512).fill(7) });
+    expect(ro.status).toBe(VIRTIO_BLK_S.OK); // zero-length read: nothing to do
     // A buffer outside guest memory: the ring layer completes the chain with length 0.
     d.arena.reset();
     const hdr = d.arena.alloc(16);
@@ -407,10 +403,10 @@ describe("block: bounds and hostile requests", () => {
     const initial = randomBytes(rng(99), IMAGE_BYTES);
     const img = makeImage(initial);
     const d = await Disk.start({ file: img, "read-only": true });
-    expect(await statusOf(d, { type: VIRTIO_BLK_T_OUT, sector: 0, out: new Uint8Array(4096) })).toBe(VIRTIO_BLK_S_IOERR);
-    expect(await statusOf(d, { type: VIRTIO_BLK_T_DISCARD, payload: segment(0, 8) })).toBe(VIRTIO_BLK_S_IOERR);
-    expect(await statusOf(d, { type: VIRTIO_BLK_T_WRITE_ZEROES, payload: segment(0, 8, 1) })).toBe(VIRTIO_BLK_S_IOERR);
-    expect(await statusOf(d, { type: VIRTIO_BLK_T_FLUSH })).toBe(VIRTIO_BLK_S_OK);
+    expect(await statusOf(d, { type: VIRTIO_BLK_T.OUT, sector: 0, out: new Uint8Array(4096) })).toBe(VIRTIO_BLK_S.IOERR);
+    expect(await statusOf(d, { type: VIRTIO_BLK_T.DISCARD, payload: segment(0, 8) })).toBe(VIRTIO_BLK_S.IOERR);
+    expect(await statusOf(d, { type: VIRTIO_BLK_T.WRITE_ZEROES, payload: segment(0, 8, 1) })).toBe(VIRTIO_BLK_S.IOERR);
+    expect(await statusOf(d, { type: VIRTIO_BLK_T.FLUSH })).toBe(VIRTIO_BLK_S.OK);
     expect(await d.read(0, 8)).toEqual(initial.subarray(0, 4096));
     expect(Buffer.compare(readFileSync(img), initial)).toBe(0);
   });
@@ -431,7 +427,7 @@ describe("block: snapshot and restore", () => {
     a.arena.reset();
     const pending: Pending[][] = [[], []];
     // 16 completed before the stop.
-    for (let i = 0; i < 16; i++) pending[i % 2]!.push(a.add(a.q(i % 2), { type: VIRTIO_BLK_T_OUT, sector: writes[i]!.sector, out: writes[i]!.data, pieces: 3, indirect: true }));
+    for (let i = 0; i < 16; i++) pending[i % 2]!.push(a.add(a.q(i % 2), { type: VIRTIO_BLK_T.OUT, sector: writes[i]!.sector, out: writes[i]!.data, pieces: 3, indirect: true }));
     signal(a.q(0).kick);
     signal(a.q(1).kick);
     await a.finish(a.q(0), pending[0]!);
@@ -440,7 +436,7 @@ describe("block: snapshot and restore", () => {
     // then 16 made available on the stopped rings (served only after the restore).
     const done: Result[] = [];
     const tail: Pending[][] = [[], []];
-    const addTail = (i: number) => tail[i % 2]!.push(a.add(a.q(i % 2), { type: VIRTIO_BLK_T_OUT, sector: writes[i]!.sector, out: writes[i]!.data, pieces: 2 }));
+    const addTail = (i: number) => tail[i % 2]!.push(a.add(a.q(i % 2), { type: VIRTIO_BLK_T.OUT, sector: writes[i]!.sector, out: writes[i]!.data, pieces: 2 }));
     for (let i = 16; i < 32; i++) addTail(i);
     signal(a.q(0).kick);
     signal(a.q(1).kick);
@@ -466,7 +462,7 @@ describe("block: snapshot and restore", () => {
       done.push(...(await a.finish(b.q(qi), tail[qi]!)));
     }
     expect(done.length).toBe(32);
-    expect(done.every((x) => x.status === VIRTIO_BLK_S_OK)).toBe(true);
+    expect(done.every((x) => x.status === VIRTIO_BLK_S.OK)).toBe(true);
     // Continue: reads through the new backend see every write, old and new.
     const more = randomBytes(r, 65536);
     await b.write(7000, more, 1);

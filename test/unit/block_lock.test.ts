@@ -11,7 +11,7 @@ import { acquireBlockDisk } from "../../devices/block/acquire.ts";
 import { parseBlockOptions } from "../../devices/block/options.ts";
 import { RawDisk } from "../../devices/block/disk/raw.ts";
 import type { BlockDiskResource } from "../../devices/block/disk/open.ts";
-import { VIRTIO_BLK_T_IN } from "../../devices/block/config.ts";
+import { VIRTIO_BLK_T } from "../../devices/block/config.ts";
 
 const opened: RawDisk[] = [];
 const daemons: Subprocess[] = [];
@@ -122,7 +122,7 @@ describe("block image lock: two of ours", () => {
     const data = new Uint8Array(4096).fill(7);
     await first.write(0, data);
     const second = await Disk.start({ file: path }); // the rings it is given stay stopped
-    second.add(second.q(), { type: VIRTIO_BLK_T_IN, sector: 0, inLen: 4096 }, true);
+    second.add(second.q(), { type: VIRTIO_BLK_T.IN, sector: 0, inLen: 4096 }, true);
     await Bun.sleep(200);
     expect(second.q().usedIdx()).toBe(0); // nothing served
     expect(await first.read(0, 4096 / SECTOR)).toEqual(data);

@@ -17,7 +17,7 @@ import { setLogLevel } from "../../src/log.ts";
 import { QueueProcessor, BLOCK_SHARED, type BlockPolicy, type BlockShared } from "../../devices/block/queue_processor.ts";
 import type { Disk, DiskQueue, DiskQueueHandlers, DiskQueueOptions, DiskRequest } from "../../devices/block/disk/disk.ts";
 import {
-  VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT, VIRTIO_BLK_T_FLUSH, VIRTIO_BLK_T_DISCARD, VIRTIO_BLK_S_OK, VIRTIO_BLK_S_IOERR,
+  VIRTIO_BLK_T, VIRTIO_BLK_S,
 } from "../../devices/block/config.ts";
 
 setLogLevel(process.env.TEST_LOG_LEVEL ?? "silent");
@@ -154,7 +154,7 @@ class Rig {
       this.ram.bytes(p, payload.length).set(payload);
       bufs.push({ gpa: p, len: payload.length });
     }
-    if (data > 0) bufs.push({ gpa: this.ram.alloc(data, 4096), len: data, write: type === VIRTIO_BLK_T_IN } as never);
+    if (data > 0) bufs.push({ gpa: this.ram.alloc(data, 4096), len: data, write: type === VIRTIO_BLK_T.IN } as never);
     const status = this.ram.alloc(1, 1);
     this.ram.bytes(status, 1)[0] = 0xff;
     bufs.push({ gpa: status, len: 1, write: true } as never);
@@ -192,19 +192,19 @@ afterEach(() => {
 describe("block queue processor over a Disk", () => {
   test("completions that arrive later from the loop are published together", () => {
     const g = (rig = new Rig(8));
-    const statuses = [0, 1, 2, 3].map((i) => g.add(VIRTIO_BLK_T_IN, i * 8, 4096));
+    const statuses = [0, 1, 2, 3].map((i) => g.add(VIRTIO_BLK_T.IN, i * 8, 4096));
     g.turns();
     expect(g.disk.ops.map((o) => o.kind)).toEqual(["read", "read", "read", "read"]);
     expect(g.dq.usedIdx()).toBe(0); // nothing completes before the disk says so
     g.disk.queue!.completeAll();
     g.turns();
     expect(g.dq.usedIdx()).toBe(4);
-    for (const s of statuses) expect(g.status(s)).toBe(VIRTIO_BLK_S_OK);
+    for (const s of statuses) expect(g.status(s)).toBe(VIRTIO_BLK_S.OK);
   });
 
   test("a disk shallower than the ring: popping stops while it is full, and resumes with its completions", () => {
     const g = (rig = new Rig(8, 2));
-    const statuses = [0, 1, 2, 3, 4].map((i) => g.add(VIRTIO_BLK_T_OUT, i * 8, 4096));
+    const statuses = [0, 1, 2, 3, 4].map((i) => g.add(VIRTIO_BLK_T.OUT, i * 8, 4096));
     for (const started of [2, 4, 5]) {
       g.turns();
       expect(g.disk.ops.length).toBe(started);
@@ -212,7 +212,7 @@ describe("block queue processor over a Disk", () => {
     }
     g.turns();
     expect(g.dq.usedIdx()).toBe(5);
-    for (const s of statuses) expect(g.status(s)).toBe(VIRTIO_BLK_S_OK);
+    for (const s of statuses) expect(g.status(s)).toBe(VIRTIO_BLK_S.OK);
   });
 
   test("a discard of three segments: three operations in turn on one slot, one completion", () => {
@@ -223,7 +223,7 @@ describe("block queue processor over a Disk", () => {
       v.setUint32(16 * i, sector!, true);
       v.setUint32(16 * i + 8, n!, true);
     });
-    const s = g.add(VIRTIO_BLK_T_DISCARD, 0, 0, seg);
+    const s = g.add(VIRTIO_BLK_T.DISCARD, 0, 0, seg);
     for (let step = 0; step < 3; step++) {
       g.turns();
       expect(g.disk.ops.length).toBe(step + 1);
@@ -235,30 +235,30 @@ describe("block queue processor over a Disk", () => {
       ["discard", 0, 8 * 512, 8 * 512], ["discard", 0, 64 * 512, 16 * 512], ["discard", 0, 512 * 512, 8 * 512],
     ]);
     expect(g.dq.usedIdx()).toBe(1);
-    expect(g.status(s)).toBe(VIRTIO_BLK_S_OK);
+    expect(g.status(s)).toBe(VIRTIO_BLK_S.OK);
   });
 
   test("a failed operation (-errno) is IOERR; a FLUSH goes to the disk", () => {
     const g = (rig = new Rig(8));
     g.disk.failWith = 5;
-    const bad = g.add(VIRTIO_BLK_T_OUT, 0, 4096);
+    const bad = g.add(VIRTIO_BLK_T.OUT, 0, 4096);
     g.turns();
     g.disk.queue!.completeAll();
     g.turns();
-    expect(g.status(bad)).toBe(VIRTIO_BLK_S_IOERR);
+    expect(g.status(bad)).toBe(VIRTIO_BLK_S.IOERR);
     g.disk.failWith = 0;
-    const f = g.add(VIRTIO_BLK_T_FLUSH, 0);
+    const f = g.add(VIRTIO_BLK_T.FLUSH, 0);
     g.turns();
     g.disk.queue!.completeAll();
     g.turns();
     expect(g.disk.ops.map((o) => o.kind)).toEqual(["write", "flush"]);
-    expect(g.status(f)).toBe(VIRTIO_BLK_S_OK);
+    expect(g.status(f)).toBe(VIRTIO_BLK_S.OK);
   });
 
   test("the cache mode changed through the shared record reaches the running queue: writes carry FUA from the next one on", () => {
     const g = (rig = new Rig(8));
     const write = () => {
-      g.add(VIRTIO_BLK_T_OUT, 0, 4096);
+      g.add(VIRTIO_BLK_T.OUT, 0, 4096);
       g.turns();
       g.disk.queue!.completeAll();
       g.turns();

@@ -14,8 +14,7 @@ import { acquireRawDisk, RawDisk } from "../../devices/block/disk/raw.ts";
 import { EventLoop } from "../../src/event_loop.ts";
 import { parseBlockOptions } from "../../devices/block/options.ts";
 import {
-  VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT, VIRTIO_BLK_T_FLUSH, VIRTIO_BLK_T_GET_ID, VIRTIO_BLK_T_DISCARD,
-  VIRTIO_BLK_T_WRITE_ZEROES, VIRTIO_BLK_S_OK, VIRTIO_BLK_S_IOERR,
+  VIRTIO_BLK_T, VIRTIO_BLK_S,
 } from "../../devices/block/config.ts";
 
 afterEach(disposeDisks);
@@ -87,16 +86,16 @@ describe("block io_uring: data integrity", () => {
         if (i % 2 === 0) {
           const data = randomBytes(r, 65536);
           model.set(data, sector * SECTOR);
-          pending.push(d.add(q, { type: VIRTIO_BLK_T_OUT, sector, out: data, pieces: 4, indirect: true }));
+          pending.push(d.add(q, { type: VIRTIO_BLK_T.OUT, sector, out: data, pieces: 4, indirect: true }));
         } else {
-          const p = d.add(q, { type: VIRTIO_BLK_T_IN, sector, inLen: 65536, pieces: 3, indirect: true });
+          const p = d.add(q, { type: VIRTIO_BLK_T.IN, sector, inLen: 65536, pieces: 3, indirect: true });
           pending.push(p);
           reads.push([p, sector]);
         }
       }
       signal(q.kick);
       const results = await d.finish(q, pending);
-      expect(results.every((x) => x.status === VIRTIO_BLK_S_OK)).toBe(true);
+      expect(results.every((x) => x.status === VIRTIO_BLK_S.OK)).toBe(true);
       results.forEach((res, i) => {
         if (i % 2 === 1) {
           expect(res.usedLen).toBe(65537);
@@ -113,9 +112,9 @@ describe("block io_uring: data integrity", () => {
     const d = await Disk.start({ file: img, ...URING });
     expect(d.vmm.conn.ack(Req.SET_CONFIG, configPayload(32, 1, 0, new Uint8Array([0])))).toBe(0n);
     const r = rng(6);
-    const writes = Array.from({ length: 16 }, (_, i) => ({ type: VIRTIO_BLK_T_OUT, sector: i * 100, out: randomBytes(r, 8192) }));
+    const writes = Array.from({ length: 16 }, (_, i) => ({ type: VIRTIO_BLK_T.OUT, sector: i * 100, out: randomBytes(r, 8192) }));
     const res = await d.run(writes);
-    expect(res.every((x) => x.status === VIRTIO_BLK_S_OK)).toBe(true);
+    expect(res.every((x) => x.status === VIRTIO_BLK_S.OK)).toBe(true);
     const file = readFileSync(img);
     for (const w of writes) expect(Buffer.compare(file.subarray(w.sector * SECTOR, w.sector * SECTOR + 8192), w.out)).toBe(0);
   });
@@ -131,9 +130,9 @@ describe("block io_uring: ordering and stopping", () => {
       for (let round = 0; round < 4; round++) {
         d.arena.reset();
         const writes: Pending[] = [];
-        for (let i = 0; i < 24; i++) writes.push(d.add(q, { type: VIRTIO_BLK_T_OUT, sector: i * 256 + round, out: randomBytes(r, 65536), pieces: 2 }));
-        const flush = d.add(q, { type: VIRTIO_BLK_T_FLUSH });
-        const after = d.add(q, { type: VIRTIO_BLK_T_IN, sector: 8000, inLen: 4096 });
+        for (let i = 0; i < 24; i++) writes.push(d.add(q, { type: VIRTIO_BLK_T.OUT, sector: i * 256 + round, out: randomBytes(r, 65536), pieces: 2 }));
+        const flush = d.add(q, { type: VIRTIO_BLK_T.FLUSH });
+        const after = d.add(q, { type: VIRTIO_BLK_T.IN, sector: 8000, inLen: 4096 });
         signal(q.kick);
         const used = await q.waitUsed(26);
         const order = used.map((u) => u.id);
@@ -141,7 +140,7 @@ describe("block io_uring: ordering and stopping", () => {
         for (const w of writes) expect(order.indexOf(w.head)).toBeLessThan(flushAt);
         expect(order).toContain(after.head);
         const st = d.ram.bytes(flush.statusGpa!, 1)[0];
-        expect(st).toBe(VIRTIO_BLK_S_OK);
+        expect(st).toBe(VIRTIO_BLK_S.OK);
       }
       await disposeDisks();
     }
@@ -158,7 +157,7 @@ describe("block io_uring: ordering and stopping", () => {
         const qi = i % 2;
         const sector = i * 128;
         const data = randomBytes(r, 65536);
-        writes.push({ q: qi, sector, data, p: d.add(d.q(qi), { type: VIRTIO_BLK_T_OUT, sector, out: data, pieces: 2, indirect: true }) });
+        writes.push({ q: qi, sector, data, p: d.add(d.q(qi), { type: VIRTIO_BLK_T.OUT, sector, out: data, pieces: 2, indirect: true }) });
       }
       signal(d.q(0).kick);
       signal(d.q(1).kick);
@@ -173,7 +172,7 @@ describe("block io_uring: ordering and stopping", () => {
         expect(used.length).toBe(bases[qi]!);
         const done = new Set(used.map((u) => u.id));
         for (const w of writes.filter((x) => x.q === qi && done.has(x.p.head))) {
-          expect(d.ram.bytes(w.p.statusGpa!, 1)[0]).toBe(VIRTIO_BLK_S_OK);
+          expect(d.ram.bytes(w.p.statusGpa!, 1)[0]).toBe(VIRTIO_BLK_S.OK);
           expect(Buffer.compare(file.subarray(w.sector * SECTOR, w.sector * SECTOR + 65536), w.data)).toBe(0);
         }
       }
@@ -200,23 +199,23 @@ describe("block io_uring: checks still apply", () => {
     const img = makeImage(initial);
     const d = await Disk.start({ file: img, ...URING, serial: "uring-disk" });
     const bad = [
-      { type: VIRTIO_BLK_T_IN, sector: CAPACITY, inLen: SECTOR },
-      { type: VIRTIO_BLK_T_OUT, sector: CAPACITY - 1, out: new Uint8Array(2 * SECTOR) },
-      { type: VIRTIO_BLK_T_IN, sector: 0, inLen: 100 },
-      { type: VIRTIO_BLK_T_IN, sector: 0, inLen: 8192, pieces: 200, indirect: true }, // > seg_max 126
+      { type: VIRTIO_BLK_T.IN, sector: CAPACITY, inLen: SECTOR },
+      { type: VIRTIO_BLK_T.OUT, sector: CAPACITY - 1, out: new Uint8Array(2 * SECTOR) },
+      { type: VIRTIO_BLK_T.IN, sector: 0, inLen: 100 },
+      { type: VIRTIO_BLK_T.IN, sector: 0, inLen: 8192, pieces: 200, indirect: true }, // > seg_max 126
     ];
-    for (const req of bad) expect((await d.one(req)).status).toBe(VIRTIO_BLK_S_IOERR);
-    const id = await d.one({ type: VIRTIO_BLK_T_GET_ID, inLen: 20 });
+    for (const req of bad) expect((await d.one(req)).status).toBe(VIRTIO_BLK_S.IOERR);
+    const id = await d.one({ type: VIRTIO_BLK_T.GET_ID, inLen: 20 });
     expect(Buffer.from(id.data).toString().replace(/\0+$/, "")).toBe("uring-disk");
-    expect((await d.one({ type: VIRTIO_BLK_T_WRITE_ZEROES, payload: segment(0, 64) })).status).toBe(VIRTIO_BLK_S_OK);
-    expect((await d.one({ type: VIRTIO_BLK_T_DISCARD, payload: segment(64, 64) })).status).toBe(VIRTIO_BLK_S_OK);
+    expect((await d.one({ type: VIRTIO_BLK_T.WRITE_ZEROES, payload: segment(0, 64) })).status).toBe(VIRTIO_BLK_S.OK);
+    expect((await d.one({ type: VIRTIO_BLK_T.DISCARD, payload: segment(64, 64) })).status).toBe(VIRTIO_BLK_S.OK);
     expect(await d.read(0, 128)).toEqual(new Uint8Array(128 * SECTOR));
     expect(await d.read(128, 8)).toEqual(initial.subarray(128 * SECTOR, 136 * SECTOR));
 
     // Beside the writable one still serving: only without the image lock (it refuses a reader then).
     const ro = await Disk.start({ file: img, "read-only": true, direct: true, lock: false });
-    expect((await ro.one({ type: VIRTIO_BLK_T_OUT, sector: 0, out: new Uint8Array(4096) })).status).toBe(VIRTIO_BLK_S_IOERR);
-    expect((await ro.one({ type: VIRTIO_BLK_T_FLUSH })).status).toBe(VIRTIO_BLK_S_OK);
+    expect((await ro.one({ type: VIRTIO_BLK_T.OUT, sector: 0, out: new Uint8Array(4096) })).status).toBe(VIRTIO_BLK_S.IOERR);
+    expect((await ro.one({ type: VIRTIO_BLK_T.FLUSH })).status).toBe(VIRTIO_BLK_S.OK);
     expect(await ro.read(128, 8)).toEqual(initial.subarray(128 * SECTOR, 136 * SECTOR));
   });
 });

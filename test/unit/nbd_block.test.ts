@@ -10,8 +10,7 @@ import { SECTOR, rng, randomBytes, segment, Disk, disposeDisks, randomRounds } f
 import { NbdServer, disposeNbdServers, nbdTestsUnavailable } from "../support/nbd_server.ts";
 import { blockDevice } from "../../devices/block/index.ts";
 import {
-  VIRTIO_BLK_T_OUT, VIRTIO_BLK_T_FLUSH, VIRTIO_BLK_T_DISCARD, VIRTIO_BLK_T_WRITE_ZEROES,
-  VIRTIO_BLK_S_OK, VIRTIO_BLK_S_IOERR, VIRTIO_BLK_F_RO, VIRTIO_BLK_F_DISCARD, VIRTIO_BLK_F_WRITE_ZEROES,
+  VIRTIO_BLK_T, VIRTIO_BLK_S, VIRTIO_BLK_F,
 } from "../../devices/block/config.ts";
 
 const MiB = 1 << 20;
@@ -55,13 +54,13 @@ maybe("block device on an NBD export", () => {
     await s.start();
     const d = await Disk.start({ file: s.uri });
     const f = d.vmm.conn.requestU64(Req.GET_FEATURES);
-    expect(f & (VIRTIO_BLK_F_DISCARD | VIRTIO_BLK_F_WRITE_ZEROES)).toBe(VIRTIO_BLK_F_DISCARD | VIRTIO_BLK_F_WRITE_ZEROES);
+    expect(f & (VIRTIO_BLK_F.DISCARD | VIRTIO_BLK_F.WRITE_ZEROES)).toBe(VIRTIO_BLK_F.DISCARD | VIRTIO_BLK_F.WRITE_ZEROES);
     const results = await d.run([
-      { type: VIRTIO_BLK_T_WRITE_ZEROES, payload: Buffer.concat([segment(0, 128, 1), segment(1024, 8, 0)]) },
-      { type: VIRTIO_BLK_T_DISCARD, payload: segment(4096, 2048) },
-      { type: VIRTIO_BLK_T_FLUSH },
+      { type: VIRTIO_BLK_T.WRITE_ZEROES, payload: Buffer.concat([segment(0, 128, 1), segment(1024, 8, 0)]) },
+      { type: VIRTIO_BLK_T.DISCARD, payload: segment(4096, 2048) },
+      { type: VIRTIO_BLK_T.FLUSH },
     ]);
-    expect(results.map((x) => x.status)).toEqual([VIRTIO_BLK_S_OK, VIRTIO_BLK_S_OK, VIRTIO_BLK_S_OK]);
+    expect(results.map((x) => x.status)).toEqual([VIRTIO_BLK_S.OK, VIRTIO_BLK_S.OK, VIRTIO_BLK_S.OK]);
     model.fill(0, 0, 128 * SECTOR);
     model.fill(0, 1024 * SECTOR, 1032 * SECTOR);
     model.fill(0, 4096 * SECTOR, 6144 * SECTOR); // qemu-nbd --discard=unmap on a raw file: a hole
@@ -74,9 +73,9 @@ maybe("block device on an NBD export", () => {
     const s = new NbdServer({ content: model, readOnly: true });
     await s.start();
     const d = await Disk.start({ file: s.uri }, { activate: false });
-    expect(d.vmm.conn.requestU64(Req.GET_FEATURES) & VIRTIO_BLK_F_RO).toBe(VIRTIO_BLK_F_RO);
+    expect(d.vmm.conn.requestU64(Req.GET_FEATURES) & VIRTIO_BLK_F.RO).toBe(VIRTIO_BLK_F.RO);
     d.vmm.activate(1, 128);
-    expect((await d.one({ type: VIRTIO_BLK_T_OUT, sector: 8, out: new Uint8Array(4096) })).status).toBe(VIRTIO_BLK_S_IOERR);
+    expect((await d.one({ type: VIRTIO_BLK_T.OUT, sector: 8, out: new Uint8Array(4096) })).status).toBe(VIRTIO_BLK_S.IOERR);
     expect(Buffer.compare(await d.read(8, 8), model.subarray(8 * SECTOR, 16 * SECTOR))).toBe(0);
     expect(Buffer.compare(readFileSync(s.image), model)).toBe(0);
   });
@@ -93,8 +92,8 @@ maybe("block device on an NBD export", () => {
       await s.start();
     });
     expect(n).toBeGreaterThan(60);
-    const flush = await d.one({ type: VIRTIO_BLK_T_FLUSH });
-    expect(flush.status).toBe(VIRTIO_BLK_S_OK);
+    const flush = await d.one({ type: VIRTIO_BLK_T.FLUSH });
+    expect(flush.status).toBe(VIRTIO_BLK_S.OK);
     expect(Buffer.compare(readFileSync(s.image), model)).toBe(0);
   });
 

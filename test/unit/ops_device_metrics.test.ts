@@ -10,7 +10,7 @@ import { Disk, disposeDisks, makeImage, SECTOR } from "../support/block_disk.ts"
 import { SndDriver } from "../support/snd_driver.ts";
 import { metrics } from "../../src/metrics.ts";
 import { parseExposition, sampleValue } from "../support/metrics_parse.ts";
-import { VIRTIO_BLK_T_FLUSH, VIRTIO_BLK_T_GET_ID, VIRTIO_BLK_S_OK, VIRTIO_BLK_S_IOERR } from "../../devices/block/config.ts";
+import { VIRTIO_BLK_T, VIRTIO_BLK_S } from "../../devices/block/config.ts";
 import * as P from "../../devices/snd/protocol.ts";
 
 const cleanups: (() => unknown)[] = [];
@@ -42,10 +42,10 @@ describe("device metrics", () => {
     const before = snapshot(watched);
     for (let i = 0; i < 5; i++) await d.write(i * 8, new Uint8Array(8 * SECTOR).fill(i + 1));
     for (let i = 0; i < 3; i++) await d.read(i * 8, 8);
-    expect((await d.one({ type: VIRTIO_BLK_T_FLUSH })).status).toBe(VIRTIO_BLK_S_OK);
-    expect((await d.one({ type: VIRTIO_BLK_T_GET_ID, inLen: 20 })).status).toBe(VIRTIO_BLK_S_OK);
+    expect((await d.one({ type: VIRTIO_BLK_T.FLUSH })).status).toBe(VIRTIO_BLK_S.OK);
+    expect((await d.one({ type: VIRTIO_BLK_T.GET_ID, inLen: 20 })).status).toBe(VIRTIO_BLK_S.OK);
     // A read past the end of the disk: an error.
-    expect((await d.one({ type: 0, sector: 1n << 40n, inLen: SECTOR })).status).toBe(VIRTIO_BLK_S_IOERR);
+    expect((await d.one({ type: 0, sector: 1n << 40n, inLen: SECTOR })).status).toBe(VIRTIO_BLK_S.IOERR);
     expect(delta(before, "vhost_block_requests", { queue: 0, type: "write" })).toBe(5);
     expect(delta(before, "vhost_block_requests", { queue: 0, type: "read" })).toBe(4);
     expect(delta(before, "vhost_block_requests", { queue: 0, type: "flush" })).toBe(1);

@@ -7,7 +7,7 @@ import { join } from "node:path";
 import { Disk, disposeDisks, segment, SECTOR, type Pending } from "../support/block_disk.ts";
 import { signal } from "../../ffi/eventfd.ts";
 import { parseBlockOptions } from "../../devices/block/options.ts";
-import { VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT, VIRTIO_BLK_T_FLUSH, VIRTIO_BLK_T_DISCARD, VIRTIO_BLK_T_WRITE_ZEROES, VIRTIO_BLK_S_OK, VIRTIO_BLK_S_IOERR } from "../../devices/block/config.ts";
+import { VIRTIO_BLK_T, VIRTIO_BLK_S } from "../../devices/block/config.ts";
 import { qemuImg, check, sameAsRaw, tempDir, cleanupDirs, rng, randomBytes } from "../support/qcow2.ts";
 
 afterEach(async () => {
@@ -57,24 +57,24 @@ for (const aio of ["sync", "io_uring"] as const) test(`a qcow2 image is detected
         if (k < 0.35) {
           const [s, n] = pick(160);
           const data = randomBytes(r, n * SECTOR);
-          items.push({ p: d.add(q, { type: VIRTIO_BLK_T_OUT, sector: s, out: data, pieces: 3 }), want: null });
+          items.push({ p: d.add(q, { type: VIRTIO_BLK_T.OUT, sector: s, out: data, pieces: 3 }), want: null });
           model.set(data, s * SECTOR);
         } else if (k < 0.7) {
           const [s, n] = pick(160);
-          items.push({ p: d.add(q, { type: VIRTIO_BLK_T_IN, sector: s, inLen: n * SECTOR, pieces: 2 }), want: model.slice(s * SECTOR, (s + n) * SECTOR) });
+          items.push({ p: d.add(q, { type: VIRTIO_BLK_T.IN, sector: s, inLen: n * SECTOR, pieces: 2 }), want: model.slice(s * SECTOR, (s + n) * SECTOR) });
         } else if (k < 0.8) {
           const [s, n] = pick(256);
-          items.push({ p: d.add(q, { type: VIRTIO_BLK_T_WRITE_ZEROES, sector: s, out: segment(s, n, r() < 0.5 ? 1 : 0) }), want: null });
+          items.push({ p: d.add(q, { type: VIRTIO_BLK_T.WRITE_ZEROES, sector: s, out: segment(s, n, r() < 0.5 ? 1 : 0) }), want: null });
           model.fill(0, s * SECTOR, (s + n) * SECTOR);
         } else if (k < 0.9) {
           // Discard: whole 16 KiB clusters read back as zeroes (over a backing file too); the rest is unchanged.
           const [s, n] = pick(256);
-          items.push({ p: d.add(q, { type: VIRTIO_BLK_T_DISCARD, sector: s, out: segment(s, n) }), want: null });
+          items.push({ p: d.add(q, { type: VIRTIO_BLK_T.DISCARD, sector: s, out: segment(s, n) }), want: null });
           const first = Math.ceil((s * SECTOR) / 16384) * 16384;
           const end = Math.floor(((s + n) * SECTOR) / 16384) * 16384;
           if (end > first) model.fill(0, first, end);
         } else {
-          items.push({ p: d.add(q, { type: VIRTIO_BLK_T_FLUSH }), want: null });
+          items.push({ p: d.add(q, { type: VIRTIO_BLK_T.FLUSH }), want: null });
         }
       }
       return { q, items };
@@ -83,7 +83,7 @@ for (const aio of ["sync", "io_uring"] as const) test(`a qcow2 image is detected
     for (const b of batches) {
       const results = await d.finish(b.q, b.items.map((i) => i.p));
       results.forEach((res, i) => {
-        expect(res.status).toBe(VIRTIO_BLK_S_OK);
+        expect(res.status).toBe(VIRTIO_BLK_S.OK);
         const want = b.items[i]!.want;
         if (want) expect(Buffer.compare(Buffer.from(res.data), Buffer.from(want))).toBe(0);
       });
@@ -128,12 +128,12 @@ test("snapshot and restore on a qcow2 image: rings stopped mid-stream, state mov
   for (const w of writes) model.set(w.data, w.sector * SECTOR);
   a.arena.reset();
   const tail: Pending[][] = [[], []];
-  for (let i = 0; i < 16; i++) tail[i % 2]!.push(a.add(a.q(i % 2), { type: VIRTIO_BLK_T_OUT, sector: writes[i]!.sector, out: writes[i]!.data, pieces: 2 }));
+  for (let i = 0; i < 16; i++) tail[i % 2]!.push(a.add(a.q(i % 2), { type: VIRTIO_BLK_T.OUT, sector: writes[i]!.sector, out: writes[i]!.data, pieces: 2 }));
   signal(a.q(0).kick);
   signal(a.q(1).kick);
   const bases = a.vmm.stopAll();
   // Made available on the stopped rings: served only by the new backend.
-  for (let i = 16; i < 32; i++) tail[i % 2]!.push(a.add(a.q(i % 2), { type: VIRTIO_BLK_T_OUT, sector: writes[i]!.sector, out: writes[i]!.data, pieces: 2 }));
+  for (let i = 16; i < 32; i++) tail[i % 2]!.push(a.add(a.q(i % 2), { type: VIRTIO_BLK_T.OUT, sector: writes[i]!.sector, out: writes[i]!.data, pieces: 2 }));
   const blob = await a.vmm.saveState();
 
   const b = await Disk.start({ file: img }, { activate: false, guest: a });
@@ -145,7 +145,7 @@ test("snapshot and restore on a qcow2 image: rings stopped mid-stream, state mov
   for (const q of b.vmm.queues) b.vmm.startQueue(q, bases[q.index]!);
   const done = [...(await a.finish(b.q(0), tail[0]!)), ...(await a.finish(b.q(1), tail[1]!))];
   expect(done.length).toBe(32);
-  expect(done.every((x) => x.status === VIRTIO_BLK_S_OK)).toBe(true);
+  expect(done.every((x) => x.status === VIRTIO_BLK_S.OK)).toBe(true);
   for (let s = 0; s < size / SECTOR; s += 2048) {
     expect(Buffer.compare(Buffer.from(await b.read(s, 2048)), Buffer.from(model.subarray(s * SECTOR, (s + 2048) * SECTOR)))).toBe(0);
   }
@@ -169,10 +169,10 @@ test("a hostile image through the device: requests touching a bad table fail wit
   writeSync(fd, entry, 0, 8, l1);
   closeSync(fd);
   const d = await Disk.start({ file: img });
-  const bad = await d.one({ type: VIRTIO_BLK_T_IN, sector: 0, inLen: 4096 });
-  expect(bad.status).toBe(VIRTIO_BLK_S_IOERR);
-  const badWrite = await d.one({ type: VIRTIO_BLK_T_OUT, sector: 8, out: new Uint8Array(4096).fill(1) });
-  expect(badWrite.status).toBe(VIRTIO_BLK_S_IOERR);
+  const bad = await d.one({ type: VIRTIO_BLK_T.IN, sector: 0, inLen: 4096 });
+  expect(bad.status).toBe(VIRTIO_BLK_S.IOERR);
+  const badWrite = await d.one({ type: VIRTIO_BLK_T.OUT, sector: 8, out: new Uint8Array(4096).fill(1) });
+  expect(badWrite.status).toBe(VIRTIO_BLK_S.IOERR);
   // Past the first 512 MiB (another L1 entry): served.
   const data = randomBytes(rng(51), 8192);
   await d.write((1 << 30) / SECTOR, data);

@@ -16,8 +16,7 @@ import { parseRbdSpec } from "../../devices/block/disk/rbd_spec.ts";
 import { monEndpoints } from "../../devices/block/disk/rbd.ts";
 import { librbdUnavailable } from "../../ffi/rbd.ts";
 import {
-  VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT, VIRTIO_BLK_T_FLUSH, VIRTIO_BLK_T_DISCARD, VIRTIO_BLK_T_WRITE_ZEROES, VIRTIO_BLK_T_GET_ID,
-  VIRTIO_BLK_S_OK, VIRTIO_BLK_S_IOERR, VIRTIO_BLK_F_RO, VIRTIO_BLK_F_DISCARD, VIRTIO_BLK_F_WRITE_ZEROES,
+  VIRTIO_BLK_T, VIRTIO_BLK_S, VIRTIO_BLK_F,
 } from "../../devices/block/config.ts";
 
 const MiB = 1 << 20;
@@ -73,7 +72,7 @@ maybe("block device on a Ceph RBD image", () => {
     expect(v.getBigUint64(0, true)).toBe(BigInt(16 * MiB / SECTOR));
     expect(v.getUint32(20, true)).toBe(512);
     expect(await randomRounds(d, model, 32, 12)).toBeGreaterThan(150);
-    expect((await d.one({ type: VIRTIO_BLK_T_FLUSH })).status).toBe(VIRTIO_BLK_S_OK);
+    expect((await d.one({ type: VIRTIO_BLK_T.FLUSH })).status).toBe(VIRTIO_BLK_S.OK);
     expect(Buffer.compare(cluster.readImage(`rbd/${img.name}`), model)).toBe(0);
   }, 60_000);
 
@@ -95,15 +94,15 @@ maybe("block device on a Ceph RBD image", () => {
     const img = image(model);
     const d = await Disk.start({ file: img.file, serial: "rbd-disk-7" });
     const f = d.vmm.conn.requestU64(Req.GET_FEATURES);
-    expect(f & (VIRTIO_BLK_F_DISCARD | VIRTIO_BLK_F_WRITE_ZEROES)).toBe(VIRTIO_BLK_F_DISCARD | VIRTIO_BLK_F_WRITE_ZEROES);
+    expect(f & (VIRTIO_BLK_F.DISCARD | VIRTIO_BLK_F.WRITE_ZEROES)).toBe(VIRTIO_BLK_F.DISCARD | VIRTIO_BLK_F.WRITE_ZEROES);
     const results = await d.run([
-      { type: VIRTIO_BLK_T_WRITE_ZEROES, payload: Buffer.concat([segment(0, 128, 1), segment(1024, 8, 0)]) },
+      { type: VIRTIO_BLK_T.WRITE_ZEROES, payload: Buffer.concat([segment(0, 128, 1), segment(1024, 8, 0)]) },
       // Whole 4 MiB objects: librbd skips a discard's partial objects (rbd_skip_partial_discard), so only these read back as zeroes.
-      { type: VIRTIO_BLK_T_DISCARD, payload: segment(8192, 8192) },
-      { type: VIRTIO_BLK_T_FLUSH },
-      { type: VIRTIO_BLK_T_GET_ID, inLen: 20 },
+      { type: VIRTIO_BLK_T.DISCARD, payload: segment(8192, 8192) },
+      { type: VIRTIO_BLK_T.FLUSH },
+      { type: VIRTIO_BLK_T.GET_ID, inLen: 20 },
     ]);
-    expect(results.map((x) => x.status)).toEqual([VIRTIO_BLK_S_OK, VIRTIO_BLK_S_OK, VIRTIO_BLK_S_OK, VIRTIO_BLK_S_OK]);
+    expect(results.map((x) => x.status)).toEqual([VIRTIO_BLK_S.OK, VIRTIO_BLK_S.OK, VIRTIO_BLK_S.OK, VIRTIO_BLK_S.OK]);
     expect(Buffer.from(results[3]!.data).toString().replace(/\0+$/, "")).toBe("rbd-disk-7");
     model.fill(0, 0, 128 * SECTOR);
     model.fill(0, 1024 * SECTOR, 1032 * SECTOR);
@@ -117,13 +116,13 @@ maybe("block device on a Ceph RBD image", () => {
     const img = image(before);
     cluster.rbd(["snap", "create", `rbd/${img.name}@s1`]);
     const d = await Disk.start({ file: `rbd:rbd/${img.name}@s1:conf=${cluster.conf}` }, { activate: false });
-    expect(d.vmm.conn.requestU64(Req.GET_FEATURES) & VIRTIO_BLK_F_RO).toBe(VIRTIO_BLK_F_RO);
+    expect(d.vmm.conn.requestU64(Req.GET_FEATURES) & VIRTIO_BLK_F.RO).toBe(VIRTIO_BLK_F.RO);
     d.vmm.activate(1, 128);
-    expect((await d.one({ type: VIRTIO_BLK_T_OUT, sector: 8, out: new Uint8Array(4096) })).status).toBe(VIRTIO_BLK_S_IOERR);
+    expect((await d.one({ type: VIRTIO_BLK_T.OUT, sector: 8, out: new Uint8Array(4096) })).status).toBe(VIRTIO_BLK_S.IOERR);
     // The image changes after the snapshot; the snapshot does not.
     const w = await Disk.start({ file: img.file });
     await w.write(8, new Uint8Array(4096).fill(0x5a));
-    expect((await w.one({ type: VIRTIO_BLK_T_FLUSH })).status).toBe(VIRTIO_BLK_S_OK);
+    expect((await w.one({ type: VIRTIO_BLK_T.FLUSH })).status).toBe(VIRTIO_BLK_S.OK);
     expect(Buffer.compare(await d.read(0, 8192), before.subarray(0, 8192 * SECTOR))).toBe(0);
     expect(Buffer.compare(cluster.readImage(`rbd/${img.name}@s1`), before)).toBe(0);
     expect(cluster.readImage(`rbd/${img.name}`)[8 * SECTOR]).toBe(0x5a);
@@ -133,8 +132,8 @@ maybe("block device on a Ceph RBD image", () => {
     const model = randomBytes(rng(35), 4 * MiB);
     const img = image(model);
     const d = await Disk.start({ file: img.file, "read-only": true });
-    expect((await d.one({ type: VIRTIO_BLK_T_OUT, sector: 0, out: new Uint8Array(512) })).status).toBe(VIRTIO_BLK_S_IOERR);
-    expect((await d.one({ type: VIRTIO_BLK_T_IN, sector: 100, inLen: 4096 })).data).toEqual(model.subarray(100 * SECTOR, 108 * SECTOR));
+    expect((await d.one({ type: VIRTIO_BLK_T.OUT, sector: 0, out: new Uint8Array(512) })).status).toBe(VIRTIO_BLK_S.IOERR);
+    expect((await d.one({ type: VIRTIO_BLK_T.IN, sector: 100, inLen: 4096 })).data).toEqual(model.subarray(100 * SECTOR, 108 * SECTOR));
   }, 60_000);
 
   test("a resize while serving: the config space shows the new capacity and the front-end is told (CONFIG_CHANGE_MSG)", async () => {

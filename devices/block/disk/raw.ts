@@ -280,12 +280,18 @@ export class RawDisk implements Disk {
       }
       return;
     }
-    if (!this.punchHoleWorks) return;
+    if (this.punchHoleWorks && !this.fallocateIfSupported(FALLOC_FL_PUNCH_HOLE, offset, len)) this.punchHoleWorks = false;
+  }
+
+  /** fallocate(mode, keeping the size) over [offset, offset+len): true when done, false when the
+   * file (its filesystem, or the device) does not support `mode`; other errors throw. */
+  private fallocateIfSupported(mode: number, offset: number, len: number): boolean {
     try {
-      fallocate(this.fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, len);
+      fallocate(this.fd, mode | FALLOC_FL_KEEP_SIZE, offset, len);
+      return true;
     } catch (e) {
       if (!isUnsupported(e)) throw e;
-      this.punchHoleWorks = false;
+      return false;
     }
   }
 
@@ -294,23 +300,13 @@ export class RawDisk implements Disk {
   private zeroOrThrow(offset: number, len: number, flags: number): number {
     if (len === 0) return 0;
     if ((flags & ZERO_UNMAP) !== 0 && this.punchHoleWorks) {
-      try {
-        // Punching a hole zeroes on files; on block devices it is a zeroing discard (no fallback).
-        fallocate(this.fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, len);
-        return 0;
-      } catch (e) {
-        if (!isUnsupported(e)) throw e;
-        this.punchHoleWorks = false;
-      }
+      // Punching a hole zeroes on files; on block devices it is a zeroing discard (no fallback).
+      if (this.fallocateIfSupported(FALLOC_FL_PUNCH_HOLE, offset, len)) return 0;
+      this.punchHoleWorks = false;
     }
     if (this.zeroRangeWorks) {
-      try {
-        fallocate(this.fd, FALLOC_FL_ZERO_RANGE | FALLOC_FL_KEEP_SIZE, offset, len);
-        return 0;
-      } catch (e) {
-        if (!isUnsupported(e)) throw e;
-        this.zeroRangeWorks = false;
-      }
+      if (this.fallocateIfSupported(FALLOC_FL_ZERO_RANGE, offset, len)) return 0;
+      this.zeroRangeWorks = false;
     }
     if ((flags & ZERO_MAY_FAIL_FAST) !== 0) return -EOPNOTSUPP;
     return this.writeZeroPages(offset, len);

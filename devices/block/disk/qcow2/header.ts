@@ -12,12 +12,15 @@ export const INCOMPAT_COMPRESSION = 1n << 3n;
 export const INCOMPAT_EXTL2 = 1n << 4n;
 export const COMPAT_LAZY_REFCOUNTS = 1n << 0n;
 
-const EXT_END = 0;
-const EXT_BACKING_FORMAT = 0xe2792aca;
-const EXT_FEATURE_TABLE = 0x6803f857;
-const EXT_BITMAPS = 0x23852875;
-const EXT_CRYPTO = 0x0537be77;
-const EXT_DATA_FILE = 0x44415441;
+/** Header extension types (QEMU block/qcow2.c QCOW2_EXT_MAGIC_*). */
+const EXT = {
+  END: 0,
+  BACKING_FORMAT: 0xe2792aca,
+  FEATURE_TABLE: 0x6803f857,
+  BITMAPS: 0x23852875,
+  CRYPTO: 0x0537be77,
+  DATA_FILE: 0x44415441,
+} as const;
 
 export const COMPRESSION_ZLIB = 0;
 export const COMPRESSION_ZSTD = 1;
@@ -135,30 +138,30 @@ export function parseHeader(buf: Uint8Array, fileLength: number): Qcow2Header {
   while (o + 8 <= extEnd) {
     const type = v.getUint32(o);
     const len = v.getUint32(o + 4);
-    if (type === EXT_END) break;
+    if (type === EXT.END) break;
     const data = o + 8;
     if (len > extEnd - data) throw new Qcow2FormatError(`header extension 0x${type.toString(16)} runs past the first cluster`);
-    if (seen.has(type) && type !== EXT_FEATURE_TABLE) throw new Qcow2FormatError(`header extension 0x${type.toString(16)} appears twice`);
+    if (seen.has(type) && type !== EXT.FEATURE_TABLE) throw new Qcow2FormatError(`header extension 0x${type.toString(16)} appears twice`);
     seen.add(type);
     const bytes = buf.subarray(data, data + len);
     switch (type) {
-      case EXT_BACKING_FORMAT:
+      case EXT.BACKING_FORMAT:
         h.backingFormat = new TextDecoder().decode(bytes).replace(/\0+$/, "");
         break;
-      case EXT_FEATURE_TABLE:
+      case EXT.FEATURE_TABLE:
         for (let e = 0; e + 48 <= len; e += 48) {
           const name = new TextDecoder().decode(bytes.subarray(e + 2, e + 48)).replace(/\0.*$/s, "");
           h.featureNames.set(`${bytes[e]}:${bytes[e + 1]}`, name);
         }
         break;
-      case EXT_BITMAPS: {
+      case EXT.BITMAPS: {
         if (len < 24) throw new Qcow2FormatError("bitmaps extension is too short");
         const bv = new DataView(bytes.buffer, bytes.byteOffset, len);
         h.bitmaps = { count: bv.getUint32(0), directorySize: u64(bv, 8), directoryOffset: u64(bv, 16) };
         break;
       }
-      case EXT_CRYPTO:
-      case EXT_DATA_FILE:
+      case EXT.CRYPTO:
+      case EXT.DATA_FILE:
       default:
         break; // refused below by their feature bits, or unknown and ignorable
     }
