@@ -85,7 +85,7 @@ maybe("block device on a Ceph RBD image", () => {
     expect(sandbox).toMatch(/landlock\(.*filesystem,tcp.*seccomp/);
     expect(backend.log).not.toContain("not applied");
     expect(await randomRounds(d, model, 38, 6)).toBeGreaterThan(60);
-    expect((await d.one({ type: VIRTIO_BLK_T_FLUSH })).status).toBe(VIRTIO_BLK_S_OK);
+    expect((await d.one({ type: VIRTIO_BLK_T.FLUSH })).status).toBe(VIRTIO_BLK_S.OK);
     expect(Buffer.compare(cluster.readImage(`rbd/${img.name}`), model)).toBe(0);
   }, 60_000);
 
