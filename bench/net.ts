@@ -5,8 +5,9 @@
  *
  *   bun run bench:net [--rounds 3] [--runtime 5] [--warmup 2] [--sizes 64,1500] [--dirs tx,rx]
  *                     [--perf] [--strace] [--guest] [--guest-only] [--pairs 1,2] [--iperf-time 5]
+ *                     [--packet-pairs 1,2] [--fe-devarg mrg_rxbuf=0]
  *
- * Part 1, guest-less packet rate, 1 queue pair. The front-end is dpdk-testpmd with net_virtio_user
+ * Part 1, guest-less packet rate, 1 queue pair (--packet-pairs: also more, each a thread of ours). The front-end is dpdk-testpmd with net_virtio_user
  * (a virtio-net driver in a process, no guest):
  *   tx: front-end txonly → backend → tap. Counted: packets the tap received (its rx_packets, read
  *       from /proc/<backend>/net/dev: the backend runs in the bench's network namespace).
@@ -50,6 +51,10 @@ const USAGE = `usage: bun run bench:net [options]
   --iperf-time S    iperf3 -t per run in part 2 (default 5)
   --guest-rounds N  rounds in part 2 (default 3)
   --ours-arg ARG    extra argument for our backend (repeatable; e.g. --ours-arg=--net-io=syscall for the writev path)
+  --packet-pairs L  queue pairs in part 1 (default 1; e.g. 1,2: multiqueue scaling, the rx sender then varies
+                    the flow per packet so the tap spreads frames over its queues)
+  --fe-devarg ARG   extra net_virtio_user device argument for the front-end (repeatable; e.g. mrg_rxbuf=0:
+                    receive without MRG_RXBUF, one chain per frame)
   --fe-arg ARG      extra testpmd application argument for the front-end (repeatable; e.g. --fe-arg=--enable-lro
                     makes it negotiate GUEST_TSO4/6, so the backend must be ready for 64 KiB receive frames)
   --only KIND       part 1 with one backend only: ours or dpdk (no ratios then)
@@ -70,6 +75,7 @@ interface Proc {
 interface PacketSample {
   dir: Dir;
   size: number;
+  pairs: number;
   kind: Kind;
   round: number;
   wallS: number;
@@ -174,6 +180,7 @@ interface CellCtx {
   warmupS: number;
   runtimeS: number;
   feArgs: string[];
+  feDevargs: string[];
   oursArgs: string[];
   /** With --perf: where ours writes its JITDump files (JS frames named in the profile). */
   jitDumpDir?: string;
@@ -225,8 +232,12 @@ async function startCell(c: CellCtx, kind: Kind, dir: Dir, size: number, pairs =
     const frontend = await startTestPmd({
       label: "front-end (net_virtio_user)",
       prefix: prefix("fe"),
-      vdevs: [`net_virtio_user0,path=${sock},queues=${pairs},mac=${GUEST_MAC}`],
-      app: [...(dir === "tx" ? ["--forward-mode=txonly", `--txpkts=${size}`] : ["--forward-mode=rxonly"]), ...c.feArgs],
+      vdevs: [[`net_virtio_user0,path=${sock},queues=${pairs},mac=${GUEST_MAC}`, ...c.feDevargs].join(",")],
+      app: [
+        ...(dir === "tx" ? ["--forward-mode=txonly", `--txpkts=${size}`] : ["--forward-mode=rxonly"]),
+        ...(pairs > 1 ? [`--rxq=${pairs}`, `--txq=${pairs}`, "--txonly-multi-flow"] : []),
+        ...c.feArgs,
+      ],
     });
     all.push(tmProc(frontend));
     let sender: TestPmd | null = null;
@@ -237,7 +248,8 @@ async function startCell(c: CellCtx, kind: Kind, dir: Dir, size: number, pairs =
         netns: c.ns.name,
         prefix: prefix("tx"),
         vdevs: [`net_af_packet0,iface=${tap}`],
-        app: ["--forward-mode=txonly", `--txpkts=${size}`, `--eth-peer=0,${GUEST_MAC}`],
+        // Several pairs: a flow per packet (source address), which the tap spreads over its queues.
+        app: ["--forward-mode=txonly", `--txpkts=${size}`, `--eth-peer=0,${GUEST_MAC}`, ...(pairs > 1 ? ["--txonly-multi-flow"] : [])],
       });
       all.push(tmProc(sender));
       await sender.command("start");
@@ -271,7 +283,7 @@ async function snap(r: Running): Promise<Snap> {
   return { t: (t0 + t1) / 2, ticks, host, selfUs: u.user + u.system, tap, fe: { rx: fe.rxPackets, tx: fe.txPackets } };
 }
 
-function sampleOf(r: Running, a: Snap, b: Snap, o: { dir: Dir; size: number; kind: Kind; round: number }): PacketSample {
+function sampleOf(r: Running, a: Snap, b: Snap, o: { dir: Dir; size: number; pairs: number; kind: Kind; round: number }): PacketSample {
   const d = (p: Proc | null) => (p === null ? 0 : (b.ticks.get(p.pid)! - a.ticks.get(p.pid)!) / CLK_TCK);
   const wallS = (b.t - a.t) / 1000;
   const backendCpuS = d(r.backend);
@@ -349,6 +361,7 @@ async function packetPart(c: CellCtx, o: {
   rounds: number;
   sizes: number[];
   dirs: Dir[];
+  pairsList: number[];
   perf: boolean;
   strace: boolean;
   profileS: number;
@@ -360,26 +373,27 @@ async function packetPart(c: CellCtx, o: {
   const profile: Record<string, unknown> = {};
   for (const dir of o.dirs) {
     for (const size of o.sizes) {
+      for (const pairs of o.pairsList) {
       for (let round = 0; round < o.rounds; round++) {
         const order: Kind[] = o.only ? [o.only] : round % 2 === 0 ? ["ours", "dpdk"] : ["dpdk", "ours"];
         for (const kind of order) {
-          const r = await startCell(c, kind, dir, size);
+          const r = await startCell(c, kind, dir, size, pairs);
           try {
             await Bun.sleep(c.warmupS * 1000);
             const a = await snap(r);
             await Bun.sleep(c.runtimeS * 1000);
             const b = await snap(r);
-            const s = sampleOf(r, a, b, { dir, size, kind, round });
+            const s = sampleOf(r, a, b, { dir, size, pairs, kind, round });
             samples.push(s);
             console.log(
-              `  [${dir} ${String(size).padStart(4)}B r${round} ${kind.padEnd(4)}] ${fmt(s.mpps, 3).padStart(6)} Mpps ${fmt(s.gbps, 2).padStart(5)} Gbit/s  ` +
+              `  [${dir} ${String(size).padStart(4)}B${pairs > 1 ? ` ${pairs}p` : ""} r${round} ${kind.padEnd(4)}] ${fmt(s.mpps, 3).padStart(6)} Mpps ${fmt(s.gbps, 2).padStart(5)} Gbit/s  ` +
                 `backend ${fmt(s.backendCpuS / s.wallS, 2)} cores ${fmt(s.nsPerPacket, 0).padStart(5)} ns/pkt  ` +
                 `front-end ${fmt(s.frontendCpuS / s.wallS, 2)}${r.sender ? ` sender ${fmt(s.senderCpuS / s.wallS, 2)}` : ""} cores  ` +
                 `${dir === "tx" ? `sent by front-end ${fmtInt(s.offered)}` : `read from tap ${fmtInt(s.offered)}, tap dropped ${fmtInt(s.tapDropped)}`}  ` +
                 `foreign ${fmt(s.foreignCores, 2)}`,
             );
             const last = round === o.rounds - 1;
-            if (last && kind === "ours" && size === o.sizes[0]) {
+            if (last && kind === "ours" && size === o.sizes[0] && pairs === o.pairsList[0]) {
               // Packets moved in a profiling window: to the tap (tx) or to the front-end (rx).
               const moved = (x: Snap, y: Snap) => (dir === "tx" ? y.tap.rxPackets - x.tap.rxPackets : y.fe.rx - x.fe.rx);
               if (o.strace) {
@@ -412,16 +426,19 @@ async function packetPart(c: CellCtx, o: {
           }
         }
       }
+      }
     }
   }
   return { samples, profile };
 }
 
-function packetReport(samples: PacketSample[], dirs: Dir[], sizes: number[]): void {
+function packetReport(samples: PacketSample[], dirs: Dir[], sizes: number[], pairsList: number[]): void {
   const rows: string[][] = [];
+  const label = (dir: Dir, size: number, pairs: number) => `${dir} ${size}B${pairs > 1 ? ` ${pairs} pairs` : ""}`;
   for (const dir of dirs) {
     for (const size of sizes) {
-      const of = (k: Kind) => samples.filter((s) => s.dir === dir && s.size === size && s.kind === k);
+      for (const pairs of pairsList) {
+      const of = (k: Kind) => samples.filter((s) => s.dir === dir && s.size === size && s.pairs === pairs && s.kind === k);
       const o = of("ours");
       const p = of("dpdk");
       const mo = median(o.map((s) => s.mpps));
@@ -433,7 +450,7 @@ function packetReport(samples: PacketSample[], dirs: Dir[], sizes: number[]): vo
         return sp ? [so.mpps / sp.mpps] : [];
       });
       rows.push([
-        `${dir} ${size}B`,
+        label(dir, size, pairs),
         fmt(mo, 3),
         fmt(mp, 3),
         fmt(mo / mp),
@@ -448,6 +465,7 @@ function packetReport(samples: PacketSample[], dirs: Dir[], sizes: number[]): vo
         `${fmt(spreadPct(o.map((s) => s.mpps)), 0)}/${fmt(spreadPct(p.map((s) => s.mpps)), 0)}`,
         fmt(max([...o, ...p].map((s) => s.foreignCores)), 2),
       ]);
+      }
     }
   }
   console.log(
@@ -465,16 +483,18 @@ function packetReport(samples: PacketSample[], dirs: Dir[], sizes: number[]): vo
   const rows2: string[][] = [];
   for (const dir of dirs) {
     for (const size of sizes) {
+      for (const pairs of pairsList) {
       for (const k of ["ours", "dpdk"] as const) {
-        const ss = samples.filter((s) => s.dir === dir && s.size === size && s.kind === k);
+        const ss = samples.filter((s) => s.dir === dir && s.size === size && s.pairs === pairs && s.kind === k);
         rows2.push([
-          `${dir} ${size}B ${k}`,
+          `${label(dir, size, pairs)} ${k}`,
           fmt(median(ss.map((s) => s.frontendCpuS / s.wallS)), 2),
           dir === "rx" ? fmt(median(ss.map((s) => s.senderCpuS / s.wallS)), 2) : "-",
           fmt(median(ss.map((s) => s.offered / s.wallS / 1e6)), 3),
           dir === "rx" ? fmt(median(ss.map((s) => s.tapDropped / s.wallS / 1e6)), 3) : "-",
           fmt(median(ss.map((s) => s.foreignCores)), 2),
         ]);
+      }
       }
     }
   }
@@ -510,6 +530,8 @@ async function main(): Promise<void> {
       "guest-rounds": { type: "string", default: "3" },
       "ours-bin": { type: "string" },
       "fe-arg": { type: "string", multiple: true, default: [] },
+      "fe-devarg": { type: "string", multiple: true, default: [] },
+      "packet-pairs": { type: "string", default: "1" },
       "ours-arg": { type: "string", multiple: true, default: [] },
       only: { type: "string" },
       out: { type: "string" },
@@ -536,6 +558,7 @@ async function main(): Promise<void> {
     return d as Dir;
   });
   const pairsList = a.pairs!.split(",").map((s) => posInt("pairs", s));
+  const packetPairs = a["packet-pairs"]!.split(",").map((s) => posInt("packet-pairs", s));
   if (!netnsAvailable()) throw new Error("the net bench needs root, /dev/net/tun and iproute2");
   for (const tool of ["dpdk-testpmd", "stdbuf"]) {
     if (Bun.which(tool) === null) throw new Error(`${tool} not found (apt-get install dpdk coreutils)`);
@@ -555,7 +578,7 @@ async function main(): Promise<void> {
       dirty: Bun.spawnSync(["git", "-C", ROOT, "status", "--porcelain"]).stdout.toString().trim() !== "",
     },
     host: { clkTck: CLK_TCK, nproc: navigator.hardwareConcurrency, kernel: Bun.spawnSync(["uname", "-r"]).stdout.toString().trim() },
-    config: { rounds, runtimeS, warmupS, sizes, dirs, pairsList, oursBin, feArgs: a["fe-arg"], oursArgs: a["ours-arg"], only: a.only },
+    config: { rounds, runtimeS, warmupS, sizes, dirs, pairsList, packetPairs, feDevargs: a["fe-devarg"], oursBin, feArgs: a["fe-arg"], oursArgs: a["ours-arg"], only: a.only },
   };
   const started = Date.now();
   try {
@@ -567,17 +590,18 @@ async function main(): Promise<void> {
     console.log(`  front-end: dpdk-testpmd --vdev net_virtio_user0,queues=1 (no guest; busy-polls); rx sender: dpdk-testpmd --vdev net_af_packet0 txonly in the namespace`);
     console.log(`  every testpmd: --no-huge -m 1024 --lcores=0@(0,1),1@(0,1) (lcores float over both CPUs), 1 forwarding core, 32768 mbufs`);
     if (!a["skip-packet"]) {
-      console.log(`\npart 1: guest-less packet rate, 1 queue pair, ${rounds} rounds x ${runtimeS} s after ${warmupS} s warm-up per cell`);
+      console.log(`\npart 1: guest-less packet rate, ${packetPairs.join(", ")} queue pair(s), ${rounds} rounds x ${runtimeS} s after ${warmupS} s warm-up per cell`);
       const jitDumpDir = a.perf ? join(resultsDir, `net-${date}-jitdump`) : undefined;
       if (jitDumpDir !== undefined) mkdirSync(jitDumpDir, { recursive: true });
-      const ctx: CellCtx = { ns, tmp, oursBin, warmupS, runtimeS, feArgs: a["fe-arg"]!, oursArgs: a["ours-arg"]!, jitDumpDir };
+      const ctx: CellCtx = { ns, tmp, oursBin, warmupS, runtimeS, feArgs: a["fe-arg"]!, feDevargs: a["fe-devarg"]!, oursArgs: a["ours-arg"]!, jitDumpDir };
       if (ctx.oursArgs.length) console.log(`  ours extra arguments: ${ctx.oursArgs.join(" ")}`);
       if (ctx.feArgs.length) console.log(`  front-end extra arguments: ${ctx.feArgs.join(" ")}`);
+      if (ctx.feDevargs.length) console.log(`  front-end device arguments: ${ctx.feDevargs.join(",")}`);
       const only = a.only as Kind | undefined;
       if (only !== undefined && only !== "ours" && only !== "dpdk") throw new Error(`--only ${only}: ours or dpdk`);
-      const { samples, profile } = await packetPart(ctx, { rounds, sizes, dirs, perf: a.perf!, strace: a.strace!, profileS, resultsDir, date, only });
+      const { samples, profile } = await packetPart(ctx, { rounds, sizes, dirs, pairsList: packetPairs, perf: a.perf!, strace: a.strace!, profileS, resultsDir, date, only });
       console.log(`\npart 1 medians over ${rounds} rounds:`);
-      packetReport(samples, dirs, sizes);
+      packetReport(samples, dirs, sizes, packetPairs);
       result.packet = { samples, profile };
     }
     if (a.guest) {
