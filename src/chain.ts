@@ -108,12 +108,31 @@ abstract class ChainCursor {
   protected segs: readonly Segment[] = [];
   chain!: DescriptorChain;
 
+  /** `writable`: the side this cursor moves over (the device-writable buffers, or the readable ones). */
+  constructor(private readonly writable: boolean, chain?: DescriptorChain) {
+    if (chain !== undefined) this.reset(chain);
+  }
+
+  /** Starts over on this cursor's side of `chain` (a device's hot path reuses one cursor). */
+  reset(chain: DescriptorChain): this {
+    if (this.writable) this.point(chain, chain.writable, chain.writableLen);
+    else this.point(chain, chain.readable, chain.readableLen);
+    return this;
+  }
+
   /** Starts over on one side (`segs`, `end` bytes) of `chain`. */
   protected point(chain: DescriptorChain, segs: readonly Segment[], end: number): void {
     this.chain = chain;
     this.segs = segs;
     this.end = end;
     this.pos = 0;
+  }
+
+  /** Copies between `host` and the next bytes (as many as both have) and moves past them; returns how many. */
+  protected copyNext(host: Uint8Array, toGuest: boolean): number {
+    const n = copyAt(this.segs, this.pos, host.subarray(0, Math.min(host.length, this.remaining)), toGuest);
+    this.pos += n;
+    return n;
   }
 
   get remaining(): number {
@@ -146,35 +165,19 @@ abstract class ChainCursor {
 /** Reads a chain's device-readable bytes in order. */
 export class ChainReader extends ChainCursor {
   constructor(chain?: DescriptorChain) {
-    super();
-    if (chain !== undefined) this.reset(chain);
-  }
-
-  /** Starts over on `chain` (a device's hot path reuses one reader). */
-  reset(chain: DescriptorChain): this {
-    this.point(chain, chain.readable, chain.readableLen);
-    return this;
+    super(false, chain);
   }
 
   /** Copies up to dst.length bytes; returns how many. */
   read(dst: Uint8Array): number {
-    const n = copyAt(this.segs, this.pos, dst.subarray(0, Math.min(dst.length, this.remaining)), false);
-    this.pos += n;
-    return n;
+    return this.copyNext(dst, false);
   }
 }
 
 /** Writes a chain's device-writable bytes in order; `written` is the used length to report. */
 export class ChainWriter extends ChainCursor {
   constructor(chain?: DescriptorChain) {
-    super();
-    if (chain !== undefined) this.reset(chain);
-  }
-
-  /** Starts over on `chain` (a device's hot path reuses one writer per request slot). */
-  reset(chain: DescriptorChain): this {
-    this.point(chain, chain.writable, chain.writableLen);
-    return this;
+    super(true, chain);
   }
 
   /** Bytes written (or skipped over) so far: what the used element reports. */
@@ -184,9 +187,7 @@ export class ChainWriter extends ChainCursor {
 
   /** Copies as much of `src` as fits; returns how many bytes. */
   write(src: Uint8Array): number {
-    const n = copyAt(this.segs, this.pos, src.subarray(0, Math.min(src.length, this.remaining)), true);
-    this.pos += n;
-    return n;
+    return this.copyNext(src, true);
   }
 
   /**

@@ -33,16 +33,30 @@ export type ToQueueThread =
   | { type: "stop"; index: number }
   | { type: "exit" };
 
-/** Shared words: READY flag, wake fd, STOP sequence, and the stopped ring position. */
-export const SLOT_READY = 0;
-export const SLOT_WAKE_FD = 1;
-export const SLOT_STOP_SEQ = 2;
-export const SLOT_NEXT_AVAIL = 3;
-export const SLOT_NEXT_USED = 4;
-export const SLOT_ERROR = 5;
-/** Memory regions added: the thread counts each "add-region" it has applied. */
-export const SLOT_MEM_SEQ = 6;
-export const ERROR_NOT_RUNNING = 2;
+/** The words shared with the thread (indexes in an Int32Array). */
+export const SLOT = {
+  /** 0 while starting, 1 running, 2 failed to start. */
+  READY: 0,
+  /** The thread's event loop wake fd. */
+  WAKE_FD: 1,
+  /** "stop" messages handled so far. */
+  STOP_SEQ: 2,
+  /** The stopped ring's position. */
+  NEXT_AVAIL: 3,
+  NEXT_USED: 4,
+  /** Why a stop left no position (a STOP_ERROR). */
+  ERROR: 5,
+  /** Memory regions added: the thread counts each "add-region" it has applied. */
+  MEM_SEQ: 6,
+} as const;
+/** What a stop found (SLOT.ERROR). */
+export const STOP_ERROR = {
+  NONE: 0,
+  /** Stopping the ring threw (logged by the thread). */
+  FAILED: 1,
+  /** The ring was not running on this thread. */
+  NOT_RUNNING: 2,
+} as const;
 const TIMEOUT_MS = 10_000;
 
 /** One queue thread. */
@@ -63,14 +77,14 @@ export class QueueThread {
 
   private post(msg: ToQueueThread): void {
     this.worker.postMessage(msg);
-    const wake = Atomics.load(this.shared, SLOT_WAKE_FD);
-    if (Atomics.load(this.shared, SLOT_READY) === 1) signal(wake); // it may sit in epoll_wait
+    const wake = Atomics.load(this.shared, SLOT.WAKE_FD);
+    if (Atomics.load(this.shared, SLOT.READY) === 1) signal(wake); // it may sit in epoll_wait
   }
 
   /** Blocks until the thread has built its runner (throws when it failed or did not start in time). */
   waitReady(): void {
-    if (Atomics.wait(this.shared, SLOT_READY, 0, TIMEOUT_MS) === "timed-out") throw new Error("queue thread did not start");
-    if (Atomics.load(this.shared, SLOT_READY) !== 1) throw new Error("queue thread failed to start");
+    if (Atomics.wait(this.shared, SLOT.READY, 0, TIMEOUT_MS) === "timed-out") throw new Error("queue thread did not start");
+    if (Atomics.load(this.shared, SLOT.READY) !== 1) throw new Error("queue thread failed to start");
   }
 
   /** Hands the ring to the thread; this thread must not touch it until stop(). */
@@ -87,18 +101,18 @@ export class QueueThread {
   stop(index: number): RingPosition | null {
     const seq = ++this.stopSeq;
     this.post({ type: "stop", index });
-    this.waitSeq(SLOT_STOP_SEQ, seq, `did not stop queue ${index}`);
-    const error = Atomics.load(this.shared, SLOT_ERROR);
-    if (error === ERROR_NOT_RUNNING) return null; // it never started there
-    if (error !== 0) throw new Error(`queue ${index}: thread failed while stopping`);
-    return { nextAvail: Atomics.load(this.shared, SLOT_NEXT_AVAIL), nextUsed: Atomics.load(this.shared, SLOT_NEXT_USED) };
+    this.waitSeq(SLOT.STOP_SEQ, seq, `did not stop queue ${index}`);
+    const error = Atomics.load(this.shared, SLOT.ERROR);
+    if (error === STOP_ERROR.NOT_RUNNING) return null; // it never started there
+    if (error !== STOP_ERROR.NONE) throw new Error(`queue ${index}: thread failed while stopping`);
+    return { nextAvail: Atomics.load(this.shared, SLOT.NEXT_AVAIL), nextUsed: Atomics.load(this.shared, SLOT.NEXT_USED) };
   }
 
   /** Extends the memory table of every ring the thread serves, blocking until it has. */
   addRegion(region: RegionShare): void {
     const seq = ++this.memSeq;
     this.post({ type: "add-region", region });
-    this.waitSeq(SLOT_MEM_SEQ, seq, "did not take a new memory region");
+    this.waitSeq(SLOT.MEM_SEQ, seq, "did not take a new memory region");
   }
 
   /** Waits until the thread has counted `seq` in `slot`; throws after TIMEOUT_MS. */

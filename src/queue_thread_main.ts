@@ -8,10 +8,7 @@ import { log, setLogLevel } from "./log.ts";
 import { applyThreadSettings } from "./thread_settings.ts";
 import type { QueueRunner } from "./device.ts";
 import type { EventLoop as Loop } from "./event_loop.ts";
-import {
-  type ToQueueThread, SLOT_READY, SLOT_WAKE_FD, SLOT_STOP_SEQ, SLOT_NEXT_AVAIL, SLOT_NEXT_USED, SLOT_ERROR, SLOT_MEM_SEQ,
-  ERROR_NOT_RUNNING,
-} from "./queue_thread.ts";
+import { type ToQueueThread, SLOT, STOP_ERROR } from "./queue_thread.ts";
 
 declare const self: Worker;
 
@@ -43,13 +40,13 @@ self.onmessage = async (ev: MessageEvent<ToQueueThread>) => {
         if (factory === undefined) throw new Error(`device '${msg.device}' has no queue runner`);
         const loop = new EventLoop();
         state = { loop, runner: factory(msg.options, loop), shared };
-        Atomics.store(shared, SLOT_WAKE_FD, loop.wakeFd);
-        Atomics.store(shared, SLOT_READY, 1);
+        Atomics.store(shared, SLOT.WAKE_FD, loop.wakeFd);
+        Atomics.store(shared, SLOT.READY, 1);
       } catch (e) {
         log.error("queue thread failed to start:", e);
-        Atomics.store(shared, SLOT_READY, 2);
+        Atomics.store(shared, SLOT.READY, 2);
       }
-      Atomics.notify(shared, SLOT_READY);
+      Atomics.notify(shared, SLOT.READY);
       state?.loop.run();
       return;
     }
@@ -74,28 +71,28 @@ self.onmessage = async (ev: MessageEvent<ToQueueThread>) => {
           log.error(`queue ${index}: could not add a memory region:`, e);
         }
       }
-      Atomics.add(state!.shared, SLOT_MEM_SEQ, 1);
-      Atomics.notify(state!.shared, SLOT_MEM_SEQ);
+      Atomics.add(state!.shared, SLOT.MEM_SEQ, 1);
+      Atomics.notify(state!.shared, SLOT.MEM_SEQ);
       return;
     }
     case "stop": {
       memories.delete(msg.index);
       const s = state!.shared;
-      let failed = 0;
+      let failed: number = STOP_ERROR.NONE;
       try {
         const pos = state!.runner.stop(msg.index);
-        if (pos === null) failed = ERROR_NOT_RUNNING;
+        if (pos === null) failed = STOP_ERROR.NOT_RUNNING;
         else {
-          Atomics.store(s, SLOT_NEXT_AVAIL, pos.nextAvail);
-          Atomics.store(s, SLOT_NEXT_USED, pos.nextUsed);
+          Atomics.store(s, SLOT.NEXT_AVAIL, pos.nextAvail);
+          Atomics.store(s, SLOT.NEXT_USED, pos.nextUsed);
         }
       } catch (e) {
         log.error(`queue ${msg.index}: stop failed:`, e);
-        failed = 1;
+        failed = STOP_ERROR.FAILED;
       }
-      Atomics.store(s, SLOT_ERROR, failed);
-      Atomics.add(s, SLOT_STOP_SEQ, 1);
-      Atomics.notify(s, SLOT_STOP_SEQ);
+      Atomics.store(s, SLOT.ERROR, failed);
+      Atomics.add(s, SLOT.STOP_SEQ, 1);
+      Atomics.notify(s, SLOT.STOP_SEQ);
       return;
     }
     case "exit":
