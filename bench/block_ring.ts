@@ -7,7 +7,7 @@
  * No TCG guest in the way, so the backends' host CPU per I/O is measured with little noise, and two
  * builds of ours can be compared back to back (`--ours-bin`) alongside qemu-storage-daemon.
  *
- *   bun run bench:block-ring [--rounds 5] [--seconds 3] [--jobs a,b] [--ours-bin label=PATH ...] [--format raw|qcow2|qcow2-empty|nbd]
+ *   bun run bench:block-ring [--rounds 5] [--seconds 3] [--jobs a,b] [--ours-bin label=PATH ...] [--format raw|qcow2|qcow2-empty|nbd|rbd]
  *                            [--no-qsd] [--qsd PATH] [--perf-stat] [--perf] [--warmup SECONDS]
  *
  * Per job and backend it prints the median IOPS and host CPU µs per I/O (utime+stime of the whole
@@ -15,7 +15,7 @@
  * The driver itself is single-threaded and busy only between waits on the call eventfd; its own CPU
  * is not counted. Backends run one after the other, never at once, rotating order every round.
  */
-import { existsSync, mkdirSync, mkdtempSync, rmSync } from "node:fs";
+import { appendFileSync, existsSync, mkdirSync, mkdtempSync, rmSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join, resolve } from "node:path";
 import { parseArgs } from "node:util";
@@ -30,6 +30,7 @@ import { VIRTIO_BLK_T } from "../devices/block/config.ts";
 import { FrontendConnection, GuestRam, Req, RING_PACKED, u64, vringAddr, vringState, memTable } from "../test/support/frontend.ts";
 import { cpuTicks, CLK_TCK, createImage, startNbdServer, startOurs, startQsd, type Backend, type NbdServer } from "./lib/backends.ts";
 import { fmt, median, table } from "./lib/stats.ts";
+import { CephCluster } from "../test/support/ceph_cluster.ts";
 import { jitDumpEnv, startPerf } from "./lib/perf.ts";
 
 const ROOT = resolve(import.meta.dir, "..");
@@ -275,10 +276,14 @@ async function main(): Promise<void> {
   const jobs = a.jobs ? a.jobs.split(",").map((n) => JOBS.find((j) => j.name === n) ?? fail(`unknown job ${n}`)) : JOBS;
   const imageBytes = Number(a["image-mib"]) << 20;
   // raw; qcow2 (64 KiB clusters, every cluster allocated up front); qcow2-empty (allocates as it goes);
-  // nbd (one raw image behind one qemu-nbd on a unix socket, the same export for every backend).
+  // nbd (one raw image behind one qemu-nbd on a unix socket, the same export for every backend);
+  // rbd (one image of a single-node Ceph cluster, test/support/ceph_cluster.ts, memstore OSD: every
+  // backend serves the same image, ours by its rbd: spec, qsd through its rbd driver).
   const format = a.format!;
-  if (!["raw", "qcow2", "qcow2-empty", "nbd"].includes(format)) fail(`--format ${format}: raw, qcow2, qcow2-empty or nbd`);
+  if (!["raw", "qcow2", "qcow2-empty", "nbd", "rbd"].includes(format)) fail(`--format ${format}: raw, qcow2, qcow2-empty, nbd or rbd`);
   const nbdTarget = format === "nbd";
+  const rbdTarget = format === "rbd";
+  let cluster: CephCluster | null = null;
   const makeImage = (path: string) => {
     if (format === "raw" || format === "nbd") return createImage(path, imageBytes);
     rmSync(path, { force: true });
@@ -332,6 +337,7 @@ async function main(): Promise<void> {
           queueSize: QUEUE_SIZE,
           format: format === "qcow2" || format === "qcow2-empty" ? "qcow2" : "raw",
           nbd: nbdTarget ? { socket: join(dir, "nbd.sock"), exportName: "bench" } : undefined,
+          rbd: cluster !== null ? { pool: "rbd", image: "bench", conf: cluster.conf } : undefined,
         }),
     });
   }
@@ -347,15 +353,27 @@ async function main(): Promise<void> {
       makeImage(NBD_IMAGE);
       server = await startNbdServer(NBD_IMAGE, join(dir, "nbd.sock"), "bench");
     }
+    if (rbdTarget) {
+      cluster = await CephCluster.start();
+      // librbd's cache is writethrough until the client's first flush (a guest flushes early; this
+      // driver never does): writeback from the start for both backends, as after a guest's flush.
+      appendFileSync(cluster.conf, "\n[client]\nrbd cache writethrough until flush = false\n");
+      cluster.createPool("rbd");
+      cluster.createImage("rbd", "bench", imageBytes);
+      // Every object written once, so reads hit data (a read of an absent object costs the OSD less).
+      cluster.rbd(["bench", "--io-type", "write", "--io-size", "4M", "--io-threads", "4", "--io-total", String(imageBytes), "--io-pattern", "seq", "rbd/bench"]);
+    }
+    const serverPid = server?.pid ?? cluster?.osdPid ?? 0;
     for (const [i, c] of contenders.entries()) {
-      // NBD: every backend serves the one export (ours by its URI, qsd through its nbd driver).
-      const image = server !== null ? server.uri : imagePath(i);
-      if (server === null) makeImage(image);
+      // NBD: every backend serves the one export (ours by its URI, qsd through its nbd driver); RBD likewise.
+      const image = server !== null ? server.uri : cluster !== null ? `rbd:rbd/bench:conf=${cluster.conf}` : imagePath(i);
+      if (server === null && cluster === null) makeImage(image);
       const b = await c.start(join(dir, `${i}.sock`), image);
       live.push({ c, b, d: new RingDriver(b.socket, imageBytes) });
     }
     console.log(`block ring bench: ${rounds} rounds × ${seconds} s per job and backend; CLK_TCK ${CLK_TCK}`);
     if (server !== null) console.log(`  NBD server (pid ${server.pid}): ${server.argv.join(" ")}`);
+    if (cluster !== null) console.log(`  Ceph cluster: one mon, one memstore OSD (pid ${cluster.osdPid}; "server µs/IO" is its CPU), image rbd/bench of ${imageBytes >> 20} MiB, librbd cache writeback`);
     for (const l of live) console.log(`  ${l.c.label}: ${l.b.argv.join(" ")}`);
     // Each backend runs every job once, unmeasured, before the rounds: ours compiles its hot path
     // (JIT) in the first seconds, which is not the steady state a long-lived backend serves in.
@@ -379,7 +397,7 @@ async function main(): Promise<void> {
           l.b.assertAlive();
           server?.assertAlive();
           const stat = a["perf-stat"] ? await PerfStat.attach(l.b.pid, dir) : null;
-          const r = l.d.run(job, seconds, l.b.pid, 1 + round * 7919, server?.pid ?? 0);
+          const r = l.d.run(job, seconds, l.b.pid, 1 + round * 7919, serverPid);
           if (stat !== null) {
             const c = await stat.finish();
             counters.push({ job: job.name, label: l.c.label, ios: r.ios, ...c });
@@ -418,13 +436,13 @@ async function main(): Promise<void> {
           l.c.label === base ? "1.00" : fmt(cpu / median(b.cpu), 3),
           // Ratios of samples taken in the same round (back to back): cancels slow drift of the host.
           l.c.label === base ? "1.00" : fmt(median(r.cpu.map((c, i) => c / b.cpu[b.rounds.indexOf(r.rounds[i]!)]!)), 3),
-          ...(server !== null ? [fmt(median(r.serverCpu), 2)] : []),
+          ...(serverPid !== 0 ? [fmt(median(r.serverCpu), 2)] : []),
           String(r.errors),
         ]);
       }
     }
-    // The NBD server's CPU is common to both backends (what each one's requests cost it): not in theirs.
-    console.log(table(["job", "backend", "IOPS", "CPU µs/IO", "range", `IOPS/${base}`, `CPU/${base}`, "paired", ...(server !== null ? ["server µs/IO"] : []), "errors"], rows));
+    // The NBD server's (the OSD's) CPU is common to both backends (what each one's requests cost it): not in theirs.
+    console.log(table(["job", "backend", "IOPS", "CPU µs/IO", "range", `IOPS/${base}`, `CPU/${base}`, "paired", ...(serverPid !== 0 ? ["server µs/IO"] : []), "errors"], rows));
     if (counters.length > 0) {
       const crow: string[][] = [];
       for (const job of jobs) {
@@ -442,6 +460,7 @@ async function main(): Promise<void> {
       await l.b.stop();
     }
     await server?.stop();
+    await cluster?.stop();
     rmSync(dir, { recursive: true, force: true });
     for (let i = 0; i < contenders.length; i++) rmSync(imagePath(i), { force: true });
     rmSync(NBD_IMAGE, { force: true });

@@ -77,6 +77,8 @@ export interface QsdOptions extends BackendOptions {
   format?: "raw" | "qcow2";
   /** Serve an NBD export instead of `image` (QEMU's nbd driver, the export on a unix socket). */
   nbd?: { socket: string; exportName: string };
+  /** Serve a Ceph RBD image instead of `image` (QEMU's rbd driver). */
+  rbd?: { pool: string; image: string; conf: string };
 }
 
 export async function startOurs(label: BackendKind, o: OursOptions): Promise<Backend> {
@@ -101,6 +103,8 @@ export async function startQsd(label: BackendKind, o: QsdOptions): Promise<Backe
     // cache.direct=off: buffered, like ours without --direct (and O_DIRECT on tmpfs is moot anyway).
     "--blockdev", o.nbd !== undefined
       ? `driver=nbd,node-name=f,server.type=unix,server.path=${o.nbd.socket},export=${o.nbd.exportName}`
+      : o.rbd !== undefined
+      ? `driver=rbd,node-name=f,pool=${o.rbd.pool},image=${o.rbd.image},conf=${o.rbd.conf}`
       : o.format === "qcow2"
       ? `driver=qcow2,node-name=f,file.driver=file,file.filename=${o.image},file.cache.direct=off,file.aio=${o.aio}`
       : `driver=file,node-name=f,filename=${o.image},cache.direct=off,aio=${o.aio}`,

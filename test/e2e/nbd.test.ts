@@ -1,6 +1,7 @@
 // Our block backend serving an NBD export (qemu-nbd on a unix socket) to a real Linux guest in QEMU:
 // fio verify and ext2, and the same while the NBD server is killed and restarted under the guest's
-// I/O (the backend reconnects and resends; the guest sees no error).
+// I/O (the backend reconnects and resends; the guest sees no error). The same guest on a Ceph RBD
+// image of a single-node cluster (test/support/ceph_cluster.ts).
 import { afterAll, beforeAll, describe, expect, test } from "bun:test";
 import { rmSync } from "node:fs";
 import { join } from "node:path";
@@ -10,6 +11,7 @@ import { backendCommand, startBackend, type RunningBackend } from "./backend.ts"
 import { FIO_STOP, fioVerifyLoop, startMigration, startVm, summarize, waitMigration, writeGuestCommand, type Vm } from "./migrate_rig.ts";
 import { inflightFdPath, killWithRequestsInFlight, waitFor } from "./inflight_region.ts";
 import { NbdServer, disposeNbdServers } from "../support/nbd_server.ts";
+import { CephCluster, cephTestsUnavailable } from "../support/ceph_cluster.ts";
 import { NetNamespace, netnsAvailable, sh } from "../support/netns.ts";
 
 const running: RunningBackend[] = [];
@@ -23,10 +25,11 @@ afterAll(async () => {
   await disposeNbdServers();
 });
 
-/** Boots a guest whose disk is `server`'s export and runs `command`; `meanwhile` runs during the boot. */
-async function withNbdDisk(server: NbdServer, command: string, meanwhile?: (done: () => boolean) => Promise<void>) {
-  const sock = join(server.dir, "blk.sock");
-  const backend = await startBackend("block", sock, ["--file", server.uri, "--num-queues", "2"]);
+/** Boots a guest whose disk is `file` (an NBD URI, an rbd: spec), served by a backend with its socket
+ * in `dir`, and runs `command`; `meanwhile` runs during the boot. */
+async function withNetworkDisk(dir: string, file: string, command: string, meanwhile?: (done: () => boolean) => Promise<void>) {
+  const sock = join(dir, "blk.sock");
+  const backend = await startBackend("block", sock, ["--file", file, "--num-queues", "2"]);
   running.push(backend);
   let finished = false;
   const side = meanwhile?.(() => finished);
@@ -60,23 +63,23 @@ for i in 1 2 3; do head -c $((i * 500000)) /dev/urandom > /mnt/file$i; done
 umount /mnt && echo 3 > /proc/sys/vm/drop_caches && mount -t ext2 /dev/vda /mnt
 (cd /mnt && md5sum -c /tmp/sums)
 umount /mnt
-echo nbd-ok
+echo disk-ok
 `;
 
 describe("block device on an NBD export in a QEMU guest", () => {
   test("fio verify and ext2", async () => {
     const server = new NbdServer({ size: 128 << 20 });
     await server.start();
-    const { r } = await withNbdDisk(server, FIO_AND_EXT2);
+    const { r } = await withNetworkDisk(server.dir, server.uri, FIO_AND_EXT2);
     expect(r.exitStatus).toBe(0);
-    expect(r.serial).toContain("nbd-ok");
+    expect(r.serial).toContain("disk-ok");
   }, 360_000);
 
   test("the same while the NBD server is killed and restarted every few seconds", async () => {
     const server = new NbdServer({ size: 128 << 20 });
     await server.start();
     let outages = 0;
-    const { r, backendLog } = await withNbdDisk(server, FIO_AND_EXT2, async (done) => {
+    const { r, backendLog } = await withNetworkDisk(server.dir, server.uri, FIO_AND_EXT2, async (done) => {
       while (!done()) {
         await Bun.sleep(4000);
         if (done()) break;
@@ -87,13 +90,30 @@ describe("block device on an NBD export in a QEMU guest", () => {
       }
     });
     expect(r.exitStatus).toBe(0);
-    expect(r.serial).toContain("nbd-ok");
+    expect(r.serial).toContain("disk-ok");
     expect(outages).toBeGreaterThan(0);
     // The guest saw no I/O error.
     expect(r.serial).not.toMatch(/I\/O error|blk_update_request|Buffer I\/O/);
     // The backend saw the outages and came back from them.
     expect(backendLog).toContain("lost the connection");
     expect(backendLog).toContain("connected again");
+  }, 360_000);
+});
+
+describe.skipIf(cephTestsUnavailable() !== null)("block device on a Ceph RBD image in a QEMU guest", () => {
+  test("fio verify and ext2", async () => {
+    const cluster = await CephCluster.start();
+    try {
+      cluster.createPool("rbd");
+      cluster.createImage("rbd", "vm", 128 << 20);
+      const { r, backendLog } = await withNetworkDisk(cluster.dir, `rbd:rbd/vm:conf=${cluster.conf}`, FIO_AND_EXT2);
+      expect(r.exitStatus).toBe(0);
+      expect(r.serial).toContain("disk-ok");
+      expect(r.serial).not.toMatch(/I\/O error|blk_update_request|Buffer I\/O/);
+      expect(backendLog).toContain("RBD rbd/vm");
+    } finally {
+      await cluster.stop();
+    }
   }, 360_000);
 });
 

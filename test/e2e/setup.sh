@@ -65,8 +65,9 @@ APT_PACKAGES+=(strace)
 APT_PACKAGES+=(ceph-mon ceph-osd ceph-common librbd1)
 # Packages that must come from bookworm-backports, with the minimum version we need (QEMU's configure
 # insists on meson >= 1.5 and pycotap, and cannot fetch them offline).
-BPO_PACKAGES=(qemu-system-x86 qemu-utils meson python3-pycotap)
-declare -A BPO_MIN=([qemu-system-x86]="1:10.0" [qemu-utils]="1:10.0" [meson]="1.5" [python3-pycotap]="1.1")
+# qemu-block-extra: qemu-storage-daemon's rbd driver (block-rbd.so), the RBD bench's peer.
+BPO_PACKAGES=(qemu-system-x86 qemu-utils qemu-block-extra meson python3-pycotap)
+declare -A BPO_MIN=([qemu-system-x86]="1:10.0" [qemu-utils]="1:10.0" [qemu-block-extra]="1:10.0" [meson]="1.5" [python3-pycotap]="1.1")
 
 backports_configured() {
   # --no-release-info lists configured targets even if `apt-get update` has not fetched them yet.

@@ -62,6 +62,11 @@ export class CephCluster {
     this.conf = join(dir, "ceph.conf");
   }
 
+  /** The OSD's process id (a bench counts its CPU). */
+  get osdPid(): number {
+    return this.daemons.find((d) => d.name === "osd.0")?.proc.pid ?? 0;
+  }
+
   /** The monitor's address as `mon_host` spells it. */
   get monHost(): string {
     return `[v2:127.0.0.1:${this.monPorts.v2},v1:127.0.0.1:${this.monPorts.v1}]`;
