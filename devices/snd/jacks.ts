@@ -5,23 +5,29 @@
 // sequence fields of the pin configuration, the only thing the spec lets it change.
 import * as P from "./protocol.ts";
 
-// HDA spec 7.3.3.31, pin configuration default: [31:30] connectivity, [29:24] location,
-// [23:20] default device, [19:16] connection type, [15:12] color, [11:8] misc,
-// [7:4] default association, [3:0] sequence.
-const CONN_JACK = 0;
-const LOC_EXTERNAL_REAR = 0x01;
-const LOC_EXTERNAL_FRONT = 0x02;
-export const DEVICE_HP_OUT = 0x2;
-export const DEVICE_MIC_IN = 0xa;
-const CONN_EIGHTH_INCH = 0x1;
-const COLOR_GREEN = 0x4;
-const COLOR_PINK = 0x9;
+/**
+ * The field values the jacks' pin configuration defaults use (HDA spec 7.3.3.31: [31:30]
+ * connectivity, [29:24] location, [23:20] default device, [19:16] connection type, [15:12] color,
+ * [11:8] misc, [7:4] default association, [3:0] sequence).
+ */
+export const DEFCONF = {
+  CONN_JACK: 0,
+  LOC_EXTERNAL_REAR: 0x01,
+  LOC_EXTERNAL_FRONT: 0x02,
+  DEVICE_HP_OUT: 0x2,
+  DEVICE_MIC_IN: 0xa,
+  CONN_EIGHTH_INCH: 0x1,
+  COLOR_GREEN: 0x4,
+  COLOR_PINK: 0x9,
+} as const;
 
-// HDA spec 7.3.4.9, pin capabilities.
-const PINCAP_PRES_DETECT = 1 << 2;
-const PINCAP_HP_DRV = 1 << 3;
-const PINCAP_OUT = 1 << 4;
-const PINCAP_IN = 1 << 5;
+/** Pin capabilities (HDA spec 7.3.4.9). */
+const PINCAP = {
+  PRES_DETECT: 1 << 2,
+  HP_DRV: 1 << 3,
+  OUT: 1 << 4,
+  IN: 1 << 5,
+} as const;
 
 export function defconf(f: { connectivity: number; location: number; device: number; connection: number; color: number; misc: number; association: number; sequence: number }): number {
   return (
@@ -60,16 +66,16 @@ export class SndJacks {
         direction: d.direction,
         nid: d.nid,
         defconf: defconf({
-          connectivity: CONN_JACK,
-          location: out ? LOC_EXTERNAL_REAR : LOC_EXTERNAL_FRONT,
-          device: out ? DEVICE_HP_OUT : DEVICE_MIC_IN,
-          connection: CONN_EIGHTH_INCH,
-          color: out ? COLOR_GREEN : COLOR_PINK,
+          connectivity: DEFCONF.CONN_JACK,
+          location: out ? DEFCONF.LOC_EXTERNAL_REAR : DEFCONF.LOC_EXTERNAL_FRONT,
+          device: out ? DEFCONF.DEVICE_HP_OUT : DEFCONF.DEVICE_MIC_IN,
+          connection: DEFCONF.CONN_EIGHTH_INCH,
+          color: out ? DEFCONF.COLOR_GREEN : DEFCONF.COLOR_PINK,
           misc: 0,
           association: 1,
           sequence: 0,
         }),
-        caps: out ? PINCAP_PRES_DETECT | PINCAP_HP_DRV | PINCAP_OUT : PINCAP_PRES_DETECT | PINCAP_IN,
+        caps: out ? PINCAP.PRES_DETECT | PINCAP.HP_DRV | PINCAP.OUT : PINCAP.PRES_DETECT | PINCAP.IN,
         connected: true,
       });
     }

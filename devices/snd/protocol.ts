@@ -298,6 +298,17 @@ function exact(b: Uint8Array, n: number, what: string): string | null {
   return b.length === n ? null : `${what}: ${b.length} bytes, expected ${n}`;
 }
 
+/**
+ * The id after the code of a request that must be exactly `size` bytes, checked to be below
+ * `count` (`what` names the request, `item` what the id counts, in the error).
+ */
+function decodeId(b: Uint8Array, size: number, what: string, item: string, count: number): Decoded<number> {
+  const e = exact(b, size, what);
+  if (e) return bad(e);
+  const id = view(b).getUint32(4, true);
+  return id < count ? { ok: true, value: id } : bad(`${what}: ${item} ${id} of ${count}`);
+}
+
 /** The code of a request, or null when fewer than 4 bytes came. */
 export function requestCode(b: Uint8Array): number | null {
   return b.length < HDR_BYTES ? null : view(b).getUint32(0, true);
@@ -338,21 +349,17 @@ export function decodeRequest(b: Uint8Array, limits: SndLimits): Decoded<SndRequ
       return { ok: true, value: { kind: "query", code, startId, count, size } };
     }
     case R_JACK_REMAP: {
-      const e = exact(b, JACK_REMAP_BYTES, "jack_remap");
-      if (e) return bad(e);
-      const jackId = dv.getUint32(4, true);
-      if (jackId >= limits.jacks) return bad(`jack_remap: jack ${jackId} of ${limits.jacks}`);
-      return { ok: true, value: { kind: "jack_remap", code, jackId, association: dv.getUint32(8, true), sequence: dv.getUint32(12, true) } };
+      const id = decodeId(b, JACK_REMAP_BYTES, "jack_remap", "jack", limits.jacks);
+      if (!id.ok) return id;
+      return { ok: true, value: { kind: "jack_remap", code, jackId: id.value, association: dv.getUint32(8, true), sequence: dv.getUint32(12, true) } };
     }
     case R_PCM_SET_PARAMS: {
-      const e = exact(b, PCM_SET_PARAMS_BYTES, "pcm_set_params");
-      if (e) return bad(e);
-      const streamId = dv.getUint32(4, true);
-      if (streamId >= limits.streams) return bad(`pcm_set_params: stream ${streamId} of ${limits.streams}`);
+      const id = decodeId(b, PCM_SET_PARAMS_BYTES, "pcm_set_params", "stream", limits.streams);
+      if (!id.ok) return id;
       return {
         ok: true,
         value: {
-          kind: "set_params", code, streamId,
+          kind: "set_params", code, streamId: id.value,
           bufferBytes: dv.getUint32(8, true),
           periodBytes: dv.getUint32(12, true),
           features: dv.getUint32(16, true),
@@ -366,27 +373,21 @@ export function decodeRequest(b: Uint8Array, limits: SndLimits): Decoded<SndRequ
     case R_PCM_RELEASE:
     case R_PCM_START:
     case R_PCM_STOP: {
-      const e = exact(b, PCM_HDR_BYTES, "pcm_hdr");
-      if (e) return bad(e);
-      const streamId = dv.getUint32(4, true);
-      if (streamId >= limits.streams) return bad(`pcm ${hex(code)}: stream ${streamId} of ${limits.streams}`);
-      return { ok: true, value: { kind: "pcm", code, streamId } };
+      const id = decodeId(b, PCM_HDR_BYTES, `pcm ${hex(code)}`, "stream", limits.streams);
+      if (!id.ok) return id;
+      return { ok: true, value: { kind: "pcm", code, streamId: id.value } };
     }
     case R_CTL_ENUM_ITEMS:
     case R_CTL_READ:
     case R_CTL_TLV_READ: {
-      const e = exact(b, CTL_HDR_BYTES, "ctl_hdr");
-      if (e) return bad(e);
-      const controlId = dv.getUint32(4, true);
-      if (controlId >= limits.controls!) return bad(`ctl ${hex(code)}: control ${controlId} of ${limits.controls}`);
-      return { ok: true, value: { kind: "ctl", code, controlId } };
+      const id = decodeId(b, CTL_HDR_BYTES, `ctl ${hex(code)}`, "control", limits.controls!);
+      if (!id.ok) return id;
+      return { ok: true, value: { kind: "ctl", code, controlId: id.value } };
     }
     case R_CTL_WRITE: {
-      const e = exact(b, CTL_HDR_BYTES + CTL_VALUE_BYTES, "ctl_write");
-      if (e) return bad(e);
-      const controlId = dv.getUint32(4, true);
-      if (controlId >= limits.controls!) return bad(`ctl_write: control ${controlId} of ${limits.controls}`);
-      return { ok: true, value: { kind: "ctl_write", code, controlId, value: b.slice(CTL_HDR_BYTES) } };
+      const id = decodeId(b, CTL_HDR_BYTES + CTL_VALUE_BYTES, "ctl_write", "control", limits.controls!);
+      if (!id.ok) return id;
+      return { ok: true, value: { kind: "ctl_write", code, controlId: id.value, value: b.slice(CTL_HDR_BYTES) } };
     }
     case R_CTL_TLV_WRITE:
     case R_CTL_TLV_COMMAND: {

@@ -11,7 +11,7 @@ import { bytesPerSample, frameBytes, rateHz, rateIndex, hostCaps, fixedCaps, bit
 import { PcmStream, checkParams, type PcmParams, type PcmState } from "../../devices/snd/stream.ts";
 import { Pacer } from "../../devices/snd/pacing.ts";
 import { SndControls, applyGain, UNITY, VOLUME_MAX, TLV_DB_SCALE, volumeToLinear } from "../../devices/snd/controls.ts";
-import { SndJacks, defconfDevice, DEVICE_HP_OUT, DEVICE_MIC_IN } from "../../devices/snd/jacks.ts";
+import { SndJacks, defconfDevice, DEFCONF } from "../../devices/snd/jacks.ts";
 import { STANDARD_LAYOUTS, buildChmaps, waveChannelMask } from "../../devices/snd/chmap.ts";
 import { WavWriter, WavReader, readWavInfo, wavHeader, wavCaps } from "../../devices/snd/wav.ts";
 import { parseSndOptions, parseCrosvmConfig, checkSndPaths, playbackPath, capturePath } from "../../devices/snd/options.ts";
@@ -494,12 +494,12 @@ describe("snd jacks and channel maps", () => {
   test("one jack per direction: headphone out, mic in, connected, REMAP, plug events", () => {
     const j = new SndJacks([{ direction: P.D_OUTPUT, nid: 0 }, { direction: P.D_INPUT, nid: 0 }]);
     expect(j.count).toBe(2);
-    expect(defconfDevice(j.info(0).defconf)).toBe(DEVICE_HP_OUT);
-    expect(defconfDevice(j.info(1).defconf)).toBe(DEVICE_MIC_IN);
+    expect(defconfDevice(j.info(0).defconf)).toBe(DEFCONF.DEVICE_HP_OUT);
+    expect(defconfDevice(j.info(1).defconf)).toBe(DEFCONF.DEVICE_MIC_IN);
     expect(j.info(0)).toMatchObject({ connected: true, features: 1 << P.JACK_F_REMAP });
     expect(j.remap(0, 2, 3).status).toBe(P.S_OK);
     expect(j.info(0).defconf & 0xff).toBe(0x23);
-    expect(defconfDevice(j.info(0).defconf)).toBe(DEVICE_HP_OUT);
+    expect(defconfDevice(j.info(0).defconf)).toBe(DEFCONF.DEVICE_HP_OUT);
     expect(j.remap(0, 16, 0).status).toBe(P.S_BAD_MSG);
     expect(j.remap(5, 0, 0).status).toBe(P.S_BAD_MSG);
     expect(j.setConnected(1, false)).toEqual({ code: P.EVT_JACK_DISCONNECTED, data: 1 });
