@@ -14,8 +14,7 @@ const SYMBOLS = {
   snd_pcm_name: { args: ["ptr"], returns: "cstring" },
   snd_pcm_state: { args: ["ptr"], returns: "i32" },
   snd_pcm_nonblock: { args: ["ptr", "i32"], returns: "i32" },
-  snd_pcm_hw_params_malloc: { args: ["ptr"], returns: "i32" },
-  snd_pcm_hw_params_free: { args: ["ptr"], returns: "void" },
+  snd_pcm_hw_params_sizeof: { args: [], returns: FFIType.u64_fast },
   snd_pcm_hw_params_any: { args: ["ptr", "ptr"], returns: "i32" },
   snd_pcm_hw_params: { args: ["ptr", "ptr"], returns: "i32" },
   snd_pcm_hw_params_set_access: { args: ["ptr", "ptr", "i32"], returns: "i32" },
@@ -33,8 +32,7 @@ const SYMBOLS = {
   snd_pcm_hw_params_test_format: { args: ["ptr", "ptr", "i32"], returns: "i32" },
   snd_pcm_hw_params_test_rate: { args: ["ptr", "ptr", "u32", "i32"], returns: "i32" },
   snd_pcm_hw_params_test_channels: { args: ["ptr", "ptr", "u32"], returns: "i32" },
-  snd_pcm_sw_params_malloc: { args: ["ptr"], returns: "i32" },
-  snd_pcm_sw_params_free: { args: ["ptr"], returns: "void" },
+  snd_pcm_sw_params_sizeof: { args: [], returns: FFIType.u64_fast },
   snd_pcm_sw_params_current: { args: ["ptr", "ptr"], returns: "i32" },
   snd_pcm_sw_params: { args: ["ptr", "ptr"], returns: "i32" },
   snd_pcm_sw_params_set_start_threshold: { args: ["ptr", "ptr", "u64"], returns: "i32" },
@@ -178,21 +176,17 @@ export function pcmClose(pcm: PcmHandle): void {
   alsa().snd_pcm_close(pcm);
 }
 
-/** snd_pcm_hw_params_t* allocated with malloc; free it with hwParamsFree(). */
-export function hwParamsMalloc(): Pointer {
-  return allocated(alsa().snd_pcm_hw_params_malloc(handleOut), "snd_pcm_hw_params_malloc");
+/**
+ * A zeroed snd_pcm_hw_params_t in memory of ours, as snd_pcm_hw_params_alloca makes one: ALSA
+ * gives the size, nothing needs freeing, and ALSA keeps no pointer to it between calls.
+ */
+export function hwParams(): Uint8Array {
+  return new Uint8Array(Number(alsa().snd_pcm_hw_params_sizeof()));
 }
 
-export function hwParamsFree(p: Pointer): void {
-  alsa().snd_pcm_hw_params_free(p);
-}
-
-export function swParamsMalloc(): Pointer {
-  return allocated(alsa().snd_pcm_sw_params_malloc(handleOut), "snd_pcm_sw_params_malloc");
-}
-
-export function swParamsFree(p: Pointer): void {
-  alsa().snd_pcm_sw_params_free(p);
+/** A zeroed snd_pcm_sw_params_t, as snd_pcm_sw_params_alloca makes one (see hwParams). */
+export function swParams(): Uint8Array {
+  return new Uint8Array(Number(alsa().snd_pcm_sw_params_sizeof()));
 }
 
 const u32Out = new Uint32Array(1);
@@ -200,7 +194,7 @@ const i32Dir = new Int32Array(1);
 const ulongOut = new BigUint64Array(1);
 
 /** snd_pcm_hw_params_set_rate_near: returns the rate ALSA chose. */
-export function hwSetRateNear(pcm: PcmHandle, hw: Pointer, rate: number): number {
+export function hwSetRateNear(pcm: PcmHandle, hw: Uint8Array, rate: number): number {
   u32Out[0] = rate;
   i32Dir[0] = 0;
   alsaCheck(alsa().snd_pcm_hw_params_set_rate_near(pcm, hw, u32Out, i32Dir), "snd_pcm_hw_params_set_rate_near");
@@ -208,7 +202,7 @@ export function hwSetRateNear(pcm: PcmHandle, hw: Pointer, rate: number): number
 }
 
 /** snd_pcm_hw_params_set_period_size_near (frames): returns the size ALSA chose. */
-export function hwSetPeriodSizeNear(pcm: PcmHandle, hw: Pointer, frames: number): number {
+export function hwSetPeriodSizeNear(pcm: PcmHandle, hw: Uint8Array, frames: number): number {
   ulongOut[0] = BigInt(frames);
   i32Dir[0] = 0;
   alsaCheck(alsa().snd_pcm_hw_params_set_period_size_near(pcm, hw, ulongOut, i32Dir), "snd_pcm_hw_params_set_period_size_near");
@@ -216,23 +210,23 @@ export function hwSetPeriodSizeNear(pcm: PcmHandle, hw: Pointer, frames: number)
 }
 
 /** snd_pcm_hw_params_set_buffer_size_near (frames): returns the size ALSA chose. */
-export function hwSetBufferSizeNear(pcm: PcmHandle, hw: Pointer, frames: number): number {
+export function hwSetBufferSizeNear(pcm: PcmHandle, hw: Uint8Array, frames: number): number {
   ulongOut[0] = BigInt(frames);
   alsaCheck(alsa().snd_pcm_hw_params_set_buffer_size_near(pcm, hw, ulongOut), "snd_pcm_hw_params_set_buffer_size_near");
   return Number(ulongOut[0]);
 }
 
-export function hwGetPeriodSize(hw: Pointer): number {
+export function hwGetPeriodSize(hw: Uint8Array): number {
   alsaCheck(alsa().snd_pcm_hw_params_get_period_size(hw, ulongOut, i32Dir), "snd_pcm_hw_params_get_period_size");
   return Number(ulongOut[0]);
 }
 
-export function hwGetBufferSize(hw: Pointer): number {
+export function hwGetBufferSize(hw: Uint8Array): number {
   alsaCheck(alsa().snd_pcm_hw_params_get_buffer_size(hw, ulongOut), "snd_pcm_hw_params_get_buffer_size");
   return Number(ulongOut[0]);
 }
 
-export function hwGetChannelsRange(hw: Pointer): { min: number; max: number } {
+export function hwGetChannelsRange(hw: Uint8Array): { min: number; max: number } {
   alsaCheck(alsa().snd_pcm_hw_params_get_channels_min(hw, u32Out), "snd_pcm_hw_params_get_channels_min");
   const min = u32Out[0]!;
   alsaCheck(alsa().snd_pcm_hw_params_get_channels_max(hw, u32Out), "snd_pcm_hw_params_get_channels_max");

@@ -6,25 +6,21 @@ import * as A from "../../ffi/alsa.ts";
 
 function configure(pcm: A.PcmHandle, channels: number, rate: number, periodFrames: number) {
   const s = A.alsa();
-  const hw = A.hwParamsMalloc();
-  try {
-    A.alsaCheck(s.snd_pcm_hw_params_any(pcm, hw), "snd_pcm_hw_params_any");
-    const tests = {
-      s16: s.snd_pcm_hw_params_test_format(pcm, hw, A.SND_PCM_FORMAT_S16_LE),
-      rate: s.snd_pcm_hw_params_test_rate(pcm, hw, rate, 0),
-      channels: s.snd_pcm_hw_params_test_channels(pcm, hw, channels),
-    };
-    A.alsaCheck(s.snd_pcm_hw_params_set_access(pcm, hw, A.SND_PCM_ACCESS_RW_INTERLEAVED), "set_access");
-    A.alsaCheck(s.snd_pcm_hw_params_set_format(pcm, hw, A.SND_PCM_FORMAT_S16_LE), "set_format");
-    A.alsaCheck(s.snd_pcm_hw_params_set_channels(pcm, hw, channels), "set_channels");
-    const gotRate = A.hwSetRateNear(pcm, hw, rate);
-    const period = A.hwSetPeriodSizeNear(pcm, hw, periodFrames);
-    const buffer = A.hwSetBufferSizeNear(pcm, hw, periodFrames * 4);
-    A.alsaCheck(s.snd_pcm_hw_params(pcm, hw), "snd_pcm_hw_params");
-    return { tests, gotRate, period, buffer, periodAfter: A.hwGetPeriodSize(hw), bufferAfter: A.hwGetBufferSize(hw) };
-  } finally {
-    A.hwParamsFree(hw);
-  }
+  const hw = A.hwParams();
+  A.alsaCheck(s.snd_pcm_hw_params_any(pcm, hw), "snd_pcm_hw_params_any");
+  const tests = {
+    s16: s.snd_pcm_hw_params_test_format(pcm, hw, A.SND_PCM_FORMAT_S16_LE),
+    rate: s.snd_pcm_hw_params_test_rate(pcm, hw, rate, 0),
+    channels: s.snd_pcm_hw_params_test_channels(pcm, hw, channels),
+  };
+  A.alsaCheck(s.snd_pcm_hw_params_set_access(pcm, hw, A.SND_PCM_ACCESS_RW_INTERLEAVED), "set_access");
+  A.alsaCheck(s.snd_pcm_hw_params_set_format(pcm, hw, A.SND_PCM_FORMAT_S16_LE), "set_format");
+  A.alsaCheck(s.snd_pcm_hw_params_set_channels(pcm, hw, channels), "set_channels");
+  const gotRate = A.hwSetRateNear(pcm, hw, rate);
+  const period = A.hwSetPeriodSizeNear(pcm, hw, periodFrames);
+  const buffer = A.hwSetBufferSizeNear(pcm, hw, periodFrames * 4);
+  A.alsaCheck(s.snd_pcm_hw_params(pcm, hw), "snd_pcm_hw_params");
+  return { tests, gotRate, period, buffer, periodAfter: A.hwGetPeriodSize(hw), bufferAfter: A.hwGetBufferSize(hw) };
 }
 
 const s = A.alsa();
@@ -33,12 +29,11 @@ const out: Record<string, unknown> = {};
 // Playback: 10 periods of a ramp through `tofile`.
 const play = A.pcmOpen("tofile", A.SND_PCM_STREAM_PLAYBACK, A.SND_PCM_NONBLOCK);
 out.playConfig = configure(play, 2, 48000, 480);
-const sw = A.swParamsMalloc();
+const sw = A.swParams();
 A.alsaCheck(s.snd_pcm_sw_params_current(play, sw), "sw_params_current");
 A.alsaCheck(s.snd_pcm_sw_params_set_start_threshold(play, sw, 480n), "set_start_threshold");
 A.alsaCheck(s.snd_pcm_sw_params_set_avail_min(play, sw, 480n), "set_avail_min");
 A.alsaCheck(s.snd_pcm_sw_params(play, sw), "sw_params");
-A.swParamsFree(sw);
 A.alsaCheck(s.snd_pcm_prepare(play), "prepare");
 out.preparedState = s.snd_pcm_state(play);
 const period = new Uint8Array(480 * 4);

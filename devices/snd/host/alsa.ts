@@ -41,31 +41,23 @@ export function probeAlsa(name: string, direction: P.Direction): void {
 
 function configure(pcm: A.PcmHandle, p: PcmParams, frame: number): void {
   const s = A.alsa();
-  const hw = A.hwParamsMalloc();
-  try {
-    A.alsaCheck(s.snd_pcm_hw_params_any(pcm, hw), "snd_pcm_hw_params_any");
-    A.alsaCheck(s.snd_pcm_hw_params_set_access(pcm, hw, A.SND_PCM_ACCESS_RW_INTERLEAVED), "set_access");
-    A.alsaCheck(s.snd_pcm_hw_params_set_format(pcm, hw, ALSA_FORMAT[p.format]!), "set_format");
-    A.alsaCheck(s.snd_pcm_hw_params_set_channels(pcm, hw, p.channels), "set_channels");
-    const want = rateHz(p.rate)!;
-    const got = A.hwSetRateNear(pcm, hw, want);
-    if (got !== want) throw new Error(`the host PCM offers ${got} Hz, not ${want} Hz`);
-    A.hwSetPeriodSizeNear(pcm, hw, p.periodBytes / frame);
-    A.hwSetBufferSizeNear(pcm, hw, p.bufferBytes / frame);
-    A.alsaCheck(s.snd_pcm_hw_params(pcm, hw), "snd_pcm_hw_params");
-  } finally {
-    A.hwParamsFree(hw);
-  }
-  const sw = A.swParamsMalloc();
-  try {
-    A.alsaCheck(s.snd_pcm_sw_params_current(pcm, sw), "sw_params_current");
-    const period = BigInt(p.periodBytes / frame);
-    A.alsaCheck(s.snd_pcm_sw_params_set_start_threshold(pcm, sw, period), "set_start_threshold");
-    A.alsaCheck(s.snd_pcm_sw_params_set_avail_min(pcm, sw, period), "set_avail_min");
-    A.alsaCheck(s.snd_pcm_sw_params(pcm, sw), "sw_params");
-  } finally {
-    A.swParamsFree(sw);
-  }
+  const hw = A.hwParams();
+  A.alsaCheck(s.snd_pcm_hw_params_any(pcm, hw), "snd_pcm_hw_params_any");
+  A.alsaCheck(s.snd_pcm_hw_params_set_access(pcm, hw, A.SND_PCM_ACCESS_RW_INTERLEAVED), "set_access");
+  A.alsaCheck(s.snd_pcm_hw_params_set_format(pcm, hw, ALSA_FORMAT[p.format]!), "set_format");
+  A.alsaCheck(s.snd_pcm_hw_params_set_channels(pcm, hw, p.channels), "set_channels");
+  const want = rateHz(p.rate)!;
+  const got = A.hwSetRateNear(pcm, hw, want);
+  if (got !== want) throw new Error(`the host PCM offers ${got} Hz, not ${want} Hz`);
+  A.hwSetPeriodSizeNear(pcm, hw, p.periodBytes / frame);
+  A.hwSetBufferSizeNear(pcm, hw, p.bufferBytes / frame);
+  A.alsaCheck(s.snd_pcm_hw_params(pcm, hw), "snd_pcm_hw_params");
+  const sw = A.swParams();
+  A.alsaCheck(s.snd_pcm_sw_params_current(pcm, sw), "sw_params_current");
+  const period = BigInt(p.periodBytes / frame);
+  A.alsaCheck(s.snd_pcm_sw_params_set_start_threshold(pcm, sw, period), "set_start_threshold");
+  A.alsaCheck(s.snd_pcm_sw_params_set_avail_min(pcm, sw, period), "set_avail_min");
+  A.alsaCheck(s.snd_pcm_sw_params(pcm, sw), "sw_params");
   A.alsaCheck(s.snd_pcm_prepare(pcm), "snd_pcm_prepare");
 }
 

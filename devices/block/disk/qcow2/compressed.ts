@@ -3,13 +3,13 @@
 // after the stream are normal and ignored; a stream that yields anything but exactly one cluster is
 // corrupt. The output is bounded while inflating: a hostile cluster cannot make us allocate more.
 import { inflateRawSync, zstdDecompressSync, constants } from "node:zlib";
-import { COMPRESSION_ZSTD } from "./header.ts";
+import { COMPRESSION } from "./header.ts";
 import { Qcow2CorruptError } from "./refcounts.ts";
 
 export function decompressCluster(input: Uint8Array, clusterSize: number, type: number): Uint8Array {
   let out: Uint8Array;
   try {
-    if (type === COMPRESSION_ZSTD) {
+    if (type === COMPRESSION.ZSTD) {
       out = zstdDecompressSync(zstdFrame(input), { maxOutputLength: clusterSize });
     } else {
       out = inflateRawSync(input, { maxOutputLength: clusterSize, finishFlush: constants.Z_SYNC_FLUSH });

@@ -22,8 +22,11 @@ const EXT = {
   DATA_FILE: 0x44415441,
 } as const;
 
-export const COMPRESSION_ZLIB = 0;
-export const COMPRESSION_ZSTD = 1;
+/** The header's compression_type (QEMU's QCOW2_COMPRESSION_TYPE_*). */
+export const COMPRESSION = {
+  ZLIB: 0,
+  ZSTD: 1,
+} as const;
 
 /** QEMU's own limits (block/qcow2.h): beyond them QEMU refuses the image too. */
 export const MAX_L1_BYTES = 32 * 1024 * 1024;
@@ -110,7 +113,7 @@ export function parseHeader(buf: Uint8Array, fileLength: number): Qcow2Header {
     autoclear: 0n,
     refcountOrder: 4,
     headerLength: 72,
-    compressionType: COMPRESSION_ZLIB,
+    compressionType: COMPRESSION.ZLIB,
     backingFile: null,
     backingFormat: null,
     bitmaps: null,
@@ -178,8 +181,8 @@ export function parseHeader(buf: Uint8Array, fileLength: number): Qcow2Header {
   if (h.incompatible & INCOMPAT_DATA_FILE) throw new Qcow2FormatError("external data files are not supported");
   if (h.incompatible & INCOMPAT_EXTL2) throw new Qcow2FormatError("extended L2 entries (subclusters) are not supported");
   if (h.incompatible & INCOMPAT_COMPRESSION) {
-    if (h.compressionType !== COMPRESSION_ZSTD) throw new Qcow2FormatError(`unsupported compression type ${h.compressionType}`);
-  } else if (h.compressionType !== COMPRESSION_ZLIB) {
+    if (h.compressionType !== COMPRESSION.ZSTD) throw new Qcow2FormatError(`unsupported compression type ${h.compressionType}`);
+  } else if (h.compressionType !== COMPRESSION.ZLIB) {
     throw new Qcow2FormatError(`compression type ${h.compressionType} without the compression-type feature bit`);
   }
   if (cryptMethod !== 0) throw new Qcow2FormatError(`encrypted images are not supported (crypt_method ${cryptMethod})`);
