@@ -311,7 +311,10 @@ async function main(): Promise<void> {
       start: (socket, image) =>
         startOurs("ours", {
           command: [bin],
-          extraArgs: a["ours-arg"] ?? [],
+          // JSC aborts at start when it cannot write its JITDump file (the sandbox confines the
+          // process to what the device declared): a profiled run is unconfined (no seccomp filter
+          // on its system calls, so its profile lacks the filter's cost).
+          extraArgs: [...(a["ours-arg"] ?? []), ...(a.perf && !(a["ours-arg"] ?? []).some((x) => x.startsWith("--sandbox")) ? ["--sandbox", "none"] : [])],
           image,
           socket,
           numQueues: 1,
@@ -433,6 +436,7 @@ async function main(): Promise<void> {
           fmt(cpu, 2),
           `${fmt(Math.min(...r.cpu), 2)}–${fmt(Math.max(...r.cpu), 2)}`,
           l.c.label === base ? "1.00" : fmt(iops / median(b.iops), 2),
+          l.c.label === base ? "1.00" : fmt(median(r.iops.map((x, i) => x / b.iops[b.rounds.indexOf(r.rounds[i]!)]!)), 2),
           l.c.label === base ? "1.00" : fmt(cpu / median(b.cpu), 3),
           // Ratios of samples taken in the same round (back to back): cancels slow drift of the host.
           l.c.label === base ? "1.00" : fmt(median(r.cpu.map((c, i) => c / b.cpu[b.rounds.indexOf(r.rounds[i]!)]!)), 3),
@@ -442,7 +446,7 @@ async function main(): Promise<void> {
       }
     }
     // The NBD server's (the OSD's) CPU is common to both backends (what each one's requests cost it): not in theirs.
-    console.log(table(["job", "backend", "IOPS", "CPU µs/IO", "range", `IOPS/${base}`, `CPU/${base}`, "paired", ...(serverPid !== 0 ? ["server µs/IO"] : []), "errors"], rows));
+    console.log(table(["job", "backend", "IOPS", "CPU µs/IO", "range", `IOPS/${base}`, "paired", `CPU/${base}`, "paired", ...(serverPid !== 0 ? ["server µs/IO"] : []), "errors"], rows));
     if (counters.length > 0) {
       const crow: string[][] = [];
       for (const job of jobs) {
