@@ -197,7 +197,7 @@ function hostsNetwork(): { storage: NetNamespace; a: NetNamespace; b: NetNamespa
 const HOSTS_GUEST = `
 dmesg > /tmp/dmesg.before
 ${fioVerifyLoop(16)}sleep 1
-echo E2E-NBD-READY
+echo E2E-DISK-READY
 read go                # the host, on B: both kills and the migration are behind
 echo E2E-ON-DESTINATION
 rc=0
@@ -206,79 +206,108 @@ if diff /tmp/dmesg.before /tmp/dmesg.after | grep '^+[^+]' | grep -i -E 'error|t
 exit $rc
 `;
 
+/** The storage both hosts' backends serve: `file` (an NBD URI, an rbd: spec), sockets and logs in `dir`. */
+interface SharedDisk {
+  label: string;
+  dir: string;
+  file: string;
+}
+
+/** The across-hosts run (see above) on `disk`, reached from A and B over `net`. */
+async function acrossHosts(net: ReturnType<typeof hostsNetwork>, disk: SharedDisk): Promise<void> {
+  const dir = disk.dir;
+  const uri = disk.file;
+  const sockA = join(dir, "a.sock");
+  const sockB = join(dir, "b.sock");
+  const backends: { a: HostBackend[]; b: HostBackend[] } = { a: [await hostBackend(net.a, sockA, uri)], b: [await hostBackend(net.b, sockB, uri)] };
+  const cmdFile = writeGuestCommand(dir, HOSTS_GUEST);
+  const devices = (sock: string) => ["-chardev", `socket,id=blk0,path=${sock},reconnect-ms=500`, "-device", "vhost-user-blk-pci,chardev=blk0,num-queues=1"];
+  const src = await startVm({ name: "a", dir, cmdFile, devices: devices(sockA), launcher: ["ip", "netns", "exec", net.a.name], timeoutMs: 240_000 });
+  const dst = await startVm({
+    name: "b", dir, cmdFile, devices: devices(sockB), launcher: ["ip", "netns", "exec", net.b.name],
+    incoming: `tcp:${HOST_IPS.b}:${MIGRATION_PORT}`, timeoutMs: 240_000,
+  });
+  vms.push(src, dst);
+  const notes: string[] = [];
+  const fail = (msg: string): never => {
+    const logs = (["a", "b"] as const).flatMap((h) => backends[h].map((b, i) => `--- backend ${h}${i + 1}:\n${tail(b.log().split("\n").filter((l) => !/ <- | -> /.test(l)).join("\n"), 12)}`));
+    throw new Error(`${msg}\n${notes.join("\n")}\n${src.describe()}\n${dst.describe()}\n${logs.join("\n")}`);
+  };
+  /** Kills host `h`'s backend with requests in flight, starts the next one, waits for its ring. */
+  const crash = async (h: "a" | "b", vm: Vm) => {
+    const list = backends[h];
+    const victim = list[list.length - 1]!;
+    await waitFor(`${h}'s ring to run`, () => victim.log().includes("queue 0: started"), 60_000).catch((e) => fail((e as Error).message));
+    await Bun.sleep(2_000); // fio has requests on the shared storage all along
+    const regionPath = inflightFdPath(vm.proc.pid) ?? fail(`QEMU on ${h} holds no inflight region`);
+    const region = await killWithRequestsInFlight(victim.proc, victim.exited, regionPath);
+    const killedAt = Date.now();
+    const next = await hostBackend(h === "a" ? net.a : net.b, h === "a" ? sockA : sockB, uri);
+    list.push(next);
+    await waitFor(`the new backend on ${h} to get its ring started`, () => /queue 0: started/.test(next.log()), 30_000).catch((e) => fail((e as Error).message));
+    const base = Number(/queue 0: started \(size \d+, base (\d+)\)/.exec(next.log())?.[1] ?? -1);
+    const resubmitted = region.heads.length - ((base - region.usedIdx) & 0xffff);
+    notes.push(`kill on ${h}: ${region.heads.length} heads in flight, ${resubmitted} resubmitted by the next backend (ring restarted at ${base}) ${Date.now() - killedAt} ms after the kill`);
+    return { inFlight: region.heads.length, next };
+  };
+
+  await src.waitSerial("E2E-DISK-READY", 120_000);
+  const killA = await crash("a", src);
+  await Bun.sleep(2_000);
+  await startMigration(src.qmp, dst.incomingUri!);
+  const info = await waitMigration(src.qmp, (i) => i.status === "completed", 120_000);
+  notes.push(summarize(`${disk.label} A→B over TCP, guest under fio`, info));
+  if (info.status !== "completed") fail(`migration ${info.status}`);
+  await src.qmp.execute("quit").catch(() => {});
+  await src.finished(30_000);
+  const killB = await crash("b", dst);
+  await Bun.sleep(2_000);
+  dst.send("go\n");
+  const done = await dst.finished(120_000);
+  const lastA = backends.a[backends.a.length - 1]!;
+  const lastB = backends.b[backends.b.length - 1]!;
+  lastA.proc.kill("SIGTERM");
+  lastB.proc.kill("SIGTERM");
+  const codes = [await lastA.exited, await lastB.exited];
+  const fio = done.serial.match(/^E2E-FIO-\w+.*$/gm)?.join(" ") ?? "no fio line";
+  notes.push(`guest exit ${done.exitStatus}; ${fio}`);
+  console.log(notes.join("\n"));
+  if (done.exitStatus !== 0) fail(`guest exit ${done.exitStatus}`);
+  expect(done.serial).toContain("E2E-ON-DESTINATION");
+  expect(done.serial).toMatch(/E2E-FIO-OK runs=\d+/);
+  expect(done.exitStatus).toBe(0);
+  // Each kill found requests in flight, and the next backend adopted the region QEMU kept.
+  expect(killA.inFlight).toBeGreaterThan(0);
+  expect(killB.inFlight).toBeGreaterThan(0);
+  expect(killA.next.log()).toContain("<- SET_INFLIGHT_FD");
+  expect(killB.next.log()).toContain("<- SET_INFLIGHT_FD");
+  // A's second backend logged dirty pages for the migration; both last backends stop cleanly.
+  expect(lastA.log()).toContain("dirty logging on");
+  expect(codes).toEqual([0, 0]);
+}
+
 describe.skipIf(!netnsAvailable())("block device on an NBD export across hosts (network namespaces)", () => {
   test("fio verify runs through a backend crash on host A, live migration A→B over TCP, and a backend crash on host B", async () => {
     const net = hostsNetwork();
     const server = new NbdServer({ size: 64 << 20, tcpPort: NBD_PORT, tcpHost: STORAGE_IP, netns: net.storage });
     await server.start();
-    const dir = server.dir;
-    const uri = server.uri;
-    const sockA = join(dir, "a.sock");
-    const sockB = join(dir, "b.sock");
-    const backends: { a: HostBackend[]; b: HostBackend[] } = { a: [await hostBackend(net.a, sockA, uri)], b: [await hostBackend(net.b, sockB, uri)] };
-    const cmdFile = writeGuestCommand(dir, HOSTS_GUEST);
-    const devices = (sock: string) => ["-chardev", `socket,id=blk0,path=${sock},reconnect-ms=500`, "-device", "vhost-user-blk-pci,chardev=blk0,num-queues=1"];
-    const src = await startVm({ name: "a", dir, cmdFile, devices: devices(sockA), launcher: ["ip", "netns", "exec", net.a.name], timeoutMs: 240_000 });
-    const dst = await startVm({
-      name: "b", dir, cmdFile, devices: devices(sockB), launcher: ["ip", "netns", "exec", net.b.name],
-      incoming: `tcp:${HOST_IPS.b}:${MIGRATION_PORT}`, timeoutMs: 240_000,
-    });
-    vms.push(src, dst);
-    const notes: string[] = [];
-    const fail = (msg: string): never => {
-      const logs = (["a", "b"] as const).flatMap((h) => backends[h].map((b, i) => `--- backend ${h}${i + 1}:\n${tail(b.log().split("\n").filter((l) => !/ <- | -> /.test(l)).join("\n"), 12)}`));
-      throw new Error(`${msg}\n${notes.join("\n")}\n${src.describe()}\n${dst.describe()}\n${logs.join("\n")}`);
-    };
-    /** Kills host `h`'s backend with requests in flight, starts the next one, waits for its ring. */
-    const crash = async (h: "a" | "b", vm: Vm) => {
-      const list = backends[h];
-      const victim = list[list.length - 1]!;
-      await waitFor(`${h}'s ring to run`, () => victim.log().includes("queue 0: started"), 60_000).catch((e) => fail((e as Error).message));
-      await Bun.sleep(2_000); // fio has requests on the NBD server all along
-      const regionPath = inflightFdPath(vm.proc.pid) ?? fail(`QEMU on ${h} holds no inflight region`);
-      const region = await killWithRequestsInFlight(victim.proc, victim.exited, regionPath);
-      const killedAt = Date.now();
-      const next = await hostBackend(h === "a" ? net.a : net.b, h === "a" ? sockA : sockB, uri);
-      list.push(next);
-      await waitFor(`the new backend on ${h} to get its ring started`, () => /queue 0: started/.test(next.log()), 30_000).catch((e) => fail((e as Error).message));
-      const base = Number(/queue 0: started \(size \d+, base (\d+)\)/.exec(next.log())?.[1] ?? -1);
-      const resubmitted = region.heads.length - ((base - region.usedIdx) & 0xffff);
-      notes.push(`kill on ${h}: ${region.heads.length} heads in flight, ${resubmitted} resubmitted by the next backend (ring restarted at ${base}) ${Date.now() - killedAt} ms after the kill`);
-      return { inFlight: region.heads.length, next };
-    };
+    await acrossHosts(net, { label: "NBD", dir: server.dir, file: server.uri });
+  }, 300_000);
+});
 
-    await src.waitSerial("E2E-NBD-READY", 120_000);
-    const killA = await crash("a", src);
-    await Bun.sleep(2_000);
-    await startMigration(src.qmp, dst.incomingUri!);
-    const info = await waitMigration(src.qmp, (i) => i.status === "completed", 120_000);
-    notes.push(summarize("NBD A→B over TCP, guest under fio", info));
-    if (info.status !== "completed") fail(`migration ${info.status}`);
-    await src.qmp.execute("quit").catch(() => {});
-    await src.finished(30_000);
-    const killB = await crash("b", dst);
-    await Bun.sleep(2_000);
-    dst.send("go\n");
-    const done = await dst.finished(120_000);
-    const lastA = backends.a[backends.a.length - 1]!;
-    const lastB = backends.b[backends.b.length - 1]!;
-    lastA.proc.kill("SIGTERM");
-    lastB.proc.kill("SIGTERM");
-    const codes = [await lastA.exited, await lastB.exited];
-    const fio = done.serial.match(/^E2E-FIO-\w+.*$/gm)?.join(" ") ?? "no fio line";
-    notes.push(`guest exit ${done.exitStatus}; ${fio}`);
-    console.log(notes.join("\n"));
-    if (done.exitStatus !== 0) fail(`guest exit ${done.exitStatus}`);
-    expect(done.serial).toContain("E2E-ON-DESTINATION");
-    expect(done.serial).toMatch(/E2E-FIO-OK runs=\d+/);
-    expect(done.exitStatus).toBe(0);
-    // Each kill found requests in flight, and the next backend adopted the region QEMU kept.
-    expect(killA.inFlight).toBeGreaterThan(0);
-    expect(killB.inFlight).toBeGreaterThan(0);
-    expect(killA.next.log()).toContain("<- SET_INFLIGHT_FD");
-    expect(killB.next.log()).toContain("<- SET_INFLIGHT_FD");
-    // A's second backend logged dirty pages for the migration; both last backends stop cleanly.
-    expect(lastA.log()).toContain("dirty logging on");
-    expect(codes).toEqual([0, 0]);
+// The same on an RBD image: the single-node cluster runs in the storage namespace on 10.99.0.1;
+// each backend's librbd takes the image's exclusive lock when it writes (from a killed backend,
+// once the OSD notices it is gone: the rig's watch timeout of 5 s).
+describe.skipIf(!netnsAvailable() || cephTestsUnavailable() !== null)("block device on a Ceph RBD image across hosts (network namespaces)", () => {
+  test("fio verify runs through a backend crash on host A, live migration A→B over TCP, and a backend crash on host B", async () => {
+    const net = hostsNetwork();
+    const cluster = await CephCluster.start({ address: STORAGE_IP, netns: net.storage });
+    try {
+      cluster.createPool("rbd");
+      cluster.createImage("rbd", "disk", 64 << 20);
+      await acrossHosts(net, { label: "RBD", dir: cluster.dir, file: `rbd:rbd/disk:conf=${cluster.conf}` });
+    } finally {
+      await cluster.stop();
+    }
   }, 300_000);
 });

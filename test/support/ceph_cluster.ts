@@ -1,13 +1,14 @@
 // A real single-node Ceph cluster for the RBD tests, e2e and bench: one monitor and one OSD on the
 // memory object store, pool size 1, no authentication, started from Debian's packages (ceph-mon,
 // ceph-osd, ceph-common) under a temporary directory with its own ceph.conf, bound to 127.0.0.1
-// only, and stopped (every daemon killed, the directory removed) by stop(). Steps after go-ceph's
-// micro-osd.sh, with what a machine without IPv6 and with other clusters around needs: the monitor
-// on free ports of our own, named in a monmap built with monmaptool (a monmap taken from `mon
-// host` names the monitor "noname-a", and ceph-mon --id a then waits to join a cluster forever),
-// IPv4 only, the OSD bound to 127.0.0.1. No manager: Debian's ceph-mgr pulls in ~40 Python
-// packages, and nothing RBD does needs one (pools and images are the monitor's and the OSD's);
-// one is started when ceph-mgr is installed.
+// only (or to an address in a network namespace: CephClusterOptions), and stopped (every daemon
+// killed, the directory removed) by stop(). Steps after go-ceph's micro-osd.sh, with what a
+// machine without IPv6 and with other clusters around needs: the monitor on free ports of our own,
+// named in a monmap built with monmaptool (a monmap taken from `mon host` names the monitor
+// "noname-a", and ceph-mon --id a then waits to join a cluster forever), IPv4 only, the OSD bound
+// to the same address. No manager: Debian's ceph-mgr pulls in ~40 Python packages, and nothing
+// RBD does needs one (pools and images are the monitor's and the OSD's); one is started when
+// ceph-mgr is installed.
 //
 // Daemons run in the foreground (-f) as children of this process, so stop() kills exactly them.
 import { spawn, spawnSync, type Subprocess } from "bun";
@@ -15,6 +16,7 @@ import { mkdirSync, mkdtempSync, rmSync, writeFileSync, existsSync, readFileSync
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { createServer } from "node:net";
+import type { NetNamespace } from "./netns.ts";
 
 const TOOLS = ["ceph-mon", "ceph-osd", "ceph", "rbd", "monmaptool"] as const;
 
@@ -44,6 +46,14 @@ export interface CommandResult {
   err: string;
 }
 
+export interface CephClusterOptions {
+  /** The address every daemon binds (default 127.0.0.1). */
+  address?: string;
+  /** Run the daemons and the CLIs inside this network namespace (`ip netns exec`); the monitor then
+   * takes Ceph's default ports, all free in a namespace of its own. */
+  netns?: NetNamespace;
+}
+
 const clusters = new Set<CephCluster>();
 process.on("exit", () => {
   for (const c of clusters) c.kill();
@@ -56,8 +66,10 @@ export class CephCluster {
 
   private constructor(
     readonly dir: string,
-    /** The monitor's msgr2 and msgr1 ports on 127.0.0.1. */
+    /** The monitor's msgr2 and msgr1 ports on `address`. */
     readonly monPorts: { v2: number; v1: number },
+    readonly address: string,
+    private readonly netns: NetNamespace | undefined,
   ) {
     this.conf = join(dir, "ceph.conf");
   }
@@ -69,15 +81,16 @@ export class CephCluster {
 
   /** The monitor's address as `mon_host` spells it. */
   get monHost(): string {
-    return `[v2:127.0.0.1:${this.monPorts.v2},v1:127.0.0.1:${this.monPorts.v1}]`;
+    return `[v2:${this.address}:${this.monPorts.v2},v1:${this.address}:${this.monPorts.v1}]`;
   }
 
   /** Starts a monitor and an OSD (and a manager when installed) and waits until the OSD is up. */
-  static async start(): Promise<CephCluster> {
+  static async start(o: CephClusterOptions = {}): Promise<CephCluster> {
     const why = cephTestsUnavailable();
     if (why !== null) throw new Error(why);
     const dir = mkdtempSync(join(tmpdir(), "ceph-test-"));
-    const c = new CephCluster(dir, { v2: await freePort(), v1: await freePort() });
+    const ports = o.netns !== undefined ? { v2: 3300, v1: 6789 } : { v2: await freePort(), v1: await freePort() };
+    const c = new CephCluster(dir, ports, o.address ?? "127.0.0.1", o.netns);
     clusters.add(c);
     try {
       await c.boot();
@@ -109,6 +122,9 @@ export class CephCluster {
       "mon data avail crit = 0",
       "mon data avail warn = 0",
       "mon warn on pool no redundancy = false",
+      // A client that died holding an image's exclusive lock (a backend killed in a test) loses it
+      // after this long instead of 30 s: the next client's writes wait that long.
+      "osd client watch timeout = 5",
       `run dir = ${d}/run`,
       "",
       // Logs and admin sockets for the daemons only: a client (the backend) keeps none.
@@ -124,14 +140,14 @@ export class CephCluster {
       "",
       "[mon.a]",
       `mon data = ${d}/mon`,
-      "public addr = 127.0.0.1",
+      `public addr = ${this.address}`,
       "",
       "[osd.0]",
       `osd data = ${d}/osd`,
       "osd objectstore = memstore",
       "memstore device bytes = 2147483648",
-      "public addr = 127.0.0.1",
-      "cluster addr = 127.0.0.1",
+      `public addr = ${this.address}`,
+      `cluster addr = ${this.address}`,
       // Two cores shared with the tests: a few threads, not one per shard per core.
       "osd op num shards = 1",
       "osd op num threads per shard = 2",
@@ -211,13 +227,18 @@ export class CephCluster {
   }
 
   tryRun(argv: string[]): CommandResult {
-    const p = spawnSync(argv, { stdout: "pipe", stderr: "pipe", stdin: "ignore", env: { ...process.env, CEPH_CONF: this.conf } });
+    const p = spawnSync(this.inNamespace(argv), { stdout: "pipe", stderr: "pipe", stdin: "ignore", env: { ...process.env, CEPH_CONF: this.conf } });
     return { code: p.exitCode ?? -1, out: p.stdout.toString(), err: p.stderr.toString() };
+  }
+
+  /** `argv` as run in the cluster's namespace (`ip netns exec` execs it: a daemon's pid is its own). */
+  private inNamespace(argv: string[]): string[] {
+    return this.netns === undefined ? argv : ["ip", "netns", "exec", this.netns.name, ...argv];
   }
 
   /** Starts a daemon in the foreground; `name` is its log's ($name.log). */
   private daemon(argv: string[], name: string): void {
-    this.daemons.push({ name, proc: spawn(argv, { stdin: "ignore", stdout: "ignore", stderr: "ignore", env: { ...process.env, CEPH_CONF: this.conf } }) });
+    this.daemons.push({ name, proc: spawn(this.inNamespace(argv), { stdin: "ignore", stdout: "ignore", stderr: "ignore", env: { ...process.env, CEPH_CONF: this.conf } }) });
   }
 
   private checkDaemons(): void {
