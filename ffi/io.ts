@@ -216,6 +216,8 @@ export function fstat(fd: number): Stat {
   };
 }
 
+/** lseek whence (<unistd.h> SEEK_*). */
+export const SEEK_SET = 0;
 export const SEEK_END = 2;
 export function lseek(fd: number, off: number, whence: number): number {
   return check(libc.lseek(fd, off, whence), "lseek");

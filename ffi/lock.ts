@@ -3,17 +3,16 @@
 // too, and go away when its last fd closes. QEMU's image locking uses them (block/file-posix.c).
 import { ptr } from "bun:ffi";
 import { libc, errno } from "./libc.ts";
+import { SEEK_SET } from "./io.ts";
 
-const F_OFD_GETLK = 36;
-const F_OFD_SETLK = 37;
-
-/** struct flock's l_type (<fcntl.h> F_RDLCK, F_WRLCK, F_UNLCK). */
-export const FLOCK = {
+/** fcntl commands, and struct flock's l_type values (<fcntl.h> F_*). */
+export const F = {
+  OFD_GETLK: 36,
+  OFD_SETLK: 37,
   RDLCK: 0,
   WRLCK: 1,
   UNLCK: 2,
 } as const;
-const SEEK_SET = 0;
 
 /** struct flock (x86_64): l_type i16, l_whence i16, pad, l_start i64 @8, l_len i64 @16, l_pid i32 @24. */
 const FLOCK_SIZE = 32;
@@ -28,17 +27,17 @@ function flock(type: number, start: number, len: number): { bytes: Uint8Array; v
   return { bytes, view }; // l_pid 0, as OFD locks require
 }
 
-/** Takes (FLOCK.RDLCK/FLOCK.WRLCK) or drops (FLOCK.UNLCK) a lock on [start, start+len), without waiting.
+/** Takes (F.RDLCK/F.WRLCK) or drops (F.UNLCK) a lock on [start, start+len), without waiting.
  * Returns 0, or -errno (EAGAIN or EACCES: another open file description holds a conflicting lock). */
 export function ofdSetLock(fd: number, type: number, start: number, len: number): number {
   const { bytes } = flock(type, start, len);
-  return libc.fcntl(fd, F_OFD_SETLK, ptr(bytes)) < 0 ? -errno() : 0;
+  return libc.fcntl(fd, F.OFD_SETLK, ptr(bytes)) < 0 ? -errno() : 0;
 }
 
 /** The type of a lock another open file description holds that would conflict with taking `type`
- * on [start, start+len) (FLOCK.RDLCK or FLOCK.WRLCK), FLOCK.UNLCK when none would, or -errno. */
+ * on [start, start+len) (F.RDLCK or F.WRLCK), F.UNLCK when none would, or -errno. */
 export function ofdTestLock(fd: number, type: number, start: number, len: number): number {
   const { bytes, view } = flock(type, start, len);
-  if (libc.fcntl(fd, F_OFD_GETLK, ptr(bytes)) < 0) return -errno();
+  if (libc.fcntl(fd, F.OFD_GETLK, ptr(bytes)) < 0) return -errno();
   return view.getInt16(0, true);
 }

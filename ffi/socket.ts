@@ -25,7 +25,6 @@ const SO = {
   SNDTIMEO: 21,
   ACCEPTCONN: 30,
 } as const;
-const SCM_RIGHTS = 1;
 /** sendmsg/recvmsg flags (<sys/socket.h> MSG_*). */
 const MSG = {
   CTRUNC: 0x8,
@@ -34,6 +33,8 @@ const MSG = {
 } as const;
 const SOCKADDR_UN_LEN = 110;
 
+/** The control message type that carries fds (at level SOL_SOCKET). */
+const SCM_RIGHTS = 1;
 /** Largest fd count we accept in one message: the spec's front-ends send at most 8. */
 export const MAX_FDS = 8;
 const cmsgSpace = (n: number) => 16 + ((4 * n + 7) & ~7);

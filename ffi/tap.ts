@@ -60,7 +60,8 @@ const SIOC = {
 } as const;
 
 export const IFNAMSIZ = 16;
-const IFREQ_SIZE = 40;
+/** struct ifreq: the name, then a 24-byte union (x86_64). */
+const IFREQ_SIZE = IFNAMSIZ + 24;
 const ARPHRD_ETHER = 1;
 
 export const TUN_DEVICE = "/dev/net/tun";

@@ -9,7 +9,7 @@
 // consistent-read and write-unchanged (so a second writer, or a reader that wants the data to stay
 // consistent, is refused, and so are we if either is there); read-only holds consistent-read only,
 // shares the same (any number of readers; no writer).
-import { ofdSetLock, ofdTestLock, FLOCK } from "../../../ffi/lock.ts";
+import { ofdSetLock, ofdTestLock, F } from "../../../ffi/lock.ts";
 import { errnoName } from "../../../ffi/libc.ts";
 
 const PERM_BASE = 100;
@@ -59,8 +59,8 @@ export type ImageLockState = "idle" | "serving" | "waiting" | "off";
 
 /** Drops QEMU's lock bytes on this open file description. */
 function unlockPermBytes(fd: number): void {
-  ofdSetLock(fd, FLOCK.UNLCK, PERM_BASE, PERM_BITS);
-  ofdSetLock(fd, FLOCK.UNLCK, SHARED_BASE, PERM_BITS);
+  ofdSetLock(fd, F.UNLCK, PERM_BASE, PERM_BITS);
+  ofdSetLock(fd, F.UNLCK, SHARED_BASE, PERM_BITS);
 }
 
 /** Takes QEMU's lock bytes for `p` on `fd` (the image's open file description: the locks last as
@@ -72,7 +72,7 @@ function takePermBytes(fd: number, path: string, p: ImagePermissions): void {
     if ((p.perm & bit) !== 0) bytes.push(PERM_BASE + i);
     if ((p.shared & bit) === 0) bytes.push(SHARED_BASE + i);
     for (const b of bytes) {
-      const r = ofdSetLock(fd, FLOCK.RDLCK, b, 1);
+      const r = ofdSetLock(fd, F.RDLCK, b, 1);
       if (r < 0) {
         unlockPermBytes(fd);
         throw new ImageLockError(`${path}: cannot lock byte ${b} (${errnoName(-r)}); is another process using the image?`);
@@ -105,7 +105,7 @@ export class ImageLock {
     takePermBytes(fd, path, p);
     const conflict = findConflict(fd, p);
     if (conflict === null) {
-      ofdSetLock(fd, FLOCK.RDLCK, IDLE_BYTE, 1);
+      ofdSetLock(fd, F.RDLCK, IDLE_BYTE, 1);
       return new ImageLock(fd, path, p, "idle");
     }
     unlockPermBytes(fd);
@@ -132,16 +132,16 @@ export class ImageLock {
       if (this.state === "waiting") unlockPermBytes(this.fd);
       throw inUse(this.path, conflict);
     }
-    ofdSetLock(this.fd, FLOCK.RDLCK, SERVING_BYTE, 1);
-    ofdSetLock(this.fd, FLOCK.UNLCK, IDLE_BYTE, 1);
+    ofdSetLock(this.fd, F.RDLCK, SERVING_BYTE, 1);
+    ofdSetLock(this.fd, F.UNLCK, IDLE_BYTE, 1);
     this.state = "serving";
   }
 
   /** The device stopped (every ring): still held, but another of ours may take it over. */
   suspend(): void {
     if (this.state !== "serving") return;
-    ofdSetLock(this.fd, FLOCK.RDLCK, IDLE_BYTE, 1);
-    ofdSetLock(this.fd, FLOCK.UNLCK, SERVING_BYTE, 1);
+    ofdSetLock(this.fd, F.RDLCK, IDLE_BYTE, 1);
+    ofdSetLock(this.fd, F.UNLCK, SERVING_BYTE, 1);
     this.state = "idle";
   }
 }
@@ -160,7 +160,7 @@ function findConflict(fd: number, p: ImagePermissions): string | null {
 
 /** Whether another open file description holds a lock on byte `b` (F_OFD_GETLK reports only others'). */
 function held(fd: number, b: number): boolean {
-  const t = ofdTestLock(fd, FLOCK.WRLCK, b, 1);
+  const t = ofdTestLock(fd, F.WRLCK, b, 1);
   if (t < 0) throw new ImageLockError(`cannot test lock byte ${b}: ${errnoName(-t)}`);
-  return t !== FLOCK.UNLCK;
+  return t !== F.UNLCK;
 }
