@@ -23,11 +23,13 @@ import {
   findPidByCmdline,
   hostBusyTicks,
   socketPath,
+  startNbdServer,
   startOurs,
   startQsd,
   tail,
   type Backend,
   type BackendKind,
+  type NbdServer,
 } from "./lib/backends.ts";
 import {
   guestScript,
@@ -66,6 +68,8 @@ const USAGE = `usage: bun run bench:block [options]
   --ours-arg ARG    extra argument for \`backend device block\` (repeatable, e.g. --ours-arg=--direct)
   --qsd-aio A       aio= of qsd's file driver: threads (default, qsd's own default), io_uring, native
   --qsd-iothread    run qsd's export in an iothread (default: main loop, qsd's default)
+  --nbd             both disks on one NBD export: qemu-nbd serving one raw /dev/shm image on a unix socket, ours
+                    by its URI, qsd through its nbd driver; the server's CPU per I/O is reported apart
   --serial          echo the guest's serial console to stderr
   --out PATH        JSON result file (default bench/results/block-<date>.json)`;
 
@@ -95,6 +99,8 @@ interface Sample {
   /** Host CPU used by everything else (not QEMU, not the backends, not this harness), in cores. */
   foreignCores: number;
   cpuUsPerIo: number;
+  /** The NBD server's CPU per I/O in the window (--nbd; 0 without): common to both backends, in neither's. */
+  serverCpuUsPerIo: number;
   fio: string;
 }
 
@@ -118,6 +124,7 @@ async function main(): Promise<void> {
       "ours-arg": { type: "string", multiple: true, default: [] },
       "qsd-aio": { type: "string", default: "threads" },
       "qsd-iothread": { type: "boolean", default: false },
+      nbd: { type: "boolean", default: false },
       serial: { type: "boolean", default: false },
       out: { type: "string" },
       help: { type: "boolean", short: "h", default: false },
@@ -165,11 +172,16 @@ async function main(): Promise<void> {
   if (a.perf) mkdirSync(jitDumpDir, { recursive: true });
   const outPath = a.out ? resolve(a.out) : join(resultsDir, `block-${date}.json`);
 
-  const images: Record<BackendKind, string> = { ours: "/dev/shm/bench-ours.img", qsd: "/dev/shm/bench-qsd.img" };
+  // Named by our pid: two benches at once (a shared machine) must not remove each other's images.
+  const images: Record<BackendKind, string> = { ours: `/dev/shm/bench-${process.pid}-ours.img`, qsd: `/dev/shm/bench-${process.pid}-qsd.img` };
   const tmp = mkdtempSync(join(tmpdir(), "bench-block-"));
   const steps = plan(jobs, rounds);
+  const nbdTarget = a.nbd!;
+  if (nbdTarget && (peerOnly || peerBin !== undefined)) throw new Error("--nbd compares ours with qsd's nbd driver: not with --peer-only or --peer-bin");
   const qsdDesc = peerBin !== undefined
     ? `[--peer-bin] ${peerBin} device block --num-queues 1 --queue-size ${queueSize}${a["ours-arg"]!.length ? " " + a["ours-arg"]!.join(" ") : ""}`
+    : nbdTarget
+    ? `qemu-storage-daemon driver=nbd (the export on a unix socket) ${a["qsd-iothread"] ? " iothread" : " main-loop"} num-queues=1`
     : `qemu-storage-daemon driver=file cache.direct=off (buffered) aio=${a["qsd-aio"]}` +
     `${a["qsd-iothread"] ? " iothread" : " main-loop"} num-queues=1`;
   const oursDesc = peerOnly
@@ -183,7 +195,7 @@ async function main(): Promise<void> {
   console.log(`  qsd:  ${qsdDesc}`);
   console.log(
     `  fio: libaio direct=1 time_based runtime=${runtimeS}s ramp=${rampS}s numjobs=1; guest: TCG -smp 2; ` +
-      `images: ${imageBytes >> 20} MiB fallocate'd on /dev/shm; queue-size=${queueSize}`,
+      `images: ${imageBytes >> 20} MiB fallocate'd on /dev/shm${nbdTarget ? " (one, behind qemu-nbd on a unix socket, for both disks)" : ""}; queue-size=${queueSize}`,
   );
   console.log(`  expected duration: ~${Math.round((perBootS * orders.length) / 60)} min\n`);
   if (a.profile) console.log(`  --profile: ours runs under bun --cpu-prof; its CPU figures include profiler overhead\n`);
@@ -193,8 +205,14 @@ async function main(): Promise<void> {
   const started = Date.now();
   try {
     for (const order of orders) {
-      for (const kind of ["ours", "qsd"] as const) createImage(images[kind], imageBytes);
+      // --nbd: one image, one server for both disks (one disk runs I/O at a time), fresh per boot.
+      let server: NbdServer | null = null;
+      if (nbdTarget) {
+        createImage(images.ours, imageBytes);
+        server = await startNbdServer(images.ours, join(tmp, "nbd.sock"), "bench");
+      } else for (const kind of ["ours", "qsd"] as const) createImage(images[kind], imageBytes);
       const backends = await startBackends({
+        nbd: server ?? undefined,
         peerOnly,
         oursCmd,
         oursArgs: a["ours-arg"]!,
@@ -214,7 +232,7 @@ async function main(): Promise<void> {
         const t0 = Date.now();
         const perfOut = join(resultsDir, `block-${date}-${order}.perf.data`);
         const perf = a.perf && !peerOnly ? startPerf(backends.ours.pid, perfOut, jitDumpDir) : null;
-        const res = await runBoot({ order, steps, runtimeS, rampS, vda, vdb, rig, queueSize, serial: a.serial!, timeoutMs: perBootS * 3000 + 120_000 });
+        const res = await runBoot({ order, steps, runtimeS, rampS, vda, vdb, rig, queueSize, serial: a.serial!, timeoutMs: perBootS * 3000 + 120_000, serverPid: server?.pid });
         if (perf) {
           const top = await perf.stop();
           console.log(`  perf: ${perfOut.replace(ROOT + "/", "")} (perf report -i ... --sort dso,sym); top of ours:\n` + top.slice(0, 30).map((l) => "    " + l).join("\n"));
@@ -226,6 +244,7 @@ async function main(): Promise<void> {
       } finally {
         await backends.ours.stop();
         await backends.qsd.stop();
+        await server?.stop();
       }
     }
   } finally {
@@ -321,13 +340,14 @@ async function main(): Promise<void> {
         fmt(median(all.map((s) => s.qemuCpuS / s.wallS)), 2),
         fmt(median(all.map((s) => s.foreignCores)), 2),
         fmt(max(all.map((s) => s.idleCpuS)), 2),
+        ...(nbdTarget ? [fmt(median(all.map((s) => s.serverCpuUsPerIo)), 1)] : []),
       ]);
     }
   }
   console.log(
     "\n" +
       table(
-        ["job backend", "IOPS on vda", "IOPS on vdb", "host cores", "lat µs", "reqs/IO", "fio cpu%", "qemu cores", "foreign cores", "idle peer CPU s"],
+        ["job backend", "IOPS on vda", "IOPS on vdb", "host cores", "lat µs", "reqs/IO", "fio cpu%", "qemu cores", "foreign cores", "idle peer CPU s", ...(nbdTarget ? ["server µs/IO"] : [])],
         rows2,
       ),
   );
@@ -431,6 +451,8 @@ async function startBackends(o: {
   oursCmd: string[];
   oursArgs: string[];
   images: Record<BackendKind, string>;
+  /** Both disks on this NBD server's export instead of the images. */
+  nbd?: NbdServer;
   tmp: string;
   queueSize: number;
   rig: Rig;
@@ -445,6 +467,7 @@ async function startBackends(o: {
   const qsdOpts = (kind: BackendKind) => ({
     qsd: o.rig.qemuStorageDaemon,
     image: o.images[kind],
+    nbd: o.nbd,
     socket: socketPath(o.tmp, kind),
     numQueues: 1,
     queueSize: o.queueSize,
@@ -469,7 +492,7 @@ async function startBackends(o: {
           ...(o.jitDumpDir ? jitDumpEnv(o.jitDumpDir) : {}),
         },
         extraArgs: o.oursArgs,
-        image: o.images.ours,
+        image: o.nbd?.uri ?? o.images.ours,
         socket: socketPath(o.tmp, "ours"),
         numQueues: 1,
         queueSize: o.queueSize,
@@ -493,6 +516,8 @@ async function runBoot(o: {
   queueSize: number;
   serial: boolean;
   timeoutMs: number;
+  /** The NBD server behind both disks (--nbd): its CPU is sampled too, and is not foreign load. */
+  serverPid?: number;
 }): Promise<{ samples: Sample[]; info: Record<string, string> }> {
   const byDisk = { vda: o.vda, vdb: o.vdb };
   const qmpPath = join(dirname(o.vda.socket), `qmp-${o.order}.sock`);
@@ -504,6 +529,8 @@ async function runBoot(o: {
     ticks: Map<number, number>;
     /** QEMU's utime+stime ticks. */
     qemu: number;
+    /** The NBD server's utime+stime ticks (0 without one). */
+    server: number;
     /** Busy ticks of the whole host. */
     host: number;
     /** This harness's own CPU, µs. */
@@ -532,7 +559,7 @@ async function runBoot(o: {
     qemuPid ??= findPidByCmdline(qmpPath);
     if (qemuPid === null) throw new Error(`cannot find the QEMU process (no cmdline with ${qmpPath})`);
     const u = process.cpuUsage();
-    return { ticks, qemu: cpuTicks(qemuPid), host: hostBusyTicks(), selfUs: u.user + u.system };
+    return { ticks, qemu: cpuTicks(qemuPid), server: o.serverPid ? cpuTicks(o.serverPid) : 0, host: hostBusyTicks(), selfUs: u.user + u.system };
   };
   const fail = (msg: string) => {
     failure ??= new Error(`boot ${o.order}: ${msg}`);
@@ -603,8 +630,9 @@ async function runBoot(o: {
     const qemuCpuS = (w.ticks1!.qemu - w.ticks0.qemu) / CLK_TCK;
     const hostS = (w.ticks1!.host - w.ticks0.host) / CLK_TCK;
     const selfS = (w.ticks1!.selfUs - w.ticks0.selfUs) / 1e6;
+    const serverS = (w.ticks1!.server - w.ticks0.server) / CLK_TCK;
     // Everything else the host ran meanwhile (other guests, builds...): the noise we cannot control.
-    const foreignCores = Math.max(0, hostS - qemuCpuS - d(o.vda) - d(o.vdb) - selfS) / wallS;
+    const foreignCores = Math.max(0, hostS - qemuCpuS - d(o.vda) - d(o.vdb) - selfS - serverS) / wallS;
     const sectors = w.stat1!.readSectors - w.stat0.readSectors + (w.stat1!.writeSectors - w.stat0.writeSectors);
     const requests = w.stat1!.readIos - w.stat0.readIos + (w.stat1!.writeIos - w.stat0.writeIos);
     const ios = (sectors * 512) / step.job.bsBytes;
@@ -628,6 +656,7 @@ async function runBoot(o: {
       qemuCpuS,
       foreignCores,
       cpuUsPerIo: (cpuS / ios) * 1e6,
+      serverCpuUsPerIo: (serverS / ios) * 1e6,
       fio: fio.raw,
     };
     samples.push(s);
