@@ -4,39 +4,43 @@
 // the kernel, so the head/tail words go through Atomics (the barriers the ABI asks for) and each
 // CQE field is read once. Nothing here knows about devices: see devices/block/disk/raw_uring.ts.
 import { ptr, toArrayBuffer } from "bun:ffi";
-import { libc, check, close, errno, SysError, EAGAIN, EINTR, EBUSY, EINVAL } from "./libc.ts";
+import { libc, check, close, errno, SysError, SYS, EAGAIN, EINTR, EBUSY, EINVAL } from "./libc.ts";
 import { mmap, munmap, PROT_READ, PROT_WRITE, MAP_SHARED, MAP_PRIVATE, MAP_ANONYMOUS } from "./mem.ts";
 import type { IovecArray } from "./io.ts";
 
 const sys = libc.syscall;
 
-const SYS_io_uring_setup = 425;
-const SYS_io_uring_enter = 426;
-const SYS_io_uring_register = 427;
-
 // <linux/io_uring.h>
-export const IORING_OP_READV = 1;
-export const IORING_OP_WRITEV = 2;
-export const IORING_OP_FSYNC = 3;
-/** Opens a file (an opcode no device submits: restricted rings refuse it). */
-export const IORING_OP_OPENAT = 18;
-/** Cancels the request whose user_data is the SQE's addr. */
-export const IORING_OP_ASYNC_CANCEL = 14;
-/**
- * A read that stays armed (6.7+): each time the fd has data it reads into a buffer the kernel takes
- * from a provided-buffer ring (IOSQE_BUFFER_SELECT) and posts a CQE with IORING_CQE_F_MORE, until
- * an error, the group running out of buffers (-ENOBUFS) or a cancel ends it (a CQE without F_MORE).
- * Only on pollable files (a tap, a pipe, a socket).
- */
-export const IORING_OP_READ_MULTISHOT = 49;
+/** SQE opcodes (IORING_OP_*). */
+export const IORING_OP = {
+  READV: 1,
+  WRITEV: 2,
+  FSYNC: 3,
+  /** Cancels the request whose user_data is the SQE's addr. */
+  ASYNC_CANCEL: 14,
+  /** Opens a file (an opcode no device submits: restricted rings refuse it). */
+  OPENAT: 18,
+  /**
+   * A read that stays armed (6.7+): each time the fd has data it reads into a buffer the kernel
+   * takes from a provided-buffer ring (IOSQE.BUFFER_SELECT) and posts a CQE with IORING_CQE_F.MORE,
+   * until an error, the group running out of buffers (-ENOBUFS) or a cancel ends it (a CQE
+   * without F_MORE). Only on pollable files (a tap, a pipe, a socket).
+   */
+  READ_MULTISHOT: 49,
+} as const;
 export const IORING_FSYNC_DATASYNC = 1;
-export const IOSQE_IO_DRAIN = 1 << 1;
-export const IOSQE_IO_LINK = 1 << 2;
-/** The read takes its buffer from the provided-buffer group named by the SQE's buf_group. */
-export const IOSQE_BUFFER_SELECT = 1 << 5;
-/** CQE flags: a provided buffer was used (its id in the flags' upper 16 bits); more CQEs follow. */
-export const IORING_CQE_F_BUFFER = 1 << 0;
-export const IORING_CQE_F_MORE = 1 << 1;
+/** SQE flags (IOSQE_*). */
+export const IOSQE = {
+  IO_DRAIN: 1 << 1,
+  IO_LINK: 1 << 2,
+  /** The read takes its buffer from the provided-buffer group named by the SQE's buf_group. */
+  BUFFER_SELECT: 1 << 5,
+} as const;
+/** CQE flags (IORING_CQE_F_*): a provided buffer was used (its id in the flags' upper 16 bits); more CQEs follow. */
+export const IORING_CQE_F = {
+  BUFFER: 1 << 0,
+  MORE: 1 << 1,
+} as const;
 export const IORING_CQE_BUFFER_SHIFT = 16;
 /**
  * READV/WRITEV rw_flags: fail with -EAGAIN instead of waiting. Without it, a read or write that
@@ -44,33 +48,40 @@ export const IORING_CQE_BUFFER_SHIFT = 16;
  * the fd is ready, and its CQE comes later.
  */
 export const RWF_NOWAIT = 0x8;
-const IORING_SETUP_CLAMP = 1 << 4;
-/** io_uring_params.cq_entries is the CQ size asked for. */
-const IORING_SETUP_CQSIZE = 1 << 3;
-/** Set up disabled: restrictions can be registered until IORING_REGISTER_ENABLE_RINGS (5.10+). */
-const IORING_SETUP_R_DISABLED = 1 << 6;
-/** Keep submitting the rest of a batch when one SQE fails to prepare (5.18+). */
-const IORING_SETUP_SUBMIT_ALL = 1 << 7;
+/** io_uring_setup flags (IORING_SETUP_*). */
+const IORING_SETUP = {
+  /** io_uring_params.cq_entries is the CQ size asked for. */
+  CQSIZE: 1 << 3,
+  CLAMP: 1 << 4,
+  /** Set up disabled: restrictions can be registered until IORING_REGISTER.ENABLE_RINGS (5.10+). */
+  R_DISABLED: 1 << 6,
+  /** Keep submitting the rest of a batch when one SQE fails to prepare (5.18+). */
+  SUBMIT_ALL: 1 << 7,
+} as const;
 const IORING_FEAT_SINGLE_MMAP = 1 << 0;
 const IORING_ENTER_GETEVENTS = 1 << 0;
-const IORING_REGISTER_EVENTFD = 4;
-const IORING_UNREGISTER_EVENTFD = 5;
-const IORING_REGISTER_RESTRICTIONS = 11;
-const IORING_REGISTER_ENABLE_RINGS = 12;
-const IORING_REGISTER_PBUF_RING = 22;
-const IORING_UNREGISTER_PBUF_RING = 23;
-/** struct io_uring_restriction: u16 opcode, u8 register_op/sqe_op/sqe_flags, u8 resv, u32 resv2[3]. */
-const RESTRICTION_SIZE = 16;
-const IORING_RESTRICTION_REGISTER_OP = 0;
-const IORING_RESTRICTION_SQE_OP = 1;
-const IORING_RESTRICTION_SQE_FLAGS_ALLOWED = 2;
+/** io_uring_register opcodes (IORING_REGISTER_*, IORING_UNREGISTER_*). */
+const IORING_REGISTER = {
+  EVENTFD: 4,
+  UNREGISTER_EVENTFD: 5,
+  RESTRICTIONS: 11,
+  ENABLE_RINGS: 12,
+  PBUF_RING: 22,
+  UNREGISTER_PBUF_RING: 23,
+} as const;
+/** What one restriction allows (IORING_RESTRICTION_*). */
+const IORING_RESTRICTION = {
+  REGISTER_OP: 0,
+  SQE_OP: 1,
+  SQE_FLAGS_ALLOWED: 2,
+} as const;
 
 /** io_uring_register opcodes a restricted ring may be given (the others fail with EACCES). */
 export const RegisterOp = {
-  EVENTFD: IORING_REGISTER_EVENTFD,
-  UNREGISTER_EVENTFD: IORING_UNREGISTER_EVENTFD,
-  PBUF_RING: IORING_REGISTER_PBUF_RING,
-  UNREGISTER_PBUF_RING: IORING_UNREGISTER_PBUF_RING,
+  EVENTFD: IORING_REGISTER.EVENTFD,
+  UNREGISTER_EVENTFD: IORING_REGISTER.UNREGISTER_EVENTFD,
+  PBUF_RING: IORING_REGISTER.PBUF_RING,
+  UNREGISTER_PBUF_RING: IORING_REGISTER.UNREGISTER_PBUF_RING,
 } as const;
 
 /**
@@ -85,9 +96,12 @@ export interface RingRestrictions {
   /** IOSQE_* flags SQEs may carry (none when absent). */
   sqeFlags?: number;
 }
-const IORING_OFF_SQ_RING = 0;
-const IORING_OFF_CQ_RING = 0x8000000;
-const IORING_OFF_SQES = 0x10000000;
+/** mmap offsets of the ring's parts (IORING_OFF_*). */
+const IORING_OFF = {
+  SQ_RING: 0,
+  CQ_RING: 0x8000000,
+  SQES: 0x10000000,
+} as const;
 
 const SQE_SIZE = 64;
 const CQE_SIZE = 16;
@@ -112,20 +126,22 @@ export function closeRingHandle(h: RingHandle): void {
   close(h.fd);
 }
 
-/** IORING_REGISTER_RESTRICTIONS on a ring set up disabled (it takes effect at ENABLE_RINGS). */
+/** IORING_REGISTER.RESTRICTIONS on a ring set up disabled (it takes effect at ENABLE_RINGS). */
 function registerRestrictions(fd: number, r: RingRestrictions): void {
   const entries: [number, number][] = [
-    ...r.sqeOps.map((op): [number, number] => [IORING_RESTRICTION_SQE_OP, op]),
-    ...r.registerOps.map((op): [number, number] => [IORING_RESTRICTION_REGISTER_OP, op]),
-    ...(r.sqeFlags ? [[IORING_RESTRICTION_SQE_FLAGS_ALLOWED, r.sqeFlags] as [number, number]] : []),
+    ...r.sqeOps.map((op): [number, number] => [IORING_RESTRICTION.SQE_OP, op]),
+    ...r.registerOps.map((op): [number, number] => [IORING_RESTRICTION.REGISTER_OP, op]),
+    ...(r.sqeFlags ? [[IORING_RESTRICTION.SQE_FLAGS_ALLOWED, r.sqeFlags] as [number, number]] : []),
   ];
+  // struct io_uring_restriction: u16 opcode, u8 register_op/sqe_op/sqe_flags, u8 resv, u32 resv2[3].
+  const RESTRICTION_SIZE = 16;
   const buf = new Uint8Array(Math.max(1, entries.length) * RESTRICTION_SIZE);
   const v = new DataView(buf.buffer);
   entries.forEach(([kind, op], i) => {
     v.setUint16(i * RESTRICTION_SIZE, kind, true);
     v.setUint8(i * RESTRICTION_SIZE + 2, op);
   });
-  check(sys(SYS_io_uring_register, fd, IORING_REGISTER_RESTRICTIONS, ptr(buf), entries.length, 0, 0, 0), "io_uring_register(RESTRICTIONS)");
+  check(sys(SYS.io_uring_register, fd, IORING_REGISTER.RESTRICTIONS, ptr(buf), entries.length, 0, 0, 0), "io_uring_register(RESTRICTIONS)");
 }
 
 /** A CQE as handed to reap()'s callback. `res` is the operation's return value or -errno. */
@@ -180,11 +196,11 @@ export class IoUring {
     const single = (this.features & IORING_FEAT_SINGLE_MMAP) !== 0;
     const mapRing = (len: number, off: number) => mmap(len, PROT_READ | PROT_WRITE, MAP_SHARED, fd, off);
     this.ringLen = single ? Math.max(sqLen, cqLen) : sqLen;
-    this.ringPtr = mapRing(this.ringLen, IORING_OFF_SQ_RING);
+    this.ringPtr = mapRing(this.ringLen, IORING_OFF.SQ_RING);
     this.cqLen = single ? 0 : cqLen;
-    this.cqPtr = single ? this.ringPtr : mapRing(cqLen, IORING_OFF_CQ_RING);
+    this.cqPtr = single ? this.ringPtr : mapRing(cqLen, IORING_OFF.CQ_RING);
     this.sqesLen = SQE_SIZE * this.entries;
-    this.sqesPtr = mapRing(this.sqesLen, IORING_OFF_SQES);
+    this.sqesPtr = mapRing(this.sqesLen, IORING_OFF.SQES);
 
     this.sqRing = new Uint32Array(toArrayBuffer(this.ringPtr as never, 0, this.ringLen));
     this.sqHead = sq(0) / 4;
@@ -209,7 +225,7 @@ export class IoUring {
    * Flags as setup()'s.
    */
   static setupHandle(entries: number, restrictions?: RingRestrictions, cqEntries = 0): RingHandle {
-    const ring = IoUring.setup(entries, restrictions === undefined ? 0 : IORING_SETUP_R_DISABLED, cqEntries);
+    const ring = IoUring.setup(entries, restrictions === undefined ? 0 : IORING_SETUP.R_DISABLED, cqEntries);
     const params = ring.paramsBytes!;
     ring.ownsFd = false;
     ring.close();
@@ -217,7 +233,7 @@ export class IoUring {
     if (restrictions === undefined) return h;
     try {
       registerRestrictions(h.fd, restrictions);
-      check(sys(SYS_io_uring_register, h.fd, IORING_REGISTER_ENABLE_RINGS, 0, 0, 0, 0, 0), "io_uring_register(ENABLE_RINGS)");
+      check(sys(SYS.io_uring_register, h.fd, IORING_REGISTER.ENABLE_RINGS, 0, 0, 0, 0, 0), "io_uring_register(ENABLE_RINGS)");
     } catch (e) {
       close(h.fd);
       throw e;
@@ -242,18 +258,18 @@ export class IoUring {
     const params = new Uint8Array(PARAMS_SIZE);
     const v = new DataView(params.buffer);
     let fd = -1;
-    for (const flags of [IORING_SETUP_CLAMP | IORING_SETUP_SUBMIT_ALL, IORING_SETUP_CLAMP]) {
+    for (const flags of [IORING_SETUP.CLAMP | IORING_SETUP.SUBMIT_ALL, IORING_SETUP.CLAMP]) {
       params.fill(0);
-      v.setUint32(8, flags | extraFlags | (cqEntries > 0 ? IORING_SETUP_CQSIZE : 0), true);
+      v.setUint32(8, flags | extraFlags | (cqEntries > 0 ? IORING_SETUP.CQSIZE : 0), true);
       if (cqEntries > 0) v.setUint32(4, cqEntries, true);
-      const r = sys(SYS_io_uring_setup, entries, ptr(params), 0, 0, 0, 0, 0);
+      const r = sys(SYS.io_uring_setup, entries, ptr(params), 0, 0, 0, 0, 0);
       if (r >= 0) {
         fd = Number(r);
         break;
       }
       const e = errno();
       if (e !== EINVAL) throw new SysError("io_uring_setup", e); // EINVAL: an older kernel, try fewer flags
-      if (flags === IORING_SETUP_CLAMP) throw new SysError("io_uring_setup", e);
+      if (flags === IORING_SETUP.CLAMP) throw new SysError("io_uring_setup", e);
     }
     try {
       const ring = new IoUring(fd, v);
@@ -301,27 +317,27 @@ export class IoUring {
 
   /** READV of `iov` (its current entries) at `offset`. */
   prepReadv(fd: number, iov: IovecArray, offset: number, userData: number, sqeFlags = 0): boolean {
-    return this.prep(IORING_OP_READV, fd, iov.ptr, iov.count, offset, userData, sqeFlags);
+    return this.prep(IORING_OP.READV, fd, iov.ptr, iov.count, offset, userData, sqeFlags);
   }
 
   /** WRITEV of `iov` at `offset`. */
   prepWritev(fd: number, iov: IovecArray, offset: number, userData: number, sqeFlags = 0): boolean {
-    return this.prep(IORING_OP_WRITEV, fd, iov.ptr, iov.count, offset, userData, sqeFlags);
+    return this.prep(IORING_OP.WRITEV, fd, iov.ptr, iov.count, offset, userData, sqeFlags);
   }
 
   /** READ_MULTISHOT of `fd` into buffers of provided-buffer group `bufGroup` (see BufferRing). */
   prepReadMultishot(fd: number, bufGroup: number, userData: number): boolean {
-    return this.prep(IORING_OP_READ_MULTISHOT, fd, 0, 0, 0, userData, IOSQE_BUFFER_SELECT, 0, bufGroup);
+    return this.prep(IORING_OP.READ_MULTISHOT, fd, 0, 0, 0, userData, IOSQE.BUFFER_SELECT, 0, bufGroup);
   }
 
   /** ASYNC_CANCEL of the request submitted with user_data `target` (a u32 here). */
   prepCancel(target: number, userData: number): boolean {
-    return this.prep(IORING_OP_ASYNC_CANCEL, -1, target, 0, 0, userData);
+    return this.prep(IORING_OP.ASYNC_CANCEL, -1, target, 0, 0, userData);
   }
 
   /** FSYNC of the whole file; `datasync` = fdatasync semantics. */
   prepFsync(fd: number, datasync: boolean, userData: number, sqeFlags = 0): boolean {
-    return this.prep(IORING_OP_FSYNC, fd, 0, 0, 0, userData, sqeFlags, datasync ? IORING_FSYNC_DATASYNC : 0);
+    return this.prep(IORING_OP.FSYNC, fd, 0, 0, 0, userData, sqeFlags, datasync ? IORING_FSYNC_DATASYNC : 0);
   }
 
   /**
@@ -336,7 +352,7 @@ export class IoUring {
     for (;;) {
       const toSubmit = this.unsubmitted;
       if (toSubmit === 0 && waitFor === 0) return 0;
-      const r = sys(SYS_io_uring_enter, this.fd, toSubmit, waitFor, flags, 0, 0, 0);
+      const r = sys(SYS.io_uring_enter, this.fd, toSubmit, waitFor, flags, 0, 0, 0);
       if (r >= 0) return Number(r);
       const e = errno();
       if (e === EINTR) continue;
@@ -375,14 +391,14 @@ export class IoUring {
     return n;
   }
 
-  /** Makes the kernel signal `efd` whenever it posts a CQE (IORING_REGISTER_EVENTFD). */
+  /** Makes the kernel signal `efd` whenever it posts a CQE (IORING_REGISTER.EVENTFD). */
   registerEventfd(efd: number): void {
     this.eventfdArg[0] = efd;
-    check(sys(SYS_io_uring_register, this.fd, IORING_REGISTER_EVENTFD, ptr(this.eventfdArg), 1, 0, 0, 0), "io_uring_register(EVENTFD)");
+    check(sys(SYS.io_uring_register, this.fd, IORING_REGISTER.EVENTFD, ptr(this.eventfdArg), 1, 0, 0, 0), "io_uring_register(EVENTFD)");
   }
 
   unregisterEventfd(): void {
-    check(sys(SYS_io_uring_register, this.fd, IORING_UNREGISTER_EVENTFD, 0, 0, 0, 0, 0), "io_uring_register(UNREGISTER_EVENTFD)");
+    check(sys(SYS.io_uring_register, this.fd, IORING_REGISTER.UNREGISTER_EVENTFD, 0, 0, 0, 0, 0), "io_uring_register(UNREGISTER_EVENTFD)");
   }
 
   /**
@@ -405,9 +421,9 @@ const BUF_REG_SIZE = 40;
 const BUF_SIZE = 16;
 
 /**
- * A provided-buffer ring (IORING_REGISTER_PBUF_RING, 5.19+) of `count` buffers of `size` bytes
- * each, in memory of our own: reads with IOSQE_BUFFER_SELECT on group `group` take a buffer from
- * it and name it in their CQE (IORING_CQE_F_BUFFER, id in the flags' upper bits). A buffer goes
+ * A provided-buffer ring (IORING_REGISTER.PBUF_RING, 5.19+) of `count` buffers of `size` bytes
+ * each, in memory of our own: reads with IOSQE.BUFFER_SELECT on group `group` take a buffer from
+ * it and name it in their CQE (IORING_CQE_F.BUFFER, id in the flags' upper bits). A buffer goes
  * back with give() and is visible to the kernel after publish(). Until then the kernel leaves it
  * alone: the bytes read into it stay ours to copy out.
  */
@@ -443,7 +459,7 @@ export class BufferRing {
     v.setUint32(8, count, true);
     v.setUint16(12, group, true);
     try {
-      check(sys(SYS_io_uring_register, ring.fd, IORING_REGISTER_PBUF_RING, ptr(reg), 1, 0, 0, 0), "io_uring_register(PBUF_RING)");
+      check(sys(SYS.io_uring_register, ring.fd, IORING_REGISTER.PBUF_RING, ptr(reg), 1, 0, 0, 0), "io_uring_register(PBUF_RING)");
     } catch (e) {
       munmap(this.bufsPtr, count * size);
       munmap(this.ringPtr, this.ringLen);
@@ -485,7 +501,7 @@ export class BufferRing {
     this.registered = false;
     const reg = new Uint8Array(BUF_REG_SIZE);
     new DataView(reg.buffer).setUint16(12, this.group, true);
-    check(sys(SYS_io_uring_register, this.ring.fd, IORING_UNREGISTER_PBUF_RING, ptr(reg), 1, 0, 0, 0), "io_uring_register(UNREGISTER_PBUF_RING)");
+    check(sys(SYS.io_uring_register, this.ring.fd, IORING_REGISTER.UNREGISTER_PBUF_RING, ptr(reg), 1, 0, 0, 0), "io_uring_register(UNREGISTER_PBUF_RING)");
     munmap(this.bufsPtr, this.count * this.size);
     munmap(this.ringPtr, this.ringLen);
   }

@@ -2,15 +2,9 @@
 // access-right bits of <linux/landlock.h>. Which rights to grant is src/sandbox/landlock.ts's
 // business.
 import { ptr } from "bun:ffi";
-import { libc, check, errno } from "./libc.ts";
+import { libc, check, errno, SYS } from "./libc.ts";
 
 const sys = libc.syscall;
-/** System call numbers (x86_64 <asm/unistd_64.h> __NR_*). */
-const SYS = {
-  landlock_create_ruleset: 444,
-  landlock_add_rule: 445,
-  landlock_restrict_self: 446,
-} as const;
 
 /** landlock_add_rule's rule types (enum landlock_rule_type, LANDLOCK_RULE_*). */
 export const LANDLOCK_RULE = {

@@ -57,11 +57,27 @@ const lib = dlopen("libc.so.6", {
   // namespace to open taps and packet sockets that live there).
   setns: { args: ["i32", "i32"], returns: "i32" },
   // glibc's variadic syscall(2), declared with explicit 64-bit arguments (plain register moves on
-  // x86_64; unused arguments are passed as 0). Used for io_uring, which glibc does not wrap.
+  // x86_64; unused arguments are passed as 0). Used for the calls in SYS below.
   syscall: { args: ["i64", "i64", "i64", "i64", "i64", "i64", "i64"], returns: FFIType.i64_fast },
 });
 
 export const libc = lib.symbols;
+
+/** The system calls made through libc.syscall (glibc wraps none of them, or none bun can bind): their numbers (x86_64 <asm/unistd_64.h> __NR_*). */
+export const SYS = {
+  capget: 125,
+  capset: 126,
+  statfs: 137,
+  pivot_root: 155,
+  unlinkat: 263,
+  seccomp: 317,
+  io_uring_setup: 425,
+  io_uring_enter: 426,
+  io_uring_register: 427,
+  landlock_create_ruleset: 444,
+  landlock_add_rule: 445,
+  landlock_restrict_self: 446,
+} as const;
 
 /** errno names for the values a backend meets; others print as their number. */
 const ERRNO_NAMES: Record<number, string> = {

@@ -2,7 +2,7 @@
 // set), seccomp(2), capget/capset, unshare, mount/pivot_root and execve. Each function is one
 // system call plus errno handling; what to confine and in which order is src/sandbox's business.
 import { dlopen, ptr } from "bun:ffi";
-import { libc, check, errno, SysError } from "./libc.ts";
+import { libc, check, errno, SysError, SYS } from "./libc.ts";
 
 const lib = dlopen("libc.so.6", {
   prctl: { args: ["i32", "u64", "u64", "u64", "u64"], returns: "i32" },
@@ -17,15 +17,6 @@ const lib = dlopen("libc.so.6", {
 });
 const sys = libc.syscall;
 
-/** System call numbers (x86_64 <asm/unistd_64.h> __NR_*) of the calls made through syscall(). */
-const SYS = {
-  capget: 125,
-  capset: 126,
-  statfs: 137,
-  pivot_root: 155,
-  unlinkat: 263,
-  seccomp: 317,
-} as const;
 const AT_REMOVEDIR = 0x200;
 
 /** prctl options and arguments (<linux/prctl.h> PR_*). */

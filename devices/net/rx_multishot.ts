@@ -11,8 +11,8 @@
 // and to registering its buffer ring. Its fd is readable when CQEs are waiting: the event loop
 // watches it in place of the tap.
 import {
-  BufferRing, IoUring, IORING_OP_READ_MULTISHOT, IORING_OP_ASYNC_CANCEL, IOSQE_BUFFER_SELECT, IORING_CQE_F_BUFFER,
-  IORING_CQE_F_MORE, IORING_CQE_BUFFER_SHIFT, RegisterOp, type RingHandle, type RingRestrictions,
+  BufferRing, IoUring, IORING_OP, IOSQE, IORING_CQE_F,
+  IORING_CQE_BUFFER_SHIFT, RegisterOp, type RingHandle, type RingRestrictions,
 } from "../../ffi/io_uring.ts";
 
 /** Buffers per pair: frames read ahead of the guest's buffers at most (and per CQ reap). */
@@ -28,9 +28,9 @@ const CANCEL_ID = 2;
 
 /** What a pair's receive ring may do (seccomp cannot see SQEs). */
 export const RX_RING_RESTRICTIONS: RingRestrictions = {
-  sqeOps: [IORING_OP_READ_MULTISHOT, IORING_OP_ASYNC_CANCEL],
+  sqeOps: [IORING_OP.READ_MULTISHOT, IORING_OP.ASYNC_CANCEL],
   registerOps: [RegisterOp.PBUF_RING, RegisterOp.UNREGISTER_PBUF_RING],
-  sqeFlags: IOSQE_BUFFER_SELECT,
+  sqeFlags: IOSQE.BUFFER_SELECT,
 };
 
 /** Sets up a pair's receive ring (in acquire: the sandbox forbids io_uring_setup later). */
@@ -53,7 +53,7 @@ export class RxMultishot {
   private canceling = false;
   private readonly onCqe = (userData: number, res: number, flags: number) => {
     if (userData !== READ_ID) return; // the cancel's own CQE
-    if ((flags & IORING_CQE_F_BUFFER) !== 0) {
+    if ((flags & IORING_CQE_F.BUFFER) !== 0) {
       const id = flags >>> IORING_CQE_BUFFER_SHIFT;
       if (res > 0 && this.pending < RX_BUFFERS) {
         const at = (this.head + this.pending) % RX_BUFFERS;
@@ -62,7 +62,7 @@ export class RxMultishot {
         this.pending++;
       } else this.bufs.give(id); // an empty read (cannot happen on a tap) holds nothing
     }
-    if ((flags & IORING_CQE_F_MORE) === 0) {
+    if ((flags & IORING_CQE_F.MORE) === 0) {
       this.armed = false;
       // -ENOBUFS: every buffer is taken (re-armed when they come back); -ECANCELED: ours.
       if (res < 0 && res !== -105 && res !== -125) this.failed = res;

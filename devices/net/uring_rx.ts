@@ -10,7 +10,7 @@
 // The kernel issues the SQEs in order, so frame i of the tap lands in the first part whose READV
 // found a frame, and frames keep their order. Parts whose READV found the tap empty keep their
 // chains for the next batch.
-import { IoUring, IORING_OP_READV, RWF_NOWAIT } from "../../ffi/io_uring.ts";
+import { IoUring, IORING_OP, RWF_NOWAIT } from "../../ffi/io_uring.ts";
 import { IovecArray } from "../../ffi/io.ts";
 import { ptr } from "bun:ffi";
 import type { ChainWriter } from "../../src/chain.ts";
@@ -83,7 +83,7 @@ export class RxBatch {
     this.iovStart[n] = this.iov.count;
     for (let i = 0; i < n; i++) {
       this.results[i] = -125; // ECANCELED until its CQE says otherwise
-      this.ring.prep(IORING_OP_READV, this.fd, this.iov.ptr + 16 * this.iovStart[i]!, this.iovStart[i + 1]! - this.iovStart[i]!, 0, i, 0, RWF_NOWAIT);
+      this.ring.prep(IORING_OP.READV, this.fd, this.iov.ptr + 16 * this.iovStart[i]!, this.iovStart[i + 1]! - this.iovStart[i]!, 0, i, 0, RWF_NOWAIT);
     }
     let reaped = 0;
     for (let tries = 0; reaped < n; tries++) {

@@ -11,7 +11,7 @@
 // The batch's iovecs live in one array: frame i owns entries [start[i], start[i] + count[i]).
 // Results come back per frame, in submission order (user_data = the frame's index in the batch).
 import {
-  IoUring, IORING_OP_WRITEV, IORING_OP_READV, RWF_NOWAIT, closeRingHandle, type RingHandle, type RingRestrictions,
+  IoUring, IORING_OP, RWF_NOWAIT, closeRingHandle, type RingHandle, type RingRestrictions,
 } from "../../ffi/io_uring.ts";
 import { IovecArray } from "../../ffi/io.ts";
 import { ChainReader, type DescriptorChain } from "../../src/chain.ts";
@@ -70,7 +70,7 @@ export class TxBatch {
     for (let i = 0; i < n; i++) {
       const end = i + 1 < n ? this.start[i + 1]! : this.iov.count;
       this.results[i] = -125; // ECANCELED until its CQE says otherwise
-      this.ring.prep(IORING_OP_WRITEV, this.fd, this.iov.ptr + 16 * this.start[i]!, end - this.start[i]!, 0, i, 0, RWF_NOWAIT);
+      this.ring.prep(IORING_OP.WRITEV, this.fd, this.iov.ptr + 16 * this.start[i]!, end - this.start[i]!, 0, i, 0, RWF_NOWAIT);
     }
     let reaped = 0;
     for (let tries = 0; reaped < n; tries++) {
@@ -99,7 +99,7 @@ const DISABLE_ENV = "BACKEND_NO_IO_URING";
  * What a pair's ring may do: the transmit batch's WRITEVs and the receive batch's READVs, nothing
  * else (no register call either: the batches wait in io_uring_enter). seccomp cannot see SQEs.
  */
-export const NET_RING_RESTRICTIONS: RingRestrictions = { sqeOps: [IORING_OP_WRITEV, IORING_OP_READV], registerOps: [] };
+export const NET_RING_RESTRICTIONS: RingRestrictions = { sqeOps: [IORING_OP.WRITEV, IORING_OP.READV], registerOps: [] };
 
 /**
  * The io_uring of each of `pairs` pairs (its transmit and receive batches), set up in acquire

@@ -8,7 +8,7 @@ import { ptr } from "bun:ffi";
 import { mkdtempSync, writeFileSync, readdirSync, readlinkSync, rmSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
-import { IoUring, IORING_OP_OPENAT, IORING_OP_READV, closeRingHandle, type RingHandle } from "../../ffi/io_uring.ts";
+import { IoUring, IORING_OP, closeRingHandle, type RingHandle } from "../../ffi/io_uring.ts";
 import { IovecArray } from "../../ffi/io.ts";
 import { libc, errno, close } from "../../ffi/libc.ts";
 import { eventfd } from "../../ffi/eventfd.ts";
@@ -51,7 +51,7 @@ function fdsOn(path: string): number[] {
 /** Submits one OPENAT of `path` (read-only) on `ring` and returns its CQE's result. */
 function openThrough(ring: IoUring, path: string): number {
   const name = Buffer.from(path + "\0");
-  expect(ring.prep(IORING_OP_OPENAT, AT_FDCWD, ptr(name), 0, 0, 7, 0, 0 /* O_RDONLY */)).toBe(true);
+  expect(ring.prep(IORING_OP.OPENAT, AT_FDCWD, ptr(name), 0, 0, 7, 0, 0 /* O_RDONLY */)).toBe(true);
   ring.submit(1);
   let res = NaN;
   expect(ring.reap((userData, r) => {
@@ -103,7 +103,7 @@ describe("block's rings are restricted to what a disk queue submits", () => {
       const buf = new Uint8Array(64);
       const iov = new IovecArray(1);
       iov.push(ptr(buf), buf.length);
-      expect(ring.prep(IORING_OP_READV, resource.fd, iov.ptr, 1, 0, 1)).toBe(true);
+      expect(ring.prep(IORING_OP.READV, resource.fd, iov.ptr, 1, 0, 1)).toBe(true);
       ring.submit(1);
       let res = NaN;
       ring.reap((_u, r) => void (res = r));

@@ -15,8 +15,7 @@
 // SQE in the ring at any time, and there are at most `depth` slots (<= the ring's SQ entries), so
 // the SQ can never overflow. Slots are created on first use, so memory follows the real depth.
 import {
-  IoUring, RegisterOp, closeRingHandle, IORING_OP_READV, IORING_OP_WRITEV, IORING_OP_FSYNC,
-  type RingHandle, type RingRestrictions,
+  IoUring, RegisterOp, closeRingHandle, IORING_OP, type RingHandle, type RingRestrictions,
 } from "../../../ffi/io_uring.ts";
 import { IovecArray } from "../../../ffi/io.ts";
 import { close } from "../../../ffi/libc.ts";
@@ -43,7 +42,7 @@ export const DEFAULT_RING_ENTRIES = 256;
  * a SENDMSG, a registered file table — is refused by the kernel (EACCES).
  */
 export const DISK_RING_RESTRICTIONS: RingRestrictions = {
-  sqeOps: [IORING_OP_READV, IORING_OP_WRITEV, IORING_OP_FSYNC],
+  sqeOps: [IORING_OP.READV, IORING_OP.WRITEV, IORING_OP.FSYNC],
   registerOps: [RegisterOp.EVENTFD, RegisterOp.UNREGISTER_EVENTFD],
 };
 
