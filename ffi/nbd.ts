@@ -16,6 +16,7 @@
 // The words are all zero: NBD_NULL_COMPLETION. Other ABIs pass such structs differently (AArch64
 // by reference), so these bindings refuse to load anywhere but x86-64.
 import { dlopen, FFIType, type Pointer } from "bun:ffi";
+import { LazyLibrary } from "./library.ts";
 
 export const LIBNBD_CMD_FLAG_FUA = 0x01;
 export const LIBNBD_CMD_FLAG_NO_HOLE = 0x02;
@@ -91,28 +92,16 @@ function load() {
   });
 }
 
-let lib: ReturnType<typeof load> | null = null;
+const libnbd = new LazyLibrary(() => load().symbols, `${LIBNBD_SONAME} (install Debian's libnbd0)`);
 
 /** The library, loaded on first use; throws a message saying which package provides it. */
 function nbd() {
-  if (lib === null) {
-    try {
-      lib = load();
-    } catch (e) {
-      throw new Error(`cannot load ${LIBNBD_SONAME} (install Debian's libnbd0): ${(e as Error).message}`);
-    }
-  }
-  return lib.symbols;
+  return libnbd.get();
 }
 
 /** Whether libnbd can be loaded here (null), or why not. */
 export function libnbdUnavailable(): string | null {
-  try {
-    nbd();
-    return null;
-  } catch (e) {
-    return (e as Error).message;
-  }
+  return libnbd.unavailable();
 }
 
 /** A failed libnbd call: libnbd's message (it names the call) and errno (0 when it set none). */

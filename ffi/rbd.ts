@@ -8,6 +8,7 @@
 // call made after that is queued on the image and the eventfd is signalled; the caller's loop
 // collects them with rbd_poll_io_events and reads each one's argument and result.
 import { dlopen, FFIType, ptr, type Pointer } from "bun:ffi";
+import { LazyLibrary } from "./library.ts";
 
 export const LIBRBD_SONAME = "librbd.so.1";
 export const LIBRADOS_SONAME = "librados.so.2";
@@ -69,30 +70,19 @@ function loadRbd() {
   });
 }
 
-let rados: ReturnType<typeof loadRados> | null = null;
-let rbd: ReturnType<typeof loadRbd> | null = null;
+const librbd = new LazyLibrary(
+  () => ({ rados: loadRados().symbols, rbd: loadRbd().symbols }),
+  `${LIBRBD_SONAME} / ${LIBRADOS_SONAME} (install Debian's librbd1)`,
+);
 
 /** The libraries, loaded on first use; throws a message saying which packages provide them. */
 function libs() {
-  if (rbd === null) {
-    try {
-      rados = loadRados();
-      rbd = loadRbd();
-    } catch (e) {
-      throw new Error(`cannot load ${LIBRBD_SONAME} / ${LIBRADOS_SONAME} (install Debian's librbd1): ${(e as Error).message}`);
-    }
-  }
-  return { rados: rados!.symbols, rbd: rbd.symbols };
+  return librbd.get();
 }
 
 /** Whether librados and librbd can be loaded here (null), or why not. */
 export function librbdUnavailable(): string | null {
-  try {
-    libs();
-    return null;
-  } catch (e) {
-    return (e as Error).message;
-  }
+  return librbd.unavailable();
 }
 
 /** A failed librados/librbd call: its name and errno (the libraries return -errno). */
