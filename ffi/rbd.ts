@@ -56,7 +56,7 @@ function loadRbd() {
     rbd_stat: { args: ["ptr", "ptr", u64], returns: "i32" },
     rbd_get_id: { args: ["ptr", "ptr", u64], returns: "i32" },
     rbd_aio_create_completion: { args: ["ptr", "ptr", "ptr"], returns: "i32" },
-    rbd_aio_get_arg: { args: ["ptr"], returns: u64 },
+    rbd_aio_get_arg: { args: ["ptr"], returns: FFIType.u64_fast },
     rbd_aio_get_return_value: { args: ["ptr"], returns: i64 },
     rbd_aio_release: { args: ["ptr"], returns: "void" },
     rbd_aio_readv: { args: ["ptr", "ptr", "i32", u64, "ptr"], returns: "i32" },
@@ -113,9 +113,10 @@ function cstr(s: string): Buffer {
   return Buffer.from(s + "\0");
 }
 
-/** One pointer-sized out-parameter, reused by the calls that fill one. */
+/** One pointer-sized out-parameter, reused by the calls that fill one (its address taken once: the hot path makes a completion per request). */
 const out = new BigUint64Array(1);
-const outPtr = () => ptr(out);
+const outAddress = ptr(out);
+const outPtr = () => outAddress;
 const outValue = () => Number(out[0]) as unknown as Pointer;
 
 export type RadosCluster = Pointer;
@@ -252,11 +253,11 @@ export function rbdAioRelease(c: RbdCompletion): void {
 
 /** `iov`: the address of `count` struct iovec, which must stay valid until the completion. */
 export function rbdAioReadv(image: RbdImage, iov: number, count: number, offset: number, c: RbdCompletion): number {
-  return libs().rbd.rbd_aio_readv(image, iov as unknown as Pointer, count, BigInt(offset), c);
+  return libs().rbd.rbd_aio_readv(image, iov as unknown as Pointer, count, offset, c);
 }
 
 export function rbdAioWritev(image: RbdImage, iov: number, count: number, offset: number, c: RbdCompletion): number {
-  return libs().rbd.rbd_aio_writev(image, iov as unknown as Pointer, count, BigInt(offset), c);
+  return libs().rbd.rbd_aio_writev(image, iov as unknown as Pointer, count, offset, c);
 }
 
 export function rbdAioFlush(image: RbdImage, c: RbdCompletion): number {
@@ -264,11 +265,11 @@ export function rbdAioFlush(image: RbdImage, c: RbdCompletion): number {
 }
 
 export function rbdAioDiscard(image: RbdImage, offset: number, len: number, c: RbdCompletion): number {
-  return libs().rbd.rbd_aio_discard(image, BigInt(offset), BigInt(len), c);
+  return libs().rbd.rbd_aio_discard(image, offset, len, c);
 }
 
 export function rbdAioWriteZeroes(image: RbdImage, offset: number, len: number, c: RbdCompletion, zeroFlags: number): number {
-  return libs().rbd.rbd_aio_write_zeroes(image, BigInt(offset), BigInt(len), c, zeroFlags, 0);
+  return libs().rbd.rbd_aio_write_zeroes(image, offset, len, c, zeroFlags, 0);
 }
 
 /** Blocking flush of everything written so far. */
@@ -278,7 +279,8 @@ export function rbdFlush(image: RbdImage): void {
 
 /**
  * Collects up to `comps.length` finished completions into `comps` (addresses); returns how many.
+ * `compsAddress`: ptr(comps), when the caller keeps it.
  */
-export function rbdPollIoEvents(image: RbdImage, comps: BigUint64Array): number {
-  return check(libs().rbd.rbd_poll_io_events(image, ptr(comps), comps.length), "rbd_poll_io_events");
+export function rbdPollIoEvents(image: RbdImage, comps: BigUint64Array, compsAddress: number = ptr(comps)): number {
+  return check(libs().rbd.rbd_poll_io_events(image, compsAddress as unknown as Pointer, comps.length), "rbd_poll_io_events");
 }

@@ -123,8 +123,10 @@ export class CephCluster {
       "mon data avail warn = 0",
       "mon warn on pool no redundancy = false",
       // A client that died holding an image's exclusive lock (a backend killed in a test) loses it
-      // after this long instead of 30 s: the next client's writes wait that long.
-      "osd client watch timeout = 5",
+      // after this long instead of 30 s: the next client's writes wait that long. Not shorter: a
+      // live client pings its watch every 5 s, and one whose ping comes late on a loaded machine
+      // would lose its lock to another client and be blocklisted (every request then fails).
+      "osd client watch timeout = 15",
       `run dir = ${d}/run`,
       "",
       // Logs and admin sockets for the daemons only: a client (the backend) keeps none.

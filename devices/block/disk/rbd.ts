@@ -20,6 +20,7 @@
 // :admin_socket=PATH to have one unsandboxed) and waits at most client_mount_timeout (30 s unless
 // given) for the monitors at start. After that, an unreachable cluster makes requests wait, as
 // for a local disk (librados reconnects on its own).
+import { ptr } from "bun:ffi";
 import * as rbd from "../../../ffi/rbd.ts";
 import { eventfd, drain as drainEventfd } from "../../../ffi/eventfd.ts";
 import { close as closeFd } from "../../../ffi/libc.ts";
@@ -299,6 +300,7 @@ const STEP_FLUSH = 1;
 
 class RbdRequest implements DiskRequest {
   readonly iov: IovecArray;
+  readonly iovView: DataView;
   busy = false;
   /** Bytes a read or write reports when done (0 for the others). */
   len = 0;
@@ -306,13 +308,15 @@ class RbdRequest implements DiskRequest {
 
   constructor(readonly id: number, readonly tag: number, segMax: number, readonly queue: RbdQueue) {
     this.iov = new IovecArray(segMax);
+    this.iovView = new DataView(this.iov.bytes.buffer, this.iov.bytes.byteOffset, this.iov.bytes.byteLength);
   }
 }
 
-function iovTotal(iov: IovecArray): number {
-  const v = new DataView(iov.bytes.buffer, iov.bytes.byteOffset, iov.count * 16);
+/** The bytes a request's iovecs hold (librbd reads or writes exactly that many). */
+function iovTotal(r: RbdRequest): number {
+  const v = r.iovView;
   let total = 0;
-  for (let i = 0; i < iov.count; i++) total += v.getUint32(16 * i + 8, true) + v.getUint32(16 * i + 12, true) * 0x1_0000_0000;
+  for (let i = 0; i < r.iov.count; i++) total += v.getUint32(16 * i + 8, true) + v.getUint32(16 * i + 12, true) * 0x1_0000_0000;
   return total;
 }
 
@@ -381,7 +385,7 @@ class RbdQueue implements DiskQueue {
     const r = this.begin(req);
     r.len = len;
     if (len === 0) return this.complete(r, 0);
-    if (iovTotal(r.iov) !== len) return this.complete(r, -EIO);
+    if (iovTotal(r) !== len) return this.complete(r, -EIO);
     this.started(r, rbd.rbdAioReadv(this.disk.image, r.iov.ptr, r.iov.count, offset, this.disk.completion(r)));
   }
 
@@ -390,7 +394,7 @@ class RbdQueue implements DiskQueue {
     r.len = len;
     if (this.disk.readOnly) return this.complete(r, -EROFS);
     if (len === 0) return this.complete(r, 0);
-    if (iovTotal(r.iov) !== len) return this.complete(r, -EIO);
+    if (iovTotal(r) !== len) return this.complete(r, -EIO);
     if (fua) r.next = STEP_FLUSH;
     this.started(r, rbd.rbdAioWritev(this.disk.image, r.iov.ptr, r.iov.count, offset, this.disk.completion(r)));
   }
@@ -457,6 +461,7 @@ export class RbdDisk implements Disk {
   private readonly byTag: RbdRequest[] = [];
   private readonly queues = new Set<RbdQueue>();
   private readonly comps = new BigUint64Array(POLL_BATCH);
+  private readonly compsAddress = ptr(this.comps);
   /** The completion made for the last call, released here if librbd refused the call. */
   private lastCompletion: rbd.RbdCompletion | null = null;
   private loop: EventLoop | null = null;
@@ -567,7 +572,7 @@ export class RbdDisk implements Disk {
 
   private collect(): void {
     for (;;) {
-      const n = rbd.rbdPollIoEvents(this.image, this.comps);
+      const n = rbd.rbdPollIoEvents(this.image, this.comps, this.compsAddress);
       for (let i = 0; i < n; i++) {
         const c = Number(this.comps[i]!) as unknown as rbd.RbdCompletion;
         const tag = rbd.rbdAioGetArg(c);
