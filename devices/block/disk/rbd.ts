@@ -43,6 +43,8 @@ export { isRbdSpec } from "./rbd_spec.ts";
 
 const EROFS = 30;
 const ENOENT = 2;
+/** Ceph's EBLOCKLISTED: the cluster cut this client off (another client broke its lock). */
+const ESHUTDOWN = 108;
 
 /** "RBD": the device number of every RBD disk's identity. */
 const RBD_IDENTITY_DEV = 0x524244;
@@ -467,6 +469,7 @@ export class RbdDisk implements Disk {
   private loop: EventLoop | null = null;
   private sizeTimer: Timer | null = null;
   private closed = false;
+  private blocklistLogged = false;
 
   constructor(readonly resource: RbdDiskResource) {
     const r = resource;
@@ -578,6 +581,10 @@ export class RbdDisk implements Disk {
         const tag = rbd.rbdAioGetArg(c);
         const ret = rbd.rbdAioGetReturnValue(c);
         rbd.rbdAioRelease(c);
+        if (ret === -ESHUTDOWN && !this.blocklistLogged) {
+          this.blocklistLogged = true;
+          log.error(`RBD ${this.resource.location}: the cluster blocklisted this client (another client took the image's exclusive lock, taking this one for dead): every request now fails; restart the backend once that client is gone`);
+        }
         const r = this.byTag[tag - 1];
         if (r === undefined || r === null || !r.busy) {
           log.warn(`RBD ${this.resource.location}: a completion for no request in flight (tag ${tag})`);
