@@ -367,6 +367,21 @@ export class IoUring {
   }
 
   /**
+   * Submits the `n` queued SQEs and reaps until all `n` of their CQEs came: for operations that
+   * complete at once (RWF_NOWAIT on non-blocking fds: done or -EAGAIN), so one io_uring_enter
+   * normally does it; the loop covers a kernel short of resources. Throws when they do not come
+   * (the caller falls back to plain system calls).
+   */
+  submitAndReapAll(n: number, handler: CqeHandler, what: string): void {
+    let reaped = 0;
+    for (let tries = 0; reaped < n; tries++) {
+      this.submit(n - reaped);
+      reaped += this.reap(handler);
+      if (tries > 1000) throw new Error(`io_uring: ${n - reaped} of ${n} ${what} completions missing`);
+    }
+  }
+
+  /**
    * Calls `handler` for every available CQE, in order, then gives their slots back to the kernel
    * (one head store for the batch). Returns how many were reaped. The handler may queue SQEs.
    */

@@ -85,12 +85,7 @@ export class RxBatch {
       this.results[i] = -125; // ECANCELED until its CQE says otherwise
       this.ring.prep(IORING_OP.READV, this.fd, this.iov.ptr + 16 * this.iovStart[i]!, this.iovStart[i + 1]! - this.iovStart[i]!, 0, i, 0, RWF_NOWAIT);
     }
-    let reaped = 0;
-    for (let tries = 0; reaped < n; tries++) {
-      this.ring.submit(n - reaped);
-      reaped += this.ring.reap(this.onCqe);
-      if (tries > 1000) throw new Error(`io_uring: ${n - reaped} of ${n} receive completions missing`);
-    }
+    this.ring.submitAndReapAll(n, this.onCqe, "receive");
     return n;
   }
 

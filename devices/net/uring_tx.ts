@@ -72,12 +72,7 @@ export class TxBatch {
       this.results[i] = -125; // ECANCELED until its CQE says otherwise
       this.ring.prep(IORING_OP.WRITEV, this.fd, this.iov.ptr + 16 * this.start[i]!, end - this.start[i]!, 0, i, 0, RWF_NOWAIT);
     }
-    let reaped = 0;
-    for (let tries = 0; reaped < n; tries++) {
-      this.ring.submit(n - reaped);
-      reaped += this.ring.reap(this.onCqe);
-      if (tries > 1000) throw new Error(`io_uring: ${n - reaped} of ${n} transmit completions missing`);
-    }
+    this.ring.submitAndReapAll(n, this.onCqe, "transmit");
     return n;
   }
 
