@@ -30,7 +30,7 @@ import { NetShared, PairStat, RX_PROMISC } from "../devices/net/shared.ts";
 import { TX_BATCH } from "../devices/net/uring_tx.ts";
 import { setupRxRing } from "../devices/net/rx_multishot.ts";
 import {
-  VIRTIO_NET_F_MRG_RXBUF, VIRTIO_NET_F_GUEST_CSUM, VIRTIO_NET_F_GUEST_TSO4, VIRTIO_NET_HDR_F_NEEDS_CSUM, VIRTIO_NET_HDR_GSO_TCPV4,
+  VIRTIO_NET_F_MRG_RXBUF, VIRTIO_NET_F_GUEST_CSUM, VIRTIO_NET_F_GUEST_TSO4, VIRTIO_NET_HDR_F, VIRTIO_NET_HDR_GSO,
 } from "../devices/net/virtio_net.ts";
 import { fmt, median, spreadPct, table } from "./lib/stats.ts";
 
@@ -172,8 +172,8 @@ function drain(tapFd: number, inject: number, size: number, tso: boolean, mrg: b
     const pkt = tso ? new Uint8Array(10 + size) : f;
     if (tso) {
       const v = new DataView(pkt.buffer);
-      pkt[0] = VIRTIO_NET_HDR_F_NEEDS_CSUM;
-      pkt[1] = VIRTIO_NET_HDR_GSO_TCPV4;
+      pkt[0] = VIRTIO_NET_HDR_F.NEEDS_CSUM;
+      pkt[1] = VIRTIO_NET_HDR_GSO.TCPV4;
       v.setUint16(2, 54, true);
       v.setUint16(4, 1448, true);
       v.setUint16(6, 34, true);

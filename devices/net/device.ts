@@ -24,8 +24,8 @@ import {
   VIRTIO_NET_F_MAC, VIRTIO_NET_F_MTU, VIRTIO_NET_F_STATUS, VIRTIO_NET_F_MRG_RXBUF, VIRTIO_NET_F_MQ,
   VIRTIO_NET_F_CTRL_VQ, VIRTIO_NET_F_CTRL_RX, VIRTIO_NET_F_CTRL_MAC_ADDR, VIRTIO_NET_F_CTRL_GUEST_OFFLOADS,
   VIRTIO_NET_F_GUEST_ANNOUNCE, VIRTIO_NET_F_GUEST_TSO4, VIRTIO_NET_F_GUEST_TSO6, VIRTIO_NET_F_GUEST_UFO,
-  VIRTIO_NET_F_GUEST_USO4, VIRTIO_NET_F_GUEST_USO6, GUEST_OFFLOAD_FEATURES, VIRTIO_NET_S_LINK_UP,
-  VIRTIO_NET_S_ANNOUNCE, NET_CONFIG_SIZE, encodeNetConfig, ctrlQueueIndex,
+  VIRTIO_NET_F_GUEST_USO4, VIRTIO_NET_F_GUEST_USO6, GUEST_OFFLOAD_FEATURES, VIRTIO_NET_S, NET_CONFIG_SIZE,
+  encodeNetConfig, ctrlQueueIndex,
 } from "./virtio_net.ts";
 
 /** Receive offloads that let the tap hand over 64 KiB frames. */
@@ -47,7 +47,7 @@ export class NetDevice implements VhostUserDevice {
   private mtu: number;
   private readonly defaultMac: Uint8Array;
   private mac: Uint8Array;
-  private status = VIRTIO_NET_S_LINK_UP;
+  private status: number = VIRTIO_NET_S.LINK_UP;
   /** Pairs in use: all of them until the driver's VQ_PAIRS_SET (QEMU serves the control queue itself and never tells us). */
   private activePairs: number;
   /** Pairs whose receive ring runs (started and enabled): QEMU tells us the pairs in use only this way. */
@@ -109,7 +109,7 @@ export class NetDevice implements VhostUserDevice {
         this.shared.mac = m;
       },
       announceAcked: () => {
-        this.status &= ~VIRTIO_NET_S_ANNOUNCE;
+        this.status &= ~VIRTIO_NET_S.ANNOUNCE;
       },
     });
     this.ctrl = new WatchedQueue(ctx.loop, () => this.serveControl());
@@ -256,7 +256,7 @@ export class NetDevice implements VhostUserDevice {
     this.ctrl.stop();
     this.acked = 0n;
     this.mac = this.defaultMac;
-    this.status = VIRTIO_NET_S_LINK_UP;
+    this.status = VIRTIO_NET_S.LINK_UP;
     if (!this.setActivePairs(this.pairs)) this.activePairs = this.pairs; // no VQ_PAIRS_SET seen yet: every running pair carries frames
     this.resetFilter();
     this.applyOffloads(0n);
@@ -298,7 +298,7 @@ export class NetDevice implements VhostUserDevice {
     this.status = s.status;
     if ((this.acked & VIRTIO_NET_F_GUEST_ANNOUNCE) !== 0n) {
       // After a migration the guest announces itself (gratuitous ARP) when asked to.
-      this.status |= VIRTIO_NET_S_ANNOUNCE;
+      this.status |= VIRTIO_NET_S.ANNOUNCE;
       this.ctx.loop.defer(() => this.ctx.configChanged());
     }
   }

@@ -38,9 +38,8 @@ import { log } from "../../src/log.ts";
 import { NetShared, PairStat } from "./shared.ts";
 import {
   VIRTIO_NET_HDR_SIZE, HDR_NUM_BUFFERS, VIRTIO_NET_F_MRG_RXBUF, VIRTIO_NET_F_CSUM, VIRTIO_NET_F_HOST_TSO4,
-  VIRTIO_NET_F_HOST_TSO6, VIRTIO_NET_F_HOST_UFO, VIRTIO_NET_F_HOST_USO, VIRTIO_NET_F_HOST_ECN,
-  VIRTIO_NET_HDR_GSO_NONE, VIRTIO_NET_HDR_GSO_TCPV4, VIRTIO_NET_HDR_GSO_UDP, VIRTIO_NET_HDR_GSO_TCPV6,
-  VIRTIO_NET_HDR_GSO_UDP_L4, VIRTIO_NET_HDR_GSO_ECN, VIRTIO_NET_HDR_F_NEEDS_CSUM,
+  VIRTIO_NET_F_HOST_TSO6, VIRTIO_NET_F_HOST_UFO, VIRTIO_NET_F_HOST_USO, VIRTIO_NET_F_HOST_ECN, VIRTIO_NET_HDR_GSO,
+  VIRTIO_NET_HDR_F,
 } from "./virtio_net.ts";
 
 /** Largest frame a guest may send: 64 KiB of GSO payload plus headers (QEMU's and Linux's limit). */
@@ -477,15 +476,15 @@ export class NetPairRunner implements QueueRunner {
     const flags = this.hdr[0]!;
     const gso = this.hdr[1]!;
     const f = p.features;
-    if (flags & VIRTIO_NET_HDR_F_NEEDS_CSUM && (f & VIRTIO_NET_F_CSUM) === 0n) return "partial checksum without VIRTIO_NET_F_CSUM";
-    const type = gso & ~VIRTIO_NET_HDR_GSO_ECN;
-    if (gso & VIRTIO_NET_HDR_GSO_ECN && (f & VIRTIO_NET_F_HOST_ECN) === 0n) return "GSO with ECN without VIRTIO_NET_F_HOST_ECN";
+    if (flags & VIRTIO_NET_HDR_F.NEEDS_CSUM && (f & VIRTIO_NET_F_CSUM) === 0n) return "partial checksum without VIRTIO_NET_F_CSUM";
+    const type = gso & ~VIRTIO_NET_HDR_GSO.ECN;
+    if (gso & VIRTIO_NET_HDR_GSO.ECN && (f & VIRTIO_NET_F_HOST_ECN) === 0n) return "GSO with ECN without VIRTIO_NET_F_HOST_ECN";
     const needs =
-      type === VIRTIO_NET_HDR_GSO_NONE ? 0n
-      : type === VIRTIO_NET_HDR_GSO_TCPV4 ? VIRTIO_NET_F_HOST_TSO4
-      : type === VIRTIO_NET_HDR_GSO_TCPV6 ? VIRTIO_NET_F_HOST_TSO6
-      : type === VIRTIO_NET_HDR_GSO_UDP ? VIRTIO_NET_F_HOST_UFO
-      : type === VIRTIO_NET_HDR_GSO_UDP_L4 ? VIRTIO_NET_F_HOST_USO
+      type === VIRTIO_NET_HDR_GSO.NONE ? 0n
+      : type === VIRTIO_NET_HDR_GSO.TCPV4 ? VIRTIO_NET_F_HOST_TSO4
+      : type === VIRTIO_NET_HDR_GSO.TCPV6 ? VIRTIO_NET_F_HOST_TSO6
+      : type === VIRTIO_NET_HDR_GSO.UDP ? VIRTIO_NET_F_HOST_UFO
+      : type === VIRTIO_NET_HDR_GSO.UDP_L4 ? VIRTIO_NET_F_HOST_USO
       : -1n;
     if (needs === -1n) return `unknown gso_type ${gso}`;
     if (needs !== 0n && (f & needs) === 0n) return `gso_type ${gso} was not negotiated`;

@@ -55,16 +55,22 @@ export const HDR_CSUM_START = 6; // le16
 export const HDR_CSUM_OFFSET = 8; // le16
 export const HDR_NUM_BUFFERS = 10; // le16
 
-export const VIRTIO_NET_HDR_F_NEEDS_CSUM = 1;
-export const VIRTIO_NET_HDR_F_DATA_VALID = 2;
-export const VIRTIO_NET_HDR_F_RSC_INFO = 4;
+/** The header's flags (VIRTIO_NET_HDR_F_*). */
+export const VIRTIO_NET_HDR_F = {
+  NEEDS_CSUM: 1,
+  DATA_VALID: 2,
+  RSC_INFO: 4,
+} as const;
 
-export const VIRTIO_NET_HDR_GSO_NONE = 0;
-export const VIRTIO_NET_HDR_GSO_TCPV4 = 1;
-export const VIRTIO_NET_HDR_GSO_UDP = 3;
-export const VIRTIO_NET_HDR_GSO_TCPV6 = 4;
-export const VIRTIO_NET_HDR_GSO_UDP_L4 = 5;
-export const VIRTIO_NET_HDR_GSO_ECN = 0x80;
+/** The header's gso_type (VIRTIO_NET_HDR_GSO_*): the segmentation a frame still needs; ECN is a flag on top. */
+export const VIRTIO_NET_HDR_GSO = {
+  NONE: 0,
+  TCPV4: 1,
+  UDP: 3,
+  TCPV6: 4,
+  UDP_L4: 5,
+  ECN: 0x80,
+} as const;
 
 export interface VirtioNetHdr {
   flags: number;
@@ -125,14 +131,19 @@ export const VIRTIO_NET_CTRL_GUEST_OFFLOADS_SET = 0;
 
 // Config space (§5.1.4). Fields exist whether or not their feature is offered; a front-end reads
 // only those its negotiated features make valid (mac: MAC, status: STATUS, pairs: MQ, mtu: MTU).
-export const CONFIG_MAC = 0; // u8[6]
-export const CONFIG_STATUS = 6; // le16
-export const CONFIG_MAX_VIRTQUEUE_PAIRS = 8; // le16
-export const CONFIG_MTU = 10; // le16
+export const CONFIG = {
+  MAC: 0, // u8[6]
+  STATUS: 6, // le16
+  MAX_VIRTQUEUE_PAIRS: 8, // le16
+  MTU: 10, // le16
+} as const;
 export const NET_CONFIG_SIZE = 12;
 
-export const VIRTIO_NET_S_LINK_UP = 1;
-export const VIRTIO_NET_S_ANNOUNCE = 2;
+/** The config space's status bits (VIRTIO_NET_S_*). */
+export const VIRTIO_NET_S = {
+  LINK_UP: 1,
+  ANNOUNCE: 2,
+} as const;
 
 export interface NetConfig {
   mac: Uint8Array;
@@ -145,10 +156,10 @@ export function encodeNetConfig(c: NetConfig): Uint8Array {
   if (c.mac.length !== 6) throw new Error("the config space MAC has 6 bytes");
   const b = new Uint8Array(NET_CONFIG_SIZE);
   const v = new DataView(b.buffer);
-  b.set(c.mac, CONFIG_MAC);
-  v.setUint16(CONFIG_STATUS, c.status, true);
-  v.setUint16(CONFIG_MAX_VIRTQUEUE_PAIRS, c.maxVirtqueuePairs, true);
-  v.setUint16(CONFIG_MTU, c.mtu, true);
+  b.set(c.mac, CONFIG.MAC);
+  v.setUint16(CONFIG.STATUS, c.status, true);
+  v.setUint16(CONFIG.MAX_VIRTQUEUE_PAIRS, c.maxVirtqueuePairs, true);
+  v.setUint16(CONFIG.MTU, c.mtu, true);
   return b;
 }
 

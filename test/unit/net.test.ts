@@ -31,10 +31,10 @@ import { rarpFrame } from "../../devices/net/tap.ts";
 import {
   decodeNetHdr, VIRTIO_NET_HDR_SIZE, VIRTIO_NET_OK, VIRTIO_NET_ERR, VIRTIO_NET_F_MRG_RXBUF, VIRTIO_NET_F_GUEST_CSUM,
   VIRTIO_NET_F_GUEST_TSO4, VIRTIO_NET_F_HOST_TSO4, VIRTIO_NET_F_CSUM, GUEST_OFFLOAD_FEATURES, VIRTIO_NET_F_MQ,
-  VIRTIO_NET_HDR_F_NEEDS_CSUM, VIRTIO_NET_HDR_GSO_TCPV4, VIRTIO_NET_CTRL_RX, VIRTIO_NET_CTRL_RX_PROMISC,
-  VIRTIO_NET_CTRL_RX_NOBCAST, VIRTIO_NET_CTRL_MAC, VIRTIO_NET_CTRL_MAC_TABLE_SET, VIRTIO_NET_CTRL_MAC_ADDR_SET,
-  VIRTIO_NET_CTRL_MQ, VIRTIO_NET_CTRL_MQ_VQ_PAIRS_SET, VIRTIO_NET_CTRL_GUEST_OFFLOADS, VIRTIO_NET_CTRL_GUEST_OFFLOADS_SET,
-  VIRTIO_NET_CTRL_ANNOUNCE, VIRTIO_NET_CTRL_ANNOUNCE_ACK, VIRTIO_NET_S_LINK_UP, VIRTIO_NET_S_ANNOUNCE, VIRTIO_NET_F_GUEST_TSO6,
+  VIRTIO_NET_HDR_F, VIRTIO_NET_HDR_GSO, VIRTIO_NET_CTRL_RX, VIRTIO_NET_CTRL_RX_PROMISC, VIRTIO_NET_CTRL_RX_NOBCAST,
+  VIRTIO_NET_CTRL_MAC, VIRTIO_NET_CTRL_MAC_TABLE_SET, VIRTIO_NET_CTRL_MAC_ADDR_SET, VIRTIO_NET_CTRL_MQ,
+  VIRTIO_NET_CTRL_MQ_VQ_PAIRS_SET, VIRTIO_NET_CTRL_GUEST_OFFLOADS, VIRTIO_NET_CTRL_GUEST_OFFLOADS_SET,
+  VIRTIO_NET_CTRL_ANNOUNCE, VIRTIO_NET_CTRL_ANNOUNCE_ACK, VIRTIO_NET_S, VIRTIO_NET_F_GUEST_TSO6,
 } from "../../devices/net/virtio_net.ts";
 
 const AVAILABLE = netnsAvailable();
@@ -275,8 +275,8 @@ class Rig {
     if (this.gsoFd < 0) this.gsoFd = this.ns.enter(() => packetSocket(this.tap, true));
     const pkt = new Uint8Array(10 + f.length);
     const v = new DataView(pkt.buffer);
-    pkt[0] = VIRTIO_NET_HDR_F_NEEDS_CSUM;
-    pkt[1] = VIRTIO_NET_HDR_GSO_TCPV4;
+    pkt[0] = VIRTIO_NET_HDR_F.NEEDS_CSUM;
+    pkt[1] = VIRTIO_NET_HDR_GSO.TCPV4;
     v.setUint16(2, 54, true);
     v.setUint16(4, gsoSize, true);
     v.setUint16(6, 34, true);
@@ -409,9 +409,9 @@ describe.skipIf(!AVAILABLE)(`net device (taps in a network namespace), --net-io 
     expect(used.map((u) => u.id)).toEqual(heads.slice(0, chains));
     const h = decodeNetHdr(used[0]!.bytes);
     expect(h.numBuffers).toBe(chains);
-    expect(h.gsoType).toBe(VIRTIO_NET_HDR_GSO_TCPV4);
+    expect(h.gsoType).toBe(VIRTIO_NET_HDR_GSO.TCPV4);
     expect(h.gsoSize).toBe(1448);
-    expect(h.flags & VIRTIO_NET_HDR_F_NEEDS_CSUM).toBe(VIRTIO_NET_HDR_F_NEEDS_CSUM);
+    expect(h.flags & VIRTIO_NET_HDR_F.NEEDS_CSUM).toBe(VIRTIO_NET_HDR_F.NEEDS_CSUM);
     expect(used.reduce((s, u) => s + u.len, 0)).toBe(HDR + big.length);
     used.slice(0, -1).forEach((u) => expect(u.len).toBe(4096));
     const whole = Buffer.concat(used.map((u) => u.bytes)).subarray(HDR);
@@ -572,7 +572,7 @@ describe.skipIf(!AVAILABLE)(`net device (taps in a network namespace), --net-io 
     const bigGpa = at(Buffer.concat([hdr(0), tooBig]));
     put([{ gpa: bigGpa, len: 40000 }, { gpa: bigGpa + 40000, len: HDR + tooBig.length - 40000 }]);
     put([{ gpa: at(Buffer.concat([hdr(7), ok("gso-7")])), len: HDR + 100 }]); // unknown gso_type
-    put([{ gpa: at(Buffer.concat([hdr(VIRTIO_NET_HDR_GSO_TCPV4, 1), ok("tso-not-negotiated")])), len: HDR + 100 }]);
+    put([{ gpa: at(Buffer.concat([hdr(VIRTIO_NET_HDR_GSO.TCPV4, 1), ok("tso-not-negotiated")])), len: HDR + 100 }]);
     put([{ gpa: at(hdr(0)), len: HDR }]); // header only
     put([{ gpa: at(hdr(0).subarray(0, 5)), len: 5 }]); // shorter than the header
     put([{ gpa: r.ram.size + 0x10000, len: HDR + 100 }]); // outside guest memory
@@ -654,7 +654,7 @@ describe.skipIf(!AVAILABLE)(`net device (taps in a network namespace), --net-io 
     expect(await b.vmm.loadState(blob)).toBe(0n);
     const cfg = b.config();
     expect(Array.from(cfg.mac)).toEqual(Array.from(mac(NEW_MAC)));
-    expect(cfg.status).toBe(VIRTIO_NET_S_LINK_UP | VIRTIO_NET_S_ANNOUNCE); // asked to announce itself after the move
+    expect(cfg.status).toBe(VIRTIO_NET_S.LINK_UP | VIRTIO_NET_S.ANNOUNCE); // asked to announce itself after the move
     if (HAVE_ETHTOOL) {
       const k = ethtool(ns, b.tap);
       expect([k["tx-checksumming"], k["tx-tcp-segmentation"]]).toEqual(["on", "off"]);
@@ -669,7 +669,7 @@ describe.skipIf(!AVAILABLE)(`net device (taps in a network namespace), --net-io 
     expect(used.map((u) => tagOf(u.bytes, HDR))).toEqual(["uni", "new"]);
     await b.quiet(b.rx, 50);
     expect(await b.command(VIRTIO_NET_CTRL_ANNOUNCE, VIRTIO_NET_CTRL_ANNOUNCE_ACK)).toBe(VIRTIO_NET_OK);
-    expect(b.config().status).toBe(VIRTIO_NET_S_LINK_UP);
+    expect(b.config().status).toBe(VIRTIO_NET_S.LINK_UP);
     b.send([frame("after-restore", BROADCAST, 70)]);
     await b.tx.waitUsed(1);
     expect(tagOf(await capture(b.ps, (p) => ethertypeAt(p) === TEST_ETHERTYPE))).toBe("after-restore");

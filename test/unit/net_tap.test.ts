@@ -9,8 +9,8 @@ import * as tun from "../../ffi/tap.ts";
 import { openTap, validateTap, rarpFrame, guestFeaturesToTunOffloads, type Tap, type TapOpenOptions } from "../../devices/net/tap.ts";
 import { parseIpv4, parseMac, parseNetOptions, resolveSocket, formatMac, type TapSource } from "../../devices/net/options.ts";
 import {
-  decodeNetHdr, encodeNetConfig, VIRTIO_NET_HDR_SIZE, VIRTIO_NET_HDR_F_NEEDS_CSUM, VIRTIO_NET_HDR_GSO_NONE, VIRTIO_NET_HDR_GSO_UDP_L4,
-  VIRTIO_NET_F_GUEST_CSUM, VIRTIO_NET_F_GUEST_TSO4, VIRTIO_NET_F_GUEST_USO4, VIRTIO_NET_F_GUEST_USO6, VIRTIO_NET_F_GUEST_ECN,
+  decodeNetHdr, encodeNetConfig, VIRTIO_NET_HDR_SIZE, VIRTIO_NET_HDR_F, VIRTIO_NET_HDR_GSO, VIRTIO_NET_F_GUEST_CSUM,
+  VIRTIO_NET_F_GUEST_TSO4, VIRTIO_NET_F_GUEST_USO4, VIRTIO_NET_F_GUEST_USO6, VIRTIO_NET_F_GUEST_ECN,
 } from "../../devices/net/virtio_net.ts";
 import { NetNamespace, netnsAvailable, sh } from "../support/netns.ts";
 
@@ -255,8 +255,8 @@ describe.skipIf(!AVAILABLE)("net tap (in a network namespace)", () => {
     send(0, 100, 4001);
     ({ pkt } = await receive(t.fds, isUdpTo(4001)));
     const h = decodeNetHdr(pkt);
-    expect(h.flags).toBe(VIRTIO_NET_HDR_F_NEEDS_CSUM);
-    expect(h.gsoType).toBe(VIRTIO_NET_HDR_GSO_NONE);
+    expect(h.flags).toBe(VIRTIO_NET_HDR_F.NEEDS_CSUM);
+    expect(h.gsoType).toBe(VIRTIO_NET_HDR_GSO.NONE);
     expect([h.csumStart, h.csumOffset]).toEqual([34, 6]);
 
     if ((t.supportedOffloads & tun.TUN_F.USO4) !== 0) {
@@ -266,7 +266,7 @@ describe.skipIf(!AVAILABLE)("net tap (in a network namespace)", () => {
       send(1000, 3000, 4002);
       ({ pkt } = await receive(t.fds, isUdpTo(4002)));
       const g = decodeNetHdr(pkt);
-      expect(g.gsoType).toBe(VIRTIO_NET_HDR_GSO_UDP_L4);
+      expect(g.gsoType).toBe(VIRTIO_NET_HDR_GSO.UDP_L4);
       expect(g.gsoSize).toBe(1000);
       expect(pkt.length).toBe(VIRTIO_NET_HDR_SIZE + 14 + 20 + 8 + 3000);
 
@@ -275,7 +275,7 @@ describe.skipIf(!AVAILABLE)("net tap (in a network namespace)", () => {
       send(1000, 3000, 4003);
       for (let i = 0; i < 3; i++) {
         ({ pkt } = await receive(t.fds, isUdpTo(4003)));
-        expect(decodeNetHdr(pkt).gsoType).toBe(VIRTIO_NET_HDR_GSO_NONE);
+        expect(decodeNetHdr(pkt).gsoType).toBe(VIRTIO_NET_HDR_GSO.NONE);
         expect(pkt.length).toBe(VIRTIO_NET_HDR_SIZE + 14 + 20 + 8 + 1000);
       }
     }
