@@ -18,6 +18,7 @@ import {
 } from "../support/strace_session.ts";
 import { SndDriver, DEFAULT_PARAMS } from "../support/snd_driver.ts";
 import { NbdServer, nbdTestsUnavailable } from "../support/nbd_server.ts";
+import { CephCluster, cephTestsUnavailable } from "../support/ceph_cluster.ts";
 import { NetNamespace, netnsAvailable } from "../support/netns.ts";
 import { open, read, write, O_WRONLY, O_NONBLOCK } from "../../ffi/io.ts";
 import { libc, check, close, EAGAIN } from "../../ffi/libc.ts";
@@ -162,7 +163,9 @@ function blk(ram: GuestRam, q: DriverQueue, type: number, sector: number, out?: 
   return { status, data };
 }
 
-function blockDriver(image: string): DeviceDriver {
+/** `image`: the image file, or how to read the whole image otherwise (an RBD image through `rbd export`). */
+function blockDriver(image: string | (() => Uint8Array)): DeviceDriver {
+  const contents = typeof image === "string" ? () => readFileSync(image) : image;
   return {
     activate: activateAll(2),
     async io(vmm, ram, round) {
@@ -180,7 +183,7 @@ function blockDriver(image: string): DeviceDriver {
       await q1.waitUsed(1);
       expect(ram.bytes(r.status, 1)[0]).toBe(VIRTIO_BLK_S.OK);
       expect(Buffer.from(ram.bytes(r.data, data.length)).equals(Buffer.from(data))).toBe(true);
-      expect(readFileSync(image).subarray(sector * SECTOR, sector * SECTOR + data.length).equals(Buffer.from(data))).toBe(true);
+      expect(Buffer.from(contents()).subarray(sector * SECTOR, sector * SECTOR + data.length).equals(Buffer.from(data))).toBe(true);
     },
   };
 }
@@ -377,6 +380,20 @@ describe.skipIf(!STRACE)("after ready, a device opens only what it declared (str
     const found = await tracedSession({ device: "block", dir, raw, args: ["--file", server.uri, "--num-queues", "2", "--threads", "2"], driver: blockDriver(server.image) });
     expect(found).toBe("");
   }, 60_000);
+
+  // After ready, the device thread connects to the Ceph cluster (librados's threads, TCP to the
+  // monitor and the OSD, the conf file read again), all of which rbdHostAccess declares.
+  (cephTestsUnavailable() !== null ? test.skip : test)("block: an RBD image, two queues (served from the device thread)", async () => {
+    const dir = testDir("block-rbd");
+    const cluster = await CephCluster.start();
+    cleanups.push(() => cluster.stop());
+    cluster.createPool("rbd");
+    cluster.createImage("rbd", "img", 8 * MiB);
+    const file = `rbd:rbd/img:conf=${cluster.conf}`;
+    const raw = { file, "num-queues": "2" };
+    const found = await tracedSession({ device: "block", dir, raw, args: ["--file", file, "--num-queues", "2"], driver: blockDriver(() => cluster.readImage("rbd/img")) });
+    expect(found).toBe("");
+  }, 90_000);
 
   async function netSession(setMtu: boolean): Promise<string> {
     const ns = NetNamespace.create();
