@@ -204,30 +204,14 @@ export function getBlockSize(h: NbdHandle, which: number): number {
   return check(Number(nbd().nbd_get_block_size(h, which)), "nbd_get_block_size");
 }
 
-function flag(ret: number, call: string): boolean {
-  return check(ret, call) === 1;
-}
+/** The export's flags as libnbd names their getters (all take the handle, return 1, 0 or -1). */
+export type NbdExportFlag =
+  | "nbd_is_read_only" | "nbd_can_flush" | "nbd_can_fua" | "nbd_can_trim" | "nbd_can_zero" | "nbd_can_fast_zero"
+  | "nbd_can_multi_conn";
 
-export function isReadOnly(h: NbdHandle): boolean {
-  return flag(nbd().nbd_is_read_only(h), "nbd_is_read_only");
-}
-export function canFlush(h: NbdHandle): boolean {
-  return flag(nbd().nbd_can_flush(h), "nbd_can_flush");
-}
-export function canFua(h: NbdHandle): boolean {
-  return flag(nbd().nbd_can_fua(h), "nbd_can_fua");
-}
-export function canTrim(h: NbdHandle): boolean {
-  return flag(nbd().nbd_can_trim(h), "nbd_can_trim");
-}
-export function canZero(h: NbdHandle): boolean {
-  return flag(nbd().nbd_can_zero(h), "nbd_can_zero");
-}
-export function canFastZero(h: NbdHandle): boolean {
-  return flag(nbd().nbd_can_fast_zero(h), "nbd_can_fast_zero");
-}
-export function canMultiConn(h: NbdHandle): boolean {
-  return flag(nbd().nbd_can_multi_conn(h), "nbd_can_multi_conn");
+/** Whether the connected server advertised `flag` for the export. */
+export function exportFlag(h: NbdHandle, flag: NbdExportFlag): boolean {
+  return check(nbd()[flag](h), flag) === 1;
 }
 
 /** The socket libnbd uses, or -1 when there is none (not connected, dead, closed). */

@@ -121,7 +121,7 @@ export function acquireNbdDisk(uri: string, o: NbdDiskOptions): NbdDiskResource 
     maxPayload -= maxPayload % logicalBlockSize;
     if (maxPayload < logicalBlockSize) throw new Error(`--file ${uri}: the export's maximum block size ${maximum} is below its block size ${logicalBlockSize}`);
     if (size < logicalBlockSize) throw new Error(`--file ${uri}: the export is ${size} bytes, smaller than one ${logicalBlockSize}-byte block`);
-    const exportReadOnly = nbd.isReadOnly(h);
+    const exportReadOnly = nbd.exportFlag(h, "nbd_is_read_only");
     const writable = !exportReadOnly && !o.readOnly;
     return {
       kind: "nbd",
@@ -133,12 +133,12 @@ export function acquireNbdDisk(uri: string, o: NbdDiskOptions): NbdDiskResource 
       logicalBlockSize,
       physicalBlockSize,
       maxPayload,
-      canFlush: nbd.canFlush(h),
-      canFua: nbd.canFua(h),
-      canTrim: writable && nbd.canTrim(h),
-      canZero: writable && nbd.canZero(h),
-      canFastZero: writable && nbd.canFastZero(h),
-      multiConn: nbd.canMultiConn(h),
+      canFlush: nbd.exportFlag(h, "nbd_can_flush"),
+      canFua: nbd.exportFlag(h, "nbd_can_fua"),
+      canTrim: writable && nbd.exportFlag(h, "nbd_can_trim"),
+      canZero: writable && nbd.exportFlag(h, "nbd_can_zero"),
+      canFastZero: writable && nbd.exportFlag(h, "nbd_can_fast_zero"),
+      multiConn: nbd.exportFlag(h, "nbd_can_multi_conn"),
       exportReadOnly,
     };
   } finally {
