@@ -8,7 +8,7 @@
  * builds of ours can be compared back to back (`--ours-bin`) alongside qemu-storage-daemon.
  *
  *   bun run bench:block-ring [--rounds 5] [--seconds 3] [--jobs a,b] [--ours-bin label=PATH ...] [--format raw|qcow2|qcow2-empty|nbd|rbd]
- *                            [--no-qsd] [--qsd PATH] [--perf-stat] [--perf] [--warmup SECONDS]
+ *                            [--no-qsd] [--qsd PATH] [--perf-stat] [--perf] [--warmup SECONDS] [--scatter]
  *
  * Per job and backend it prints the median IOPS and host CPU µs per I/O (utime+stime of the whole
  * backend process, all threads, from /proc/PID/stat) and each one's ratio to the first backend.
@@ -65,14 +65,19 @@ class RingDriver {
   private readonly avail: number;
   private readonly used: number;
   /** Per request slot: GPA of its header, data and status, and its indirect table. */
-  private readonly slots: { hdr: number; data: number; status: number; table: number }[] = [];
+  /** Per request slot: its header, status and indirect table, and the GPA of each 4 KiB page of its data. */
+  private readonly slots: { hdr: number; pages: number[]; status: number; table: number }[] = [];
   private availIdx = 0;
   private usedSeen = 0;
   private inflightFd = -1;
   private maxBs = 131072;
   readonly imageSectors: number;
 
-  constructor(socket: string, imageBytes: number) {
+  /**
+   * `scatter`: a request's data pages lie apart in guest RAM (as a guest's page cache or fio's
+   * buffers usually do), not one after the other.
+   */
+  constructor(socket: string, imageBytes: number, scatter = false) {
     this.imageSectors = imageBytes / 512;
     this.ram = new GuestRam(64 << 20);
     this.conn = new FrontendConnection(socket, 10_000);
@@ -115,10 +120,20 @@ class RingDriver {
         hdr: this.ram.alloc(16, 16),
         status: this.ram.alloc(1, 1),
         table: this.ram.alloc(16 * (this.maxBs / PAGE + 2), 16),
-        data: 0,
+        pages: [],
       });
     }
-    for (const s of this.slots.slice(0, 32)) s.data = this.ram.alloc(this.maxBs, 4096);
+    const busy = this.slots.slice(0, 32);
+    const pages = this.maxBs / PAGE;
+    if (scatter) {
+      // Page p of every slot, then page p+1 of every slot: a slot's pages are 32 pages apart.
+      for (let p = 0; p < pages; p++) for (const s of busy) s.pages.push(this.ram.alloc(PAGE, PAGE));
+    } else {
+      for (const s of busy) {
+        const data = this.ram.alloc(this.maxBs, PAGE);
+        for (let p = 0; p < pages; p++) s.pages.push(data + p * PAGE);
+      }
+    }
   }
 
   /**
@@ -140,11 +155,11 @@ class RingDriver {
     const pages = Math.ceil(job.bs / PAGE);
     put(s.table, 0, s.hdr, 16, VIRTQ_DESC_F_NEXT, 1);
     for (let p = 0; p < pages; p++) {
-      put(s.table, 1 + p, s.data + p * PAGE, Math.min(PAGE, job.bs - p * PAGE), VIRTQ_DESC_F_NEXT | (job.write ? 0 : VIRTQ_DESC_F_WRITE), 2 + p);
+      put(s.table, 1 + p, s.pages[p]!, Math.min(PAGE, job.bs - p * PAGE), VIRTQ_DESC_F_NEXT | (job.write ? 0 : VIRTQ_DESC_F_WRITE), 2 + p);
     }
     put(s.table, 1 + pages, s.status, 1, VIRTQ_DESC_F_WRITE, 0);
     put(this.desc, i, s.table, 16 * (pages + 2), VIRTQ_DESC_F_INDIRECT, 0);
-    if (job.write) this.ram.u8.fill(0xa5, s.data, s.data + job.bs);
+    if (job.write) for (let p = 0; p < pages; p++) this.ram.u8.fill(0xa5, s.pages[p]!, s.pages[p]! + Math.min(PAGE, job.bs - p * PAGE));
   }
 
   /**
@@ -268,6 +283,7 @@ async function main(): Promise<void> {
       "ours-arg": { type: "string", multiple: true },
       "perf-stat": { type: "boolean", default: false },
       warmup: { type: "string", default: "1" },
+      scatter: { type: "boolean", default: false },
       perf: { type: "boolean", default: false },
     },
   });
@@ -372,7 +388,7 @@ async function main(): Promise<void> {
       const image = server !== null ? server.uri : cluster !== null ? `rbd:rbd/bench:conf=${cluster.conf}` : imagePath(i);
       if (server === null && cluster === null) makeImage(image);
       const b = await c.start(join(dir, `${i}.sock`), image);
-      live.push({ c, b, d: new RingDriver(b.socket, imageBytes) });
+      live.push({ c, b, d: new RingDriver(b.socket, imageBytes, a.scatter) });
     }
     console.log(`block ring bench: ${rounds} rounds × ${seconds} s per job and backend; CLK_TCK ${CLK_TCK}`);
     if (server !== null) console.log(`  NBD server (pid ${server.pid}): ${server.argv.join(" ")}`);
