@@ -65,7 +65,7 @@ async function startConsoleVm(name: string, sock: string, cmdFile: string, incom
     "-nic", "none",
     "-kernel", rig.kernel,
     "-initrd", rig.initramfs,
-    "-append", "console=ttyS0 quiet panic=-1",
+    "-append", "console=ttyS0 quiet panic=-1 no_timer_check",
     "-fw_cfg", `name=opt/cmd,file=${cmdFile}`,
     "-chardev", `socket,id=c0,path=${sock}`,
     "-device", "vhost-user-device-pci,chardev=c0,virtio-id=3,num_vqs=2,config_size=0",

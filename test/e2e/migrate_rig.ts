@@ -183,7 +183,7 @@ export async function startVm(o: VmOptions): Promise<Vm> {
     "-nic", "none",
     "-kernel", rig.kernel,
     "-initrd", rig.initramfs,
-    "-append", `console=ttyS0 quiet panic=-1 ${o.kernelCmdline ?? ""}`.trim(),
+    "-append", `console=ttyS0 quiet panic=-1 no_timer_check ${o.kernelCmdline ?? ""}`.trim(),
     "-fw_cfg", `name=opt/cmd,file=${o.cmdFile}`,
     "-qmp", `unix:${qmpPath},server=on,wait=off`,
     ...(incomingUri !== null ? ["-incoming", incomingUri] : []),

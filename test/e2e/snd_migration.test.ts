@@ -67,7 +67,7 @@ async function startSndVm(name: string, sock: string, cmdFile: string, wav: stri
     "-nic", "none",
     "-kernel", rig.kernel,
     "-initrd", rig.initramfs,
-    "-append", "console=ttyS0 quiet panic=-1",
+    "-append", "console=ttyS0 quiet panic=-1 no_timer_check",
     "-fw_cfg", `name=opt/cmd,file=${cmdFile}`,
     "-fw_cfg", `name=opt/wav,file=${wav}`,
     "-chardev", `socket,id=s0,path=${sock}`,
