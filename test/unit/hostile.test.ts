@@ -123,10 +123,13 @@ class Rig {
 
   /** A session: handshake and memory table; rings laid out at 64 KiB + i * 64 KiB (not started). */
   open(timeoutMs = 2000): Session {
-    const f = new HostileFront(this.b.socketPath, timeoutMs);
+    // The first replies of a backend that just started may wait for its threads to come up (seconds
+    // on a loaded host): the handshake gets a generous timeout, what the test drives `timeoutMs`.
+    const f = new HostileFront(this.b.socketPath, Math.max(timeoutMs, 15_000));
     later(() => f.close());
     f.handshake();
     const ack = f.setMemTable(this.space);
+    f.timeout(timeoutMs);
     if (ack !== 0n) throw new Error("SET_MEM_TABLE refused");
     const rings = Array.from({ length: this.queues }, (_, i) => Ring.at(this.space, i, RING, 0x10000 + i * 0x10000));
     for (const r of rings) later(() => r.dispose());
