@@ -24,6 +24,7 @@ import { checkArgv, type OptionSpec } from "./argv_check.ts";
 import type { FromWorker, ToWorker, WorkerStart } from "../src/device_thread.ts";
 import { parseSandboxMode, type SandboxMode } from "../src/sandbox/index.ts";
 import { holdSignals, lockDown, openFds, releaseHeldSignals, resumeAfterSandbox, sandboxOff, runRequestedProbe, takeEarlyStop, type Handover } from "./sandbox.ts";
+import { threadEntry } from "./bundle.ts";
 import pkg from "../package.json" with { type: "json" };
 
 export const COMMON_ARGS = {
@@ -330,8 +331,8 @@ function listenOn(path: string, beforeListen: (bound: string) => void, rename = 
 }
 
 /** The thread entry files, beside this one (the compiled binary embeds them: see build.ts). */
-const DEVICE_THREAD_ENTRY = new URL("./device_worker.ts", import.meta.url).href;
-const QUEUE_THREAD_ENTRY = new URL("./queue_worker.ts", import.meta.url).href;
+const DEVICE_THREAD_ENTRY = threadEntry("device_worker.ts");
+const QUEUE_THREAD_ENTRY = threadEntry("queue_worker.ts");
 
 type Ready = Extract<FromWorker, { type: "ready" }>;
 

@@ -11,6 +11,7 @@ import { runProbe, type ProbeName } from "../src/sandbox/probe.ts";
 import type { DeviceDefinition } from "../src/device.ts";
 import { log } from "../src/log.ts";
 import { libc } from "../ffi/libc.ts";
+import { COMPILED } from "./bundle.ts";
 
 /** What the first image hands the re-exec'd one. */
 export interface Handover {
@@ -113,7 +114,7 @@ export function lockDown(def: DeviceDefinition, parsed: unknown, mode: SandboxMo
   const keep = [...openFds()].filter((fd) => fd > 2 && !before.has(fd));
   for (const fd of [handover.listenFd, handover.connectedFd]) if (fd !== undefined && !keep.includes(fd)) keep.push(fd);
   // Run from sources (`bun app/main.ts`): the re-exec'd Bun reads them, and node_modules.
-  const compiled = import.meta.url.includes("/$bunfs/");
+  const compiled = COMPILED;
   const readPaths = compiled ? [] : [fileURLToPath(new URL("..", import.meta.url))];
   // The socket's directory: the bound name is renamed into place there, and removed at exit.
   const removable = handover.ownSocket === undefined ? [] : [resolve(handover.ownSocket)];

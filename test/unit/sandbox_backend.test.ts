@@ -108,6 +108,9 @@ test("as root the serving process's root holds only what it needs: the binary, i
     expect(readdirSync(`${root}/etc`).sort()).toEqual(["ld.so.cache", "localtime"]);
     expect(readdirSync(`${root}/dev`).sort()).toEqual(["null", "urandom", "zero"]);
     expect(existsSync(`${root}/etc/passwd`)).toBe(false);
+    // The sources only when run from them (the compiled binary bound its build tree too, when that
+    // existed on the host: its modules' import.meta.url names it).
+    expect(existsSync(`${root}${join(import.meta.dir, "../../app")}`)).toBe(argv.length > 1);
     expect(existsSync(`${root}${sock}`)).toBe(true);
   } finally {
     p.kill("SIGTERM");
@@ -137,6 +140,31 @@ test.skipIf(Bun.spawnSync(["strace", "-V"], { stdout: "ignore", stderr: "ignore"
     const reexec = lines.findLastIndex((l) => / execve\(.*\) = 0$/.test(l));
     expect(reexec).toBeGreaterThan(0); // the first image's execve and the sandbox's
     expect(lines.slice(reexec).filter((l) => l.includes("/@t@")).slice(0, 3)).toEqual([]);
+  },
+);
+
+const BIN = join(import.meta.dir, "../../dist/backend");
+test.skipIf(!existsSync(BIN) || process.getuid?.() !== 0).each(["auto", "none"])(
+  "the compiled binary serves with its build tree absent (--sandbox %s): device and queue threads start from the embedded files",
+  async (mode) => {
+    // Built with --bytecode, the binary's modules carry their source paths as import.meta.url: Worker
+    // entries taken from it named the build tree, and the device thread failed to start
+    // ("ModuleNotFound ... (entry point)") wherever the sources were not at that path.
+    const app = join(import.meta.dir, "../../app");
+    const sock = join(dir, `hidden-${mode}.sock`);
+    const p = Bun.spawn(["unshare", "-m", "sh", "-c", 'mount -t tmpfs none "$0" && exec "$@"', app, BIN, "device", "block", "--socket", sock, "--file", join(dir, "disk.img"), "--threads", "1", "--sandbox", mode], {
+      stdout: "ignore", stderr: "pipe",
+    });
+    const stderr = new Response(p.stderr).text();
+    const deadline = Date.now() + 20000;
+    while (!existsSync(sock) && p.exitCode === null && Date.now() < deadline) await Bun.sleep(20);
+    await Bun.sleep(300); // the queue thread starts beside the device thread
+    p.kill("SIGTERM");
+    await p.exited;
+    const err = await stderr;
+    expect(err.split("\n").filter((l) => / (error|fatal) /.test(l))).toEqual([]);
+    expect(err).toContain("listening on");
+    expect(p.exitCode).toBe(0);
   },
 );
 
