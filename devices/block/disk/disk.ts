@@ -140,6 +140,57 @@ export abstract class SynchronousQueue implements DiskQueue {
   close(): void {}
 }
 
+/** A slot of a queue whose operations complete later (network disks): in flight or free. */
+export interface PooledRequest extends DiskRequest {
+  busy: boolean;
+}
+
+/**
+ * The slots of a queue whose operations complete later: `next()` offers a free one (the one freed
+ * last, warm in cache), `take` marks the slot an operation starts on as in flight, `finish` hands
+ * its result to the device and frees it again — unless the device's `done` started another
+ * operation on it (a request of several steps).
+ */
+export class RequestSlots<R extends PooledRequest> {
+  /** Every slot, by id. */
+  readonly all: R[] = [];
+  private readonly free: R[] = [];
+  inFlight = 0;
+
+  constructor(depth: number, make: (id: number) => R, private readonly what: string) {
+    for (let i = depth - 1; i >= 0; i--) {
+      const r = make(i);
+      this.all[i] = r;
+      this.free.push(r);
+    }
+  }
+
+  next(): R | null {
+    return this.free.length > 0 ? this.free[this.free.length - 1]! : null;
+  }
+
+  take(req: DiskRequest): R {
+    const r = req as R;
+    if (r.busy) throw new Error(`${this.what}: request slot ${r.id} is already in flight`);
+    const top = this.free.length - 1;
+    if (top >= 0 && this.free[top] === r) this.free.pop();
+    else {
+      const i = this.free.indexOf(r);
+      if (i >= 0) this.free.splice(i, 1);
+    }
+    r.busy = true;
+    this.inFlight++;
+    return r;
+  }
+
+  finish(r: R, result: number, handlers: DiskQueueHandlers): void {
+    r.busy = false;
+    this.inFlight--;
+    handlers.done(r, result);
+    if (!r.busy) this.free.push(r);
+  }
+}
+
 export interface Disk {
   /** Size in bytes (a trailing partial logical block is not addressable). */
   readonly size: number;

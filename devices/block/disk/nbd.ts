@@ -22,7 +22,7 @@ import { mmap, munmap, PROT_READ, PROT_WRITE, MAP_PRIVATE, MAP_ANONYMOUS } from 
 import type { EventLoop } from "../../../src/event_loop.ts";
 import type { HostAccess } from "../../../src/host_access.ts";
 import {
-  ZERO_UNMAP, ZERO_MAY_FAIL_FAST, ZERO_FUA, hash48,
+  ZERO_UNMAP, ZERO_MAY_FAIL_FAST, ZERO_FUA, hash48, RequestSlots,
   type Disk, type DiskIdentity, type DiskQueue, type DiskQueueHandlers, type DiskQueueOptions, type DiskRequest, type DiskResource,
 } from "./disk.ts";
 import {
@@ -251,40 +251,29 @@ class NbdRequest implements DiskRequest, CommandOwner {
 }
 
 class NbdQueue implements DiskQueue {
-  private readonly slots: NbdRequest[] = [];
-  private readonly free: NbdRequest[] = [];
-  inFlight = 0;
+  private readonly slots: RequestSlots<NbdRequest>;
   /** Completions since the last batchDone. */
   unpublished = false;
   private closed = false;
 
   constructor(private readonly disk: NbdDisk, private readonly conn: NbdConnection, options: DiskQueueOptions, private readonly handlers: DiskQueueHandlers) {
-    for (let i = options.depth - 1; i >= 0; i--) {
-      const r = new NbdRequest(i, options.segMax, this);
-      this.slots[i] = r;
-      this.free.push(r);
-    }
+    this.slots = new RequestSlots(options.depth, (id) => new NbdRequest(id, options.segMax, this), "NBD disk");
+  }
+
+  get inFlight(): number {
+    return this.slots.inFlight;
   }
 
   next(): DiskRequest | null {
-    return this.free.length > 0 ? this.free[this.free.length - 1]! : null;
+    return this.slots.next();
   }
 
   private begin(req: DiskRequest): NbdRequest {
-    const r = req as NbdRequest;
-    if (r.busy) throw new Error(`NBD disk: request slot ${r.id} is already in flight`);
-    const top = this.free.length - 1;
-    if (top >= 0 && this.free[top] === r) this.free.pop();
-    else {
-      const i = this.free.indexOf(r);
-      if (i >= 0) this.free.splice(i, 1);
-    }
-    r.busy = true;
+    const r = this.slots.take(req);
     r.error = 0;
     r.parts = 0;
     r.next = STEP_NONE;
     r.isRead = false;
-    this.inFlight++;
     return r;
   }
 
@@ -293,11 +282,8 @@ class NbdQueue implements DiskQueue {
       this.disk.bounce.give(r.bounceAddr, r.bounceSize);
       r.bounceAddr = 0;
     }
-    r.busy = false;
-    this.inFlight--;
     this.unpublished = true;
-    this.handlers.done(r, result);
-    if (!r.busy) this.free.push(r);
+    this.slots.finish(r, result, this.handlers);
   }
 
   /** Every command of a request (or of its current step) finished. */

@@ -31,7 +31,7 @@ import type { EventLoop, Timer } from "../../../src/event_loop.ts";
 import type { HostAccess, DeclaredPath } from "../../../src/host_access.ts";
 import { log } from "../../../src/log.ts";
 import {
-  ZERO_UNMAP, ZERO_FUA, hash48,
+  ZERO_UNMAP, ZERO_FUA, hash48, RequestSlots,
   type Disk, type DiskIdentity, type DiskQueue, type DiskQueueHandlers, type DiskQueueOptions, type DiskRequest, type DiskResource,
 } from "./disk.ts";
 import { parseRbdSpec, rbdImageName, type RbdSpec } from "./rbd_spec.ts";
@@ -302,7 +302,6 @@ const STEP_FLUSH = 1;
 
 class RbdRequest implements DiskRequest {
   readonly iov: IovecArray;
-  readonly iovView: DataView;
   busy = false;
   /** Bytes a read or write reports when done (0 for the others). */
   len = 0;
@@ -310,59 +309,43 @@ class RbdRequest implements DiskRequest {
 
   constructor(readonly id: number, readonly tag: number, segMax: number, readonly queue: RbdQueue) {
     this.iov = new IovecArray(segMax);
-    this.iovView = new DataView(this.iov.bytes.buffer, this.iov.bytes.byteOffset, this.iov.bytes.byteLength);
   }
 }
 
 /** The bytes a request's iovecs hold (librbd reads or writes exactly that many). */
 function iovTotal(r: RbdRequest): number {
-  const v = r.iovView;
   let total = 0;
-  for (let i = 0; i < r.iov.count; i++) total += v.getUint32(16 * i + 8, true) + v.getUint32(16 * i + 12, true) * 0x1_0000_0000;
+  for (let i = 0; i < r.iov.count; i++) total += r.iov.lenAt(i);
   return total;
 }
 
 class RbdQueue implements DiskQueue {
-  private readonly free: RbdRequest[] = [];
-  readonly slots: RbdRequest[] = [];
-  inFlight = 0;
+  readonly slots: RequestSlots<RbdRequest>;
   unpublished = false;
   private closed = false;
 
   constructor(private readonly disk: RbdDisk, options: DiskQueueOptions, private readonly handlers: DiskQueueHandlers) {
-    for (let i = options.depth - 1; i >= 0; i--) {
-      const r = new RbdRequest(i, disk.register(this), options.segMax, this);
-      this.slots[i] = r;
-      this.free.push(r);
-    }
+    this.slots = new RequestSlots(options.depth, (id) => new RbdRequest(id, disk.register(this), options.segMax, this), "RBD disk");
+  }
+
+  get inFlight(): number {
+    return this.slots.inFlight;
   }
 
   next(): DiskRequest | null {
-    return this.free.length > 0 ? this.free[this.free.length - 1]! : null;
+    return this.slots.next();
   }
 
   private begin(req: DiskRequest): RbdRequest {
-    const r = req as RbdRequest;
-    if (r.busy) throw new Error(`RBD disk: request slot ${r.id} is already in flight`);
-    const top = this.free.length - 1;
-    if (top >= 0 && this.free[top] === r) this.free.pop();
-    else {
-      const i = this.free.indexOf(r);
-      if (i >= 0) this.free.splice(i, 1);
-    }
-    r.busy = true;
+    const r = this.slots.take(req);
     r.next = STEP_NONE;
     r.len = 0;
-    this.inFlight++;
     return r;
   }
 
   private complete(r: RbdRequest, result: number): void {
-    r.busy = false;
-    this.inFlight--;
     this.unpublished = true;
-    this.handlers.done(r, result);
-    if (!r.busy) this.free.push(r);
+    this.slots.finish(r, result, this.handlers);
   }
 
   /** librbd finished the request's current call with `ret` (-errno, or bytes/0). */
@@ -563,7 +546,7 @@ export class RbdDisk implements Disk {
 
   detach(q: RbdQueue): void {
     this.queues.delete(q);
-    for (const r of q.slots) this.byTag[r.tag - 1] = null as unknown as RbdRequest;
+    for (const r of q.slots.all) this.byTag[r.tag - 1] = null as unknown as RbdRequest;
   }
 
   /** Collects finished completions and hands each to its request's queue; then the queues publish. */
