@@ -11,7 +11,7 @@
  * console. Per job it prints the median IOPS of each backend, the ratio ours/qsd, and the host CPU each
  * backend spent per I/O. See bench/README.md.
  */
-import { existsSync, mkdirSync, mkdtempSync, readdirSync, rmSync, statSync, writeFileSync } from "node:fs";
+import { appendFileSync, existsSync, mkdirSync, mkdtempSync, readdirSync, rmSync, statSync, writeFileSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { dirname, join, resolve } from "node:path";
 import { parseArgs } from "node:util";
@@ -45,6 +45,7 @@ import {
 } from "./lib/guest.ts";
 import { fmt, fmtInt, max, median, min, spreadPct, table } from "./lib/stats.ts";
 import { jitDumpEnv, startPerf } from "./lib/perf.ts";
+import { CephCluster } from "../test/support/ceph_cluster.ts";
 
 const ROOT = resolve(import.meta.dir, "..");
 
@@ -70,6 +71,8 @@ const USAGE = `usage: bun run bench:block [options]
   --qsd-iothread    run qsd's export in an iothread (default: main loop, qsd's default)
   --nbd             both disks on one NBD export: qemu-nbd serving one raw /dev/shm image on a unix socket, ours
                     by its URI, qsd through its nbd driver; the server's CPU per I/O is reported apart
+  --rbd             both disks on one Ceph RBD image of a single-node cluster (one mon, one memstore OSD), ours by
+                    its rbd: spec, qsd through its rbd driver; the OSD's CPU per I/O is reported apart
   --serial          echo the guest's serial console to stderr
   --out PATH        JSON result file (default bench/results/block-<date>.json)`;
 
@@ -125,6 +128,7 @@ async function main(): Promise<void> {
       "qsd-aio": { type: "string", default: "threads" },
       "qsd-iothread": { type: "boolean", default: false },
       nbd: { type: "boolean", default: false },
+      rbd: { type: "boolean", default: false },
       serial: { type: "boolean", default: false },
       out: { type: "string" },
       help: { type: "boolean", short: "h", default: false },
@@ -178,10 +182,14 @@ async function main(): Promise<void> {
   const steps = plan(jobs, rounds);
   const nbdTarget = a.nbd!;
   if (nbdTarget && (peerOnly || peerBin !== undefined)) throw new Error("--nbd compares ours with qsd's nbd driver: not with --peer-only or --peer-bin");
+  const rbdTarget = a.rbd!;
+  if (rbdTarget && (peerOnly || peerBin !== undefined || nbdTarget)) throw new Error("--rbd compares ours with qsd's rbd driver: not with --peer-only, --peer-bin or --nbd");
   const qsdDesc = peerBin !== undefined
     ? `[--peer-bin] ${peerBin} device block --num-queues 1 --queue-size ${queueSize}${a["ours-arg"]!.length ? " " + a["ours-arg"]!.join(" ") : ""}`
     : nbdTarget
     ? `qemu-storage-daemon driver=nbd (the export on a unix socket) ${a["qsd-iothread"] ? " iothread" : " main-loop"} num-queues=1`
+    : rbdTarget
+    ? `qemu-storage-daemon driver=rbd (librbd, cache writeback) ${a["qsd-iothread"] ? " iothread" : " main-loop"} num-queues=1`
     : `qemu-storage-daemon driver=file cache.direct=off (buffered) aio=${a["qsd-aio"]}` +
     `${a["qsd-iothread"] ? " iothread" : " main-loop"} num-queues=1`;
   const oursDesc = peerOnly
@@ -195,7 +203,7 @@ async function main(): Promise<void> {
   console.log(`  qsd:  ${qsdDesc}`);
   console.log(
     `  fio: libaio direct=1 time_based runtime=${runtimeS}s ramp=${rampS}s numjobs=1; guest: TCG -smp 2; ` +
-      `images: ${imageBytes >> 20} MiB fallocate'd on /dev/shm${nbdTarget ? " (one, behind qemu-nbd on a unix socket, for both disks)" : ""}; queue-size=${queueSize}`,
+      `images: ${rbdTarget ? `one RBD image of ${imageBytes >> 20} MiB (memstore OSD) for both disks` : `${imageBytes >> 20} MiB fallocate'd on /dev/shm${nbdTarget ? " (one, behind qemu-nbd on a unix socket, for both disks)" : ""}`}; queue-size=${queueSize}`,
   );
   console.log(`  expected duration: ~${Math.round((perBootS * orders.length) / 60)} min\n`);
   if (a.profile) console.log(`  --profile: ours runs under bun --cpu-prof; its CPU figures include profiler overhead\n`);
@@ -207,12 +215,17 @@ async function main(): Promise<void> {
     for (const order of orders) {
       // --nbd: one image, one server for both disks (one disk runs I/O at a time), fresh per boot.
       let server: NbdServer | null = null;
+      // --rbd: one cluster and image for both disks, fresh per boot.
+      let cluster: CephCluster | null = null;
       if (nbdTarget) {
         createImage(images.ours, imageBytes);
         server = await startNbdServer(images.ours, join(tmp, "nbd.sock"), "bench");
+      } else if (rbdTarget) {
+        cluster = await startRbdTarget(imageBytes);
       } else for (const kind of ["ours", "qsd"] as const) createImage(images[kind], imageBytes);
       const backends = await startBackends({
         nbd: server ?? undefined,
+        rbd: cluster ?? undefined,
         peerOnly,
         oursCmd,
         oursArgs: a["ours-arg"]!,
@@ -232,7 +245,7 @@ async function main(): Promise<void> {
         const t0 = Date.now();
         const perfOut = join(resultsDir, `block-${date}-${order}.perf.data`);
         const perf = a.perf && !peerOnly ? startPerf(backends.ours.pid, perfOut, jitDumpDir) : null;
-        const res = await runBoot({ order, steps, runtimeS, rampS, vda, vdb, rig, queueSize, serial: a.serial!, timeoutMs: perBootS * 3000 + 120_000, serverPid: server?.pid });
+        const res = await runBoot({ order, steps, runtimeS, rampS, vda, vdb, rig, queueSize, serial: a.serial!, timeoutMs: perBootS * 3000 + 120_000, serverPid: server?.pid ?? cluster?.osdPid });
         if (perf) {
           const top = await perf.stop();
           console.log(`  perf: ${perfOut.replace(ROOT + "/", "")} (perf report -i ... --sort dso,sym); top of ours:\n` + top.slice(0, 30).map((l) => "    " + l).join("\n"));
@@ -245,6 +258,7 @@ async function main(): Promise<void> {
         await backends.ours.stop();
         await backends.qsd.stop();
         await server?.stop();
+        await cluster?.stop();
       }
     }
   } finally {
@@ -340,14 +354,14 @@ async function main(): Promise<void> {
         fmt(median(all.map((s) => s.qemuCpuS / s.wallS)), 2),
         fmt(median(all.map((s) => s.foreignCores)), 2),
         fmt(max(all.map((s) => s.idleCpuS)), 2),
-        ...(nbdTarget ? [fmt(median(all.map((s) => s.serverCpuUsPerIo)), 1)] : []),
+        ...(nbdTarget || rbdTarget ? [fmt(median(all.map((s) => s.serverCpuUsPerIo)), 1)] : []),
       ]);
     }
   }
   console.log(
     "\n" +
       table(
-        ["job backend", "IOPS on vda", "IOPS on vdb", "host cores", "lat µs", "reqs/IO", "fio cpu%", "qemu cores", "foreign cores", "idle peer CPU s", ...(nbdTarget ? ["server µs/IO"] : [])],
+        ["job backend", "IOPS on vda", "IOPS on vdb", "host cores", "lat µs", "reqs/IO", "fio cpu%", "qemu cores", "foreign cores", "idle peer CPU s", ...(nbdTarget || rbdTarget ? ["server µs/IO"] : [])],
         rows2,
       ),
   );
@@ -446,6 +460,26 @@ function newestMtime(paths: string[]): number {
   return newest;
 }
 
+/**
+ * A single-node Ceph cluster with one image, rbd/bench, written through once (a read of an object
+ * never written costs the OSD less); librbd's cache writeback from the start for both backends (it
+ * stays writethrough until a client's first flush otherwise, and when each backend sees the guest's
+ * first flush differs).
+ */
+async function startRbdTarget(imageBytes: number): Promise<CephCluster> {
+  const cluster = await CephCluster.start();
+  try {
+    appendFileSync(cluster.conf, "\n[client]\nrbd cache writethrough until flush = false\n");
+    cluster.createPool("rbd");
+    cluster.createImage("rbd", "bench", imageBytes);
+    cluster.rbd(["bench", "--io-type", "write", "--io-size", "4M", "--io-threads", "4", "--io-total", String(imageBytes), "--io-pattern", "seq", "rbd/bench"]);
+    return cluster;
+  } catch (e) {
+    await cluster.stop();
+    throw e;
+  }
+}
+
 async function startBackends(o: {
   peerOnly: boolean;
   oursCmd: string[];
@@ -453,6 +487,8 @@ async function startBackends(o: {
   images: Record<BackendKind, string>;
   /** Both disks on this NBD server's export instead of the images. */
   nbd?: NbdServer;
+  /** Both disks on this cluster's image rbd/bench instead (startRbdTarget). */
+  rbd?: CephCluster;
   tmp: string;
   queueSize: number;
   rig: Rig;
@@ -468,6 +504,7 @@ async function startBackends(o: {
     qsd: o.rig.qemuStorageDaemon,
     image: o.images[kind],
     nbd: o.nbd,
+    rbd: o.rbd === undefined ? undefined : { pool: "rbd", image: "bench", conf: o.rbd.conf },
     socket: socketPath(o.tmp, kind),
     numQueues: 1,
     queueSize: o.queueSize,
@@ -492,7 +529,7 @@ async function startBackends(o: {
           ...(o.jitDumpDir ? jitDumpEnv(o.jitDumpDir) : {}),
         },
         extraArgs: o.oursArgs,
-        image: o.nbd?.uri ?? o.images.ours,
+        image: o.nbd?.uri ?? (o.rbd === undefined ? o.images.ours : `rbd:rbd/bench:conf=${o.rbd.conf}`),
         socket: socketPath(o.tmp, "ours"),
         numQueues: 1,
         queueSize: o.queueSize,
