@@ -15,7 +15,7 @@
  */
 import { openSync } from "node:fs";
 import { parseArgs } from "node:util";
-import { libc, check, close } from "../ffi/libc.ts";
+import { close } from "../ffi/libc.ts";
 import { write } from "../ffi/io.ts";
 import { signal } from "../ffi/eventfd.ts";
 import * as tun from "../ffi/tap.ts";
@@ -33,15 +33,9 @@ import {
   VIRTIO_NET_F_MRG_RXBUF, VIRTIO_NET_F_GUEST_CSUM, VIRTIO_NET_F_GUEST_TSO4, VIRTIO_NET_HDR_F, VIRTIO_NET_HDR_GSO,
 } from "../devices/net/virtio_net.ts";
 import { fmt, median, spreadPct, table } from "./lib/stats.ts";
+import { packetSocket } from "../test/support/packet_socket.ts";
 
 type Path = "multishot" | "readv" | "syscall";
-const AF_PACKET = 17;
-const SOCK_RAW = 3;
-const SOCK_NONBLOCK = 0o4000;
-const SOCK_CLOEXEC = 0o2000000;
-const ETH_P_ALL_BE = 0x0300;
-const SOL_PACKET = 263;
-const PACKET_VNET_HDR = 15;
 const MAC = [0x52, 0x54, 0, 0x12, 0x34, 0x56];
 const HDR = 12;
 
@@ -60,20 +54,6 @@ const sizes = a.sizes!.split(",").map(Number);
 const paths = a.paths!.split(",") as Path[];
 if (!netnsAvailable()) throw new Error("needs root, /dev/net/tun and iproute2");
 
-function packetSocket(ns: NetNamespace, name: string, vnetHdr: boolean): number {
-  return ns.enter(() => {
-    const ifindex = tun.withControlSocket((s) => tun.ifIndex(s, name));
-    const fd = check(libc.socket(AF_PACKET, SOCK_RAW | SOCK_NONBLOCK | SOCK_CLOEXEC, ETH_P_ALL_BE), "socket(AF_PACKET)");
-    if (vnetHdr) check(libc.setsockopt(fd, SOL_PACKET, PACKET_VNET_HDR, new Int32Array([1]), 4), "PACKET_VNET_HDR");
-    const sll = new Uint8Array(20);
-    const v = new DataView(sll.buffer);
-    v.setUint16(0, AF_PACKET, true);
-    v.setUint16(2, ETH_P_ALL_BE, true);
-    v.setInt32(4, ifindex, true);
-    check(libc.bind(fd, sll, sll.length), "bind(AF_PACKET)");
-    return fd;
-  });
-}
 
 /** An Ethernet/IPv4/UDP (or TCP for TSO) frame of `len` bytes to our MAC. */
 function frame(len: number, tcp: boolean): Uint8Array {
@@ -106,8 +86,8 @@ try {
     tun.tunSetVnetHdrSize(fd, HDR);
     return fd;
   });
-  const ps = packetSocket(ns, TAP, false);
-  const gso = packetSocket(ns, TAP, true);
+  const ps = ns.enter(() => packetSocket(TAP));
+  const gso = ns.enter(() => packetSocket(TAP, true));
   const rows: string[][] = [];
   const results: Record<string, number[]> = {};
   for (const size of sizes) {

@@ -21,12 +21,12 @@ import { NbdServer, nbdTestsUnavailable } from "../support/nbd_server.ts";
 import { CephCluster, cephTestsUnavailable } from "../support/ceph_cluster.ts";
 import { NetNamespace, netnsAvailable } from "../support/netns.ts";
 import { open, read, write, O_WRONLY, O_NONBLOCK } from "../../ffi/io.ts";
-import { libc, check, close, EAGAIN } from "../../ffi/libc.ts";
-import * as tun from "../../ffi/tap.ts";
+import { close, EAGAIN } from "../../ffi/libc.ts";
 import { VIRTIO_BLK_T, VIRTIO_BLK_S } from "../../devices/block/config.ts";
 import { VIRTIO_NET_HDR_SIZE, VIRTIO_NET_CTRL_RX, VIRTIO_NET_CTRL_RX_PROMISC, VIRTIO_NET_OK } from "../../devices/net/virtio_net.ts";
 import { wavHeader } from "../../devices/snd/wav.ts";
 import * as P from "../../devices/snd/protocol.ts";
+import { packetSocket, TEST_ETHERTYPE } from "../support/packet_socket.ts";
 
 const MiB = 1 << 20;
 const STRACE = straceAvailable();
@@ -190,25 +190,6 @@ function blockDriver(image: string | (() => Uint8Array)): DeviceDriver {
 
 // ---- net ----
 
-const AF_PACKET = 17;
-const SOCK_RAW = 3;
-const SOCK_NONBLOCK = 0o4000;
-const SOCK_CLOEXEC = 0o2000000;
-const ETH_P_ALL_BE = 0x0300;
-const TEST_ETHERTYPE = 0x88b5;
-
-/** An AF_PACKET socket on interface `name` (call inside the namespace). */
-function packetSocket(name: string): number {
-  const ifindex = tun.withControlSocket((s) => tun.ifIndex(s, name));
-  const fd = check(libc.socket(AF_PACKET, SOCK_RAW | SOCK_NONBLOCK | SOCK_CLOEXEC, ETH_P_ALL_BE), "socket(AF_PACKET)");
-  const sll = new Uint8Array(20);
-  const v = new DataView(sll.buffer);
-  v.setUint16(0, AF_PACKET, true);
-  v.setUint16(2, ETH_P_ALL_BE, true);
-  v.setInt32(4, ifindex, true);
-  check(libc.bind(fd, sll, sll.length), "bind(AF_PACKET)");
-  return fd;
-}
 
 /** A broadcast frame of our own ethertype carrying `tag`. */
 function frame(tag: string): Uint8Array {

@@ -36,6 +36,7 @@ import {
   VIRTIO_NET_CTRL_MQ_VQ_PAIRS_SET, VIRTIO_NET_CTRL_GUEST_OFFLOADS, VIRTIO_NET_CTRL_GUEST_OFFLOADS_SET,
   VIRTIO_NET_CTRL_ANNOUNCE, VIRTIO_NET_CTRL_ANNOUNCE_ACK, VIRTIO_NET_S, VIRTIO_NET_F_GUEST_TSO6,
 } from "../../devices/net/virtio_net.ts";
+import { packetSocket, TEST_ETHERTYPE } from "../support/packet_socket.ts";
 
 const AVAILABLE = netnsAvailable();
 const HAVE_ETHTOOL = AVAILABLE && sh(["ethtool", "--version"], true).code === 0;
@@ -44,17 +45,11 @@ const IO_PATHS = ["uring", "syscall"] as const;
 const MAIN = join(import.meta.dir, "../../app/main.ts");
 
 const AF_UNIX = 1;
-const AF_PACKET = 17;
 const SOCK_DGRAM = 2;
-const SOCK_RAW = 3;
 const SOCK_NONBLOCK = 0o4000;
 const SOCK_CLOEXEC = 0o2000000;
-const ETH_P_ALL_BE = 0x0300;
-const SOL_PACKET = 263;
 const SOL_SOCKET = 1;
 const SO_SNDBUF = 7;
-const PACKET_VNET_HDR = 15;
-const TEST_ETHERTYPE = 0x88b5;
 const HDR = VIRTIO_NET_HDR_SIZE;
 
 const GUEST_MAC = "02:00:00:00:00:42";
@@ -113,20 +108,6 @@ function ipFrame(proto: "tcp" | "udp", payload: number, port = 1234, dst = GUEST
   } else v.setUint16(38, 8 + payload);
   for (let i = 14 + 20 + l4; i < f.length; i++) f[i] = (i ^ port) & 0xff;
   return f;
-}
-
-/** An AF_PACKET socket on interface `name` (call inside the namespace); with vnetHdr, writes start with a 10-byte virtio_net_hdr. */
-function packetSocket(name: string, vnetHdr = false): number {
-  const ifindex = tun.withControlSocket((s) => tun.ifIndex(s, name));
-  const fd = check(libc.socket(AF_PACKET, SOCK_RAW | SOCK_NONBLOCK | SOCK_CLOEXEC, ETH_P_ALL_BE), "socket(AF_PACKET)");
-  if (vnetHdr) check(libc.setsockopt(fd, SOL_PACKET, PACKET_VNET_HDR, new Int32Array([1]), 4), "PACKET_VNET_HDR");
-  const sll = new Uint8Array(20);
-  const v = new DataView(sll.buffer);
-  v.setUint16(0, AF_PACKET, true);
-  v.setUint16(2, ETH_P_ALL_BE, true);
-  v.setInt32(4, ifindex, true);
-  check(libc.bind(fd, sll, sll.length), "bind(AF_PACKET)");
-  return fd;
 }
 
 function ethtool(ns: NetNamespace, dev: string): Record<string, string> {

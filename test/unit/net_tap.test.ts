@@ -13,38 +13,22 @@ import {
   VIRTIO_NET_F_GUEST_TSO4, VIRTIO_NET_F_GUEST_USO4, VIRTIO_NET_F_GUEST_USO6, VIRTIO_NET_F_GUEST_ECN,
 } from "../../devices/net/virtio_net.ts";
 import { NetNamespace, netnsAvailable, sh } from "../support/netns.ts";
+import { packetSocket, TEST_ETHERTYPE } from "../support/packet_socket.ts";
 
 const AVAILABLE = netnsAvailable();
 const HAVE_ETHTOOL = AVAILABLE && sh(["ethtool", "--version"], true).code === 0;
 
-const AF_PACKET = 17;
 const AF_INET = 2;
-const SOCK_RAW = 3;
 const SOCK_DGRAM = 2;
-const SOCK_NONBLOCK = 0o4000;
 const SOCK_CLOEXEC = 0o2000000;
-const ETH_P_ALL_BE = 0x0300; // htons(ETH_P_ALL)
 const SOL_UDP = 17;
 const UDP_SEGMENT = 103;
-const TEST_ETHERTYPE = 0x88b5; // IEEE "local experimental": nothing else in the namespace sends it
 
 const TAP_IP = "10.77.0.1";
 const PEER_IP = "10.77.0.2"; // a static neighbour behind the tap: UDP to it leaves through the tap
 const PEER_MAC = "02:00:00:00:77:02";
 
 const opts = (tap: TapSource, extra: Partial<TapOpenOptions> = {}): TapOpenOptions => ({ tap, queuePairs: 1, mtu: null, offloads: true, ...extra });
-
-/** An AF_PACKET socket seeing every frame on interface `ifindex` (in the current thread's namespace). */
-function packetSocket(ifindex: number): number {
-  const fd = check(libc.socket(AF_PACKET, SOCK_RAW | SOCK_NONBLOCK | SOCK_CLOEXEC, ETH_P_ALL_BE), "socket(AF_PACKET)");
-  const sll = new Uint8Array(20);
-  const v = new DataView(sll.buffer);
-  v.setUint16(0, AF_PACKET, true);
-  v.setUint16(2, ETH_P_ALL_BE, true);
-  v.setInt32(4, ifindex, true);
-  check(libc.bind(fd, sll, sll.length), "bind(AF_PACKET)");
-  return fd;
-}
 
 /** A UDP socket connected to `ip:port`, optionally sending UDP_SEGMENT (USO) super-datagrams. */
 function udpSocket(ip: string, port: number, gsoSize = 0): number {
@@ -189,7 +173,7 @@ describe.skipIf(!AVAILABLE)("net tap (in a network namespace)", () => {
 
   test("a frame written with a vnet header appears on the tap, byte-exact; so does writeRarp", async () => {
     const t = openIn(opts({ kind: "name", name: "vt0" }));
-    const ps = ns.enter(() => tun.withControlSocket((s) => packetSocket(tun.ifIndex(s, "vt0"))));
+    const ps = ns.enter(() => packetSocket("vt0"));
     fds.push(ps);
     const frame = testFrame("to-host");
     const pkt = new Uint8Array(VIRTIO_NET_HDR_SIZE + frame.length);
@@ -208,7 +192,7 @@ describe.skipIf(!AVAILABLE)("net tap (in a network namespace)", () => {
 
   test("a frame sent on the tap from the namespace is read from the fd behind a 12-byte header, byte-exact", async () => {
     const t = openIn(opts({ kind: "name", name: "vtsq" }));
-    const ps = ns.enter(() => tun.withControlSocket((s) => packetSocket(tun.ifIndex(s, "vtsq"))));
+    const ps = ns.enter(() => packetSocket("vtsq"));
     fds.push(ps);
     const frame = testFrame("to-guest");
     expect(write(ps, frame, frame.length)).toBe(frame.length);
@@ -295,7 +279,7 @@ describe.skipIf(!AVAILABLE)("net tap (in a network namespace)", () => {
     expect(t.fds.length).toBe(2);
     expect(new Set(t.fds).size).toBe(2);
     for (const fd of t.fds) expect(tun.tunGetIff(fd).flags & tun.IFF.MULTI_QUEUE).toBe(tun.IFF.MULTI_QUEUE);
-    const ps = ns.enter(() => tun.withControlSocket((s) => packetSocket(tun.ifIndex(s, "vtmq"))));
+    const ps = ns.enter(() => packetSocket("vtmq"));
     fds.push(ps);
     for (const [i, fd] of t.fds.entries()) {
       const frame = testFrame(`queue ${i}`);
