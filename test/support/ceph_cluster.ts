@@ -1,5 +1,5 @@
 // A real single-node Ceph cluster for the RBD tests, e2e and bench: one monitor and one OSD on the
-// memory object store, pool size 1, no authentication, started from Debian's packages (ceph-mon,
+// memory object store, pool size 1, no authentication (or cephx: CephClusterOptions), started from Debian's packages (ceph-mon,
 // ceph-osd, ceph-common) under a temporary directory with its own ceph.conf, bound to 127.0.0.1
 // only (or to an address in a network namespace: CephClusterOptions), and stopped (every daemon
 // killed, the directory removed) by stop(). Steps after go-ceph's micro-osd.sh, with what a
@@ -52,6 +52,9 @@ export interface CephClusterOptions {
   /** Run the daemons and the CLIs inside this network namespace (`ip netns exec`); the monitor then
    * takes Ceph's default ports, all free in a namespace of its own. */
   netns?: NetNamespace;
+  /** "cephx": keys for the monitor, the OSD and client.admin (the conf names client.admin's keyring,
+   * `keyring` below); default "none". */
+  auth?: "none" | "cephx";
 }
 
 const clusters = new Set<CephCluster>();
@@ -70,9 +73,14 @@ export class CephCluster {
     readonly monPorts: { v2: number; v1: number },
     readonly address: string,
     private readonly netns: NetNamespace | undefined,
+    readonly auth: "none" | "cephx",
   ) {
     this.conf = join(dir, "ceph.conf");
+    this.keyring = join(dir, "client.admin.keyring");
   }
+
+  /** client.admin's keyring (auth cephx; the conf names it for client.admin). */
+  readonly keyring: string;
 
   /** The OSD's process id (a bench counts its CPU). */
   get osdPid(): number {
@@ -90,7 +98,7 @@ export class CephCluster {
     if (why !== null) throw new Error(why);
     const dir = mkdtempSync(join(tmpdir(), "ceph-test-"));
     const ports = o.netns !== undefined ? { v2: 3300, v1: 6789 } : { v2: await freePort(), v1: await freePort() };
-    const c = new CephCluster(dir, ports, o.address ?? "127.0.0.1", o.netns);
+    const c = new CephCluster(dir, ports, o.address ?? "127.0.0.1", o.netns, o.auth ?? "none");
     clusters.add(c);
     try {
       await c.boot();
@@ -111,9 +119,9 @@ export class CephCluster {
       `mon host = ${this.monHost}`,
       "ms bind ipv4 = true",
       "ms bind ipv6 = false",
-      "auth cluster required = none",
-      "auth service required = none",
-      "auth client required = none",
+      `auth cluster required = ${this.auth}`,
+      `auth service required = ${this.auth}`,
+      `auth client required = ${this.auth}`,
       "osd pool default size = 1",
       "osd pool default min size = 1",
       "osd pool default pg autoscale mode = off",
@@ -157,15 +165,25 @@ export class CephCluster {
       "[mgr.x]",
       `mgr data = ${d}/mgr`,
       "",
+      ...(this.auth === "cephx" ? ["[client.admin]", `keyring = ${this.keyring}`, "[osd.0]", `keyring = ${d}/osd/keyring`, ""] : []),
     ].join("\n"));
     const monmap = join(d, "monmap");
     this.run(["monmaptool", "--create", "--fsid", fsid, "--addv", "a", this.monHost, monmap]);
-    this.run(["ceph-mon", "-c", this.conf, "--id", "a", "--mkfs", "--monmap", monmap, "--keyring", "/dev/null"]);
-    writeFileSync(join(d, "mon", "keyring"), "");
+    if (this.auth === "cephx") {
+      const monKeyring = join(d, "mon.keyring");
+      this.run(["ceph-authtool", "--create-keyring", monKeyring, "--gen-key", "-n", "mon.", "--cap", "mon", "allow *"]);
+      this.run(["ceph-authtool", "--create-keyring", this.keyring, "--gen-key", "-n", "client.admin", "--cap", "mon", "allow *", "--cap", "osd", "allow *", "--cap", "mgr", "allow *"]);
+      this.run(["ceph-authtool", monKeyring, "--import-keyring", this.keyring]);
+      this.run(["ceph-mon", "-c", this.conf, "--id", "a", "--mkfs", "--monmap", monmap, "--keyring", monKeyring]);
+    } else {
+      this.run(["ceph-mon", "-c", this.conf, "--id", "a", "--mkfs", "--monmap", monmap, "--keyring", "/dev/null"]);
+      writeFileSync(join(d, "mon", "keyring"), "");
+    }
     this.daemon(["ceph-mon", "-c", this.conf, "--id", "a", "-f", "--public-addrv", this.monHost], "mon.a");
     const id = this.ceph(["osd", "create"]).trim();
     if (id !== "0") throw new Error(`ceph osd create gave id '${id}', expected 0`);
     this.ceph(["osd", "crush", "add", "osd.0", "1", "root=default"]);
+    if (this.auth === "cephx") this.ceph(["auth", "get-or-create", "osd.0", "mon", "allow profile osd", "mgr", "allow profile osd", "osd", "allow *", "-o", join(d, "osd", "keyring")]);
     this.run(["ceph-osd", "-c", this.conf, "--id", "0", "--mkfs"]);
     this.daemon(["ceph-osd", "-c", this.conf, "--id", "0", "-f"], "osd.0");
     if (which("ceph-mgr")) {

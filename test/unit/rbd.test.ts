@@ -36,7 +36,9 @@ function image(content: Uint8Array): { name: string; file: string } {
 
 maybe("block device on a Ceph RBD image", () => {
   beforeAll(async () => {
-    cluster = await CephCluster.start();
+    // cephx, as real clusters run: the backend reads client.admin's keyring (the conf names it),
+    // also inside the sandbox.
+    cluster = await CephCluster.start({ auth: "cephx" });
     cluster.createPool("rbd");
   }, 60_000);
   afterAll(async () => {
@@ -57,6 +59,7 @@ maybe("block device on a Ceph RBD image", () => {
     expect(monEndpoints("[v2:127.0.0.1:3301,v1:127.0.0.1:6790] 10.0.0.2 v1:10.0.0.3")).toEqual(["127.0.0.1:3301", "127.0.0.1:6790", "10.0.0.2:3300", "10.0.0.2:6789", "10.0.0.3:6789"]);
     const access = blockDevice.hostAccess!(blockDevice.parse({ file: `rbd:rbd/x:conf=${cluster.conf}` }));
     expect(access.paths).toContainEqual({ path: cluster.conf, rights: ["read"] });
+    expect(access.paths).toContainEqual({ path: cluster.keyring, rights: ["read"] });
     expect(access.tcp).toContain(`127.0.0.1:${cluster.monPorts.v2}`);
     expect(access.tcp).toContain(`127.0.0.1:${cluster.monPorts.v1}`);
     expect(access.tcp).toContain("*:6800");
@@ -170,6 +173,7 @@ maybe("block device on a Ceph RBD image", () => {
       [`rbd:rbd/absent:conf=${cluster.conf}`, /pool 'rbd' has no image 'absent'.*rbd create --size SIZE rbd\/absent/],
       [`rbd:rbd/${img.name}@nosnap:conf=${cluster.conf}`, /has no snapshot 'nosnap'.*rbd snap ls/],
       [`rbd:rbd/${img.name}:conf=${cluster.dir}/absent.conf`, /cannot read the Ceph configuration .*absent.conf.*fix conf=PATH/],
+      [`rbd:rbd/${img.name}:id=nobody:conf=${cluster.conf}`, /no key for client.nobody .*fix :id=USER, or give its keyring as :keyring=PATH/],
       [`rbd:rbd/${img.name}:mon_host=127.0.0.1\\:${deadPort}:client_mount_timeout=2:auth_client_required=none`, /cannot connect to the Ceph cluster.*no monitor answered at 127.0.0.1:\d+ within 2 s: start the cluster/],
     ] as const) {
       const b = new BackendUnderTest("block", { file });

@@ -114,12 +114,14 @@ function connect(file: string, spec: RbdSpec, mountTimeoutS: number): rbd.RadosC
     return c;
   } catch (e) {
     const monHost = safeConfGet(c, "mon_host");
+    const keyring = safeConfGet(c, "keyring");
     rbd.radosShutdown(c);
     const errno = (e as rbd.RbdError).errno;
     const timeout = option(spec, "client_mount_timeout") ?? String(mountTimeoutS);
     let hint: string;
     if (errno === 110 || errno === 111 || errno === 113) hint = `no monitor answered at ${monHost || "(no mon_host configured)"} within ${timeout} s: start the cluster, or fix mon_host in ${spec.conf ?? "ceph.conf"} (or :mon_host=ADDR)`;
     else if (errno === 1 || errno === 13) hint = `the monitors refused client.${spec.user ?? "admin"}: check :id=USER and its keyring (:keyring=PATH)`;
+    else if (errno === 2 && monHost !== "") hint = `no key for client.${spec.user ?? "admin"} (looked in ${keyring || "no keyring"}): fix :id=USER, or give its keyring as :keyring=PATH`;
     else if (errno === 2 || errno === 22) hint = `no usable configuration: give :conf=PATH or :mon_host=ADDR`;
     else hint = "check that the cluster runs and that ceph.conf names its monitors";
     throw new Error(`--file ${file}: cannot connect to the Ceph cluster: ${(e as Error).message} (${hint})`);
