@@ -1,8 +1,8 @@
 // A real single-node Ceph cluster for the RBD tests, e2e and bench: one monitor and one OSD on the
-// memory object store, pool size 1, no authentication (or cephx: CephClusterOptions), started from Debian's packages (ceph-mon,
-// ceph-osd, ceph-common) under a temporary directory with its own ceph.conf, bound to 127.0.0.1
-// only (or to an address in a network namespace: CephClusterOptions), and stopped (every daemon
-// killed, the directory removed) by stop(). Steps after go-ceph's micro-osd.sh, with what a
+// memory object store, pool size 1, no authentication (or cephx: CephClusterOptions), started
+// from Debian's packages (ceph-mon, ceph-osd, ceph-common) under a temporary directory with its own
+// ceph.conf, bound to 127.0.0.1 only (or to an address in a network namespace), and stopped (every
+// daemon killed, the directory removed) by stop(). Steps after go-ceph's micro-osd.sh, with what a
 // machine without IPv6 and with other clusters around needs: the monitor on free ports of our own,
 // named in a monmap built with monmaptool (a monmap taken from `mon host` names the monitor
 // "noname-a", and ceph-mon --id a then waits to join a cluster forever), IPv4 only, the OSD bound
