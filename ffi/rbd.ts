@@ -67,6 +67,8 @@ function loadRbd() {
     rbd_flush: { args: ["ptr"], returns: "i32" },
     rbd_set_image_notification: { args: ["ptr", "i32", "i32"], returns: "i32" },
     rbd_poll_io_events: { args: ["ptr", "ptr", "i32"], returns: "i32" },
+    rbd_update_watch: { args: ["ptr", "ptr", "ptr", "ptr"], returns: "i32" },
+    rbd_update_unwatch: { args: ["ptr", u64], returns: "i32" },
   });
 }
 
@@ -283,4 +285,19 @@ export function rbdFlush(image: RbdImage): void {
  */
 export function rbdPollIoEvents(image: RbdImage, comps: BigUint64Array, compsAddress: number = ptr(comps)): number {
   return check(libs().rbd.rbd_poll_io_events(image, compsAddress as unknown as Pointer, comps.length), "rbd_poll_io_events");
+}
+
+/**
+ * rbd_update_watch: librbd calls `cb(arg)` on its own thread whenever the image's header changes
+ * (a resize, a snapshot...). `cb` must be native code (ffi/eventfd_callback.ts): never JS. Returns
+ * the watch's handle.
+ */
+export function rbdUpdateWatch(image: RbdImage, cb: Pointer, arg: Pointer): bigint {
+  const handle = new BigUint64Array(1);
+  check(libs().rbd.rbd_update_watch(image, ptr(handle), cb, arg), "rbd_update_watch");
+  return handle[0]!;
+}
+
+export function rbdUpdateUnwatch(image: RbdImage, handle: bigint): void {
+  check(libs().rbd.rbd_update_unwatch(image, handle), "rbd_update_unwatch");
 }

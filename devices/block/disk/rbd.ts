@@ -27,7 +27,8 @@ import { close as closeFd } from "../../../ffi/libc.ts";
 import { Epoll, EPOLLIN } from "../../../ffi/epoll.ts";
 import { EIO } from "../../../ffi/libc.ts";
 import { IovecArray } from "../../../ffi/io.ts";
-import type { EventLoop, Timer } from "../../../src/event_loop.ts";
+import type { EventLoop } from "../../../src/event_loop.ts";
+import { eventfdCallback, eventfdArg } from "../../../ffi/eventfd_callback.ts";
 import type { HostAccess, DeclaredPath } from "../../../src/host_access.ts";
 import { log } from "../../../src/log.ts";
 import {
@@ -50,8 +51,6 @@ const ESHUTDOWN = 108;
 const RBD_IDENTITY_DEV = 0x524244;
 /** How long acquire waits for the monitors unless client_mount_timeout is given (librados's default is 300 s). */
 const DEFAULT_MOUNT_TIMEOUT_S = 30;
-/** How often a serving disk looks at the image's size (rbd_get_size: no I/O unless librbd heard of a header update). */
-const SIZE_POLL_US = 1_000_000;
 /** Completions collected per rbd_poll_io_events call. */
 const POLL_BATCH = 64;
 
@@ -452,7 +451,10 @@ export class RbdDisk implements Disk {
   /** The completion made for the last call, released here if librbd refused the call. */
   private lastCompletion: rbd.RbdCompletion | null = null;
   private loop: EventLoop | null = null;
-  private sizeTimer: Timer | null = null;
+  private watchLoop: EventLoop | null = null;
+  /** The header-update watch (watchSize): its eventfd, which librbd's thread signals through a native callback, and handle. */
+  private updateFd = -1;
+  private updateHandle: bigint | null = null;
   private closed = false;
   private blocklistLogged = false;
 
@@ -514,11 +516,25 @@ export class RbdDisk implements Disk {
     return rbd.rbdGetSize(this.image);
   }
 
-  /** Tells `onResize` when the image's size changes (rbd resize while we serve). */
+  /**
+   * Tells `onResize` when the image's size changes (an `rbd resize` while we serve): librbd's
+   * header-update watch signals an eventfd through a native callback (no JS on librbd's thread,
+   * no timer), and the loop then reads the size (rbd_get_size refreshes the header once).
+   */
   watchSize(loop: EventLoop, onResize: (size: number) => void): void {
+    if (this.updateFd >= 0) throw new Error(`RBD disk ${this.resource.location}: watchSize called twice`);
     let known = this.size;
-    const tick = () => {
-      this.sizeTimer = null;
+    this.updateFd = eventfd();
+    try {
+      this.updateHandle = rbd.rbdUpdateWatch(this.image, eventfdCallback(), eventfdArg(this.updateFd));
+    } catch (e) {
+      closeFd(this.updateFd);
+      this.updateFd = -1;
+      log.warn(`RBD ${rbdImageName(this.resource.spec)}: cannot watch the image for resizes (${(e as Error).message}); a resize needs a restart`);
+      return;
+    }
+    loop.add(this.updateFd, EPOLLIN, () => {
+      drainEventfd(this.updateFd);
       if (this.closed) return;
       try {
         const now = this.currentSize();
@@ -528,11 +544,10 @@ export class RbdDisk implements Disk {
           onResize(usable);
         }
       } catch (e) {
-        log.debug(`RBD ${rbdImageName(this.resource.spec)}: size check failed: ${(e as Error).message}`);
+        log.warn(`RBD ${rbdImageName(this.resource.spec)}: size check after a header update failed: ${(e as Error).message}`);
       }
-      this.sizeTimer = loop.timer(SIZE_POLL_US, tick);
-    };
-    this.sizeTimer = loop.timer(SIZE_POLL_US, tick);
+    });
+    this.watchLoop = loop;
   }
 
   attach(loop: EventLoop, options: DiskQueueOptions, handlers: DiskQueueHandlers): DiskQueue {
@@ -605,7 +620,16 @@ export class RbdDisk implements Disk {
   close(): void {
     if (this.closed) return;
     this.closed = true;
-    this.sizeTimer?.cancel();
+    if (this.updateFd >= 0) {
+      this.watchLoop?.remove(this.updateFd);
+      if (this.updateHandle !== null) {
+        try {
+          rbd.rbdUpdateUnwatch(this.image, this.updateHandle); // waits for a callback in progress
+        } catch (e) {
+          log.debug(`RBD ${this.resource.location}: unwatch failed: ${(e as Error).message}`);
+        }
+      }
+    }
     this.loop?.remove(this.efd);
     try {
       rbd.rbdClose(this.image); // flushes librbd's cache
@@ -615,6 +639,7 @@ export class RbdDisk implements Disk {
     rbd.radosIoctxDestroy(this.ioctx);
     rbd.radosShutdown(this.cluster);
     closeFd(this.efd);
+    if (this.updateFd >= 0) closeFd(this.updateFd); // after the unwatch: no callback writes it any more
   }
 }
 
