@@ -38,6 +38,14 @@ function writeWav(path: string, pcm: Uint8Array): void {
   w.finalize();
 }
 
+/**
+ * The guest driver fails a stream (aplay: "write error: Input/output error") when a control
+ * request (SET_PARAMS, PREPARE, START) gets no answer within msg_timeout_ms, 1 s by default. A TCG
+ * guest on a loaded host can take that long to carry one round trip; 10 s keeps the test about the
+ * device, while a backend that never answers still fails it.
+ */
+const RELAXED_CONTROL_TIMEOUT = "echo 10000 > /sys/module/virtio_snd/parameters/msg_timeout_ms || true";
+
 describe("snd e2e (QEMU vhost-user-snd-pci, Linux virtio_snd)", () => {
   test("aplay -l, aplay to hw:0,0 lands byte-exact in real time, arecord from a WAV, amixer controls", async () => {
     const seconds = 3;
@@ -53,6 +61,7 @@ describe("snd e2e (QEMU vhost-user-snd-pci, Linux virtio_snd)", () => {
     running.push(backend);
     const command = [
       "set -e",
+      RELAXED_CONTROL_TIMEOUT,
       "cat /proc/asound/cards",
       "aplay -l",
       "cp /sys/firmware/qemu_fw_cfg/by_name/opt/wav/raw /tmp/play.wav",
@@ -125,6 +134,7 @@ describe("snd e2e (QEMU vhost-user-snd-pci, Linux virtio_snd)", () => {
       `(t0=$(cut -d' ' -f1 /proc/uptime); aplay -q -D ${dev} ${file}; rc=$?; t1=$(cut -d' ' -f1 /proc/uptime); echo "E2E-${tag} $rc $t0 $t1"; exit $rc) &`;
     const command = [
       "set -e",
+      RELAXED_CONTROL_TIMEOUT,
       "aplay -l",
       "cp /sys/firmware/qemu_fw_cfg/by_name/opt/a/raw /tmp/a.wav",
       "cp /sys/firmware/qemu_fw_cfg/by_name/opt/b/raw /tmp/b.wav",
@@ -167,7 +177,10 @@ describe("snd e2e (QEMU vhost-user-snd-pci, Linux virtio_snd)", () => {
       expect(Number(m![1])).toBe(0);
       const wall = Number(m![3]) - Number(m![2]);
       console.log(`snd e2e: concurrent aplay ${tag} of ${seconds} s took ${wall.toFixed(2)} s, WAV ${data.length} bytes, ${trailing.length} trailing silence`);
-      expect(Math.abs(wall - seconds)).toBeLessThanOrEqual(0.1 * seconds);
+      // Paced in real time: never faster (the backend consumes a period per period time); slower
+      // only by what a TCG guest on a busy host adds to aplay's start and drain.
+      expect(wall).toBeGreaterThanOrEqual(0.9 * seconds);
+      expect(wall).toBeLessThanOrEqual(1.5 * seconds);
     }
   }, 90_000);
 
