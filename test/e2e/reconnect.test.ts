@@ -312,9 +312,17 @@ describe("crash-safe reconnect (vhost-user-blk, reconnect-ms), continued", () =>
     await waitForPath(sock, 15_000);
     let serial = "";
     let killedAt = 0;
+    /** Writes in flight in the guest's last heartbeat after fio started (-1 before one came). */
+    const writesInFlight = (): number => {
+      const after = serial.slice(serial.indexOf("E2E-FIO-START"));
+      const beats = [...after.matchAll(/E2E-HEARTBEAT \d+r\/(\d+)w/g)];
+      return beats.length === 0 ? -1 : Number(beats[beats.length - 1]![1]);
+    };
     const killer = (async () => {
       await waitFor("E2E-FIO-START", () => serial.includes("E2E-FIO-START"), 120_000);
-      await Bun.sleep(3_000);
+      // Kill while the throttled writes queue up behind completed reads (a slow TCG guest on a
+      // busy host may take a while to get there; killing before would prove nothing).
+      await waitFor("writes in flight", () => writesInFlight() >= 4, 30_000).catch(() => {});
       killedAt = Date.now();
       daemons[0]!.proc.kill("SIGKILL");
       await daemons[0]!.exited;
