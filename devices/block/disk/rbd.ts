@@ -242,10 +242,10 @@ export function monEndpoints(monHost: string): string[] {
   return [...out];
 }
 
-/** The files librados reads without conf=: the first that exists ($CEPH_CONF, then the usual places). */
+/** The file librados reads without conf=: the first that exists of $CEPH_CONF and the usual places (none: []). */
 function defaultConfFiles(): string[] {
   const candidates = [process.env.CEPH_CONF, "/etc/ceph/ceph.conf", `${homedir()}/.ceph/config`, resolve("ceph.conf")].filter((p): p is string => p !== undefined && p !== "");
-  return candidates.filter((p) => existsSync(p));
+  return candidates.filter((p) => existsSync(p)).slice(0, 1);
 }
 
 /**
