@@ -19,6 +19,7 @@ import { bootGuest, ensureRig, type Rig } from "../test/e2e/rig.ts";
 import {
   CLK_TCK,
   createImage,
+  createImages,
   cpuTicks,
   findPidByCmdline,
   hostBusyTicks,
@@ -222,7 +223,7 @@ async function main(): Promise<void> {
         server = await startNbdServer(images.ours, join(tmp, "nbd.sock"), "bench");
       } else if (rbdTarget) {
         cluster = await startRbdTarget(imageBytes);
-      } else for (const kind of ["ours", "qsd"] as const) createImage(images[kind], imageBytes);
+      } else createImages([images.ours, images.qsd], imageBytes); // together: the same mix of host pages (createImages)
       const backends = await startBackends({
         nbd: server ?? undefined,
         rbd: cluster ?? undefined,

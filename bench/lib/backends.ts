@@ -1,7 +1,7 @@
 // The two vhost-user-blk backends under comparison (ours and qemu-storage-daemon), their RAM-backed
 // images, and host CPU accounting from /proc/PID/stat.
 import type { Subprocess } from "bun";
-import { existsSync, readdirSync, readFileSync, rmSync, statSync } from "node:fs";
+import { closeSync, existsSync, openSync, readdirSync, readFileSync, rmSync, statSync, writeSync } from "node:fs";
 import { join } from "node:path";
 import { connectBlocking } from "../../devices/block/disk/nbd_connection.ts";
 import { closeHandle } from "../../ffi/nbd.ts";
@@ -238,26 +238,45 @@ export async function startNbdServer(image: string, socket: string, exportName: 
 }
 
 /**
- * A fully allocated image on /dev/shm: every page exists before the guest writes, so writes do not
- * pay for allocation. fallocate on tmpfs allocates the pages but leaves them "not uptodate": the
- * first access to each still clears it (shmem zeroes falloc'd pages lazily), which made the first
- * write job on an image measurably dearer than later ones. Writing zeros over the whole image once
- * (in place, conv=notrunc) settles every page.
+ * Fully allocated images on /dev/shm, made together: every page exists before the guest writes, so
+ * writes do not pay for allocation, and every page is written once (zeros), so none is left "not
+ * uptodate" (shmem clears falloc'd pages lazily, at first access: that made the first write job on
+ * an image measurably dearer than later ones).
+ *
+ * The images are written 1 MiB at a time in turn, not one after the other: the page allocator
+ * hands out the smallest free blocks first, so of images made one after the other the first gets
+ * the scattered pages of a fragmented host and the next ones long runs of contiguous pages, and
+ * here (a VM) reading scattered pages costs up to twice the CPU per byte: 128k reads took 53 vs
+ * 108 ms per GiB from two such images (dd, page cache to user), and two identical backends in
+ * bench:block-ring differed by 21-50% in CPU per I/O at read-128k-qd32, the slower one always
+ * on the less contiguous image (the "sandbox cost" issue 17 once measured). Made in turn, each
+ * image gets the same mix (0.758/0.760 of pages followed by their physical neighbour, vs
+ * 0.385/0.973 one after the other).
  */
-export function createImage(path: string, sizeBytes: number): void {
-  rmSync(path, { force: true });
-  const r = Bun.spawnSync(["fallocate", "-l", String(sizeBytes), path], { stderr: "pipe" });
-  if (r.exitCode !== 0) throw new Error(`fallocate -l ${sizeBytes} ${path} failed: ${r.stderr.toString()}`);
-  const mib = Math.ceil(sizeBytes / (1 << 20));
-  const z = Bun.spawnSync(["dd", "if=/dev/zero", `of=${path}`, "bs=1M", `count=${mib}`, "conv=notrunc", "status=none"], {
-    stderr: "pipe",
+export function createImages(paths: readonly string[], sizeBytes: number): void {
+  const CHUNK = 1 << 20;
+  const zeros = new Uint8Array(CHUNK);
+  const fds = paths.map((p) => {
+    rmSync(p, { force: true });
+    return openSync(p, "w");
   });
-  if (z.exitCode !== 0) throw new Error(`zero-filling ${path} failed: ${z.stderr.toString()}`);
-  // On tmpfs, st_blocks tells whether the pages are really there.
-  const st = statSync(path);
-  if (st.size !== sizeBytes || st.blocks * 512 < sizeBytes) {
-    throw new Error(`${path} is not fully allocated (size ${st.size}, ${st.blocks} blocks)`);
+  try {
+    for (let off = 0; off < sizeBytes; off += CHUNK) {
+      for (const fd of fds) writeSync(fd, zeros, 0, Math.min(CHUNK, sizeBytes - off), off);
+    }
+  } finally {
+    for (const fd of fds) closeSync(fd);
   }
+  // On tmpfs, st_blocks tells whether the pages are really there.
+  for (const p of paths) {
+    const st = statSync(p);
+    if (st.size !== sizeBytes || st.blocks * 512 < sizeBytes) throw new Error(`${p} is not fully allocated (size ${st.size}, ${st.blocks} blocks)`);
+  }
+}
+
+/** One image (createImages). */
+export function createImage(path: string, sizeBytes: number): void {
+  createImages([path], sizeBytes);
 }
 
 export function tail(text: string, lines: number): string {
