@@ -33,6 +33,8 @@ export const IORING_FSYNC_DATASYNC = 1;
 export const IOSQE = {
   IO_DRAIN: 1 << 1,
   IO_LINK: 1 << 2,
+  /** Go straight to io_uring's worker threads instead of trying the operation inline first. */
+  ASYNC: 1 << 4,
   /** The read takes its buffer from the provided-buffer group named by the SQE's buf_group. */
   BUFFER_SELECT: 1 << 5,
 } as const;

@@ -39,7 +39,7 @@ export class UringRawQueue extends UringDiskQueue<RawSlot> {
 
   /** Serves through `ring` (one of the disk's acquired rings, not owned). */
   constructor(private readonly disk: RawDisk, ring: RingHandle, loop: EventLoop, options: DiskQueueOptions, handlers: DiskQueueHandlers) {
-    super("raw disk queue", disk.fd, ring, loop, options, handlers, (id, segMax) => new RawSlot(id, segMax));
+    super("raw disk queue", disk.fd, ring, loop, options, handlers, (id, segMax) => new RawSlot(id, segMax), !disk.direct);
   }
 
   /** Marks `req` in flight for `op`. */

@@ -21,7 +21,7 @@ export class Qcow2UringQueue extends UringDiskQueue<UringSlot> {
 
   /** Serves through `ring` (one of the disk's acquired rings, not owned). */
   constructor(private readonly disk: Qcow2Disk, ring: RingHandle, loop: EventLoop, options: DiskQueueOptions, handlers: DiskQueueHandlers) {
-    super("qcow2 disk queue", disk.fd, ring, loop, options, handlers, (id, segMax) => new UringSlot(id, segMax));
+    super("qcow2 disk queue", disk.fd, ring, loop, options, handlers, (id, segMax) => new UringSlot(id, segMax), true);
   }
 
   /** Transfers of this queue still in the kernel. */
