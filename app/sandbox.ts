@@ -94,6 +94,17 @@ export function sandboxOff(def: DeviceDefinition, mode: SandboxMode, extras: Pro
 }
 
 /**
+ * Where JSC writes its JITDump file when asked to (BUN_JSC_useJITDump, for perf to name JIT-compiled
+ * JavaScript), or null. The re-exec'd image opens it as it starts and aborts when it cannot: a
+ * profiled backend declares that directory as one it writes.
+ */
+function jitDumpDirectory(): string | null {
+  const on = process.env.BUN_JSC_useJITDump;
+  if (on === undefined || on === "0" || on === "false") return null;
+  return resolve(process.env.BUN_JSC_jitDumpDirectory || process.cwd());
+}
+
+/**
  * Locks down and re-execs (does not return) unless the mode is none, or in auto mode the device
  * declares nothing or the program serves something the sandbox does not cover yet (then it logs
  * why and returns; strict refuses instead). `before`: descriptors open before the acquire phase
@@ -110,7 +121,9 @@ export function lockDown(def: DeviceDefinition, parsed: unknown, mode: SandboxMo
   const access = def.hostAccess!(parsed);
   // sd_notify: one datagram to the service manager's socket once ready (src/sd_notify.ts).
   const notify = process.env.NOTIFY_SOCKET;
-  const declared = notify?.startsWith("/") ? { ...access, unixSockets: [...access.unixSockets, notify] } : access;
+  const withNotify = notify?.startsWith("/") ? { ...access, unixSockets: [...access.unixSockets, notify] } : access;
+  const dumps = jitDumpDirectory();
+  const declared = dumps === null ? withNotify : { ...withNotify, paths: [...withNotify.paths, { path: dumps, rights: ["read", "write", "create"] as const, directory: true }] };
   const keep = [...openFds()].filter((fd) => fd > 2 && !before.has(fd));
   for (const fd of [handover.listenFd, handover.connectedFd]) if (fd !== undefined && !keep.includes(fd)) keep.push(fd);
   // Run from sources (`bun app/main.ts`): the re-exec'd Bun reads them, and node_modules.

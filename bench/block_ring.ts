@@ -327,9 +327,9 @@ async function main(): Promise<void> {
       start: (socket, image) =>
         startOurs("ours", {
           command: [bin],
-          // JSC aborts at start when it cannot write its JITDump file (the sandbox confines the
-          // process to what the device declared): a profiled run is unconfined (no seccomp filter
-          // on its system calls, so its profile lacks the filter's cost).
+          // A profiled run is unconfined unless an --ours-arg says otherwise: sandboxed, JSC writes
+          // its JITDump (the sandbox declares the directory) but the re-exec'd image's functions
+          // come out as "<name not materialized>#hash" (no seccomp filter in the profile, then).
           extraArgs: [...(a["ours-arg"] ?? []), ...(a.perf && !(a["ours-arg"] ?? []).some((x) => x.startsWith("--sandbox")) ? ["--sandbox", "none"] : [])],
           image,
           socket,

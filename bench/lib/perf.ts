@@ -15,14 +15,18 @@ export function jitDumpEnv(dir: string): Record<string, string> {
 const JITDUMP_MAGIC = 0x4a695444;
 const JIT_CODE_LOAD = 0;
 
-/** Writes /tmp/perf-<pid>.map for every JITDump file in `dir`; returns the pids mapped. */
+/**
+ * Writes /tmp/perf-<pid>.map for every process with a JITDump file in `dir`; returns the pids
+ * mapped. A sandboxed backend re-execs itself: both images have the same pid and each writes a
+ * dump; the later one (header timestamp) holds the code that serves, the first image's is gone.
+ */
 export function writePerfMaps(dir: string): number[] {
-  const pids: number[] = [];
+  const latest = new Map<number, { at: bigint; lines: string[] }>();
   let names: string[];
   try {
     names = readdirSync(dir).filter((n) => /^jit-.*\.dump$/.test(n));
   } catch {
-    return pids;
+    return [];
   }
   for (const name of names) {
     const b = readFileSync(join(dir, name));
@@ -30,6 +34,7 @@ export function writePerfMaps(dir: string): number[] {
     if (b.length < 40 || v.getUint32(0, true) !== JITDUMP_MAGIC) continue;
     const headerSize = v.getUint32(8, true);
     const pid = v.getUint32(20, true);
+    const at = v.getBigUint64(24, true);
     // Header: magic, version, size, elf_mach, pad, pid, timestamp, flags. Records: id u32,
     // size u32, timestamp u64, then for JIT_CODE_LOAD: pid, tid, vma u64, code_addr u64,
     // code_size u64, code_index u64, name (NUL-terminated), code bytes.
@@ -48,10 +53,11 @@ export function writePerfMaps(dir: string): number[] {
       o += size;
     }
     const lines = [...code.entries()].sort((x, y) => x[0] - y[0]).map(([a, c]) => `${a.toString(16)} ${c.size.toString(16)} ${c.name}`);
-    writeFileSync(`/tmp/perf-${pid}.map`, lines.join("\n") + "\n");
-    pids.push(pid);
+    const known = latest.get(pid);
+    if (known === undefined || at > known.at) latest.set(pid, { at, lines });
   }
-  return pids;
+  for (const [pid, { lines }] of latest) writeFileSync(`/tmp/perf-${pid}.map`, lines.join("\n") + "\n");
+  return [...latest.keys()];
 }
 
 /**

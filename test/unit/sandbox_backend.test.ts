@@ -146,6 +146,29 @@ test.skipIf(Bun.spawnSync(["strace", "-V"], { stdout: "ignore", stderr: "ignore"
   },
 );
 
+test("profiled (BUN_JSC_useJITDump), a sandboxed backend writes its JITDump file and serves", async () => {
+  // JSC opens the dump file in the re-exec'd image as it starts, and aborts when it cannot: perf
+  // could not name JIT-compiled JavaScript in a sandboxed backend.
+  const dumps = mkdtempSync(join(dir, "jitdump-"));
+  const sock = join(dir, "jitdump.sock");
+  const bin = join(import.meta.dir, "../../dist/backend");
+  const argv = existsSync(bin) ? [bin] : [process.execPath, MAIN];
+  const p = Bun.spawn([...argv, "device", "console", "--socket", sock, "--sandbox", "auto"], {
+    env: { ...process.env, BUN_JSC_useJITDump: "1", BUN_JSC_jitDumpDirectory: dumps }, stdout: "ignore", stderr: "pipe",
+  });
+  const stderr = new Response(p.stderr).text();
+  const deadline = Date.now() + 30000;
+  while (!existsSync(sock) && p.exitCode === null && Date.now() < deadline) await Bun.sleep(20);
+  await Bun.sleep(500); // the socket is renamed into place just before "listening" is logged
+  p.kill("SIGTERM");
+  await p.exited;
+  const err = await stderr;
+  expect(err).toContain("listening on");
+  expect(err).toContain("sandbox: namespaces");
+  expect(p.exitCode).toBe(0);
+  expect(readdirSync(dumps).filter((n) => /^jit-\d+-\d+\.dump$/.test(n)).length).toBeGreaterThan(0);
+});
+
 const BIN = join(import.meta.dir, "../../dist/backend");
 test.skipIf(!existsSync(BIN) || process.getuid?.() !== 0).each(["auto", "none"])(
   "the compiled binary serves with its build tree absent (--sandbox %s): device and queue threads start from the embedded files",
