@@ -9,11 +9,13 @@ const ECONNREFUSED = 111;
 export const AF = {
   UNIX: 1,
   INET: 2,
+  PACKET: 17,
 } as const;
 /** Socket types, and the flags socket()/accept4() take with them (<sys/socket.h> SOCK_*). */
 export const SOCK = {
   STREAM: 1,
   DGRAM: 2,
+  RAW: 3,
   NONBLOCK: 0o4000,
   CLOEXEC: 0o2000000,
 } as const;

@@ -2,11 +2,8 @@
 // every frame the tap sends into the host and injects frames toward it.
 import { libc, check } from "../../ffi/libc.ts";
 import * as tun from "../../ffi/tap.ts";
+import { AF, SOCK } from "../../ffi/socket.ts";
 
-const AF_PACKET = 17;
-const SOCK_RAW = 3;
-const SOCK_NONBLOCK = 0o4000;
-const SOCK_CLOEXEC = 0o2000000;
 /** htons(ETH_P_ALL): every protocol. */
 const ETH_P_ALL_BE = 0x0300;
 const SOL_PACKET = 263;
@@ -22,11 +19,11 @@ export const TEST_ETHERTYPE = 0x88b5;
  */
 export function packetSocket(ifname: string, vnetHdr = false): number {
   const ifindex = tun.withControlSocket((s) => tun.ifIndex(s, ifname));
-  const fd = check(libc.socket(AF_PACKET, SOCK_RAW | SOCK_NONBLOCK | SOCK_CLOEXEC, ETH_P_ALL_BE), "socket(AF_PACKET)");
+  const fd = check(libc.socket(AF.PACKET, SOCK.RAW | SOCK.NONBLOCK | SOCK.CLOEXEC, ETH_P_ALL_BE), "socket(AF_PACKET)");
   if (vnetHdr) check(libc.setsockopt(fd, SOL_PACKET, PACKET_VNET_HDR, new Int32Array([1]), 4), "PACKET_VNET_HDR");
   const sll = new Uint8Array(20); // struct sockaddr_ll
   const v = new DataView(sll.buffer);
-  v.setUint16(0, AF_PACKET, true);
+  v.setUint16(0, AF.PACKET, true);
   v.setUint16(2, ETH_P_ALL_BE, true);
   v.setInt32(4, ifindex, true);
   check(libc.bind(fd, sll, sll.length), "bind(AF_PACKET)");

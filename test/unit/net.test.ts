@@ -37,6 +37,7 @@ import {
   VIRTIO_NET_CTRL_ANNOUNCE, VIRTIO_NET_CTRL_ANNOUNCE_ACK, VIRTIO_NET_S, VIRTIO_NET_F_GUEST_TSO6,
 } from "../../devices/net/virtio_net.ts";
 import { packetSocket, TEST_ETHERTYPE } from "../support/packet_socket.ts";
+import { AF, SOCK } from "../../ffi/socket.ts";
 
 const AVAILABLE = netnsAvailable();
 const HAVE_ETHTOOL = AVAILABLE && sh(["ethtool", "--version"], true).code === 0;
@@ -44,10 +45,6 @@ const HAVE_ETHTOOL = AVAILABLE && sh(["ethtool", "--version"], true).code === 0;
 const IO_PATHS = ["uring", "syscall"] as const;
 const MAIN = join(import.meta.dir, "../../app/main.ts");
 
-const AF_UNIX = 1;
-const SOCK_DGRAM = 2;
-const SOCK_NONBLOCK = 0o4000;
-const SOCK_CLOEXEC = 0o2000000;
 const SOL_SOCKET = 1;
 const SO_SNDBUF = 7;
 const HDR = VIRTIO_NET_HDR_SIZE;
@@ -970,7 +967,7 @@ describe(`NetPairRunner, driven directly, ${io}`, () => {
 
   test("batches across the ring's wrap and beyond one batch, to a datagram 'tap' that fills up every few frames: every frame once, in order", () => {
     const sv = new Int32Array(2);
-    check(libc.socketpair(AF_UNIX, SOCK_DGRAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0, sv), "socketpair");
+    check(libc.socketpair(AF.UNIX, SOCK.DGRAM | SOCK.NONBLOCK | SOCK.CLOEXEC, 0, sv), "socketpair");
     const [ours, peer] = [sv[0]!, sv[1]!];
     // A small send buffer: a few frames in flight fill it (EAGAIN mid-batch, again and again).
     check(libc.setsockopt(ours, SOL_SOCKET, SO_SNDBUF, new Int32Array([4096]), 4), "SO_SNDBUF");
@@ -1009,7 +1006,7 @@ describe(`NetPairRunner, driven directly, ${io}`, () => {
 
   test("receive runs out of guest buffers in the middle of a batch: what fits arrives, the rest waits in the tap, then arrives in order", () => {
     const sv = new Int32Array(2);
-    check(libc.socketpair(AF_UNIX, SOCK_DGRAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0, sv), "socketpair");
+    check(libc.socketpair(AF.UNIX, SOCK.DGRAM | SOCK.NONBLOCK | SOCK.CLOEXEC, 0, sv), "socketpair");
     const [ours, peer] = [sv[0]!, sv[1]!];
     const d = new DirectRunner(ours, io);
     const rx = new DriverQueue(d.ram, 0, 64);
@@ -1055,7 +1052,7 @@ describe(`NetPairRunner, driven directly, ${io}`, () => {
 
   test("more frames than the receive path reads ahead (the multishot read's 64 buffers) while the guest has few buffers: all arrive, in order, each once", () => {
     const sv = new Int32Array(2);
-    check(libc.socketpair(AF_UNIX, SOCK_DGRAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0, sv), "socketpair");
+    check(libc.socketpair(AF.UNIX, SOCK.DGRAM | SOCK.NONBLOCK | SOCK.CLOEXEC, 0, sv), "socketpair");
     const [ours, peer] = [sv[0]!, sv[1]!];
     check(libc.setsockopt(peer, SOL_SOCKET, SO_SNDBUF, new Int32Array([1 << 20]), 4), "SO_SNDBUF");
     const d = new DirectRunner(ours, io);
@@ -1108,7 +1105,7 @@ describe(`NetPairRunner, driven directly, ${io}`, () => {
 
   test("a filtered frame inside a receive batch: the others arrive in order; at stop every chain is completed once or given back", () => {
     const sv = new Int32Array(2);
-    check(libc.socketpair(AF_UNIX, SOCK_DGRAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0, sv), "socketpair");
+    check(libc.socketpair(AF.UNIX, SOCK.DGRAM | SOCK.NONBLOCK | SOCK.CLOEXEC, 0, sv), "socketpair");
     const [ours, peer] = [sv[0]!, sv[1]!];
     const d = new DirectRunner(ours, io);
     const rx = new DriverQueue(d.ram, 0, 64);
@@ -1201,7 +1198,7 @@ describe(`NetPairRunner, driven directly, ${io}`, () => {
 
   test("receive starvation: no buffers → one stall, nothing read; buffers + kick → the held frames arrive in order", () => {
     const sv = new Int32Array(2);
-    check(libc.socketpair(AF_UNIX, SOCK_DGRAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0, sv), "socketpair");
+    check(libc.socketpair(AF.UNIX, SOCK.DGRAM | SOCK.NONBLOCK | SOCK.CLOEXEC, 0, sv), "socketpair");
     const [ours, peer] = [sv[0]!, sv[1]!];
     const d = new DirectRunner(ours, io);
     const rx = new DriverQueue(d.ram, 0, 64);
@@ -1277,7 +1274,7 @@ describe("transmit io_uring fallback", () => {
 
   test("a ring that fails mid-session: the batch it held and every later frame go out with writev, in order", () => {
     const sv = new Int32Array(2);
-    check(libc.socketpair(AF_UNIX, SOCK_DGRAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0, sv), "socketpair");
+    check(libc.socketpair(AF.UNIX, SOCK.DGRAM | SOCK.NONBLOCK | SOCK.CLOEXEC, 0, sv), "socketpair");
     const [ours, peer] = [sv[0]!, sv[1]!];
     const d = new DirectRunner(ours, "uring");
     const tx = new DriverQueue(d.ram, 1, 64);
