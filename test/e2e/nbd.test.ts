@@ -222,10 +222,10 @@ async function acrossHosts(net: ReturnType<typeof hostsNetwork>, disk: SharedDis
   const backends: { a: HostBackend[]; b: HostBackend[] } = { a: [await hostBackend(net.a, sockA, uri)], b: [await hostBackend(net.b, sockB, uri)] };
   const cmdFile = writeGuestCommand(dir, HOSTS_GUEST);
   const devices = (sock: string) => ["-chardev", `socket,id=blk0,path=${sock},reconnect-ms=500`, "-device", "vhost-user-blk-pci,chardev=blk0,num-queues=1"];
-  const src = await startVm({ name: "a", dir, cmdFile, devices: devices(sockA), launcher: ["ip", "netns", "exec", net.a.name], timeoutMs: 240_000 });
+  const src = await startVm({ name: "a", dir, cmdFile, devices: devices(sockA), launcher: ["ip", "netns", "exec", net.a.name], timeoutMs: 280_000 });
   const dst = await startVm({
     name: "b", dir, cmdFile, devices: devices(sockB), launcher: ["ip", "netns", "exec", net.b.name],
-    incoming: `tcp:${HOST_IPS.b}:${MIGRATION_PORT}`, timeoutMs: 240_000,
+    incoming: `tcp:${HOST_IPS.b}:${MIGRATION_PORT}`, timeoutMs: 280_000,
   });
   vms.push(src, dst);
   const notes: string[] = [];
@@ -255,7 +255,8 @@ async function acrossHosts(net: ReturnType<typeof hostsNetwork>, disk: SharedDis
   const killA = await crash("a", src);
   await Bun.sleep(2_000);
   await startMigration(src.qmp, dst.incomingUri!);
-  const info = await waitMigration(src.qmp, (i) => i.status === "completed", 120_000);
+  // Through fail(): a migration that does not finish leaves the backends' logs in the report.
+  const info = await waitMigration(src.qmp, (i) => i.status === "completed", 120_000).catch((e) => fail((e as Error).message));
   notes.push(summarize(`${disk.label} A→B over TCP, guest under fio`, info));
   if (info.status !== "completed") fail(`migration ${info.status}`);
   await src.qmp.execute("quit").catch(() => {});
