@@ -139,6 +139,25 @@ abstract class ChainCursor {
     return this.end - this.pos;
   }
 
+  /**
+   * The byte `ahead` bytes past the cursor (which does not move), or -1 past the end. Read in
+   * place: a device's per-request peek at a header field allocates no buffer.
+   */
+  peekByte(ahead: number): number {
+    if (ahead < 0 || ahead >= this.remaining) return -1;
+    let skip = this.pos + ahead;
+    for (const seg of this.segs) {
+      if (skip >= seg.len) {
+        skip -= seg.len;
+        continue;
+      }
+      const at = seg.offset + skip;
+      const win = seg.region.window(at, 1)!;
+      return win.u8[at - win.start]!;
+    }
+    return -1;
+  }
+
   /** Skips up to `n` bytes; returns how many were skipped. */
   skip(n: number): number {
     const k = Math.max(0, Math.min(n, this.remaining));

@@ -31,7 +31,7 @@ import { QueuePair, processQueue, fillQueue } from "../../src/queue_serving.ts";
 import { GuestErrorLog } from "../../src/guest_errors.ts";
 import type { SharedRecordData } from "../../src/shared_record.ts";
 import { IoUring, type RingHandle } from "../../ffi/io_uring.ts";
-import { TxBatch } from "./uring_tx.ts";
+import { TAP_FIXED_FILE, TxBatch } from "./uring_tx.ts";
 import { RxBatch, RX_BATCH } from "./uring_rx.ts";
 import { RxMultishot } from "./rx_multishot.ts";
 import { log } from "../../src/log.ts";
@@ -131,7 +131,6 @@ export class NetPairRunner implements QueueRunner {
   private readonly shared: NetShared;
   private readonly iov = new IovecArray(MAX_IOVECS);
   private readonly reader = new ChainReader();
-  private readonly hdr = new Uint8Array(VIRTIO_NET_HDR_SIZE);
   private readonly dest = new Uint8Array(6);
   private readonly numBuffers = new Uint8Array(2);
   /** receiveBatch's scratch: which held chains stay held. */
@@ -169,7 +168,7 @@ export class NetPairRunner implements QueueRunner {
       if (ring !== null) {
         try {
           pair.ring = IoUring.attach(ring);
-          pair.txBatch = new TxBatch(pair.ring, fd);
+          pair.txBatch = new TxBatch(pair.ring, fd, (ring.fixedFiles ?? 0) > TAP_FIXED_FILE);
           pair.rxBatch = new RxBatch(pair.ring, fd);
         } catch (e) {
           log.warn(`net: pair ${index}: io_uring refused (${(e as Error).message}); one system call per frame`);
@@ -367,6 +366,8 @@ export class NetPairRunner implements QueueRunner {
       return false;
     }
     let blocked = false;
+    let sent = 0;
+    let sentBytes = 0;
     for (let i = 0; i < n; i++) {
       const chain = b.chains[i]!;
       const r = b.result(i);
@@ -378,13 +379,18 @@ export class NetPairRunner implements QueueRunner {
         this.dropTx(p, q, chain, `the tap refused a frame (errno ${-r})`);
         if (blocked) p.txRetryIsTail = false;
       } else {
-        this.shared.count(p.index, PairStat.TxFrames);
-        this.shared.bytes(p.index, "tx", r);
+        sent++;
+        sentBytes += r;
         q.add(chain.head, 0);
         if (blocked) p.txRetryIsTail = false; // sent after an earlier frame found the tap full
       }
     }
     b.clear();
+    // Counted once per batch: the counters are shared with the device thread (atomics).
+    if (sent > 0) {
+      this.shared.count(p.index, PairStat.TxFrames, sent);
+      this.shared.bytes(p.index, "tx", sentBytes);
+    }
     if (blocked) {
       if (droppedInBatch) p.txRetryIsTail = false;
       p.txBlocked = true;
@@ -472,9 +478,10 @@ export class NetPairRunner implements QueueRunner {
     const len = chain.readableLen;
     if (len <= VIRTIO_NET_HDR_SIZE) return `chain of ${len} bytes holds no frame after the ${VIRTIO_NET_HDR_SIZE}-byte header`;
     if (len - VIRTIO_NET_HDR_SIZE > MAX_TX_FRAME) return `frame of ${len - VIRTIO_NET_HDR_SIZE} bytes (at most ${MAX_TX_FRAME})`;
-    this.reader.reset(chain).read(this.hdr);
-    const flags = this.hdr[0]!;
-    const gso = this.hdr[1]!;
+    // The two header bytes that decide, read in place (the chain holds more than the header).
+    const r = this.reader.reset(chain);
+    const flags = r.peekByte(0);
+    const gso = r.peekByte(1);
     const f = p.features;
     if (flags & VIRTIO_NET_HDR_F.NEEDS_CSUM && (f & VIRTIO_NET_F_CSUM) === 0n) return "partial checksum without VIRTIO_NET_F_CSUM";
     const type = gso & ~VIRTIO_NET_HDR_GSO.ECN;

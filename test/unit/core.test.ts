@@ -216,6 +216,19 @@ describe("chain reader and writer", () => {
     expect(r.read(rest)).toBe(0);
   });
 
+  test("peekByte reads ahead of the cursor across descriptors without moving it; -1 outside what remains", () => {
+    const q = queue();
+    const { chain } = chainOf(q, ["HE", "A", "DER"], []);
+    const r = new ChainReader(chain);
+    expect([0, 1, 2, 3, 4, 5].map((i) => String.fromCharCode(r.peekByte(i))).join("")).toBe("HEADER");
+    expect(r.peekByte(6)).toBe(-1);
+    expect(r.peekByte(-1)).toBe(-1);
+    expect(r.pos).toBe(0);
+    r.skip(3);
+    expect(String.fromCharCode(r.peekByte(0))).toBe("D");
+    expect(r.peekByte(3)).toBe(-1);
+  });
+
   test("reader iovecs point into guest memory: writev through a pipe carries the guest's bytes", () => {
     const q = queue();
     const { chain } = chainOf(q, ["xx012", "3456789", "ABCDEF"], []);

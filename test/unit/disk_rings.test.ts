@@ -141,10 +141,12 @@ describe("block's rings are restricted to what a disk queue submits", () => {
   });
 });
 
-describe("net's rings likewise (READV and WRITEV only)", () => {
+describe("net's rings likewise (WRITE, WRITEV and READV only)", () => {
   test("an OPENAT SQE on a pair's ring fails with -EACCES; no register call is allowed", () => {
     const path = secretFile();
-    const { rings } = openPairRings(1, "uring");
+    const efd0 = eventfd();
+    cleanups.push(() => close(efd0));
+    const { rings } = openPairRings([efd0], "uring");
     const h = rings[0]!;
     cleanups.push(() => closeRingHandle(h));
     const ring = IoUring.attach(h);
