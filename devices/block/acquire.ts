@@ -13,7 +13,7 @@ import { acquireRbdDisk, isRbdSpec, rbdHostAccess } from "./disk/rbd.ts";
 
 /**
  * Opens the image (and, with --direct, its buffered twin), locks it as QEMU does (unless
- * --no-lock), and with --aio io_uring sets up one io_uring per queue, each restricted to the
+ * --no-lock), and with --aio io_uring or hybrid sets up one io_uring per queue, each restricted to the
  * operations a disk queue submits (a kernel without io_uring costs one warning, and the disk is
  * served synchronously). Throws a message saying what is wrong.
  */

@@ -42,8 +42,10 @@ const libc = dlopen("libc.so.6", {
 const cstr = (s: string) => Buffer.from(s + "\0");
 
 describe("block io_uring: options", () => {
-  test("--aio defaults to io_uring with --direct and to sync otherwise; other values are refused", () => {
-    expect(parseBlockOptions({ file: "x" }).aio).toBe("sync");
+  test("--aio defaults to io_uring with --direct and to hybrid otherwise; other values are refused", () => {
+    expect(parseBlockOptions({ file: "x" }).aio).toBe("hybrid");
+    expect(parseBlockOptions({ file: "x", aio: "sync" }).aio).toBe("sync");
+    expect(parseBlockOptions({ file: "x", direct: true, aio: "hybrid" }).aio).toBe("hybrid");
     expect(parseBlockOptions({ file: "x", direct: true }).aio).toBe("io_uring");
     expect(parseBlockOptions({ file: "x", direct: true, aio: "sync" }).aio).toBe("sync");
     expect(parseBlockOptions({ file: "x", aio: "io_uring" }).aio).toBe("io_uring");
@@ -59,6 +61,12 @@ describe("block io_uring: data integrity", () => {
   test("random reads, writes and flushes on two queues, in queue threads and in the device thread", async () => {
     expect(await randomIo(URING, 142, 20)).toBeGreaterThan(200);
     expect(await randomIo({ ...URING, threads: "0" }, 143, 10)).toBeGreaterThan(100);
+  });
+
+  test("the default (--aio hybrid), in queue threads and in the device thread, and on tmpfs", async () => {
+    expect(await randomIo({}, 144, 20)).toBeGreaterThan(200);
+    expect(await randomIo({ threads: "0" }, 145, 10)).toBeGreaterThan(100);
+    await randomIo({}, 146, 5, "/dev/shm");
   });
 
   test("O_DIRECT (io_uring by default), guest buffers aligned and misaligned", async () => {
@@ -180,9 +188,9 @@ describe("block io_uring: ordering and stopping", () => {
     }
   });
 
-  test("one ring per queue, set up with the device (acquire), kept across queue stops, released with the device", async () => {
+  for (const [name, aio] of [["--aio io_uring", URING], ["the default (hybrid)", {}]] as const) test(`one ring per queue, set up with the device (acquire), kept across queue stops, released with the device (${name})`, async () => {
     const before = ringFds();
-    const d = await Disk.start({ file: makeImage(), "num-queues": "2", ...URING }, { queues: 2 });
+    const d = await Disk.start({ file: makeImage(), "num-queues": "2", ...aio }, { queues: 2 });
     expect(ringFds()).toBe(before + 2);
     await d.write(0, randomBytes(rng(1), 4096), 1);
     expect(ringFds()).toBe(before + 2);
@@ -258,14 +266,14 @@ describe("block io_uring: the raw disk's queue alone", () => {
 });
 
 describe("block io_uring: fallback", () => {
-  test("without io_uring (simulated), --aio io_uring serves synchronously", async () => {
+  for (const [name, aio] of [["--aio io_uring", URING], ["the default (hybrid)", {}]] as const) test(`without io_uring (simulated), ${name} serves synchronously`, async () => {
     const before = ringFds();
     // The rings are set up in acquire (this thread: process.env); queue threads read libc's environment.
     libc.symbols.setenv(cstr("BACKEND_NO_IO_URING"), cstr("1"), 1);
     process.env.BACKEND_NO_IO_URING = "1";
     let d: Disk;
     try {
-      d = await Disk.start({ file: makeImage(), "num-queues": "2", ...URING }, { queues: 2 });
+      d = await Disk.start({ file: makeImage(), "num-queues": "2", ...aio }, { queues: 2 });
     } finally {
       libc.symbols.unsetenv(cstr("BACKEND_NO_IO_URING"));
       delete process.env.BACKEND_NO_IO_URING;

@@ -8,6 +8,7 @@ import { readFileSync, statSync, truncateSync, readdirSync, readlinkSync } from 
 import { rng, randomBytes, makeImage, disposeDisks } from "../support/block_disk.ts";
 import { EventLoop } from "../../src/event_loop.ts";
 import { acquireRawDisk, RawDisk, type AioMode } from "../../devices/block/disk/raw.ts";
+import { UringRawQueue } from "../../devices/block/disk/raw_uring.ts";
 import { ZERO_UNMAP, ZERO_FUA, ZERO_MAY_FAIL_FAST, type Disk, type DiskQueue, type DiskRequest } from "../../devices/block/disk/disk.ts";
 
 afterEach(disposeDisks);
@@ -111,6 +112,8 @@ const MODES: { name: string; aio: AioMode; direct: boolean }[] = [
   { name: "io_uring", aio: "io_uring", direct: false },
   { name: "io_uring, O_DIRECT", aio: "io_uring", direct: true },
   { name: "sync, O_DIRECT", aio: "sync", direct: true },
+  { name: "hybrid", aio: "hybrid", direct: false },
+  { name: "hybrid, O_DIRECT", aio: "hybrid", direct: true },
 ];
 
 for (const mode of MODES) {
@@ -268,7 +271,7 @@ for (const mode of MODES) {
       }
     });
 
-    test("at most `depth` operations in flight; next() answers null while full (never for sync)", () => {
+    test("at most `depth` operations in flight; next() answers null while full (never for sync, nor hybrid's small reads)", () => {
       const path = makeImage(MiB);
       const g = rig(path, { depth: 4 });
       try {
@@ -282,7 +285,7 @@ for (const mode of MODES) {
           g.io.read(req, i * 4096, 4096);
           issued++;
         }
-        if (mode.aio === "sync") expect(issued).toBe(8);
+        if (mode.aio !== "io_uring") expect(issued).toBe(8);
         else {
           expect(issued).toBe(4);
           expect(g.io.inFlight).toBe(4);
@@ -314,6 +317,47 @@ describe("raw disk: completions and resources", () => {
     } finally {
       u.close();
       s.close();
+    }
+  });
+
+  test("hybrid: reads of 64 KiB or more go to the ring, smaller reads and writes complete in their call; a FUA write's fdatasync goes to the ring, and a flush waits for it", () => {
+    const model = randomBytes(rng(21), MiB);
+    const path = makeImage(model);
+    const g = new Rig(path, "hybrid");
+    try {
+      expect(g.disk.description).toContain("aio hybrid");
+      const q = g.io as UringRawQueue;
+      expect(q).toBeInstanceOf(UringRawQueue);
+      const big = [new Uint8Array(40960), new Uint8Array(24576)]; // 64 KiB in two pieces
+      g.read(128 * 1024, big);
+      expect(q.transfersStarted).toBe(1);
+      expect(g.io.inFlight).toBe(1);
+      const small = [new Uint8Array(65536 - 512)];
+      g.read(0, small);
+      expect(g.results.length).toBe(1); // before any submit or loop turn
+      const data = randomBytes(rng(22), 256 * 1024);
+      g.write(512 * 1024, [data]);
+      expect(g.results.length).toBe(2);
+      expect(q.transfersStarted).toBe(1);
+      // FUA: the data is written in the call; the fdatasync is in the ring, and completes from there.
+      const fua = randomBytes(rng(23), 4096);
+      g.write(8192, [fua], true);
+      expect(g.results.length).toBe(2);
+      expect(g.io.inFlight).toBe(2);
+      expect(readFileSync(path).subarray(8192, 8192 + 4096)).toEqual(Buffer.from(fua));
+      // A flush now waits for that write (its epoch) before its own fdatasync.
+      g.io.flush(g.io.next()!);
+      expect(g.io.inFlight).toBe(3);
+      expect(q.transfersStarted).toBe(1); // syncs are not transfers
+      g.settle();
+      expect(g.take().sort((a, b) => a - b)).toEqual([0, 4096, 65024, 65536, 256 * 1024]);
+      expect(Buffer.concat(big)).toEqual(Buffer.from(model.subarray(128 * 1024, 192 * 1024)));
+      expect(Buffer.concat(small)).toEqual(Buffer.from(model.subarray(0, 65024)));
+      model.set(data, 512 * 1024);
+      model.set(fua, 8192);
+      expect(Buffer.compare(readFileSync(path), model)).toBe(0);
+    } finally {
+      g.close();
     }
   });
 

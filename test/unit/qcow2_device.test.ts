@@ -23,7 +23,7 @@ test("--format: auto (default) and qcow2 accepted, anything else refused", () =>
   expect(() => parseBlockOptions({ file: "x", format: "vmdk" })).toThrow(/--format/);
 });
 
-for (const aio of ["sync", "io_uring"] as const) test(`a qcow2 image is detected and served (--aio ${aio}): capacity is the virtual size; every request type from two queues matches a model`, async () => {
+for (const aio of ["sync", "io_uring", "hybrid"] as const) test(`a qcow2 image is detected and served (--aio ${aio}): capacity is the virtual size; every request type from two queues matches a model`, async () => {
   const dir = tempDir();
   const size = 16 * MiB;
   const base = randomBytes(rng(21), 12 * MiB);

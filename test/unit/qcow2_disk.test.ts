@@ -7,7 +7,7 @@ import { writeFileSync } from "node:fs";
 import { join } from "node:path";
 import { acquireQcow2Disk, openQcow2Disk, isQcow2File, type Qcow2Disk } from "../../devices/block/disk/qcow2/disk.ts";
 import { Qcow2UringQueue } from "../../devices/block/disk/qcow2/uring_queue.ts";
-import { ZERO_UNMAP, ZERO_MAY_FAIL_FAST, type DiskQueue } from "../../devices/block/disk/disk.ts";
+import { ZERO_UNMAP, ZERO_MAY_FAIL_FAST, type DiskQueue, type DiskRequest } from "../../devices/block/disk/disk.ts";
 import { EventLoop } from "../../src/event_loop.ts";
 import { qemuImg, qemuIo, check, sameAsRaw, tempDir, cleanupDirs, rng, randomBytes, firstDiff } from "../support/qcow2.ts";
 
@@ -153,7 +153,7 @@ test("acquire refuses a broken image or a missing backing file at startup, namin
   expect(() => acquireQcow2Disk(join(dir, "bad.qcow2"), { readOnly: false, lock: true })).toThrow(/bad\.qcow2: unsupported qcow2 version 9/);
 });
 
-describe("--aio io_uring: reads and in-place writes of data clusters in flight together", () => {
+for (const aio of ["io_uring", "hybrid"] as const) describe(`--aio ${aio}: reads and in-place writes of data clusters in flight together`, () => {
   for (const kind of ["preallocated", "empty over a backing file"] as const) {
     test(kind, () => {
       const dir = tempDir();
@@ -168,15 +168,16 @@ describe("--aio io_uring: reads and in-place writes of data clusters in flight t
         model.set(base);
         qemuImg("create", "-q", "-f", "qcow2", "-o", "cluster_size=16384", "-b", "base.raw", "-F", "raw", img);
       }
-      const disk = openQcow2Disk(acquireQcow2Disk(img, { readOnly: false, lock: true, aio: "io_uring" }), true);
+      const disk = openQcow2Disk(acquireQcow2Disk(img, { readOnly: false, lock: true, aio }), true);
       disk.activate();
-      expect(disk.description).toContain("aio io_uring");
+      expect(disk.description).toContain(`aio ${aio}`);
       const loop = new EventLoop();
       // A slot completed inside its call is free again at once: results are counted, not keyed by slot.
       const results: number[] = [];
       const q = disk.attach(loop, { depth: 32, segMax: 8 }, { done: (_req, res) => void results.push(res), batchDone: () => {} }) as Qcow2UringQueue;
       expect(q).toBeInstanceOf(Qcow2UringQueue);
       const r = rng(42);
+      let largeReads = 0;
       for (let round = 0; round < 40; round++) {
         // Up to 24 requests in flight on disjoint ranges; checked once all are done.
         const used: [number, number][] = [];
@@ -185,7 +186,8 @@ describe("--aio io_uring: reads and in-place writes of data clusters in flight t
         results.length = 0;
         let issued = 0;
         for (let i = 0; i < 24; i++) {
-          const len = (1 + Math.floor(r() * 32)) * 512;
+          // Mostly up to 16 KiB; one in four 64-256 KiB (what hybrid hands to the ring when read).
+          const len = (r() < 0.25 ? 128 + Math.floor(r() * 385) : 1 + Math.floor(r() * 32)) * 512;
           const off = Math.floor((r() * (size - len)) / 512) * 512;
           if (used.some(([a, b]) => off < b && a < off + len)) continue;
           used.push([off, off + len]);
@@ -197,6 +199,7 @@ describe("--aio io_uring: reads and in-place writes of data clusters in flight t
             req.iov.push(ptr(buf), len);
             reads.push({ buf, want: model.slice(off, off + len) });
             keep.push(buf);
+            if (len >= 65536) largeReads++;
             q.read(req, off, len);
           } else if (k < 0.9) {
             const data = randomBytes(r, len);
@@ -220,7 +223,13 @@ describe("--aio io_uring: reads and in-place writes of data clusters in flight t
         for (const rd of reads) expect(firstDiff(rd.buf, rd.want)).toBe(-1);
         void keep;
       }
-      expect(q.transfersStarted).toBeGreaterThan(100);
+      if (aio === "io_uring") expect(q.transfersStarted).toBeGreaterThan(100);
+      else {
+        // Only large reads of data clusters went to the ring (the empty overlay's unwritten ones
+        // read the backing file, in the call).
+        expect(q.transfersStarted).toBeLessThanOrEqual(largeReads);
+        expect(q.transfersStarted).toBeGreaterThan(kind === "preallocated" ? largeReads / 2 : 0);
+      }
       q.close();
       loop.dispose();
       disk.close();
@@ -231,4 +240,135 @@ describe("--aio io_uring: reads and in-place writes of data clusters in flight t
       expect(sameAsRaw(img, join(dir, "model.raw"))).toBe(true);
     });
   }
+});
+
+describe("--aio hybrid: large reads go to the ring, small reads and writes run in their call", () => {
+  /** A preallocated image (every cluster holds data, contiguous) with known content, and a queue over it. */
+  function rig(aio: "io_uring" | "hybrid") {
+    const dir = tempDir();
+    const size = 4 << 20;
+    const img = join(dir, "h.qcow2");
+    const model = randomBytes(rng(77), size);
+    writeFileSync(join(dir, "content.raw"), model);
+    qemuImg("convert", "-q", "-f", "raw", "-O", "qcow2", "-o", "cluster_size=65536,preallocation=metadata", join(dir, "content.raw"), img);
+    const disk = openQcow2Disk(acquireQcow2Disk(img, { readOnly: false, lock: true, aio }), true);
+    disk.activate();
+    const loop = new EventLoop();
+    const results: number[] = [];
+    const q = disk.attach(loop, { depth: 8, segMax: 8 }, { done: (_r, res) => void results.push(res), batchDone: () => {} }) as Qcow2UringQueue;
+    const start = (op: (req: DiskRequest) => void, buf: Uint8Array) => {
+      const req = q.next()!;
+      req.iov.clear();
+      req.iov.push(ptr(buf), buf.length);
+      op(req);
+    };
+    const settle = () => {
+      q.submit();
+      for (let spins = 0; q.inFlight > 0 && spins < 1000; spins++) loop.runOnce(50);
+      expect(q.inFlight).toBe(0);
+    };
+    const dispose = () => {
+      q.close();
+      loop.dispose();
+      disk.close();
+      expect(check(img).corruptions).toBe(0);
+    };
+    return { disk, q, model, results, start, settle, dispose };
+  }
+
+  test("where each request runs, counted: hybrid against io_uring on the same requests", () => {
+    for (const aio of ["hybrid", "io_uring"] as const) {
+      const { q, model, results, start, settle, dispose } = rig(aio);
+      expect(q).toBeInstanceOf(Qcow2UringQueue);
+      const big = new Uint8Array(128 << 10);
+      start((req) => q.read(req, 1 << 20, big.length), big);
+      expect(q.transfersStarted).toBe(1); // both: into the ring
+      expect(q.inFlight).toBe(1);
+      expect(results.length).toBe(0);
+      const small = new Uint8Array(4096);
+      start((req) => q.read(req, 8192, small.length), small);
+      const bigWrite = randomBytes(rng(78), 128 << 10);
+      start((req) => q.write(req, 2 << 20, bigWrite.length, false), bigWrite);
+      const smallWrite = randomBytes(rng(79), 4096);
+      start((req) => q.write(req, 3 << 20, smallWrite.length, false), smallWrite);
+      if (aio === "hybrid") {
+        // Completed inside their calls, before any submit; the large read still in the ring.
+        expect(q.transfersStarted).toBe(1);
+        expect(results).toEqual([4096, 128 << 10, 4096]);
+        expect(q.inFlight).toBe(1);
+      } else {
+        expect(q.transfersStarted).toBe(4);
+      }
+      // Exactly ASYNC_READ_MIN goes to the ring; one sector less does not (hybrid).
+      const edge = new Uint8Array(65536);
+      start((req) => q.read(req, 512 << 10, edge.length), edge);
+      const under = new Uint8Array(65536 - 512);
+      start((req) => q.read(req, 768 << 10, under.length), under);
+      expect(q.transfersStarted).toBe(aio === "hybrid" ? 2 : 6);
+      settle();
+      expect(results.length).toBe(6);
+      expect(results.filter((x) => x < 0)).toEqual([]);
+      expect(firstDiff(big, model.subarray(1 << 20, (1 << 20) + big.length))).toBe(-1);
+      expect(firstDiff(small, model.subarray(8192, 8192 + 4096))).toBe(-1);
+      expect(firstDiff(edge, model.subarray(512 << 10, (512 << 10) + 65536))).toBe(-1);
+      expect(firstDiff(under, model.subarray(768 << 10, (768 << 10) + under.length))).toBe(-1);
+      // The writes landed: read back (large, so through the ring).
+      const back = new Uint8Array(128 << 10);
+      start((req) => q.read(req, 2 << 20, back.length), back);
+      settle();
+      expect(firstDiff(back, bigWrite)).toBe(-1);
+      dispose();
+    }
+  });
+
+  test("a flush while a large read is in the ring frees nothing; one after it does", () => {
+    const { q, disk, results, start, settle, dispose } = rig("hybrid");
+    const big = new Uint8Array(256 << 10);
+    start((req) => q.read(req, 0, big.length), big);
+    expect(q.transfersInFlight).toBe(1);
+    // A discard frees clusters on the next flush, not while a transfer could still land in one.
+    start((req) => q.discard(req, 1 << 20, 256 << 10), new Uint8Array(0));
+    start((req) => q.flush(req), new Uint8Array(0));
+    expect(results).toEqual([0, 0]);
+    expect(q.transfersInFlight).toBe(1); // the discard and flush ran in their calls
+    const pendingFrees = () => (disk as unknown as { image: { pendingFrees: number[] } }).image.pendingFrees.length;
+    expect(pendingFrees()).toBe(4); // four 64 KiB clusters, kept until no transfer is in flight
+    settle();
+    expect(q.transfersInFlight).toBe(0);
+    start((req) => q.flush(req), new Uint8Array(0));
+    expect(pendingFrees()).toBe(0);
+    dispose();
+  });
+
+  test("without io_uring (simulated), hybrid serves synchronously, with one warning", () => {
+    process.env.BACKEND_NO_IO_URING = "1";
+    let res;
+    try {
+      res = acquireQcow2Disk(join(tempDir(), "x.qcow2"), { readOnly: false, lock: false, aio: "hybrid" });
+    } catch {
+      res = null;
+    }
+    expect(res).toBeNull(); // no such file: the image is checked before any ring
+    const dir = tempDir();
+    const img = join(dir, "f.qcow2");
+    qemuImg("create", "-q", "-f", "qcow2", img, "1M");
+    try {
+      res = acquireQcow2Disk(img, { readOnly: false, lock: false, aio: "hybrid" });
+    } finally {
+      delete process.env.BACKEND_NO_IO_URING;
+    }
+    expect(res.aio).toBe("sync");
+    expect(res.rings).toEqual([]);
+    const disk = openQcow2Disk(res, true);
+    expect(disk.description).toContain("aio sync");
+    const h = new Harness(disk);
+    expect(h.q).not.toBeInstanceOf(Qcow2UringQueue);
+    const data = randomBytes(rng(5), 128 << 10);
+    expect(h.op("write", 0, data)).toBe(128 << 10);
+    const back = new Uint8Array(128 << 10);
+    expect(h.op("read", 0, back)).toBe(128 << 10);
+    expect(firstDiff(back, data)).toBe(-1);
+    h.dispose();
+    disk.close();
+  });
 });

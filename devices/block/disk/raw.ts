@@ -3,9 +3,11 @@
 // the file and guest memory (the iovecs point into the mapped guest regions), and the space
 // operations (flush, discard, write zeroes) with fallbacks for file systems that lack some
 // fallocate modes. Each queue is served synchronously (one preadv/pwritev at a time, completed
-// inside the call: best on page-cache images) or through an io_uring of its own (many in flight:
-// best with O_DIRECT on a real disk; raw_uring.ts), as the resource's `aio` says. The rings are
-// set up with the fds, one per queue (uring_queue.ts: acquireDiskRings).
+// inside the call), through an io_uring of its own (many in flight: best with O_DIRECT on a real
+// disk; raw_uring.ts), or hybrid (the same queue, but only large reads go to the ring, to run on
+// its worker threads; the rest runs inside its call: best on page-cache images), as the
+// resource's `aio` says. The rings are set up with the fds, one per queue (uring_queue.ts:
+// acquireDiskRings).
 import {
   open, preadv, pwritev, fallocate, fdatasync, fstat, ioctl, blockDeviceSize, IovecArray,
   O_RDONLY, O_RDWR, O_DIRECT, O_CLOEXEC, S_IFMT, S_IFREG, S_IFBLK,
@@ -20,7 +22,7 @@ import {
   type Disk, type DiskIdentity, type DiskQueue, type DiskQueueHandlers, type DiskQueueOptions, type DiskRequest, type DiskResource,
 } from "./disk.ts";
 import { UringRawQueue } from "./raw_uring.ts";
-import { acquireDiskRings, DEFAULT_RING_ENTRIES } from "./uring_queue.ts";
+import { acquireDiskRings, DEFAULT_RING_ENTRIES, type RingMode } from "./uring_queue.ts";
 import { closeRingHandle, type RingHandle } from "../../../ffi/io_uring.ts";
 import { ImageLock, imagePermissions, type ImageLockState } from "./lock.ts";
 
@@ -34,8 +36,9 @@ const BLKPBSZGET = 0x127b; // unsigned int: physical sector size
 /** Zero pages for writing zeroes where fallocate cannot: read-only anonymous memory, page-aligned (O_DIRECT-safe). */
 const ZERO_CHUNK = 64 * 1024;
 
-/** How a raw disk's queues run reads, writes and flushes. */
-export type AioMode = "sync" | "io_uring";
+/** How a disk's queues run reads, writes and flushes: sync (inside the call), io_uring (through
+ * a ring per queue), or hybrid (large reads through the ring, the rest inside the call). */
+export type AioMode = "sync" | RingMode;
 
 /** The acquired raw image: plain data, fds process-wide. */
 export interface RawDiskResource extends DiskResource {
@@ -47,8 +50,8 @@ export interface RawDiskResource extends DiskResource {
   bufferedFd: number;
   direct: boolean;
   aio: AioMode;
-  /** With aio io_uring: queue i's ring (restricted, enabled; attached by whichever thread serves
-   * the queue). Empty for sync (also when io_uring was unavailable: `aio` then says sync). */
+  /** With aio io_uring or hybrid: queue i's ring (restricted, enabled; attached by whichever
+   * thread serves the queue). Empty for sync (also when io_uring was unavailable: `aio` then says sync). */
   rings: RingHandle[];
   /** The image lock on `fd`'s open file description (lock.ts) as acquire left it. */
   lock: ImageLockState;
@@ -60,7 +63,7 @@ export interface RawOpenOptions {
   aio: AioMode;
   /** Lock the image as QEMU does (false: --no-lock). */
   lock: boolean;
-  /** With aio io_uring: how many queues (one ring each; default 1) and their size (the rings' SQ entries). */
+  /** With aio io_uring or hybrid: how many queues (one ring each; default 1) and their size (the rings' SQ entries). */
   queues?: number;
   queueSize?: number;
 }
@@ -82,8 +85,8 @@ export function acquireRawDisk(path: string, o: RawOpenOptions): RawDiskResource
   if (lock === "waiting") {
     log.info(`${path}: another of our backends holds this image; this one serves it only once that one's device stopped (a migration destination)`);
   }
-  const rings = o.aio === "io_uring" ? acquireDiskRings(o.queues ?? 1, o.queueSize ?? DEFAULT_RING_ENTRIES, `block ${path}`) : null;
-  const aio = rings === null ? "sync" : "io_uring";
+  const rings = o.aio !== "sync" ? acquireDiskRings(o.queues ?? 1, o.queueSize ?? DEFAULT_RING_ENTRIES, `block ${path}`) : null;
+  const aio = rings === null ? "sync" : o.aio;
   return { kind: "raw", location: path, readOnly: o.readOnly, fd, bufferedFd, direct: o.direct, aio, rings: rings ?? [], lock };
 }
 
@@ -175,9 +178,9 @@ export class RawDisk implements Disk {
   }
 
   attach(loop: EventLoop, options: DiskQueueOptions, handlers: DiskQueueHandlers): DiskQueue {
-    if (this.aio === "io_uring") {
+    if (this.aio !== "sync") {
       try {
-        return new UringRawQueue(this, ringOf(this.resource.rings, options), loop, options, handlers);
+        return new UringRawQueue(this, ringOf(this.resource.rings, options), this.aio, loop, options, handlers);
       } catch (e) {
         log.warn(`${this.path}: io_uring unavailable (${(e as Error).message}); serving this queue synchronously`);
       }

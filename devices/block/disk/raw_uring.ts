@@ -3,12 +3,15 @@
 // parses and checks requests; this queue only moves data and reports completions. Reads and
 // writes are one READV/WRITEV each (continued after a short transfer), a flush or a FUA write's
 // stability one FSYNC(DATASYNC); discard and write zeroes are rare and run synchronously
-// (fallocate), completing inside their call.
+// (fallocate), completing inside their call. Hybrid (the default on page-cache images): reads
+// under ASYNC_READ_MIN and every write's data run inside their call (preadv/pwritev, as the
+// synchronous queue does); a FUA write's fdatasync and a flush still go to the ring, since they
+// wait for the disk, which the serving thread should not.
 import type { RingHandle } from "../../../ffi/io_uring.ts";
 import { EINVAL } from "../../../ffi/libc.ts";
 import type { EventLoop } from "../../../src/event_loop.ts";
 import type { DiskQueueHandlers, DiskQueueOptions, DiskRequest } from "./disk.ts";
-import { UringDiskQueue, UringSlot } from "./uring_queue.ts";
+import { UringDiskQueue, UringSlot, type RingMode } from "./uring_queue.ts";
 import type { RawDisk } from "./raw.ts";
 
 const OP_READ = 0;
@@ -38,8 +41,8 @@ export class UringRawQueue extends UringDiskQueue<RawSlot> {
   private readonly waitingFlushes: RawSlot[] = [];
 
   /** Serves through `ring` (one of the disk's acquired rings, not owned). */
-  constructor(private readonly disk: RawDisk, ring: RingHandle, loop: EventLoop, options: DiskQueueOptions, handlers: DiskQueueHandlers) {
-    super("raw disk queue", disk.fd, ring, loop, options, handlers, (id, segMax) => new RawSlot(id, segMax), !disk.direct);
+  constructor(private readonly disk: RawDisk, ring: RingHandle, mode: RingMode, loop: EventLoop, options: DiskQueueOptions, handlers: DiskQueueHandlers) {
+    super("raw disk queue", disk.fd, ring, loop, options, handlers, (id, segMax) => new RawSlot(id, segMax), !disk.direct, mode);
   }
 
   /** Marks `req` in flight for `op`. */
@@ -53,7 +56,9 @@ export class UringRawQueue extends UringDiskQueue<RawSlot> {
   }
 
   read(req: DiskRequest, offset: number, len: number): void {
-    this.startTransfer(this.takeFor(req, OP_READ), false, offset, len);
+    const slot = this.takeFor(req, OP_READ);
+    if (this.inRing(false, len)) this.startTransfer(slot, false, offset, len);
+    else this.finish(slot, this.disk.transfer(false, slot.iov, offset, len));
   }
 
   write(req: DiskRequest, offset: number, len: number, fua: boolean): void {
@@ -61,7 +66,15 @@ export class UringRawQueue extends UringDiskQueue<RawSlot> {
     slot.stable = fua;
     slot.epoch = this.writeEpoch;
     this.writesInEpoch.set(slot.epoch, (this.writesInEpoch.get(slot.epoch) ?? 0) + 1);
-    this.startTransfer(slot, true, offset, len);
+    if (this.inRing(true, len)) {
+      this.startTransfer(slot, true, offset, len);
+      return;
+    }
+    // In the call; then, for FUA, its fdatasync through the ring (a flush meanwhile waits for it).
+    const r = this.disk.transfer(true, slot.iov, offset, len);
+    slot.len = len;
+    if (r >= 0 && fua) this.sync(slot);
+    else this.finish(slot, r);
   }
 
   /** Makes every write started before it stable (fdatasync), then completes. */

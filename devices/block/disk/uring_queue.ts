@@ -14,6 +14,14 @@
 // Each in-flight request owns a slot: its own iovec array and its progress. A slot has at most one
 // SQE in the ring at any time, and there are at most `depth` slots (<= the ring's SQ entries), so
 // the SQ can never overflow. Slots are created on first use, so memory follows the real depth.
+//
+// Hybrid (--aio hybrid, the default for page-cache images): only reads of at least ASYNC_READ_MIN
+// bytes go to the ring (to its worker threads, see ASYNC_READ_MIN); smaller reads and every write
+// run synchronously inside their call on the same slots (take, then finish at once), as the
+// synchronous queues run them. A page-cache copy of a few KiB costs less in the serving thread than
+// the hand-off, and a write copies into the page cache without waiting for the disk. The format
+// asks inRing() where a transfer goes; everything else (flush ordering, drain, in-flight counts)
+// is the same for both modes, since an operation run in its call is never in flight between calls.
 import {
   IoUring, RegisterOp, closeRingHandle, IORING_OP, IOSQE, type RingHandle, type RingRestrictions,
 } from "../../../ffi/io_uring.ts";
@@ -101,6 +109,9 @@ export class UringSlot implements DiskRequest {
   }
 }
 
+/** How a queue with a ring runs its transfers: all through the ring, or hybrid (see above). */
+export type RingMode = "io_uring" | "hybrid";
+
 /**
  * A DiskQueue over one ring, one file and a slot per request; the format says what each operation
  * does (its DiskQueue methods, using take/queueTransfer/queueSync/finish) and what a completion
@@ -116,6 +127,8 @@ export abstract class UringDiskQueue<S extends UringSlot> implements DiskQueue {
   /** Most slots at once: the queue's size or the SQ's, whichever is smaller. */
   readonly depth: number;
   private attached = true;
+  /** Transfers handed to the ring since the queue started (for tests and stats). */
+  transfersStarted = 0;
   private readonly onCqe = (userData: number, res: number): void => this.progress(this.slots[userData]!, res);
 
   /**
@@ -134,6 +147,8 @@ export abstract class UringDiskQueue<S extends UringSlot> implements DiskQueue {
     private readonly newSlot: (id: number, segMax: number) => S,
     /** The file is read through the page cache (not O_DIRECT): large reads go to workers. */
     private readonly buffered: boolean,
+    /** hybrid: only large reads go to the ring (inRing). */
+    private readonly mode: RingMode,
   ) {
     const ring = IoUring.attach(handle);
     let efd = -1;
@@ -192,8 +207,18 @@ export abstract class UringDiskQueue<S extends UringSlot> implements DiskQueue {
     return slot;
   }
 
+  /**
+   * Whether a transfer of `len` bytes goes to the ring (then startTransfer) or runs inside its call
+   * (then finish with its result): always the ring with io_uring; with hybrid, reads of at least
+   * ASYNC_READ_MIN only.
+   */
+  protected inRing(isWrite: boolean, len: number): boolean {
+    return this.mode === "io_uring" || (!isWrite && len >= ASYNC_READ_MIN);
+  }
+
   /** Starts a transfer of `len` bytes at `offset` of the file, through the slot's iovecs. */
   protected startTransfer(slot: S, isWrite: boolean, offset: number, len: number): void {
+    this.transfersStarted++;
     slot.isWrite = isWrite;
     slot.offset = offset;
     slot.len = len;

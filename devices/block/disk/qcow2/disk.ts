@@ -2,8 +2,9 @@
 // chain (fds, as plain data) and locks them as QEMU does (the image as a guest disk, the backing
 // files for reading); the device thread builds the image from them. The metadata (L1, the L2
 // cache, refcounts) lives in this one instance, so the disk is not multi-thread: the device serves
-// every queue from one thread. Requests run synchronously inside their call and complete through
-// `done` before it returns (one slot per queue, nothing in flight between calls).
+// every queue from one thread. With --aio sync, requests run synchronously inside their call and
+// complete through `done` before it returns (one slot per queue, nothing in flight between calls);
+// with io_uring or hybrid, some data transfers go through an io_uring per queue (uring_queue.ts).
 //
 // Until activate() (the first ring starts) the image is only read, never written: a migration
 // destination opens it while the source still serves it. activate() takes the locks and reads the
@@ -32,9 +33,10 @@ export interface Qcow2DiskResource extends DiskResource {
   kind: "qcow2";
   /** The image and its backing chain, top first (the top read-write unless readOnly, the rest read-only). */
   chain: { path: string; fd: number; format: DiskFormat; lock: ImageLockState }[];
-  /** io_uring: reads and in-place writes of data clusters go through an io_uring per queue (many in flight). */
+  /** io_uring: reads and in-place writes of data clusters go through an io_uring per queue (many in
+   * flight); hybrid: only large reads of data clusters do (uring_queue.ts); sync: none. */
   aio: AioMode;
-  /** With aio io_uring: queue i's ring (restricted, enabled), set up here; empty for sync. */
+  /** With aio io_uring or hybrid: queue i's ring (restricted, enabled), set up here; empty for sync. */
   rings: RingHandle[];
 }
 
@@ -79,10 +81,10 @@ export function acquireQcow2Disk(path: string, o: { readOnly: boolean; lock: boo
     closeQcow2DiskResource(resource);
     throw new Error(`${path}: ${(e as Error).message}`);
   }
-  if (o.aio === "io_uring") {
+  if (o.aio !== undefined && o.aio !== "sync") {
     const rings = acquireDiskRings(o.queues ?? 1, o.queueSize ?? DEFAULT_RING_ENTRIES, `block ${path}`);
     if (rings !== null) {
-      resource.aio = "io_uring";
+      resource.aio = o.aio;
       resource.rings = rings;
     }
   }
@@ -152,9 +154,10 @@ export class Qcow2Disk implements Disk {
   }
 
   attach(loop: EventLoop, options: DiskQueueOptions, handlers: DiskQueueHandlers): DiskQueue {
-    if (this.resource.aio === "io_uring") {
+    const aio = this.resource.aio;
+    if (aio !== "sync") {
       try {
-        const q = new Qcow2UringQueue(this, ringOf(this.resource.rings, options), loop, options, handlers);
+        const q = new Qcow2UringQueue(this, ringOf(this.resource.rings, options), aio, loop, options, handlers);
         this.uringQueues.add(q);
         return q;
       } catch (e) {
