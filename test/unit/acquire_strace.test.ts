@@ -169,9 +169,10 @@ function blockDriver(image: string | (() => Uint8Array)): DeviceDriver {
   return {
     activate: activateAll(2),
     async io(vmm, ram, round) {
-      // Written through one queue (one queue thread), read back through the other, flushed; then the image itself.
+      // Written through one queue (one queue thread), read back through the other, flushed; then the
+      // image itself. 64 KiB: what --aio hybrid reads through its ring (io_uring's workers).
       const [q0, q1] = vmm.queues as [DriverQueue, DriverQueue];
-      const data = new Uint8Array(randomBytes(8 * SECTOR));
+      const data = new Uint8Array(randomBytes(128 * SECTOR));
       const sector = 64 + 16 * round;
       const w = blk(ram, q0, VIRTIO_BLK_T.OUT, sector, data);
       await q0.waitUsed(1);
@@ -338,7 +339,7 @@ describe.skipIf(!STRACE)("after ready, a device opens only what it declared (str
 
   // With io_uring, acquire sets up a ring per queue (devices/block/disk/uring_queue.ts); the
   // queue threads only map and use them.
-  for (const aio of ["sync", "io_uring"]) {
+  for (const aio of ["sync", "io_uring", "hybrid"]) {
     test(`block: --aio ${aio}, two queues on two queue threads, reads and writes on an image`, async () => {
       const dir = testDir(`block-${aio}`);
       const image = join(dir, "disk.img");
