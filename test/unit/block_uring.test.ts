@@ -20,6 +20,7 @@ import {
 afterEach(disposeDisks);
 
 const URING = { aio: "io_uring" } as const;
+const HYBRID = { aio: "hybrid" } as const;
 
 /** io_uring instances open in this process (the backend's workers are threads of it). */
 function ringFds(): number {
@@ -42,8 +43,9 @@ const libc = dlopen("libc.so.6", {
 const cstr = (s: string) => Buffer.from(s + "\0");
 
 describe("block io_uring: options", () => {
-  test("--aio defaults to io_uring with --direct and to hybrid otherwise; other values are refused", () => {
-    expect(parseBlockOptions({ file: "x" }).aio).toBe("hybrid");
+  test("--aio defaults to io_uring with --direct and to sync otherwise; other values are refused", () => {
+    expect(parseBlockOptions({ file: "x" }).aio).toBe("sync");
+    expect(parseBlockOptions({ file: "x", aio: "hybrid" }).aio).toBe("hybrid");
     expect(parseBlockOptions({ file: "x", aio: "sync" }).aio).toBe("sync");
     expect(parseBlockOptions({ file: "x", direct: true, aio: "hybrid" }).aio).toBe("hybrid");
     expect(parseBlockOptions({ file: "x", direct: true }).aio).toBe("io_uring");
@@ -63,10 +65,10 @@ describe("block io_uring: data integrity", () => {
     expect(await randomIo({ ...URING, threads: "0" }, 143, 10)).toBeGreaterThan(100);
   });
 
-  test("the default (--aio hybrid), in queue threads and in the device thread, and on tmpfs", async () => {
-    expect(await randomIo({}, 144, 20)).toBeGreaterThan(200);
-    expect(await randomIo({ threads: "0" }, 145, 10)).toBeGreaterThan(100);
-    await randomIo({}, 146, 5, "/dev/shm");
+  test("--aio hybrid, in queue threads and in the device thread, and on tmpfs", async () => {
+    expect(await randomIo(HYBRID, 144, 20)).toBeGreaterThan(200);
+    expect(await randomIo({ ...HYBRID, threads: "0" }, 145, 10)).toBeGreaterThan(100);
+    await randomIo(HYBRID, 146, 5, "/dev/shm");
   });
 
   test("O_DIRECT (io_uring by default), guest buffers aligned and misaligned", async () => {
@@ -188,7 +190,7 @@ describe("block io_uring: ordering and stopping", () => {
     }
   });
 
-  for (const [name, aio] of [["--aio io_uring", URING], ["the default (hybrid)", {}]] as const) test(`one ring per queue, set up with the device (acquire), kept across queue stops, released with the device (${name})`, async () => {
+  for (const [name, aio] of [["--aio io_uring", URING], ["--aio hybrid", HYBRID]] as const) test(`one ring per queue, set up with the device (acquire), kept across queue stops, released with the device (${name})`, async () => {
     const before = ringFds();
     const d = await Disk.start({ file: makeImage(), "num-queues": "2", ...aio }, { queues: 2 });
     expect(ringFds()).toBe(before + 2);
@@ -266,7 +268,7 @@ describe("block io_uring: the raw disk's queue alone", () => {
 });
 
 describe("block io_uring: fallback", () => {
-  for (const [name, aio] of [["--aio io_uring", URING], ["the default (hybrid)", {}]] as const) test(`without io_uring (simulated), ${name} serves synchronously`, async () => {
+  for (const [name, aio] of [["--aio io_uring", URING], ["--aio hybrid", HYBRID]] as const) test(`without io_uring (simulated), ${name} serves synchronously`, async () => {
     const before = ringFds();
     // The rings are set up in acquire (this thread: process.env); queue threads read libc's environment.
     libc.symbols.setenv(cstr("BACKEND_NO_IO_URING"), cstr("1"), 1);
