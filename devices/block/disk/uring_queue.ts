@@ -15,7 +15,7 @@
 // SQE in the ring at any time, and there are at most `depth` slots (<= the ring's SQ entries), so
 // the SQ can never overflow. Slots are created on first use, so memory follows the real depth.
 //
-// Hybrid (--aio hybrid, the default for page-cache images): only reads of at least ASYNC_READ_MIN
+// Hybrid (--aio hybrid, a choice for page-cache images): only reads of at least ASYNC_READ_MIN
 // bytes go to the ring (to its worker threads, see ASYNC_READ_MIN); smaller reads and every write
 // run synchronously inside their call on the same slots (take, then finish at once), as the
 // synchronous queues run them. A page-cache copy of a few KiB costs less in the serving thread than

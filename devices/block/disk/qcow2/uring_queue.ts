@@ -3,7 +3,7 @@
 // that hold data (writable in place, for a write) goes to the kernel as one READV/WRITEV through an
 // io_uring of this queue, straight between the image file and guest memory; everything else
 // (allocating writes, copy-on-write, zeroes, backing and compressed data, discard, FUA) runs
-// synchronously inside its call, as in the synchronous queue. With hybrid (the default), only reads
+// synchronously inside its call, as in the synchronous queue. With hybrid, only reads
 // of at least ASYNC_READ_MIN go to the ring; smaller reads and all writes run inside their call
 // too. The mapping is resolved when the request starts; what keeps an in-flight transfer from
 // landing in a cluster that has meanwhile been freed and reused is that frees wait for a flush
