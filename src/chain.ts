@@ -4,7 +4,7 @@
 // its own. Bytes move either by copy (read/write into host buffers) or, with no copy, as iovecs
 // that point straight into guest memory for readv/writev/preadv/pwritev.
 import type { IovecArray } from "../ffi/io.ts";
-import type { GuestMemory, MemoryRegion } from "./memory.ts";
+import type { GuestMemory, MemoryRegion, Window } from "./memory.ts";
 
 /** One checked guest buffer of a chain. */
 export interface Segment {
@@ -144,18 +144,28 @@ abstract class ChainCursor {
    * place: a device's per-request peek at a header field allocates no buffer.
    */
   peekByte(ahead: number): number {
-    if (ahead < 0 || ahead >= this.remaining) return -1;
-    let skip = this.pos + ahead;
+    if (ahead < 0 || ahead >= this.remaining || !this.locate(this.pos + ahead)) return -1;
+    return this.byteWin!.u8[this.byteAt]!;
+  }
+
+  /** Where locate() found its byte: the region window and the index in it. */
+  protected byteWin: Window | null = null;
+  protected byteAt = 0;
+
+  /** Finds the byte `pos` bytes into this side (byteWin, byteAt); false past the segments. */
+  protected locate(pos: number): boolean {
+    let skip = pos;
     for (const seg of this.segs) {
       if (skip >= seg.len) {
         skip -= seg.len;
         continue;
       }
       const at = seg.offset + skip;
-      const win = seg.region.window(at, 1)!;
-      return win.u8[at - win.start]!;
+      this.byteWin = seg.region.window(at, 1)!;
+      this.byteAt = at - this.byteWin.start;
+      return true;
     }
-    return -1;
+    return false;
   }
 
   /** Skips up to `n` bytes; returns how many were skipped. */
@@ -225,20 +235,10 @@ export class ChainWriter extends ChainCursor {
 
   /** Writes one byte at the cursor, in place (no copy through a buffer); returns 1, or 0 when full. */
   writeByte(value: number): number {
-    if (this.remaining < 1) return 0;
-    let skip = this.pos;
-    for (const seg of this.segs) {
-      if (skip >= seg.len) {
-        skip -= seg.len;
-        continue;
-      }
-      const at = seg.offset + skip;
-      const win = seg.region.window(at, 1)!;
-      win.u8[at - win.start] = value;
-      this.pos++;
-      return 1;
-    }
-    return 0;
+    if (this.remaining < 1 || !this.locate(this.pos)) return 0;
+    this.byteWin!.u8[this.byteAt] = value;
+    this.pos++;
+    return 1;
   }
 
   /** Copies out bytes already written at [pos, pos+dst.length) of the writable side (a header the
