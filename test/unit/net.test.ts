@@ -922,6 +922,47 @@ function metricsFrom(...series: [string, Record<string, string | number>][]): ()
 
 for (const io of [...IO_PATHS, "uring-readv"] as const)
 describe(`NetPairRunner, driven directly, ${io}`, () => {
+  test("frames in one buffer and frames split over several (header apart, frame in two) go out whole, in order, in one batch", () => {
+    const sv = new Int32Array(2);
+    check(libc.socketpair(AF.UNIX, SOCK.DGRAM | SOCK.NONBLOCK | SOCK.CLOEXEC, 0, sv), "socketpair");
+    const [ours, peer] = [sv[0]!, sv[1]!];
+    const d = new DirectRunner(ours, io);
+    const tx = new DriverQueue(d.ram, 1, 64);
+    const sent: Uint8Array[] = [];
+    try {
+      d.start(tx, COMMON_FEATURES);
+      for (let i = 0; i < 12; i++) {
+        const f = frame(`mixed-${i}`, BROADCAST, 60 + 37 * i);
+        const whole = new Uint8Array(HDR + f.length);
+        whole.set(f, HDR);
+        sent.push(whole);
+        const g = d.ram.alloc(whole.length);
+        d.ram.bytes(g, whole.length).set(whole);
+        // Every third frame in one buffer (a WRITE); the others as header + two pieces (a WRITEV).
+        const cut = HDR + 20;
+        const bufs = i % 3 === 0 ? [{ gpa: g, len: whole.length }] : [{ gpa: g, len: HDR }, { gpa: g + HDR, len: cut - HDR }, { gpa: g + cut, len: whole.length - cut }];
+        tx.addChain(bufs, { kick: i === 11 });
+      }
+      const got: Uint8Array[] = [];
+      const buf = new Uint8Array(4096);
+      d.turnUntil(() => {
+        for (;;) {
+          const n = read(peer, buf, buf.length);
+          if (n === -EAGAIN) break;
+          got.push(buf.slice(0, n));
+        }
+        return got.length >= 12;
+      }, "twelve frames");
+      expect(got.map((g) => Buffer.from(g).toString("hex"))).toEqual(sent.map((w) => Buffer.from(w).toString("hex")));
+      expect(tx.usedIdx()).toBe(12);
+    } finally {
+      d.dispose();
+      tx.dispose();
+      close(ours);
+      close(peer);
+    }
+  });
+
   test("EAGAIN in the middle of a batch: the frames the tap took complete, the rest wait for EPOLLOUT and go out in order, each once", () => {
     const [pr, pw] = pipe(O_CLOEXEC | O_NONBLOCK);
     fcntl(pw, F_SETPIPE_SZ, 4096); // one page: four 1012-byte frames fit, the fifth finds it full
