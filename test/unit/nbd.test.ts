@@ -10,6 +10,9 @@ import { join } from "node:path";
 import { rng, randomBytes } from "../support/block_disk.ts";
 import { NbdServer, disposeNbdServers, nbdTestsUnavailable } from "../support/nbd_server.ts";
 import { EventLoop } from "../../src/event_loop.ts";
+import { EPOLLIN } from "../../ffi/epoll.ts";
+import { eventfd, signal, drain } from "../../ffi/eventfd.ts";
+import { close } from "../../ffi/libc.ts";
 import { log } from "../../src/log.ts";
 import { mmap, munmap, PROT_READ, PROT_WRITE, MAP_PRIVATE, MAP_ANONYMOUS } from "../../ffi/mem.ts";
 import { acquireNbdDisk, openNbdDisk, nbdHostAccess, isNbdUri, type NbdDisk, type NbdDiskResource } from "../../devices/block/disk/nbd.ts";
@@ -444,6 +447,44 @@ maybe("NBD disk", () => {
     g.settle();
     expect(g.take()).toEqual([4096]);
     expect(Buffer.compare(g.gathered(buf), mirror.subarray(0, 4096))).toBe(0);
+  });
+
+  test("a drain() earlier in the loop's turn reads the reply the NBD socket was readable for: the stale readiness is not passed on, and later requests still go out", async () => {
+    // What a queue stopped by a vhost-user message (GET_VRING_BASE, SET_LOG_BASE) does when that
+    // message and a reply come in the same epoll batch: drain() reads the reply, and the socket's
+    // readiness in the batch is stale by the time its handler runs. Telling libnbd the socket is
+    // readable then parks it in a reply read that never comes (REPLY.START, EAGAIN): every later
+    // command waits behind it, unsent, and the next drain() waits for ever.
+    const r = rng(23);
+    const mirror = randomBytes(r, 1 * MiB);
+    const s = new NbdServer({ content: mirror });
+    await s.start();
+    const g = await rig(s);
+    const message = eventfd();
+    try {
+      // Ready first, so the message comes before the socket in the batch (epoll's ready list is FIFO).
+      g.loop.add(message, EPOLLIN, () => {
+        drain(message);
+        g.io.drain();
+      });
+      signal(message);
+      const first = g.buffers(4096, 1, r);
+      g.io.read(g.slot(first), 0, 4096);
+      g.io.submit();
+      Bun.sleepSync(100); // the reply is in the socket before the loop turns
+      g.loop.runOnce(0);
+      expect(g.io.inFlight).toBe(0);
+      expect(g.take()).toEqual([4096]);
+      expect(Buffer.compare(g.gathered(first), mirror.subarray(0, 4096))).toBe(0);
+      const second = g.buffers(4096, 1, r);
+      g.io.read(g.slot(second), 8192, 4096);
+      g.settle(2_000);
+      expect(g.take()).toEqual([4096]);
+      expect(Buffer.compare(g.gathered(second), mirror.subarray(8192, 12288))).toBe(0);
+    } finally {
+      g.loop.remove(message);
+      close(message);
+    }
   });
 
   test("drain() blocks through an outage until the server is back (a queue being stopped)", async () => {

@@ -47,6 +47,8 @@ const NOTIFY_BURST = 32;
 const FIONREAD = 0x541b;
 /** drive() blocks at most this long per wait, so it notices its deadlines. */
 const DRIVE_SLICE_MS = 50;
+/** drive() warns once when it has waited this long (the device is blocked on the server). */
+const DRIVE_WARN_MS = 10_000;
 
 export interface CommandOwner {
   /** `result`: 0, or -errno (the server's error, or ETIMEDOUT when --nbd-timeout expired). */
@@ -129,6 +131,11 @@ export class NbdConnection {
   private timer: Timer | null = null;
   private timerAt = Infinity;
   private lastAttemptError = "";
+  /**
+   * drive() read the socket since the loop last delivered its events: what epoll reported may be
+   * gone, so the next readiness may be stale (see fdEvents).
+   */
+  private droveSinceEvents = false;
   /** The export's size as the current (or last) connection reported it. */
   size: number;
   /** Connections made after the first (a test and the log read it). */
@@ -212,13 +219,21 @@ export class NbdConnection {
    * a queue being stopped waits for its requests this way.
    */
   drive(more: () => boolean): void {
+    const since = performance.now();
+    let warned = false;
     while (more() && this.state !== "closed") {
+      if (!warned && performance.now() - since > DRIVE_WARN_MS) {
+        warned = true;
+        const where = this.h === null ? "no connection" : nbd.connectionState(this.h);
+        log.warn(`NBD ${this.uri}: still waiting for ${this.pending} request(s) after ${DRIVE_WARN_MS / 1000} s (${this.state}; libnbd: ${where})`);
+      }
       this.tick();
       if (!more()) break;
       const now = performance.now();
       const h = this.h;
       if (h !== null && (this.state === "ready" || this.state === "connecting")) {
         const wait = Math.max(0, Math.min(DRIVE_SLICE_MS, (this.state === "connecting" ? this.attemptDeadline : this.expireAt) - now));
+        this.droveSinceEvents = true;
         if (nbd.poll(h, Math.ceil(wait)) < 0) this.lastAttemptError = nbd.lastError("nbd_poll").message;
         this.progress();
       } else {
@@ -315,7 +330,15 @@ export class NbdConnection {
   private fdEvents(events: number): void {
     const h = this.h;
     if (h === null) return;
-    if (events & (EPOLLIN | EPOLLHUP | EPOLLERR)) {
+    // A drive() since the loop's epoll_wait (a queue stopped by a message earlier in the same batch)
+    // may have read what made the socket readable. libnbd told "readable" with nothing to read
+    // parks in REPLY.START (its recv gets EAGAIN and it stays there): no longer ready, it queues
+    // every later command without sending it, and waits for a reply that never comes. So such a
+    // readiness is not passed on; the loop is level-triggered, so a socket that still has
+    // something to read (a reply, the server's end) is reported again next turn.
+    const stale = this.droveSinceEvents;
+    this.droveSinceEvents = false;
+    if (events & (EPOLLIN | EPOLLHUP | EPOLLERR) && !stale) {
       // libnbd reads one reply per notification. Replies already waiting in the socket are read
       // on at once rather than one loop turn each; only while there are bytes to read (FIONREAD):
       // a notification without data would start a reply read that is not there.
