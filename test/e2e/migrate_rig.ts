@@ -296,12 +296,19 @@ export async function startMigration(src: Qmp, uri: string, params: Record<strin
 
 /**
  * Polls query-migrate until `until(info)` holds, or the migration ends (completed, failed,
- * cancelled: returned as is, so callers check `status`), or throws after timeoutMs.
+ * cancelled: returned as is, so callers check `status`), or throws after timeoutMs — also when
+ * QEMU stops answering: its main loop waits for the big lock while the migration thread holds it,
+ * e.g. blocked on a vhost-user reply (GET_VRING_BASE) that a backend never sends.
  */
 export async function waitMigration(src: Qmp, until: (i: MigrationInfo) => boolean, timeoutMs: number, pollMs = 50): Promise<MigrationInfo> {
   const deadline = Date.now() + timeoutMs;
   for (;;) {
-    const info = await src.execute<MigrationInfo>("query-migrate");
+    const answerMs = Math.max(0, deadline - Date.now()) + 1000;
+    let timer: ReturnType<typeof setTimeout> | undefined;
+    const unanswered = new Promise<never>((_, reject) => {
+      timer = setTimeout(() => reject(new Error(`QMP query-migrate: QEMU did not answer within ${answerMs} ms (its main loop is blocked: a device stop waiting for a vhost-user reply?)`)), answerMs);
+    });
+    const info = await Promise.race([src.execute<MigrationInfo>("query-migrate"), unanswered]).finally(() => clearTimeout(timer));
     if (until(info) || ["completed", "failed", "cancelled"].includes(info.status)) return info;
     if (Date.now() > deadline) throw new Error(`migration still ${info.status} after ${timeoutMs} ms: ${JSON.stringify(info)}`);
     await Bun.sleep(pollMs);
