@@ -50,6 +50,9 @@ export function nowUs(): number {
 export class EventLoop {
   private readonly epoll = new Epoll(64);
   private readonly handlers = new Map<number, FdHandler>();
+  /** Handling a batch of readiness events (runOnce), and the fds watched since it was read. */
+  private dispatching = false;
+  private readonly addedInBatch = new Set<number>();
   private readonly deferred: (() => void)[] = [];
   private nextTurnTasks: (() => void)[] = [];
   /** The other of the two next-turn arrays (swapped each turn, so a turn allocates nothing). */
@@ -83,6 +86,7 @@ export class EventLoop {
   add(fd: number, events: number, handler: FdHandler): void {
     this.epoll.add(fd, events);
     this.handlers.set(fd, handler);
+    if (this.dispatching) this.addedInBatch.add(fd);
   }
 
   /** Changes the events watched on `fd` without re-adding it. */
@@ -176,10 +180,14 @@ export class EventLoop {
     this.carriedTasks = carried;
     const n = this.epoll.wait(this.deferred.length > 0 || carried.length > 0 ? 0 : timeoutMs);
     this.turn++;
+    this.dispatching = true;
     for (let i = 0; i < n; i++) {
       const fd = this.epoll.readyFd(i);
       const handler = this.handlers.get(fd); // a handler earlier in the batch may have removed it
       if (handler === undefined) continue;
+      // ...or closed it and watched a new fd that got the same number: this readiness was the old
+      // fd's. Every watch is level-triggered, so the new fd, if ready, is reported next turn.
+      if (this.addedInBatch.size > 0 && this.addedInBatch.has(fd)) continue;
       try {
         handler(this.epoll.readyEvents(i));
       } catch (e) {
@@ -187,6 +195,8 @@ export class EventLoop {
         log.error(`event handler for fd ${fd} failed:`, e);
       }
     }
+    this.dispatching = false;
+    this.addedInBatch.clear();
     for (let i = 0; i < carried.length; i++) {
       try {
         carried[i]!();

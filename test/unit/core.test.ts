@@ -16,7 +16,7 @@ import { F_PROTOCOL_FEATURES } from "../../src/protocol/constants.ts";
 import { IovecArray, pipe, read, write, readv, writev, setNonBlocking } from "../../ffi/io.ts";
 import { socketPair } from "../../ffi/socket.ts";
 import { eventfd, signal, drain } from "../../ffi/eventfd.ts";
-import { EPOLLHUP } from "../../ffi/epoll.ts";
+import { EPOLLHUP, EPOLLIN } from "../../ffi/epoll.ts";
 import { close } from "../../ffi/libc.ts";
 import { setLogLevel } from "../../src/log.ts";
 import {
@@ -355,6 +355,37 @@ describe("event loop", () => {
     const limit = Date.now() + ms;
     while (!done() && Date.now() < limit) loop.runOnce(20);
   }
+
+  test("an fd closed and watched anew (same number) by a handler earlier in the batch does not get the old fd's readiness", () => {
+    const a = eventfd();
+    let b = eventfd();
+    const seen: string[] = [];
+    loop.add(a, EPOLLIN, () => {
+      drain(a);
+      seen.push("a");
+      // What a reconnect does: the old fd goes, a new one (nothing to read yet) takes its number.
+      loop.remove(b);
+      close(b);
+      const fresh = eventfd();
+      expect(fresh).toBe(b);
+      b = fresh;
+      loop.add(b, EPOLLIN, () => seen.push("new b"));
+    });
+    loop.add(b, EPOLLIN, () => seen.push("old b"));
+    signal(a);
+    signal(b); // ready after a: in the same batch, behind a's handler
+    loop.runOnce(0);
+    expect(seen).toEqual(["a"]);
+    loop.runOnce(0);
+    expect(seen).toEqual(["a"]); // the new b is not readable
+    signal(b);
+    loop.runOnce(0);
+    expect(seen).toEqual(["a", "new b"]); // and it is watched
+    loop.remove(a);
+    loop.remove(b);
+    close(a);
+    close(b);
+  });
 
   test("timers fire in deadline order, not before their deadline; cancelled ones never", () => {
     const fired: { name: string; late: number }[] = [];
