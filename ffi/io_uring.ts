@@ -33,8 +33,6 @@ export const IORING_OP = {
 export const IORING_FSYNC_DATASYNC = 1;
 /** SQE flags (IOSQE_*). */
 export const IOSQE = {
-  /** The SQE's fd is an index into the ring's registered files (no fd lookup per operation). */
-  FIXED_FILE: 1 << 0,
   IO_DRAIN: 1 << 1,
   IO_LINK: 1 << 2,
   /** Go straight to io_uring's worker threads instead of trying the operation inline first. */
@@ -68,7 +66,6 @@ const IORING_FEAT_SINGLE_MMAP = 1 << 0;
 const IORING_ENTER_GETEVENTS = 1 << 0;
 /** io_uring_register opcodes (IORING_REGISTER_*, IORING_UNREGISTER_*). */
 const IORING_REGISTER = {
-  FILES: 2,
   EVENTFD: 4,
   UNREGISTER_EVENTFD: 5,
   RESTRICTIONS: 11,
@@ -126,8 +123,6 @@ const CQ_OFF = 80;
 export interface RingHandle {
   fd: number;
   params: number[];
-  /** How many files were registered (IOSQE.FIXED_FILE indexes 0..n-1); absent: none. */
-  fixedFiles?: number;
 }
 
 /** Closes a ring set up with IoUring.setupHandle (after every IoUring attached to it is closed). */
@@ -151,12 +146,6 @@ function registerRestrictions(fd: number, r: RingRestrictions): void {
     v.setUint8(i * RESTRICTION_SIZE + 2, op);
   });
   check(sys(SYS.io_uring_register, fd, IORING_REGISTER.RESTRICTIONS, ptr(buf), entries.length, 0, 0, 0), "io_uring_register(RESTRICTIONS)");
-}
-
-/** IORING_REGISTER.FILES: `fds` become the ring's fixed files 0..n-1 (IOSQE.FIXED_FILE). */
-function registerFiles(ringFd: number, fds: readonly number[]): void {
-  const arr = Int32Array.from(fds);
-  check(sys(SYS.io_uring_register, ringFd, IORING_REGISTER.FILES, ptr(arr), fds.length, 0, 0, 0), "io_uring_register(FILES)");
 }
 
 /** A CQE as handed to reap()'s callback. `res` is the operation's return value or -errno. */
@@ -239,21 +228,12 @@ export class IoUring {
    * io_uring_setup(2) without mapping: the ring as plain data, for a thread that will attach to it.
    * Flags as setup()'s.
    */
-  static setupHandle(entries: number, restrictions?: RingRestrictions, cqEntries = 0, files: readonly number[] = []): RingHandle {
+  static setupHandle(entries: number, restrictions?: RingRestrictions, cqEntries = 0): RingHandle {
     const ring = IoUring.setup(entries, restrictions === undefined ? 0 : IORING_SETUP.R_DISABLED, cqEntries);
     const params = ring.paramsBytes!;
     ring.ownsFd = false;
     ring.close();
-    const h: RingHandle = { fd: ring.fd, params: [...params] };
-    if (files.length > 0) h.fixedFiles = files.length;
-    try {
-      // Registered before the ring is enabled, so its restrictions need not allow registering
-      // files: a sandboxed process cannot add any later.
-      if (files.length > 0) registerFiles(h.fd, files);
-    } catch (e) {
-      close(h.fd);
-      throw e;
-    }
+    const h = { fd: ring.fd, params: [...params] };
     if (restrictions === undefined) return h;
     try {
       registerRestrictions(h.fd, restrictions);

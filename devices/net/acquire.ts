@@ -23,7 +23,7 @@ const NO_MULTISHOT_ENV = "BACKEND_NET_RX_READV";
 export function acquireNet(o: NetOptions): AcquiredNet {
   const tap = acquireTap(o);
   try {
-    const { rings, refused } = openPairRings(tap.fds, o.netIo);
+    const { rings, refused } = openPairRings(o.queuePairs, o.netIo);
     return { ...tap, rings, rxRings: openRxRings(rings), ringsRefused: refused };
   } catch (e) {
     releaseTap(tap);

@@ -31,7 +31,7 @@ import { QueuePair, processQueue, fillQueue } from "../../src/queue_serving.ts";
 import { GuestErrorLog } from "../../src/guest_errors.ts";
 import type { SharedRecordData } from "../../src/shared_record.ts";
 import { IoUring, type RingHandle } from "../../ffi/io_uring.ts";
-import { TAP_FIXED_FILE, TxBatch } from "./uring_tx.ts";
+import { TxBatch } from "./uring_tx.ts";
 import { RxBatch, RX_BATCH } from "./uring_rx.ts";
 import { RxMultishot } from "./rx_multishot.ts";
 import { log } from "../../src/log.ts";
@@ -168,7 +168,7 @@ export class NetPairRunner implements QueueRunner {
       if (ring !== null) {
         try {
           pair.ring = IoUring.attach(ring);
-          pair.txBatch = new TxBatch(pair.ring, fd, (ring.fixedFiles ?? 0) > TAP_FIXED_FILE);
+          pair.txBatch = new TxBatch(pair.ring, fd);
           pair.rxBatch = new RxBatch(pair.ring, fd);
         } catch (e) {
           log.warn(`net: pair ${index}: io_uring refused (${(e as Error).message}); one system call per frame`);

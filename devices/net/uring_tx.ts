@@ -11,13 +11,10 @@
 // The batch's iovecs live in one array: frame i owns entries [start[i], start[i] + count[i]).
 // Results come back per frame, in submission order (user_data = the frame's index in the batch).
 import {
-  IoUring, IORING_OP, IOSQE, RWF_NOWAIT, closeRingHandle, type RingHandle, type RingRestrictions,
+  IoUring, IORING_OP, RWF_NOWAIT, closeRingHandle, type RingHandle, type RingRestrictions,
 } from "../../ffi/io_uring.ts";
 import { IovecArray } from "../../ffi/io.ts";
 import { ChainReader, type DescriptorChain } from "../../src/chain.ts";
-
-/** The index of the pair's tap fd among its ring's registered files. */
-export const TAP_FIXED_FILE = 0;
 
 /** Frames per batch (SQ entries of each pair's ring): the turn's chain budget fits in a few. */
 export const TX_BATCH = 64;
@@ -35,11 +32,7 @@ export class TxBatch {
     if (userData < TX_BATCH) this.results[userData] = res;
   };
 
-  /**
-   * `fixed`: the ring has the tap fd registered as TAP_FIXED_FILE (openPairRings), so the writes
-   * name it by index and the kernel skips the fd table lookup per frame.
-   */
-  constructor(private readonly ring: IoUring, private readonly fd: number, private readonly fixed = false) {
+  constructor(private readonly ring: IoUring, private readonly fd: number) {
     if (ring.entries < TX_BATCH) throw new Error(`io_uring of ${ring.entries} entries (transmit batches need ${TX_BATCH})`);
   }
 
@@ -74,16 +67,15 @@ export class TxBatch {
   submit(): number {
     const n = this.chains.length;
     if (n === 0) return 0;
-    const fd = this.fixed ? TAP_FIXED_FILE : this.fd;
-    const sqeFlags = this.fixed ? IOSQE.FIXED_FILE : 0;
+    const fd = this.fd;
     for (let i = 0; i < n; i++) {
       const first = this.start[i]!;
       const count = (i + 1 < n ? this.start[i + 1]! : this.iov.count) - first;
       this.results[i] = -125; // ECANCELED until its CQE says otherwise
       // A frame in one buffer (a driver that puts the header in front of the frame, as DPDK's
       // and Linux's do for small frames) goes as a plain WRITE: no iovec array to import.
-      if (count === 1) this.ring.prep(IORING_OP.WRITE, fd, this.iov.baseAt(first), this.iov.lenAt(first), 0, i, sqeFlags, RWF_NOWAIT);
-      else this.ring.prep(IORING_OP.WRITEV, fd, this.iov.ptr + 16 * first, count, 0, i, sqeFlags, RWF_NOWAIT);
+      if (count === 1) this.ring.prep(IORING_OP.WRITE, fd, this.iov.baseAt(first), this.iov.lenAt(first), 0, i, 0, RWF_NOWAIT);
+      else this.ring.prep(IORING_OP.WRITEV, fd, this.iov.ptr + 16 * first, count, 0, i, 0, RWF_NOWAIT);
     }
     this.ring.submitAndReapAll(n, this.onCqe, "transmit");
     return n;
@@ -104,31 +96,30 @@ export class TxBatch {
 const DISABLE_ENV = "BACKEND_NO_IO_URING";
 
 /**
- * What a pair's ring may do: the transmit batch's WRITEs and WRITEVs (on its registered tap fd or
- * a plain one) and the receive batch's READVs, nothing else (no register call either: the batches
- * wait in io_uring_enter, and the tap fd is registered before the ring is enabled). seccomp cannot
- * see SQEs.
+ * What a pair's ring may do: the transmit batch's WRITEs and WRITEVs and the receive batch's
+ * READVs, nothing else (no register call either: the batches wait in io_uring_enter). seccomp
+ * cannot see SQEs.
+ *
+ * The tap fd is not registered in the ring (IOSQE_FIXED_FILE would save the fd lookup per frame,
+ * ~1.5 % of transmit): a registered file is released only when the ring is torn down, which the
+ * kernel does asynchronously after the process dies, so a backend restarted at once after a crash
+ * found its single-queue tap still attached (EBUSY) — the crash-safe reconnect e2e test failed so.
  */
-export const NET_RING_RESTRICTIONS: RingRestrictions = {
-  sqeOps: [IORING_OP.WRITE, IORING_OP.WRITEV, IORING_OP.READV],
-  registerOps: [],
-  sqeFlags: IOSQE.FIXED_FILE,
-};
+export const NET_RING_RESTRICTIONS: RingRestrictions = { sqeOps: [IORING_OP.WRITE, IORING_OP.WRITEV, IORING_OP.READV], registerOps: [] };
 
 /**
- * The io_uring of each pair (its transmit and receive batches; pair i's tap queue fd `taps[i]`
- * registered as its TAP_FIXED_FILE), set up in acquire (restricted: NET_RING_RESTRICTIONS), or nulls (writev/readv) for --net-io syscall. With auto, a
+ * The io_uring of each of `pairs` pairs (its transmit and receive batches), set up in acquire
+ * (restricted: NET_RING_RESTRICTIONS), or nulls (writev/readv) for --net-io syscall. With auto, a
  * kernel or sandbox that refuses io_uring means writev; with uring it is an error. Returns also
  * why io_uring was not used, if it was not.
  */
-export function openPairRings(taps: readonly number[], mode: "uring" | "syscall" | "auto"): { rings: (RingHandle | null)[]; refused: string | null } {
-  const pairs = taps.length;
+export function openPairRings(pairs: number, mode: "uring" | "syscall" | "auto"): { rings: (RingHandle | null)[]; refused: string | null } {
   const none = { rings: new Array<RingHandle | null>(pairs).fill(null), refused: null };
   if (mode === "syscall") return none;
   const rings: RingHandle[] = [];
   try {
     if (process.env[DISABLE_ENV] === "1") throw new Error("io_uring_setup: ENOSYS (simulated: BACKEND_NO_IO_URING=1)");
-    for (let i = 0; i < pairs; i++) rings.push(IoUring.setupHandle(TX_BATCH, NET_RING_RESTRICTIONS, 0, [taps[i]!]));
+    for (let i = 0; i < pairs; i++) rings.push(IoUring.setupHandle(TX_BATCH, NET_RING_RESTRICTIONS));
   } catch (e) {
     rings.forEach(closeRingHandle);
     const why = (e as Error).message;

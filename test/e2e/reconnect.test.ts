@@ -440,6 +440,7 @@ describe.skipIf(!netnsAvailable())("crash-safe reconnect (vhost-user net, reconn
           }
         }
       };
+      const backendLogs = () => backends.forEach((b, i) => console.error(`--- backend ${i + 1}:\n${tail(b.log(), 15)}`));
       const r = await bootGuest({
         command: `
 set -e
@@ -466,6 +467,12 @@ echo net-reconnect-ok
           serial += c;
           if (host === null && serial.includes("E2E-NET-READY\n")) host = hostSide();
         },
+      }).catch((e) => {
+        // A guest that never finishes (it waits for the host side's go): what the host side and
+        // the backends saw is the diagnosis.
+        console.error(`host side: ${hostErr === null ? "no error" : String(hostErr)}; ${notes.join("; ")}`);
+        backendLogs();
+        throw e;
       });
       if (host !== null) await host;
       const dmesgNew = between(r.serial, "E2E-DMESG-NEW-BEGIN", "E2E-DMESG-NEW-END");
@@ -475,7 +482,7 @@ echo net-reconnect-ok
       console.log(`guest kernel messages during the run: ${dmesgNew.length === 0 ? "(none)" : "\n" + dmesgNew.join("\n")}`);
       if (r.exitStatus !== 0 || hostErr !== null) {
         console.error(`guest serial:\n${tail(r.serial, 40)}\nqemu stderr:\n${tail(r.stderr, 20)}`);
-        backends.forEach((b, i) => console.error(`--- backend ${i + 1}:\n${tail(b.log(), 15)}`));
+        backendLogs();
       }
       expect(hostErr).toBeNull();
       expect(r.exitStatus).toBe(0);

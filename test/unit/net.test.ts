@@ -859,7 +859,7 @@ class DirectRunner {
   readonly rxRing: RingHandle | null;
 
   constructor(fd: number, io: "uring" | "uring-readv" | "syscall" = "syscall") {
-    this.txRing = io !== "syscall" ? openPairRings([fd], "uring").rings[0]! : null;
+    this.txRing = io !== "syscall" ? openPairRings(1, "uring").rings[0]! : null;
     this.rxRing = io === "uring" ? setupRxRing() : null;
     // MemoryRegion.map closes the fd it is given: map a second fd of the memfd.
     const fd2 = openSync(`/proc/self/fd/${this.ram.fd}`, "r+");
@@ -1296,25 +1296,20 @@ describe(`NetPairRunner, driven directly, ${io}`, () => {
 describe("transmit io_uring fallback", () => {
   test("--net-io auto falls back to writev where io_uring is refused; --net-io uring says so and fails; syscall sets none up", () => {
     const saved = process.env.BACKEND_NO_IO_URING;
-    // Stand-ins for the tap queues the rings register (any fd will do for setting rings up).
-    const fds = new Int32Array(2);
-    check(libc.socketpair(AF.UNIX, SOCK.DGRAM | SOCK.CLOEXEC, 0, fds), "socketpair");
-    const taps = [fds[0]!, fds[1]!];
     try {
-      const ok = openPairRings(taps, "auto");
+      const ok = openPairRings(2, "auto");
       expect(ok.refused).toBeNull();
       expect(ok.rings.every((r) => r !== null)).toBe(true);
       ok.rings.forEach((r) => closeRingHandle(r!));
-      expect(openPairRings(taps, "syscall")).toEqual({ rings: [null, null], refused: null });
+      expect(openPairRings(2, "syscall")).toEqual({ rings: [null, null], refused: null });
       process.env.BACKEND_NO_IO_URING = "1";
-      const refused = openPairRings(taps, "auto");
+      const refused = openPairRings(2, "auto");
       expect(refused.rings).toEqual([null, null]);
       expect(refused.refused).toMatch(/ENOSYS/);
-      expect(() => openPairRings(taps, "uring")).toThrow(/--net-io uring: io_uring is not available here .*use --net-io syscall or auto/);
+      expect(() => openPairRings(2, "uring")).toThrow(/--net-io uring: io_uring is not available here .*use --net-io syscall or auto/);
     } finally {
       if (saved === undefined) delete process.env.BACKEND_NO_IO_URING;
       else process.env.BACKEND_NO_IO_URING = saved;
-      taps.forEach(close);
     }
   });
 
