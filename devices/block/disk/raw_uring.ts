@@ -3,7 +3,7 @@
 // parses and checks requests; this queue only moves data and reports completions. Reads and
 // writes are one READV/WRITEV each (continued after a short transfer), a flush or a FUA write's
 // stability one FSYNC(DATASYNC); discard and write zeroes are rare and run synchronously
-// (fallocate), completing inside their call. Hybrid (the default on page-cache images): reads
+// (fallocate), completing inside their call. Hybrid (--aio hybrid, for page-cache images): reads
 // under ASYNC_READ_MIN and every write's data run inside their call (preadv/pwritev, as the
 // synchronous queue does); a FUA write's fdatasync and a flush still go to the ring, since they
 // wait for the disk, which the serving thread should not.

@@ -62,7 +62,8 @@ export const DISK_RING_RESTRICTIONS: RingRestrictions = {
  * without non-blocking buffered reads such as tmpfs): large copies then run one after the other on
  * one core. From workers they run on the others, as QEMU's thread pool runs them. Smaller reads are
  * cheaper inline than the hand-off. O_DIRECT reads never wait in the serving thread: not handed off.
- * bench:block-ring read-128k-qd32 on qcow2, page cache: 1.20x the IOPS, CPU per I/O 0.73x of inline.
+ * bench:block-ring read-128k-qd32 on qcow2, page cache: 1.20x the IOPS, CPU per I/O 0.73x of the
+ * ring's inline read (against --aio sync, which stays cheaper here, see bench/README's qcow2 table).
  */
 export const ASYNC_READ_MIN = 64 * 1024;
 
