@@ -16,7 +16,7 @@ import type { EventLoop } from "./event_loop.ts";
 import { encodeEnvelope, decodeEnvelope, StateTransfer, SNAPSHOT_FORMAT_VERSION } from "./snapshot.ts";
 import { BackendChannel } from "./backend_channel.ts";
 import { DirtyLog } from "./dirty_log.ts";
-import { InflightRegion } from "./inflight.ts";
+import { InflightRegion, type InflightLayout } from "./inflight.ts";
 
 /** Feature bits that belong to vhost-user itself, not to the virtio device. */
 const VHOST_FEATURES = F_PROTOCOL_FEATURES | F_LOG_ALL;
@@ -500,9 +500,12 @@ export class VhostUserHandler {
       nextAvail: this.baseOf(v), nextUsed: v.nextUsed, kickFd: v.kickFd, callFd: v.callFd, errFd: v.errFd,
       packed,
     };
-    // Inflight tracking has the split layout only (the spec's packed layout is not implemented).
-    const inflight = packed ? null : (this.inflight?.queue(index) ?? null);
-    if (inflight !== null && this.hasProtocol(ProtocolFeature.INFLIGHT_SHMFD) && v.num <= inflight.queueSize) ring.inflight = inflight;
+    // The region's layout follows the features acked when it was made (split or packed).
+    const inflight = this.inflight?.queue(index) ?? null;
+    if (inflight !== null && this.hasProtocol(ProtocolFeature.INFLIGHT_SHMFD) && v.num <= inflight.queueSize) {
+      if (inflight.layout === (packed ? "packed" : "split")) ring.inflight = inflight;
+      else log.warn(`queue ${index}: the inflight region has the ${inflight.layout} layout, the ring is not ${inflight.layout}; not tracked`);
+    }
     if (this.logging()) {
       ring.log = this.log!.share();
       if (v.logUsed !== null) ring.usedLogGpa = v.logUsed;
@@ -558,7 +561,7 @@ export class VhostUserHandler {
     if (numQueues > this.vrings.length) throw new RequestError(`GET_INFLIGHT_FD: ${numQueues} queues (the device has ${this.vrings.length})`);
     let r: { region: InflightRegion; fd: number };
     try {
-      r = InflightRegion.allocate(numQueues, queueSize);
+      r = InflightRegion.allocate(numQueues, queueSize, this.inflightLayout());
     } catch (e) {
       throw new RequestError(`GET_INFLIGHT_FD: ${(e as Error).message}`);
     }
@@ -575,11 +578,17 @@ export class VhostUserHandler {
     let region: InflightRegion;
     try {
       if (numQueues > this.vrings.length) throw new Error(`${numQueues} queues (the device has ${this.vrings.length})`);
-      region = InflightRegion.map(fd, size, offset, numQueues, queueSize);
+      region = InflightRegion.map(fd, size, offset, numQueues, queueSize, this.inflightLayout());
     } catch (e) {
       throw new RequestError(`SET_INFLIGHT_FD: ${(e as Error).message}`);
     }
     this.adoptInflight(region);
+  }
+
+  /** The layout of a region made or adopted now: the ring layout the acked features give (QEMU
+   * sends SET_FEATURES before GET_INFLIGHT_FD and SET_INFLIGHT_FD so that a backend knows it). */
+  private inflightLayout(): InflightLayout {
+    return (this.ackedFeatures & VIRTIO_F_RING_PACKED) !== 0n ? "packed" : "split";
   }
 
   /** Running rings are handed over again so they track in the new region. */

@@ -9,7 +9,9 @@
 //
 // Layout per queue, as libvhost-user's (so regions stay compatible): features u64, version u16,
 // desc_num u16, last_batch_head u16, used_idx u16, then desc_num × { inflight u8, pad[5],
-// next u16, counter u64 }, the region rounded up to 64 bytes.
+// next u16, counter u64 }, the region rounded up to 64 bytes. Packed rings have a layout of their
+// own (src/inflight_packed.ts); a region has one layout, chosen by the features acked when the
+// front-end asks for it (QEMU sends SET_FEATURES before GET_INFLIGHT_FD for this reason).
 import { toArrayBuffer } from "bun:ffi";
 import { memfdCreate, MFD_CLOEXEC, MFD_ALLOW_SEALING, mmap, munmap, PROT_READ, PROT_WRITE, MAP_SHARED } from "../ffi/mem.ts";
 import { ftruncate } from "../ffi/io.ts";
@@ -28,10 +30,20 @@ const O_USED_IDX = 14;
 const D_INFLIGHT = 0;
 const D_NEXT = 6;
 const D_COUNTER = 8;
+/** The packed layout's header and entry sizes (QueueRegionPacked, DescStatePacked). */
+export const PACKED_HEADER = 32;
+export const PACKED_DESC = 32;
 
-/** Bytes of one queue's region for a ring of `queueSize` (libvhost-user's vu_inflight_queue_size). */
-export function queueRegionSize(queueSize: number): number {
-  return Math.ceil((DESC * queueSize + 2) / ALIGNMENT) * ALIGNMENT;
+/** Which of the spec's two region layouts: split rings' or packed rings'. */
+export type InflightLayout = "split" | "packed";
+
+/**
+ * Bytes of one queue's region for a ring of `queueSize`: libvhost-user's vu_inflight_queue_size
+ * for split rings; for packed ones a 32-byte header and 32 bytes per descriptor (DPDK's size).
+ */
+export function queueRegionSize(queueSize: number, layout: InflightLayout = "split"): number {
+  const bytes = layout === "packed" ? PACKED_HEADER + PACKED_DESC * queueSize : DESC * queueSize + 2;
+  return Math.ceil(bytes / ALIGNMENT) * ALIGNMENT;
 }
 
 /** One queue's part of a mapped region, as plain data for the thread serving the queue. */
@@ -40,22 +52,23 @@ export interface InflightShare {
   size: number;
   /** The region's ring size (desc_num); a ring may not be larger. */
   queueSize: number;
+  layout: InflightLayout;
 }
 
 /** The whole shared region: every queue's part, back to back. */
 export class InflightRegion {
-  private constructor(readonly host: number, readonly size: number, readonly numQueues: number, readonly queueSize: number) {}
+  private constructor(readonly host: number, readonly size: number, readonly numQueues: number, readonly queueSize: number, readonly layout: InflightLayout) {}
 
   /** GET_INFLIGHT_FD: a fresh zeroed region; returns it and its fd (for the front-end to keep). */
-  static allocate(numQueues: number, queueSize: number): { region: InflightRegion; fd: number } {
+  static allocate(numQueues: number, queueSize: number, layout: InflightLayout = "split"): { region: InflightRegion; fd: number } {
     InflightRegion.check(numQueues, queueSize);
-    const size = numQueues * queueRegionSize(queueSize);
+    const size = numQueues * queueRegionSize(queueSize, layout);
     // Sealed against shrinking, so the next backend given this fd can rely on its size.
     const fd = memfdCreate("vhost-inflight", MFD_CLOEXEC | MFD_ALLOW_SEALING);
     try {
       ftruncate(fd, size);
       guardAgainstShrinking(fd);
-      return { region: new InflightRegion(mmap(size, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0), size, numQueues, queueSize), fd };
+      return { region: new InflightRegion(mmap(size, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0), size, numQueues, queueSize, layout), fd };
     } catch (e) {
       close(fd);
       throw e;
@@ -63,18 +76,18 @@ export class InflightRegion {
   }
 
   /** SET_INFLIGHT_FD: maps the front-end's region; closes the fd either way. */
-  static map(fd: number, size: number, offset: number, numQueues: number, queueSize: number): InflightRegion {
+  static map(fd: number, size: number, offset: number, numQueues: number, queueSize: number, layout: InflightLayout = "split"): InflightRegion {
     try {
       InflightRegion.check(numQueues, queueSize);
-      const need = numQueues * queueRegionSize(queueSize);
-      if (size < need) throw new Error(`inflight region of ${size} bytes, ${numQueues} queues of ${queueSize} need ${need}`);
+      const need = numQueues * queueRegionSize(queueSize, layout);
+      if (size < need) throw new Error(`inflight region of ${size} bytes, ${numQueues} queues of ${queueSize} need ${need} (${layout} layout)`);
       if (offset % 4096 !== 0) throw new Error(`inflight offset ${offset} is not page aligned`);
       // The claimed size is the front-end's word; the file's is what a read past it would SIGBUS on.
       const guard = checkSharedFile(fd, offset, need, "inflight region", { regularOnly: true });
       if (guard === "unsealable" || guard === "not-memfd") {
         log.warn("inflight region: its file cannot be sealed against shrinking; a front-end that truncates it can crash this backend");
       }
-      return new InflightRegion(mmap(need, PROT_READ | PROT_WRITE, MAP_SHARED, fd, offset), need, numQueues, queueSize);
+      return new InflightRegion(mmap(need, PROT_READ | PROT_WRITE, MAP_SHARED, fd, offset), need, numQueues, queueSize, layout);
     } finally {
       close(fd);
     }
@@ -87,8 +100,8 @@ export class InflightRegion {
 
   queue(index: number): InflightShare | null {
     if (index >= this.numQueues) return null;
-    const size = queueRegionSize(this.queueSize);
-    return { host: this.host + index * size, size, queueSize: this.queueSize };
+    const size = queueRegionSize(this.queueSize, this.layout);
+    return { host: this.host + index * size, size, queueSize: this.queueSize, layout: this.layout };
   }
 
   unmap(): void {
@@ -109,6 +122,7 @@ export class QueueInflight {
   private readonly batch: number[] = [];
 
   constructor(share: InflightShare, private readonly ringSize: number) {
+    if (share.layout !== "split") throw new Error(`inflight region with the ${share.layout} layout for a split ring`);
     if (ringSize > share.queueSize) throw new Error(`ring of ${ringSize} entries, inflight region for ${share.queueSize}`);
     const ab = toArrayBuffer(share.host as never, 0, share.size);
     this.dv = new DataView(ab);

@@ -12,11 +12,17 @@
 // device's used descriptors overwrite the slots of chains it consumed, so the ring position cannot
 // simply move back. A stop reports the position of the first rewound chain, whose slots are still
 // the driver's (used writes never reach past the chains completed before it).
+//
+// With an inflight region (src/inflight_packed.ts) each chain taken from the ring is copied there
+// as it is walked, and a new process resubmits what its predecessor left in flight before it
+// reads the ring, which then resumes where the region says.
 import type { GuestMemory } from "./memory.ts";
 import { DescriptorChain, ChainError, appendBuffer } from "./chain.ts";
 import { DirtyLog } from "./dirty_log.ts";
 import { signal } from "../ffi/eventfd.ts";
 import { VirtqueueBase } from "./virtqueue_base.ts";
+import { PackedInflight, planPackedRecovery, type PackedRecoveryPlan, type SavedChain } from "./inflight_packed.ts";
+import { log as logger } from "./log.ts";
 import {
   VIRTQ_DESC_F_NEXT, VIRTQ_DESC_F_WRITE, VIRTQ_DESC_F_INDIRECT, MAX_QUEUE_SIZE,
   locate, DescriptorTable, type Located, type VirtqueueConfig, type RingPosition,
@@ -31,12 +37,22 @@ const EVENT_DISABLE = 1;
 const EVENT_DESC = 2;
 const WRAP = 1 << 15;
 
-/** Throws if `c` does not describe a packed ring that lies in `mem`. */
+/**
+ * Throws if `c` does not describe a packed ring that lies in `mem`, or if its inflight region
+ * cannot be recovered (read only: the queue recovers it when it is built).
+ */
 export function checkPackedRing(mem: GuestMemory, c: VirtqueueConfig): void {
   if (c.size === 0 || c.size > MAX_QUEUE_SIZE) throw new Error(`queue ${c.index}: size ${c.size} is not in 1..${MAX_QUEUE_SIZE}`);
-  locate(mem, c.descGpa, 16 * c.size, 16, `queue ${c.index} descriptor ring`);
+  const ring = locate(mem, c.descGpa, 16 * c.size, 16, `queue ${c.index} descriptor ring`);
   locate(mem, c.availGpa, 4, 4, `queue ${c.index} driver event area`);
   locate(mem, c.usedGpa, 4, 4, `queue ${c.index} device event area`);
+  if (c.inflight) planPackedRecovery(c.inflight, c.size, slotFlagsReader(ring));
+}
+
+function slotFlagsReader(ring: Located): (slot: number) => number {
+  const u16 = ring.win.u16;
+  const at = (ring.off + 14) / 2;
+  return (slot) => Atomics.load(u16, at + slot * 8);
 }
 
 /** A chain taken from the ring, for completion and rewind. */
@@ -49,6 +65,16 @@ interface Popped {
   /** Order of the chain in the ring (pops from the ring count up; a rewound chain keeps its own). */
   seq: number;
   chain: DescriptorChain;
+  /** Its head and last entries in the inflight region (0 without one). */
+  entry: number;
+  last: number;
+}
+
+/** A used descriptor written and not yet published. */
+interface PendingUsed {
+  slot: number;
+  flags: number;
+  p: Popped;
 }
 
 export class PackedVirtqueue extends VirtqueueBase implements Virtqueue {
@@ -75,13 +101,16 @@ export class PackedVirtqueue extends VirtqueueBase implements Virtqueue {
   private readonly order: Popped[] = [];
   /** Rewound chains, handed out again before the ring is read. */
   private readonly stash: Popped[] = [];
-  /** Used descriptors written but not yet published: slot and flags, in completion order. */
-  private pendingUsed: { slot: number; flags: number }[] = [];
+  /** Used descriptors written but not yet published, in completion order. */
+  private pendingUsed: PendingUsed[] = [];
   private signalledUsed: number | null = null;
   private readonly log: DirtyLog | null;
   /** Sequence number of the next chain taken from the ring, and the latest one the device completed. */
   private seq = 0;
   private lastCompletedSeq = -1;
+  /** Inflight tracking (see src/inflight_packed.ts), and the chains a crashed predecessor left in flight. */
+  private readonly inflight: PackedInflight | null;
+  private readonly resubmit: SavedChain[] = [];
 
   constructor(private readonly mem: GuestMemory, c: VirtqueueConfig) {
     super(c);
@@ -105,15 +134,67 @@ export class PackedVirtqueue extends VirtqueueBase implements Virtqueue {
     this.usedWrap = (used & WRAP) !== 0;
     this.byId = new Array(c.size);
     this.log = c.log ? DirtyLog.borrow(c.log) : null;
+    this.inflight = c.inflight ? new PackedInflight(c.inflight, c.size) : null;
+    if (this.inflight !== null) this.recover(planPackedRecovery(c.inflight!, c.size, slotFlagsReader(this.ring)));
+  }
+
+  /**
+   * Takes the region's word over the front-end's base (after a crash QEMU gives the base of the
+   * last ring start again: it has no used index in guest memory to read): the ring's used side
+   * resumes where the region says the last publication left it, its available side past the
+   * chains still in flight, which are resubmitted first.
+   */
+  private recover(plan: PackedRecoveryPlan): void {
+    const given = this.nextUsed;
+    const chains = this.inflight!.recover(plan, given);
+    if (plan.fresh) return;
+    const base = this.availPos;
+    this.usedIdx = plan.usedPos & 0x7fff;
+    this.usedWrap = (plan.usedPos & WRAP) !== 0;
+    this.availIdx = plan.availPos & 0x7fff;
+    this.availWrap = (plan.availPos & WRAP) !== 0;
+    this.scrubPartialBatch(chains);
+    this.resubmit.push(...chains);
+    const interrupted = plan.batchPublished === null ? "" : `; an interrupted publication was ${plan.batchPublished ? "completed" : "rolled back"}`;
+    const message = `queue ${this.index}: inflight region: used side at ${hex(plan.usedPos)}, available side at ${hex(plan.availPos)} (the front-end's base: ${hex(base)}, used ${hex(given)})${interrupted}`;
+    if (chains.length > 0) logger.info(`${message}; resubmitting ${chains.length} chain(s) left in flight by the previous backend`);
+    else logger.debug(message);
+  }
+
+  /**
+   * A batch the last process had begun to publish (its first used descriptor last) and rolled
+   * back may have left later used descriptors flagged in the slots of chains still in flight; the
+   * driver would take one for a completion when it reaches that slot. Those slots are the
+   * device's until it publishes there: each is set back to how the driver made it available.
+   */
+  private scrubPartialBatch(chains: SavedChain[]): void {
+    let slot = this.usedIdx;
+    let wrap = this.usedWrap;
+    let total = 0;
+    for (const c of chains) total += c.num;
+    for (let i = 0; i < total; i++) {
+      const at = this.ringFlags0 + slot * 8;
+      const f = Atomics.load(this.ringU16, at);
+      const usedForm = wrap ? F_AVAIL | F_USED : 0;
+      if ((f & (F_AVAIL | F_USED)) === usedForm) {
+        Atomics.store(this.ringU16, at, (f & ~(F_AVAIL | F_USED)) | (wrap ? F_AVAIL : F_USED));
+        this.log?.mark(this.config.descGpa + slot * 16 + 14, 2);
+      }
+      if (++slot === this.size) {
+        slot = 0;
+        wrap = !wrap;
+      }
+    }
   }
 
   private get availPos(): number {
     return this.availIdx | (this.availWrap ? WRAP : 0);
   }
 
-  /** Where a stop leaves the ring: before the first rewound chain, if any. */
+  /** Where a stop leaves the ring: before the first rewound chain taken from it, if any. */
   get nextAvail(): number {
-    return this.stash.length > 0 ? this.stash[0]!.from : this.availPos;
+    for (const p of this.stash) if (p.from >= 0) return p.from;
+    return this.availPos;
   }
 
   get nextUsed(): number {
@@ -131,7 +212,7 @@ export class PackedVirtqueue extends VirtqueueBase implements Virtqueue {
 
   pending(): number {
     if (this.broken) return 0;
-    return this.stash.length > 0 || this.descAvailable(this.availIdx, this.availWrap) ? 1 : 0;
+    return this.stash.length > 0 || this.resubmit.length > 0 || this.descAvailable(this.availIdx, this.availWrap) ? 1 : 0;
   }
 
   pop(): DescriptorChain | null {
@@ -140,6 +221,10 @@ export class PackedVirtqueue extends VirtqueueBase implements Virtqueue {
     if (again !== undefined) {
       this.track(again);
       return again.chain;
+    }
+    while (this.resubmit.length > 0) {
+      const chain = this.popResubmitted(this.resubmit.shift()!);
+      if (chain !== null) return chain;
     }
     for (;;) {
       if (this.broken || !this.descAvailable(this.availIdx, this.availWrap)) return null;
@@ -152,19 +237,27 @@ export class PackedVirtqueue extends VirtqueueBase implements Virtqueue {
         this.breakRing(e.message); // the chain's extent is unknown: the ring cannot be followed
         return null;
       }
-      this.advance(walked.count);
       const { id, count } = walked;
       // Neither can be completed (no used descriptor may name them): skipped, as a split ring
-      // skips such heads. The used side simply never gets these slots back.
-      if (walked.badId) {
-        this.guestError(`buffer id ${id} (queue size ${this.size}); chain skipped`);
+      // skips such heads. The used side simply never gets these slots back. An inflight region
+      // cannot record slots skipped so (after a crash the next process would place the ring's
+      // available side before them): with one, the ring stops instead.
+      const skip = walked.badId ? `buffer id ${id} (queue size ${this.size})` : this.byId[id] !== undefined ? `buffer id ${id} is already in flight` : null;
+      if (skip !== null && this.inflight !== null) {
+        this.breakRing(`${skip}; the inflight region cannot track a skipped chain`);
+        return null;
+      }
+      this.advance(count);
+      if (skip !== null) {
+        this.guestError(`${skip}; chain skipped`);
         continue;
       }
-      if (this.byId[id] !== undefined) {
-        this.guestError(`buffer id ${id} is already in flight; chain skipped`);
-        continue;
+      const popped: Popped = { id, count, from, seq: this.seq++, chain: walked.chain ?? new DescriptorChain(id), entry: 0, last: 0 };
+      if (this.inflight !== null) {
+        this.inflight.popped(count);
+        popped.entry = this.inflight.first;
+        popped.last = this.inflight.lastTaken;
       }
-      const popped: Popped = { id, count, from, seq: this.seq++, chain: walked.chain ?? new DescriptorChain(id) };
       this.track(popped);
       if (walked.error !== null) {
         this.guestError(`bad descriptor chain (buffer id ${id}): ${walked.error}; completed with length 0`);
@@ -173,6 +266,28 @@ export class PackedVirtqueue extends VirtqueueBase implements Virtqueue {
       }
       return popped.chain;
     }
+  }
+
+  /** A chain a crashed predecessor left in flight, rebuilt from the region's copy (its entries stay). */
+  private popResubmitted(s: SavedChain): DescriptorChain | null {
+    if (this.byId[s.id] !== undefined) return null; // the planner let no two chains share an id; the ring's own may not either
+    const p: Popped = { id: s.id, count: s.num, from: -1, seq: this.seq++, chain: new DescriptorChain(s.id), entry: s.entry, last: s.last };
+    this.track(p);
+    try {
+      for (let k = 0; k < s.descs.length; k++) {
+        const d = s.descs[k]!;
+        if (d.flags & VIRTQ_DESC_F_INDIRECT) {
+          if (s.descs.length !== 1) throw new ChainError("an indirect descriptor must be alone in its chain");
+          this.walkIndirect(p.chain, d.addr, d.len);
+        } else appendBuffer(p.chain, this.mem, d.addr, d.len, (d.flags & VIRTQ_DESC_F_WRITE) !== 0);
+      }
+    } catch (e) {
+      if (!(e instanceof ChainError)) throw e;
+      this.guestError(`bad descriptor chain resubmitted from the inflight region (buffer id ${s.id}): ${e.message}; completed with length 0`);
+      this.complete(s.id, 0, false);
+      return null;
+    }
+    return p.chain;
   }
 
   private track(p: Popped): void {
@@ -201,12 +316,17 @@ export class PackedVirtqueue extends VirtqueueBase implements Virtqueue {
     let id = 0;
     let error: string | null = null;
     let chain: DescriptorChain | null = new DescriptorChain(0);
+    const inflight = this.inflight;
     for (;;) {
       if (++count > this.size) throw new ChainError(`chain longer than the ring's ${this.size} descriptors`);
       const gpa = table.addr(slot);
       const len = table.len(slot);
       id = table.word12(slot);
       const flags = table.word14(slot);
+      // Saved as read (uncommitted until popped()): the driver may not rely on the ring's copy.
+      if (inflight !== null && !inflight.take(count - 1, gpa, len, id, flags)) {
+        throw new ChainError(`more descriptors in flight than the ring's ${this.size}`);
+      }
       if (error === null) {
         try {
           if (flags & VIRTQ_DESC_F_INDIRECT) {
@@ -247,6 +367,8 @@ export class PackedVirtqueue extends VirtqueueBase implements Virtqueue {
     if (n > this.order.length) throw new Error(`queue ${this.index}: rewind of ${n} chains, but only ${this.order.length} popped ones are in flight`);
     const first = this.order[this.order.length - n]!;
     if (this.lastCompletedSeq > first.seq) throw new Error(`queue ${this.index}: rewind of buffer ${first.id}, but a chain popped after it was already completed`);
+    // Still in flight in the inflight region, which need not know: after a crash they are
+    // resubmitted from there, and the ring resumes past them.
     for (let i = 0; i < n; i++) {
       const p = this.order.pop()!;
       this.byId[p.id] = undefined;
@@ -278,7 +400,7 @@ export class PackedVirtqueue extends VirtqueueBase implements Virtqueue {
     const t = this.table;
     t.u32[t.base + 4 * slot + 2] = len;
     t.u16[2 * (t.base + 4 * slot) + 6] = id;
-    this.pendingUsed.push({ slot, flags: (this.usedWrap ? F_AVAIL | F_USED : 0) | (len > 0 ? VIRTQ_DESC_F_WRITE : 0) });
+    this.pendingUsed.push({ slot, flags: (this.usedWrap ? F_AVAIL | F_USED : 0) | (len > 0 ? VIRTQ_DESC_F_WRITE : 0), p });
     this.log?.markWritten(p.chain, len);
     this.usedIdx += p.count;
     if (this.usedIdx >= this.size) {
@@ -289,16 +411,26 @@ export class PackedVirtqueue extends VirtqueueBase implements Virtqueue {
 
   /**
    * Publishes the used descriptors written since the last flush: their flags, the first one last
-   * (so the driver sees the batch at once), each store a release barrier.
+   * (so the driver sees the batch at once), each store a release barrier. With an inflight
+   * region, the batch is released there before and committed after (see src/inflight_packed.ts).
    */
   flush(): void {
     const batch = this.pendingUsed;
     if (batch.length === 0) return;
     this.pendingUsed = [];
+    const inflight = this.inflight;
+    if (inflight !== null) {
+      for (let i = 0; i < batch.length; i++) inflight.released(batch[i]!.p.entry, batch[i]!.p.last, batch[i]!.p.count);
+      inflight.releasedAll();
+    }
     for (let i = batch.length - 1; i >= 0; i--) {
       const u = batch[i]!;
       Atomics.store(this.ringU16, this.ringFlags0 + u.slot * 8, u.flags);
       this.log?.mark(this.config.descGpa + u.slot * 16, 16);
+    }
+    if (inflight !== null) {
+      for (let i = 0; i < batch.length; i++) inflight.cleared(batch[i]!.p.entry);
+      inflight.commit();
     }
     if (this.log !== null && this.config.logFd !== undefined) signal(this.config.logFd);
     if (this.notifyLater !== null) this.notifyLater();
@@ -358,4 +490,8 @@ export class PackedVirtqueue extends VirtqueueBase implements Virtqueue {
     else this.setDeviceEvent(EVENT_ENABLE);
     return this.pending() !== 0;
   }
+}
+
+function hex(pos: number): string {
+  return `0x${pos.toString(16)}`;
 }

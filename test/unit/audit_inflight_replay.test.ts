@@ -161,13 +161,13 @@ describe("split ring: a region that does not fit the ring is not replayed", () =
 
 // ---- the packed ring ----
 
-describe("packed ring: an inflight region is never replayed (inflight tracking is split-only)", () => {
-  test("a region marking a used buffer id in flight: nothing popped, the region untouched", () => {
+describe("packed ring: a region naming chains the driver does not have outstanding is not replayed", () => {
+  test("the audit's region on a packed ring: a used buffer id marked in flight while the driver has nothing outstanding: refused, nothing popped or completed", () => {
     const ram = new GuestRam(1 << 20);
     const mem = new GuestMemory();
     mem.add(MemoryRegion.borrow({ gpa: 0, size: ram.size, uaddr: ram.uaddr, mmapOffset: 0 }, ram.host));
     const pd = new PackedDriverQueue(ram, 0, SIZE);
-    const { region, fd } = InflightRegion.allocate(1, SIZE);
+    const { region, fd } = InflightRegion.allocate(1, SIZE, "packed");
     try {
       const bytes = new Uint8Array(toArrayBuffer(region.host as never, 0, region.size));
       const config = (nextAvail: number): VirtqueueConfig => ({
@@ -178,11 +178,19 @@ describe("packed ring: an inflight region is never replayed (inflight tracking i
       const a = new PackedVirtqueue(mem, config(0x8000));
       a.add(a.pop()!.head, 64);
       a.flush();
-      forge(bytes, SIZE, 1, [{ head: id, counter: 1 }]);
+      expect(pd.takeUsed().map((u) => u.id)).toEqual([id]);
+      // Forged: the chain just answered marked in flight again (its copy and head as a pop leaves them).
+      const v = new DataView(bytes.buffer, bytes.byteOffset, bytes.byteLength);
+      const head = 0; // the entry the chain took (the first free one), back on the free list
+      v.setUint8(32 + 32 * head, 1);
+      v.setUint16(32 + 32 * head + 4, head, true); // last
+      v.setUint16(32 + 32 * head + 6, 1, true); // num
+      v.setUint16(12, 1, true); // free_head
+      v.setUint16(14, 1, true); // old_free_head
       const before = Uint8Array.from(bytes);
-      const b = new PackedVirtqueue(mem, config(pd.availPos));
-      expect(b.pop()).toBeNull();
-      expect(Buffer.compare(bytes, before)).toBe(0);
+      expect(() => new PackedVirtqueue(mem, config(pd.availPos))).toThrow(/not made available by the driver/);
+      expect(Buffer.compare(bytes, before)).toBe(0); // the region untouched
+      expect(pd.takeUsed()).toEqual([]); // no completion the guest did not ask for
     } finally {
       region.unmap();
       close(fd);
