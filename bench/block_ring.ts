@@ -28,7 +28,7 @@ import { VIRTIO_F_EVENT_IDX, VIRTIO_F_INDIRECT_DESC, VIRTIO_F_VERSION_1 } from "
 import { VIRTQ_DESC_F_INDIRECT, VIRTQ_DESC_F_NEXT, VIRTQ_DESC_F_WRITE } from "../src/ring.ts";
 import { VIRTIO_BLK_T } from "../devices/block/config.ts";
 import { FrontendConnection, GuestRam, Req, RING_PACKED, u64, vringAddr, vringState, memTable } from "../test/support/frontend.ts";
-import { cpuTicks, CLK_TCK, createImage, createImages, startNbdServer, startOurs, startQsd, type Backend, type NbdServer } from "./lib/backends.ts";
+import { cpuTicks, cpuTicksSplit, CLK_TCK, createImage, createImages, startNbdServer, startOurs, startQsd, type Backend, type NbdServer } from "./lib/backends.ts";
 import { fmt, median, table } from "./lib/stats.ts";
 import { CephCluster } from "../test/support/ceph_cluster.ts";
 import { jitDumpEnv, startPerf } from "./lib/perf.ts";
@@ -166,7 +166,7 @@ class RingDriver {
    * Runs `job` for `seconds`; returns the number of I/Os completed and the CPU ticks spent by the
    * backend (`pid`) and by the server behind it (`serverPid`, the NBD server; 0 when there is none).
    */
-  run(job: Job, seconds: number, pid: number, seed: number, serverPid = 0): { ios: number; ticks: number; serverTicks: number; errors: number } {
+  run(job: Job, seconds: number, pid: number, seed: number, serverPid = 0): { ios: number; ticks: number; userTicks: number; serverTicks: number; errors: number } {
     for (let i = 0; i < job.qd; i++) this.prepare(i, job);
     const dv = this.ram.dv;
     const u16 = this.ram.u16;
@@ -201,7 +201,7 @@ class RingDriver {
 
     let old = this.availIdx;
     for (let i = 0; i < job.qd; i++) submit(i);
-    const t0 = cpuTicks(pid);
+    const t0 = cpuTicksSplit(pid);
     const s0 = serverPid > 0 ? cpuTicks(serverPid) : 0;
     const deadline = performance.now() + seconds * 1000;
     let ios = 0;
@@ -247,9 +247,9 @@ class RingDriver {
         left--;
       }
     }
-    const ticks = cpuTicks(pid) - t0;
+    const t1 = cpuTicksSplit(pid);
     const serverTicks = serverPid > 0 ? cpuTicks(serverPid) - s0 : 0;
-    return { ios, ticks, serverTicks, errors };
+    return { ios, ticks: t1.user + t1.system - t0.user - t0.system, userTicks: t1.user - t0.user, serverTicks, errors };
   }
 
   dispose(): void {
@@ -412,7 +412,7 @@ async function main(): Promise<void> {
           return { label: l.c.label, out, rec: startPerf(l.b.pid, out, join(resultsDir, `block-ring-${stamp}-${l.c.label}-jitdump`)) };
         })
       : [];
-    const results = new Map<string, { iops: number[]; cpu: number[]; serverCpu: number[]; rounds: number[]; errors: number }>();
+    const results = new Map<string, { iops: number[]; cpu: number[]; userCpu: number[]; serverCpu: number[]; rounds: number[]; errors: number }>();
     const counters: { job: string; label: string; ios: number; syscalls: number; switches: number }[] = [];
     for (let round = 0; round < rounds; round++) {
       for (const job of jobs) {
@@ -427,10 +427,11 @@ async function main(): Promise<void> {
             counters.push({ job: job.name, label: l.c.label, ios: r.ios, ...c });
           }
           const key = `${job.name}\0${l.c.label}`;
-          const acc = results.get(key) ?? { iops: [], cpu: [], serverCpu: [], rounds: [], errors: 0 };
+          const acc = results.get(key) ?? { iops: [], cpu: [], userCpu: [], serverCpu: [], rounds: [], errors: 0 };
           acc.iops.push(r.ios / seconds);
           acc.rounds.push(round);
           acc.cpu.push(((r.ticks / CLK_TCK) * 1e6) / r.ios);
+          acc.userCpu.push(((r.userTicks / CLK_TCK) * 1e6) / r.ios);
           acc.serverCpu.push(((r.serverTicks / CLK_TCK) * 1e6) / r.ios);
           acc.errors += r.errors;
           results.set(key, acc);
@@ -455,6 +456,8 @@ async function main(): Promise<void> {
           l.c.label,
           fmt(iops, 0),
           fmt(cpu, 2),
+          // User-space share (utime): a difference here is our code (or the runtime), not the kernel.
+          fmt(median(r.userCpu), 2),
           `${fmt(Math.min(...r.cpu), 2)}–${fmt(Math.max(...r.cpu), 2)}`,
           l.c.label === base ? "1.00" : fmt(iops / median(b.iops), 2),
           l.c.label === base ? "1.00" : fmt(median(r.iops.map((x, i) => x / b.iops[b.rounds.indexOf(r.rounds[i]!)]!)), 2),
@@ -467,7 +470,7 @@ async function main(): Promise<void> {
       }
     }
     // The NBD server's (the OSD's) CPU is common to both backends (what each one's requests cost it): not in theirs.
-    console.log(table(["job", "backend", "IOPS", "CPU µs/IO", "range", `IOPS/${base}`, "paired", `CPU/${base}`, "paired", ...(serverPid !== 0 ? ["server µs/IO"] : []), "errors"], rows));
+    console.log(table(["job", "backend", "IOPS", "CPU µs/IO", "user µs/IO", "range", `IOPS/${base}`, "paired", `CPU/${base}`, "paired", ...(serverPid !== 0 ? ["server µs/IO"] : []), "errors"], rows));
     if (counters.length > 0) {
       const crow: string[][] = [];
       for (const job of jobs) {

@@ -20,6 +20,12 @@ export const CLK_TCK = (() => {
  * backend forks.
  */
 export function cpuTicks(pid: number): number {
+  const t = cpuTicksSplit(pid);
+  return t.user + t.system;
+}
+
+/** utime and stime of `pid` (all threads), in clock ticks: where a difference in CPU lies. */
+export function cpuTicksSplit(pid: number): { user: number; system: number } {
   let text: string;
   try {
     text = readFileSync(`/proc/${pid}/stat`, "utf8");
@@ -30,7 +36,7 @@ export function cpuTicks(pid: number): number {
   const rest = text.slice(text.lastIndexOf(")") + 2).split(" ");
   // rest[0] is field 3 (state); utime is field 14, stime field 15.
   if (rest[0] === "Z" || rest[0] === "X") throw new Error(`backend pid ${pid} is a zombie (it died)`);
-  return Number(rest[11]) + Number(rest[12]);
+  return { user: Number(rest[11]), system: Number(rest[12]) };
 }
 
 export type BackendKind = "ours" | "qsd";
