@@ -8,7 +8,7 @@
  * builds of ours can be compared back to back (`--ours-bin`) alongside qemu-storage-daemon.
  *
  *   bun run bench:block-ring [--rounds 5] [--seconds 3] [--jobs a,b] [--ours-bin label=PATH ...] [--format raw|qcow2|qcow2-empty|nbd|rbd]
- *                            [--no-qsd] [--qsd PATH] [--perf-stat] [--perf] [--warmup SECONDS] [--scatter]
+ *                            [--no-qsd] [--qsd PATH] [--perf-stat] [--perf] [--warmup SECONDS] [--scatter] [--one-image]
  *
  * Per job and backend it prints the median IOPS and host CPU µs per I/O (utime+stime of the whole
  * backend process, all threads, from /proc/PID/stat) and each one's ratio to the first backend.
@@ -284,6 +284,7 @@ async function main(): Promise<void> {
       "perf-stat": { type: "boolean", default: false },
       warmup: { type: "string", default: "1" },
       scatter: { type: "boolean", default: false },
+      "one-image": { type: "boolean", default: false },
       perf: { type: "boolean", default: false },
     },
   });
@@ -330,7 +331,7 @@ async function main(): Promise<void> {
           // A profiled run is unconfined unless an --ours-arg says otherwise: sandboxed, JSC writes
           // its JITDump (the sandbox declares the directory) but the re-exec'd image's functions
           // come out as "<name not materialized>#hash" (no seccomp filter in the profile, then).
-          extraArgs: [...(a["ours-arg"] ?? []), ...(a.perf && !(a["ours-arg"] ?? []).some((x) => x.startsWith("--sandbox")) ? ["--sandbox", "none"] : [])],
+          extraArgs: [...(a["ours-arg"] ?? []), ...(a["one-image"] ? ["--no-lock"] : []), ...(a.perf && !(a["ours-arg"] ?? []).some((x) => x.startsWith("--sandbox")) ? ["--sandbox", "none"] : [])],
           image,
           socket,
           numQueues: 1,
@@ -357,6 +358,7 @@ async function main(): Promise<void> {
           format: format === "qcow2" || format === "qcow2-empty" ? "qcow2" : "raw",
           nbd: nbdTarget ? { socket: join(dir, "nbd.sock"), exportName: "bench" } : undefined,
           rbd: cluster !== null ? { pool: "rbd", image: "bench", conf: cluster.conf } : undefined,
+          noLock: a["one-image"],
         }),
     });
   }
@@ -387,10 +389,14 @@ async function main(): Promise<void> {
     // scattered and contiguous pages; made one after the other, the first one's 128k reads cost up
     // to 50% more CPU whoever serves it).
     const ownImages = server === null && cluster === null;
-    if (ownImages && format === "raw") createImages(contenders.map((_, i) => imagePath(i)), imageBytes);
+    // --one-image: every backend serves the same raw image (unlocked; they run one at a time), so
+    // a comparison of two builds is not also one of two images' page placement.
+    const oneImage = a["one-image"]!;
+    if (oneImage && format !== "raw") fail("--one-image: raw images only");
+    if (ownImages && format === "raw") createImages(oneImage ? [imagePath(0)] : contenders.map((_, i) => imagePath(i)), imageBytes);
     for (const [i, c] of contenders.entries()) {
       // NBD: every backend serves the one export (ours by its URI, qsd through its nbd driver); RBD likewise.
-      const image = server !== null ? server.uri : cluster !== null ? `rbd:rbd/bench:conf=${cluster.conf}` : imagePath(i);
+      const image = server !== null ? server.uri : cluster !== null ? `rbd:rbd/bench:conf=${cluster.conf}` : imagePath(oneImage ? 0 : i);
       if (ownImages && format !== "raw") makeImage(image);
       const b = await c.start(join(dir, `${i}.sock`), image);
       live.push({ c, b, d: new RingDriver(b.socket, imageBytes, a.scatter) });

@@ -85,6 +85,8 @@ export interface QsdOptions extends BackendOptions {
   nbd?: { socket: string; exportName: string };
   /** Serve a Ceph RBD image instead of `image` (QEMU's rbd driver). */
   rbd?: { pool: string; image: string; conf: string };
+  /** locking=off on the file driver: several backends share one image, serving it in turn. */
+  noLock?: boolean;
 }
 
 export async function startOurs(label: BackendKind, o: OursOptions): Promise<Backend> {
@@ -113,7 +115,7 @@ export async function startQsd(label: BackendKind, o: QsdOptions): Promise<Backe
       ? `driver=rbd,node-name=f,pool=${o.rbd.pool},image=${o.rbd.image},conf=${o.rbd.conf}`
       : o.format === "qcow2"
       ? `driver=qcow2,node-name=f,file.driver=file,file.filename=${o.image},file.cache.direct=off,file.aio=${o.aio}`
-      : `driver=file,node-name=f,filename=${o.image},cache.direct=off,aio=${o.aio}`,
+      : `driver=file,node-name=f,filename=${o.image},cache.direct=off,aio=${o.aio}${o.noLock ? ",locking=off" : ""}`,
     "--export",
     `type=vhost-user-blk,id=e,node-name=f,addr.type=unix,addr.path=${o.socket},writable=on,` +
       `num-queues=${o.numQueues}${o.iothread ? ",iothread=io0" : ""}`,
