@@ -25,7 +25,9 @@ export function acquireBlockDisk(o: BlockOptions): BlockDiskResource {
   // --format raw never probes: what a guest writes into its raw disk cannot change how it opens.
   if (o.format === "qcow2" || (o.format === "auto" && isQcow2File(o.file))) {
     if (o.direct) log.info(`block: ${o.file} is qcow2: served through the page cache (--direct applies to raw images)`);
-    return acquireQcow2Disk(o.file, { readOnly: o.readOnly, lock: o.lock, aio, ...rings });
+    // --direct defaults --aio to io_uring for what it opens O_DIRECT; a qcow2 image is read
+    // through the page cache, where sync is the default (an explicit --aio still holds).
+    return acquireQcow2Disk(o.file, { readOnly: o.readOnly, lock: o.lock, aio: o.direct && !o.aioGiven ? "sync" : aio, ...rings });
   }
   return acquireRawDisk(o.file, { readOnly: o.readOnly, direct: o.direct, aio, lock: o.lock, ...rings });
 }

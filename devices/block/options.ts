@@ -15,7 +15,7 @@ export const BLOCK_ARGS = {
   "queue-size": { type: "string", default: "128", description: "The front-end's ring size (QEMU's queue-size); seg_max is queue-size - 2" },
   direct: { type: "boolean", default: false, description: "Open the image with O_DIRECT (bypass the host page cache)" },
   "coalesce-us": { type: "string", default: "50", description: "Interrupt coalescing: while the guest has more than 4 requests outstanding (EVENT_IDX), hold a used-ring notification up to this many µs so completions share an interrupt; a queue waiting on 1-4 requests is notified at once (0: off)" },
-  aio: { type: "string", description: "How reads, writes and flushes run: sync (one preadv/pwritev at a time per queue, inside the serving thread), io_uring (everything through an io_uring per queue, many in flight; best with --direct on a real disk) or hybrid (reads of 64 KiB or more through the io_uring, copied by its worker threads in parallel; smaller reads and all writes as sync does; large page-cache reads copied by other cores, at more CPU per I/O). Default: io_uring with --direct, sync otherwise; hybrid and io_uring fall back to sync where io_uring is unavailable" },
+  aio: { type: "string", description: "How reads, writes and flushes run: sync (one preadv/pwritev at a time per queue, inside the serving thread), io_uring (everything through an io_uring per queue, many in flight; best with --direct on a real disk) or hybrid (reads of 64 KiB or more through the io_uring, copied by its worker threads in parallel; smaller reads and all writes as sync does; large page-cache reads copied by other cores, at more CPU per I/O). Default: io_uring with --direct on a raw image or block device, sync otherwise; hybrid and io_uring fall back to sync where io_uring is unavailable" },
   threads: { type: "string", description: "Queue threads serving the queues in parallel (0: all queues in the device thread; default: one per queue, up to the number of CPUs, 0 for a single queue)" },
   lock: { type: "boolean", default: true, negativeDescription: "Do not lock the image (QEMU's locking=off): only if you know no other process writes it meanwhile", description: "Lock the image as QEMU does (OFD byte-range locks), so no other backend, QEMU or qemu-img writes it while we serve it (read-only: no writer)" },
   "nbd-timeout": { type: "string", default: "0", description: "NBD disks: seconds requests wait for a server that went away (reconnecting meanwhile) before they fail (0: wait for ever, as for a local disk)" },
@@ -47,6 +47,8 @@ export interface BlockOptions {
   nbdTimeoutMs: number;
   /** --threads was given (not the default): a disk that cannot use them says so. */
   threadsGiven: boolean;
+  /** --aio was given (not defaulted from --direct): a format --direct does not apply to keeps its own default. */
+  aioGiven: boolean;
 }
 
 export const MAX_NUM_QUEUES = 256;
@@ -87,6 +89,7 @@ export function parseBlockOptions(raw: Record<string, unknown>): BlockOptions {
     numQueues,
     threads: intOption(raw, "threads", defaultThreads, 0, numQueues),
     threadsGiven: raw.threads !== undefined && raw.threads !== null && raw.threads !== "",
+    aioGiven: aioRaw !== undefined && aioRaw !== null && aioRaw !== "",
     queueSize,
     direct,
     aio,

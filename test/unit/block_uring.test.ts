@@ -13,6 +13,12 @@ import { ioUringUnavailable } from "../../devices/block/disk/uring_queue.ts";
 import { acquireRawDisk, RawDisk } from "../../devices/block/disk/raw.ts";
 import { EventLoop } from "../../src/event_loop.ts";
 import { parseBlockOptions } from "../../devices/block/options.ts";
+import { acquireBlockDisk } from "../../devices/block/acquire.ts";
+import { releaseDiskResource } from "../../devices/block/disk/open.ts";
+import { mkdtempSync, rmSync } from "node:fs";
+import { tmpdir } from "node:os";
+import { join } from "node:path";
+import { spawnSync } from "bun";
 import {
   VIRTIO_BLK_T, VIRTIO_BLK_S,
 } from "../../devices/block/config.ts";
@@ -52,6 +58,29 @@ describe("block io_uring: options", () => {
     expect(parseBlockOptions({ file: "x", direct: true, aio: "sync" }).aio).toBe("sync");
     expect(parseBlockOptions({ file: "x", aio: "io_uring" }).aio).toBe("io_uring");
     expect(() => parseBlockOptions({ file: "x", aio: "libaio" })).toThrow(/--aio/);
+  });
+
+  test("--direct does not pick io_uring for a qcow2 image (served through the page cache); an explicit --aio still holds", () => {
+    const dir = mkdtempSync(join(tmpdir(), "uring-qcow2-"));
+    try {
+      const path = join(dir, "d.qcow2");
+      const made = spawnSync(["qemu-img", "create", "-q", "-f", "qcow2", path, "1M"]);
+      expect(made.exitCode).toBe(0);
+      const aioOf = (extra: Record<string, unknown>) => {
+        const resource = acquireBlockDisk(parseBlockOptions({ file: path, ...extra }));
+        try {
+          expect(resource.kind).toBe("qcow2");
+          return (resource as { aio: string }).aio;
+        } finally {
+          releaseDiskResource(resource);
+        }
+      };
+      expect(aioOf({ direct: true })).toBe("sync");
+      expect(aioOf({ direct: true, aio: "io_uring" })).toBe("io_uring");
+      expect(aioOf({})).toBe("sync");
+    } finally {
+      rmSync(dir, { recursive: true, force: true });
+    }
   });
 
   test("io_uring is available on this host (else the io_uring tests below test the fallback)", () => {
