@@ -419,7 +419,7 @@ async function main(): Promise<void> {
         })
       : [];
     const results = new Map<string, { iops: number[]; cpu: number[]; userCpu: number[]; serverCpu: number[]; rounds: number[]; errors: number }>();
-    const counters: { job: string; label: string; ios: number; syscalls: number; switches: number }[] = [];
+    const counters: { job: string; label: string; ios: number; syscalls: number; switches: number; migrations: number; faults: number }[] = [];
     for (let round = 0; round < rounds; round++) {
       for (const job of jobs) {
         const order = live.map((_, i) => live[(i + round) % live.length]!);
@@ -482,11 +482,12 @@ async function main(): Promise<void> {
       for (const job of jobs) {
         for (const l of live) {
           const cs = counters.filter((c) => c.job === job.name && c.label === l.c.label);
-          crow.push([job.name, l.c.label, fmt(median(cs.map((c) => c.syscalls / c.ios)), 2), fmt(median(cs.map((c) => c.switches / c.ios)), 2)]);
+          const perIo = (f: (c: (typeof cs)[number]) => number, digits: number) => fmt(median(cs.map((c) => f(c) / c.ios)), digits);
+          crow.push([job.name, l.c.label, perIo((c) => c.syscalls, 2), perIo((c) => c.switches, 2), perIo((c) => c.migrations * 1000, 2), perIo((c) => c.faults * 1000, 2)]);
         }
       }
       console.log("\nperf stat (whole process, all threads; medians per I/O):");
-      console.log(table(["job", "backend", "syscalls/IO", "context switches/IO"], crow));
+      console.log(table(["job", "backend", "syscalls/IO", "context switches/IO", "migrations/1000 IO", "page faults/1000 IO"], crow));
     }
   } finally {
     for (const l of live) {
@@ -507,7 +508,7 @@ class PerfStat {
 
   static async attach(pid: number, dir: string): Promise<PerfStat> {
     const out = join(dir, `perf-stat-${pid}.csv`);
-    const proc = Bun.spawn(["perf", "stat", "-x", ",", "-e", "raw_syscalls:sys_enter,context-switches", "-p", String(pid), "-o", out], {
+    const proc = Bun.spawn(["perf", "stat", "-x", ",", "-e", "raw_syscalls:sys_enter,context-switches,cpu-migrations,page-faults", "-p", String(pid), "-o", out], {
       stdout: "ignore",
       stderr: "inherit",
     });
@@ -515,7 +516,7 @@ class PerfStat {
     return new PerfStat(proc, out);
   }
 
-  async finish(): Promise<{ syscalls: number; switches: number }> {
+  async finish(): Promise<{ syscalls: number; switches: number; migrations: number; faults: number }> {
     this.proc.kill("SIGINT");
     await this.proc.exited;
     const text = await Bun.file(this.out).text();
@@ -525,7 +526,12 @@ class PerfStat {
       if (!Number.isFinite(n)) throw new Error(`perf stat gave no ${event} count:\n${text}`);
       return n;
     };
-    return { syscalls: value("raw_syscalls:sys_enter"), switches: value("context-switches") };
+    return {
+      syscalls: value("raw_syscalls:sys_enter"),
+      switches: value("context-switches"),
+      migrations: value("cpu-migrations"),
+      faults: value("page-faults"),
+    };
   }
 }
 
