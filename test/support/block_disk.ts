@@ -9,6 +9,7 @@ import { join } from "node:path";
 import { BackendUnderTest, GuestRam, Vmm, DriverQueue, Req, configPayload, type BufferSpec } from "./frontend.ts";
 import { signal } from "../../ffi/eventfd.ts";
 import { VIRTIO_BLK_T, VIRTIO_BLK_S } from "../../devices/block/config.ts";
+import { rng } from "./random.ts";
 
 export const SECTOR = 512;
 export const IMAGE_BYTES = 8 << 20;
@@ -16,16 +17,7 @@ export const CAPACITY = IMAGE_BYTES / SECTOR;
 
 // ---- helpers: deterministic randomness, images, guest buffers ----
 
-export function rng(seed: number): () => number {
-  let s = seed >>> 0;
-  return () => {
-    s = (s + 0x6d2b79f5) >>> 0;
-    let t = s;
-    t = Math.imul(t ^ (t >>> 15), t | 1);
-    t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
-    return ((t ^ (t >>> 14)) >>> 0) / 2 ** 32;
-  };
-}
+export { rng };
 export const randInt = (r: () => number, lo: number, hi: number) => lo + Math.floor(r() * (hi - lo + 1));
 
 export function randomBytes(r: () => number, n: number): Uint8Array {

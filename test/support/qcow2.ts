@@ -9,6 +9,7 @@ import { ImageFile } from "../../devices/block/disk/qcow2/file.ts";
 import { bufferIov } from "../../devices/block/disk/iov_memory.ts";
 import { openQcow2 } from "../../devices/block/disk/qcow2/open.ts";
 import type { Qcow2Image } from "../../devices/block/disk/qcow2/qcow2.ts";
+import { rng } from "./random.ts";
 
 export function run(cmd: string, args: string[]): string {
   const r = spawnSync(cmd, args, { encoding: "utf8" });
@@ -76,16 +77,7 @@ export function firstDiff(a: Uint8Array, b: Uint8Array): number {
   return -1;
 }
 
-export function rng(seed: number): () => number {
-  let s = seed >>> 0;
-  return () => {
-    s = (s + 0x6d2b79f5) >>> 0;
-    let t = s;
-    t = Math.imul(t ^ (t >>> 15), t | 1);
-    t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
-    return ((t ^ (t >>> 14)) >>> 0) / 2 ** 32;
-  };
-}
+export { rng };
 
 export function randomBytes(r: () => number, n: number): Uint8Array {
   const b = new Uint8Array(n);

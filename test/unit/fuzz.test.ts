@@ -11,21 +11,13 @@ import { HEADER_SIZE } from "../../src/protocol/constants.ts";
 import { mkdtempSync, rmSync, writeFileSync, readFileSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
+import { xorshift } from "../support/random.ts";
 
 setLogLevel(process.env.TEST_LOG_LEVEL ?? "silent");
 
 const ECHO = new URL("../support/echo_device.ts", import.meta.url).href;
 
-/** xorshift32: reproducible random numbers (the seed is in the test name). */
-function rng(seed: number) {
-  let x = seed >>> 0 || 1;
-  return (n: number) => {
-    x ^= x << 13;
-    x ^= x >>> 17;
-    x ^= x << 5;
-    return (x >>> 0) % n;
-  };
-}
+const rng = xorshift;
 
 let cleanup: (() => Promise<void> | void)[] = [];
 afterEach(async () => {

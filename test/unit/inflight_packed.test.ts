@@ -18,6 +18,7 @@ import { inflightBytes } from "../../src/protocol/codec.ts";
 import { fstat } from "../../ffi/io.ts";
 import { close } from "../../ffi/libc.ts";
 import { setLogLevel } from "../../src/log.ts";
+import { xorshift } from "../support/random.ts";
 
 setLogLevel(process.env.TEST_LOG_LEVEL ?? "silent");
 
@@ -267,16 +268,7 @@ function crashMidPublication(q: PackedVirtqueue, keep: number): void {
   };
 }
 
-/** xorshift32 */
-function rng(seed: number) {
-  let x = seed >>> 0 || 1;
-  return (n: number) => {
-    x ^= x << 13;
-    x ^= x >>> 17;
-    x ^= x << 5;
-    return (x >>> 0) % n;
-  };
-}
+const rng = xorshift;
 
 /**
  * A driver and a device backend that is killed over and over: requests of 1..3 descriptors (some

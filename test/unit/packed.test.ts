@@ -16,6 +16,7 @@ import { ChainReader, ChainWriter } from "../../src/chain.ts";
 import { eventfd, drain } from "../../ffi/eventfd.ts";
 import { close } from "../../ffi/libc.ts";
 import { setLogLevel } from "../../src/log.ts";
+import { xorshift } from "../support/random.ts";
 
 setLogLevel(process.env.TEST_LOG_LEVEL ?? "silent");
 
@@ -52,16 +53,7 @@ afterEach(() => {
   close(errFd);
 });
 
-/** xorshift32 */
-function rng(seed: number) {
-  let x = seed >>> 0 || 1;
-  return (n: number) => {
-    x ^= x << 13;
-    x ^= x >>> 17;
-    x ^= x << 5;
-    return (x >>> 0) % n;
-  };
-}
+const rng = xorshift;
 
 describe("packed ring: chains", () => {
   test("openVirtqueue picks the packed layout", () => {
