@@ -176,15 +176,21 @@ export class GuestMemory {
    * guest memory. A zero-length range must still start inside a region.
    */
   translate(gpa: number, len: number): GuestRange | null {
+    const region = this.regionFor(gpa, len);
+    return region === null ? null : { region, offset: gpa - region.desc.gpa };
+  }
+
+  /** The region holding all of [gpa, gpa+len), or null (translate without an object per call). */
+  regionFor(gpa: number, len: number): MemoryRegion | null {
     const last = this.last;
     if (last !== null && gpa >= last.desc.gpa && gpa + len <= last.desc.gpa + last.desc.size && gpa < last.desc.gpa + last.desc.size) {
-      return { region: last, offset: gpa - last.desc.gpa };
+      return last;
     }
     for (const r of this.regions) {
       const d = r.desc;
       if (gpa >= d.gpa && gpa < d.gpa + d.size && gpa + len <= d.gpa + d.size) {
         this.last = r;
-        return { region: r, offset: gpa - d.gpa };
+        return r;
       }
     }
     return null;

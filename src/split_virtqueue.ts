@@ -74,6 +74,8 @@ export class SplitVirtqueue extends VirtqueueBase implements Virtqueue {
   private readonly log: DirtyLog | null;
   private readonly usedLogGpa: number;
   private readonly logChains: (DescriptorChain | undefined)[];
+  /** The chain object of each head (see walk). */
+  private readonly chains: (DescriptorChain | undefined)[];
   /** Inflight tracking (see src/inflight.ts), and the heads a crashed predecessor left in flight. */
   private readonly inflightRegion: QueueInflight | null;
   private resubmit: number[] = [];
@@ -131,6 +133,7 @@ export class SplitVirtqueue extends VirtqueueBase implements Virtqueue {
     this.log = c.log ? DirtyLog.borrow(c.log) : null;
     this.usedLogGpa = c.usedLogGpa ?? c.usedGpa;
     this.logChains = this.log !== null ? new Array(c.size) : [];
+    this.chains = new Array(c.size);
     this.inFlightHead = new Uint8Array(c.size);
     this.poppedHead = new Uint16Array(c.size);
     this.slotPass = new Int32Array(c.size);
@@ -216,7 +219,11 @@ export class SplitVirtqueue extends VirtqueueBase implements Virtqueue {
    * table its last descriptor may name, each by a loop of its own (walkTable).
    */
   private walk(head: number): DescriptorChain {
-    const chain = new DescriptorChain(head);
+    // One chain object per head, reused: the head is not in flight (pop refuses one that is), so
+    // whoever had this object last completed it.
+    let chain = this.chains[head];
+    if (chain === undefined) chain = this.chains[head] = new DescriptorChain(head);
+    else chain.reuse();
     if (this.walkTable(chain, this.table, this.size, head) < 0) return chain;
     // The indirect descriptor's address and length, as walkTable read them (each field once).
     const len = this.indirectLen;
