@@ -73,8 +73,7 @@ export class SplitVirtqueue extends VirtqueueBase implements Virtqueue {
   /** Dirty logging (see src/dirty_log.ts): the log, where the used ring is, and the chains in flight. */
   private readonly log: DirtyLog | null;
   private readonly usedLogGpa: number;
-  private readonly logChains: (DescriptorChain | undefined)[];
-  /** The chain object of each head (see walk). */
+  /** The chain object of each head (see walk); at completion, what the dirty log marks. */
   private readonly chains: (DescriptorChain | undefined)[];
   /** Inflight tracking (see src/inflight.ts), and the heads a crashed predecessor left in flight. */
   private readonly inflightRegion: QueueInflight | null;
@@ -132,7 +131,6 @@ export class SplitVirtqueue extends VirtqueueBase implements Virtqueue {
 
     this.log = c.log ? DirtyLog.borrow(c.log) : null;
     this.usedLogGpa = c.usedLogGpa ?? c.usedGpa;
-    this.logChains = this.log !== null ? new Array(c.size) : [];
     this.chains = new Array(c.size);
     this.inFlightHead = new Uint8Array(c.size);
     this.poppedHead = new Uint16Array(c.size);
@@ -161,9 +159,7 @@ export class SplitVirtqueue extends VirtqueueBase implements Virtqueue {
       this.inFlight++;
       this.resubmitted.push(head);
       try {
-        const chain = this.walk(head);
-        if (this.log !== null) this.logChains[head] = chain;
-        return chain;
+        return this.walk(head);
       } catch (e) {
         if (!(e instanceof ChainError)) throw e;
         this.resubmitted.pop();
@@ -203,7 +199,6 @@ export class SplitVirtqueue extends VirtqueueBase implements Virtqueue {
       try {
         const chain = this.walk(head);
         this.slotKind[slot] = SLOT_CHAIN;
-        if (this.log !== null) this.logChains[head] = chain;
         return chain;
       } catch (e) {
         if (!(e instanceof ChainError)) throw e;
@@ -332,8 +327,8 @@ export class SplitVirtqueue extends VirtqueueBase implements Virtqueue {
   /** Marks what completing `head` wrote: its writable bytes up to `len`, and the used element. */
   private logCompletion(head: number, len: number): void {
     const log = this.log!;
-    const chain = this.logChains[head];
-    this.logChains[head] = undefined;
+    // The head's chain as its walk left it (one that failed its walk completes with 0 bytes).
+    const chain = this.chains[head];
     if (chain !== undefined) log.markWritten(chain, len);
     log.mark(this.usedLogGpa + 4 + (this.nextUsed & (this.size - 1)) * 8, 8);
   }
